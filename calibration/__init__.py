@@ -1,0 +1,1 @@
+"""Calibration: text sources, tokenised batches, and the activation-statistics pass over them."""

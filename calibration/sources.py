@@ -1,0 +1,259 @@
+"""Where calibration and held-out text comes from: a registry of text sources.
+
+- ``bigbench_wikipedia`` (offline default): the English Wikipedia articles inside BIG-bench's
+  ``paragraph_segmentation`` task, split by a hash of each article into a calibration part and a
+  held-out part that calibration never sees.
+- ``local``: the user's own ``.txt`` (documents separated by blank lines), ``.jsonl`` or ``.parquet``.
+- ``hub``: a Hugging Face dataset (wikitext-2, C4, FineWeb, SlimOrca presets in ``conf/calibration``);
+  needs internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from pathlib import Path
+
+from depthbench.errors import ConfigError
+from depthbench.registry import Registry
+
+SPLITS = ("calibration", "heldout")
+
+
+class TextSource(ABC):
+    """A collection of documents, each a string, in a fixed order."""
+
+    def check(self) -> None:
+        """Cheap validation before any model is loaded (paths exist, packages installed)."""
+
+    @abstractmethod
+    def documents(self, split: str = "calibration") -> list[str]:
+        ...
+
+    def render(self, documents: list[str], tokenizer) -> list[str]:
+        """Turn stored documents into model text (a chat source applies the tokenizer's template)."""
+        return documents
+
+    @property
+    def description(self) -> str:
+        return type(self).__name__
+
+
+source_registry: Registry[type[TextSource]] = Registry(
+    "calibration source", base=TextSource, entry_point_group="depthbench.sources"
+)
+
+
+def build_source(cfg) -> TextSource:
+    """Build the source named by ``cfg.source`` from the other keys of ``cfg``."""
+    cls = source_registry.get(cfg.source)
+    options = {k: v for k, v in dict(cfg).items() if k in cls.OPTIONS}
+    return cls(**options)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+
+
+# --------------------------------------------------------------------------------------------
+@source_registry.register("bigbench_wikipedia")
+class BigBenchWikipedia(TextSource):
+    """English Wikipedia articles from BIG-bench ``paragraph_segmentation`` (offline)."""
+
+    OPTIONS = ("heldout_percent",)
+    TASK = "paragraph_segmentation"
+    # Share of common English function words above which an article counts as English: the
+    # distribution is bimodal (about 1,050 of 9,000 articles are English, all above 0.2).
+    ENGLISH_THRESHOLD = 0.15
+
+    def __init__(self, heldout_percent: int = 20):
+        if not 0 < heldout_percent < 100:
+            raise ConfigError(f"heldout_percent={heldout_percent} must be in 1..99")
+        self.heldout_percent = int(heldout_percent)
+
+    def check(self) -> None:
+        task_file()
+
+    def documents(self, split: str = "calibration") -> list[str]:
+        _check_split(split)
+        wanted_heldout = split == "heldout"
+        return [a for a in english_articles() if (_bucket(a) < self.heldout_percent) == wanted_heldout]
+
+    @property
+    def description(self) -> str:
+        return f"BIG-bench {self.TASK}, English articles (held-out {self.heldout_percent}% by hash)"
+
+
+def task_file(task: str = BigBenchWikipedia.TASK) -> Path:
+    spec = importlib.util.find_spec("bigbench")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "the offline text source needs the `bigbench` package: `pip install --no-deps bigbench==1.0.0` "
+            "(or run `make install`)"
+        )
+    path = Path(spec.origin).parent / "benchmark_tasks" / task / "task.json"
+    if not path.is_file():
+        raise ConfigError(f"BIG-bench task file not found: {path}")
+    return path
+
+
+_WORD = re.compile(r"[a-z]+")
+_FUNCTION_WORDS = frozenset("the of and in to is was a for as by with on that".split())
+
+
+def english_share(text: str) -> float:
+    words = _WORD.findall(text[:5000].lower())
+    return sum(w in _FUNCTION_WORDS for w in words) / len(words) if words else 0.0
+
+
+@lru_cache(maxsize=1)
+def english_articles() -> tuple[str, ...]:
+    """English articles with their paragraphs restored (the task marks paragraph-final sentences)."""
+    examples = json.loads(task_file().read_text(encoding="utf-8"))["examples"]
+    out = []
+    for ex in examples:
+        if english_share(ex["input"]) <= BigBenchWikipedia.ENGLISH_THRESHOLD:
+            continue
+        sentences = ex["input"].split("\n")
+        ends = ex.get("target", "").split()
+        if len(ends) == len(sentences):
+            text = "".join(s + ("\n\n" if e == "1" else " ") for s, e in zip(sentences, ends)).strip()
+        else:
+            text = " ".join(sentences)
+        out.append(text)
+    return tuple(out)
+
+
+def _bucket(text: str) -> int:
+    """A stable 0..99 bucket per document, independent of order and seed."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+# --------------------------------------------------------------------------------------------
+@source_registry.register("local")
+class LocalFile(TextSource):
+    """The user's own text: ``.txt`` (documents separated by blank lines), ``.jsonl`` or ``.parquet``."""
+
+    OPTIONS = ("path", "text_field")
+    SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+    def __init__(self, path: str | None = None, text_field: str = "text"):
+        if not path:
+            raise ConfigError("calibration=local needs calibration.path=FILE (.txt, .jsonl or .parquet)")
+        self.path = Path(path).expanduser()
+        self.text_field = text_field
+
+    def check(self) -> None:
+        if self.path.suffix not in self.SUFFIXES:
+            raise ConfigError(
+                f"calibration.path={str(self.path)!r}: unsupported file type {self.path.suffix!r}; "
+                f"allowed: {', '.join(self.SUFFIXES)}"
+            )
+        if not self.path.is_file():
+            raise ConfigError(f"calibration.path={str(self.path)!r}: no such file")
+
+    def documents(self, split: str = "calibration") -> list[str]:
+        _check_split(split)
+        self.check()
+        if self.path.suffix == ".txt":
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"calibration.path={str(self.path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+            docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
+        elif self.path.suffix == ".jsonl":
+            docs = self._jsonl()
+        else:
+            docs = self._parquet()
+        return [d for d in docs if d and d.strip()]
+
+    def _jsonl(self) -> list[str]:
+        docs = []
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
+                docs.append(self._field(record, f"{self.path}:{lineno}"))
+        return docs
+
+    def _parquet(self) -> list[str]:
+        import pandas as pd
+
+        frame = pd.read_parquet(self.path)
+        if self.text_field not in frame.columns:
+            raise ConfigError(
+                f"calibration.text_field={self.text_field!r} is not a column of {self.path}; "
+                f"columns: {', '.join(map(str, frame.columns))}"
+            )
+        return [str(x) for x in frame[self.text_field].tolist() if x is not None]
+
+    def _field(self, record: dict, where: str) -> str:
+        if not isinstance(record, dict) or self.text_field not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise ConfigError(f"{where}: no field calibration.text_field={self.text_field!r}; found: {keys}")
+        return str(record[self.text_field])
+
+    @property
+    def description(self) -> str:
+        return f"local file {self.path}"
+
+
+# --------------------------------------------------------------------------------------------
+@source_registry.register("hub")
+class HubDataset(TextSource):
+    """A Hugging Face Hub dataset (needs internet). ``chat_field`` renders conversations later."""
+
+    OPTIONS = ("path", "name", "split", "heldout_split", "text_field", "streaming", "max_documents", "chat")
+    _ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+    def __init__(self, path: str | None = None, name: str | None = None, split: str = "train",
+                 heldout_split: str | None = None, text_field: str = "text", streaming: bool = False,
+                 max_documents: int = 20000, chat: bool = False):
+        if not path:
+            raise ConfigError("calibration.source=hub needs calibration.path=<dataset id>")
+        self.path, self.name, self.split, self.heldout_split = path, name, split, heldout_split
+        self.text_field, self.streaming, self.max_documents = text_field, streaming, int(max_documents)
+        self.chat = bool(chat)
+
+    def render(self, documents: list[str], tokenizer) -> list[str]:
+        """For ``chat: true`` sources (SlimOrca), each document is a JSON list of ``{from, value}`` turns."""
+        if not self.chat:
+            return documents
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError(f"calibration source {self.path!r} is a chat dataset but the tokenizer has no chat template")
+        rendered = []
+        for doc in documents:
+            turns = [{"role": self._ROLES.get(t["from"], t["from"]), "content": t["value"]} for t in json.loads(doc)]
+            rendered.append(tokenizer.apply_chat_template(turns, tokenize=False))
+        return rendered
+
+    def documents(self, split: str = "calibration") -> list[str]:
+        _check_split(split)
+        from datasets import load_dataset
+
+        hub_split = self.split if split == "calibration" else self.heldout_split
+        if hub_split is None:
+            raise ConfigError(f"hub dataset {self.path!r} has no held-out split configured (heldout_split)")
+        ds = load_dataset(self.path, self.name, split=hub_split, streaming=self.streaming)
+        docs = []
+        for record in ds:
+            value = record[self.text_field]
+            text = value if isinstance(value, str) else json.dumps(value)
+            if text.strip():
+                docs.append(text)
+            if len(docs) >= self.max_documents:
+                break
+        return docs
+
+    @property
+    def description(self) -> str:
+        return f"Hub dataset {self.path}" + (f"/{self.name}" if self.name else "")

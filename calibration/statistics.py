@@ -1,0 +1,220 @@
+"""Streaming activation statistics, all served by one forward pass over the calibration data.
+
+Every statistic declares the hook points it needs (``h_k``: the residual stream entering layer k;
+``M_k``: layer k's MLP output before the residual add). `collect` hooks exactly those points, runs
+each batch once and hands the activations of that batch to every statistic, which folds them into
+float64 running sums. Nothing grows with the number of calibration samples, and padding positions
+(attention mask 0) never enter a sum.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+
+from depthbench.errors import NumericalError
+
+RESIDUAL = "residual"  # h_k
+MLP_OUT = "mlp_out"  # M_k
+HookPoint = tuple[str, int]
+TokenSet = Literal["all", "last"]
+
+
+@dataclass
+class BatchActivations:
+    """One batch's captured activations; ``mask`` is True at real (non-padding) tokens."""
+
+    points: dict[HookPoint, torch.Tensor]
+    mask: torch.Tensor  # [B, T] bool
+    last_index: torch.Tensor  # [B] position of each sequence's last real token
+
+    def residual(self, k: int) -> torch.Tensor:
+        return self.points[(RESIDUAL, k)]
+
+    def mlp_out(self, k: int) -> torch.Tensor:
+        return self.points[(MLP_OUT, k)]
+
+    def tokens(self, x: torch.Tensor, which: TokenSet) -> torch.Tensor:
+        """Rows of ``x`` [B, T, d] at the chosen tokens, as float64 [N, d]."""
+        if which == "last":
+            rows = x[torch.arange(x.shape[0], device=x.device), self.last_index.to(x.device)]
+        else:
+            rows = x[self.mask.to(x.device)]
+        return rows.to(torch.float64)
+
+
+class Statistic(ABC):
+    """A running float64 reduction over calibration tokens."""
+
+    @abstractmethod
+    def hook_points(self) -> set[HookPoint]:
+        ...
+
+    @abstractmethod
+    def update(self, batch: BatchActivations) -> None:
+        ...
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the statistic so that equal requests from several methods are computed once."""
+        return (type(self).__name__,)
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity in float64, clamped to [-1, 1]; zero vectors give 0."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    num = (a64 * b64).sum(-1)
+    den = a64.norm(dim=-1) * b64.norm(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num)).clamp(-1, 1)
+
+
+class PairwiseSimilarity(Statistic):
+    """For every start s in 0..L-gap: the mean cosine and mean angular distance between h_s and h_{s+gap}.
+
+    ``tokens="all"``: the mean runs over every real token (ShortGPT with gap 1, LLM-Streamline);
+    ``tokens="last"``: over each sequence's last real token (UIDL / ReplaceMe).
+    """
+
+    def __init__(self, num_layers: int, gap: int, tokens: TokenSet):
+        if not 1 <= gap <= num_layers:
+            raise ValueError(f"gap {gap} must be in 1..{num_layers}")
+        self.num_layers, self.gap, self.tokens = num_layers, gap, tokens
+        self.starts = list(range(0, num_layers - gap + 1))
+        self.sum_cos = torch.zeros(len(self.starts), dtype=torch.float64)
+        self.sum_angular = torch.zeros(len(self.starts), dtype=torch.float64)
+        self.count = 0
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.gap, self.tokens)
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(RESIDUAL, k) for k in range(self.num_layers + 1)}
+
+    def update(self, batch: BatchActivations) -> None:
+        rows = {k: batch.tokens(batch.residual(k), self.tokens) for k in range(self.num_layers + 1)}
+        for j, s in enumerate(self.starts):
+            cos = cosine_rows(rows[s], rows[s + self.gap])
+            self.sum_cos[j] += cos.sum().cpu()
+            self.sum_angular[j] += (torch.arccos(cos) / math.pi).sum().cpu()
+        self.count += next(iter(rows.values())).shape[0]
+
+    def mean_cosine(self) -> torch.Tensor:
+        return self.sum_cos / self.count
+
+    def mean_angular_distance(self) -> torch.Tensor:
+        return self.sum_angular / self.count
+
+
+class LinearMapMoments(Statistic):
+    """Sufficient statistics of the ReplaceMe least-squares problem for block [s, e), i = s - 1.
+
+    ``A = sum M_i^T M_i`` and ``B = sum M_i^T (h_e - Y_i)`` over all real tokens, with
+    ``Y_i = h_{i+1} - M_i`` the residual stream after layer i's attention sub-block.
+    """
+
+    def __init__(self, kept_layer: int, block_end: int, hidden_size: int, device: torch.device | str = "cpu"):
+        self.i, self.e = kept_layer, block_end
+        self.A = torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device)
+        self.B = torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.i, self.e)
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(MLP_OUT, self.i), (RESIDUAL, self.i + 1), (RESIDUAL, self.e)}
+
+    def update(self, batch: BatchActivations) -> None:
+        m = batch.tokens(batch.mlp_out(self.i), "all").to(self.A.device)
+        y = batch.tokens(batch.residual(self.i + 1), "all").to(self.A.device) - m
+        target = batch.tokens(batch.residual(self.e), "all").to(self.A.device) - y
+        self.A += m.T @ m
+        self.B += m.T @ target
+        self.count += m.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    pass
+
+
+def unique(statistics: Iterable[Statistic]) -> list[Statistic]:
+    """Drop statistics whose key repeats an earlier one's."""
+    seen: dict[tuple, Statistic] = {}
+    for stat in statistics:
+        seen.setdefault(stat.key, stat)
+    return list(seen.values())
+
+
+@torch.no_grad()
+def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable[Statistic],
+            progress: bool = True, description: str = "calibration pass") -> list[Statistic]:
+    """One forward pass over ``batches`` feeding every statistic; returns them updated."""
+    from tqdm.auto import tqdm
+
+    statistics = list(statistics)
+    needed: set[HookPoint] = set().union(*(s.hook_points() for s in statistics)) if statistics else set()
+    captured: dict[HookPoint, torch.Tensor] = {}
+    handles = _register_hooks(adapter, needed, captured)
+    device = adapter.embeddings().weight.device
+    try:
+        for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
+            captured.clear()
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            try:
+                adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            real = mask.bool()
+            acts = BatchActivations(points=dict(captured), mask=real, last_index=real.sum(1) - 1)
+            _check_finite(acts)
+            for stat in statistics:
+                stat.update(acts)
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    return statistics
+
+
+def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
+    layers = adapter.decoder_layers()
+    handles = []
+
+    def keep(point):
+        def hook(module, args, kwargs_or_output, output=None):
+            out = kwargs_or_output if output is None else output
+            tensor = out[0] if isinstance(out, tuple) else out
+            captured[point] = tensor.detach()
+        return hook
+
+    if (RESIDUAL, 0) in needed:
+        def capture_input(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            captured[(RESIDUAL, 0)] = x.detach()
+        handles.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
+    for kind, k in sorted(needed):
+        if kind == RESIDUAL and k > 0:
+            handles.append(layers[k - 1].register_forward_hook(keep((RESIDUAL, k))))
+        elif kind == MLP_OUT:
+            handles.append(adapter.mlp(layers[k]).register_forward_hook(keep((MLP_OUT, k))))
+    last_needed = max([k - 1 if kind == RESIDUAL else k for kind, k in needed], default=len(layers) - 1)
+    if last_needed < len(layers) - 1:  # nothing later is needed: skip the rest of the network
+        def stop(module, args, output):
+            raise _StopForward
+        handles.append(layers[max(last_needed, 0)].register_forward_hook(stop))
+    return handles
+
+
+def _check_finite(acts: BatchActivations) -> None:
+    for (kind, k), x in acts.points.items():
+        if not torch.isfinite(x[acts.mask.to(x.device)]).all():
+            what = f"h_{k} (input of layer {k})" if kind == RESIDUAL else f"M_{k} (MLP output of layer {k})"
+            raise NumericalError(f"non-finite activations in {what} during calibration; check the data and model.dtype")

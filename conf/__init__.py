@@ -1,0 +1,1 @@
+"""Hydra config tree of depthbench (a package so installed copies find it)."""

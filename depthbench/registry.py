@@ -1,0 +1,76 @@
+"""One small generic registry used for pruners, model adapters and calibration sources.
+
+Entries are registered with a decorator under one or more aliases, may be lazy (``"module:object"``)
+and may come from third-party packages through a Python entry-point group, so a new method needs no
+fork. Lookups of unknown names raise a `ConfigError` that lists what is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Callable, Generic, TypeVar
+
+from depthbench.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, base: type | None = None, entry_point_group: str | None = None):
+        self.kind = kind
+        self.base = base
+        self.entry_point_group = entry_point_group
+        self._entries: dict[str, T | str] = {}
+        self._entry_points_loaded = False
+
+    def register(self, *aliases: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            for alias in aliases:
+                self.add(alias, obj)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: T | str) -> None:
+        """Register ``obj`` (or a lazy ``"module:object"`` string) under ``name``."""
+        existing = self._entries.get(name)
+        if existing is not None and existing is not obj and existing != obj:
+            raise ValueError(f"{self.kind} {name!r} is already registered as {existing!r}")
+        if not isinstance(obj, str):
+            self._check_base(name, obj)
+        self._entries[name] = obj
+
+    def get(self, name: str) -> T:
+        self._load_entry_points()
+        if name not in self._entries:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names()) or '(none)'}"
+            )
+        obj = self._entries[name]
+        if isinstance(obj, str):
+            module_name, _, attr = obj.partition(":")
+            obj = getattr(importlib.import_module(module_name), attr)
+            self._check_base(name, obj)
+            self._entries[name] = obj
+        return obj
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._entries
+
+    def _check_base(self, name: str, obj: object) -> None:
+        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+            raise TypeError(f"{self.kind} {name!r} must be a subclass of {self.base.__name__}, got {obj!r}")
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or self.entry_point_group is None:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name not in self._entries:
+                self._entries[ep.name] = ep.value

@@ -1,0 +1,45 @@
+"""The short table a run prints: layers, parameters, perplexity before/after, time and memory."""
+
+from __future__ import annotations
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _ranges(layers: list[int]) -> str:
+    parts, start = [], None
+    for i, k in enumerate(layers):
+        if start is None:
+            start = k
+        if i + 1 == len(layers) or layers[i + 1] != k + 1:
+            parts.append(f"{start}" if start == k else f"{start}..{k}")
+            start = None
+    return ", ".join(parts) or "-"
+
+
+def summary_table(record: dict) -> str:
+    p = record["pruning"]
+    m = record.get("metrics", {})
+    rows = [("layers", str(p["num_layers_before"]), str(p["num_layers_after"])),
+            ("parameters", _millions(p["parameters_before"]["total"]), _millions(p["parameters_after"]["total"])),
+            ("parameters w/o embeddings", _millions(p["parameters_before"]["without_embeddings"]),
+             _millions(p["parameters_after"]["without_embeddings"]))]
+    if "base" in m:
+        rows.append(("held-out perplexity", f"{m['base']['heldout_perplexity']['perplexity']:.2f}",
+                     f"{m['pruned']['heldout_perplexity']['perplexity']:.2f}"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [
+        f"{record['method']} on {record['model']['name']}, ratio {record['ratio']}: removed layers "
+        f"{_ranges(p['removed_layers'])} ({len(p['removed_layers'])} of {p['num_layers_before']}; "
+        f"{100 * p['fraction_parameters_removed']:.1f}% of parameters, "
+        f"{100 * p['fraction_parameters_removed_without_embeddings']:.1f}% without embeddings)",
+        "",
+        f"{'':<{width}}{'base':>12}{'pruned':>12}",
+        *(f"{name:<{width}}{a:>12}{b:>12}" for name, a, b in rows),
+        "",
+        f"{'stage':<{width}}{'seconds':>12}{'peak RSS':>12}",
+    ]
+    for name, s in record["stages"].items():
+        lines.append(f"{name:<{width}}{s['seconds']:>12.2f}{s['peak_rss_bytes'] / 2**30:>10.2f}GB")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation of base and pruned models: held-out perplexity (lm-eval benchmarks: see later issues)."""

@@ -1,0 +1,1 @@
+"""Running experiments: the single-run pipeline (config -> pruned model -> result record)."""

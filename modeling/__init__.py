@@ -1,0 +1,1 @@
+"""Models: loading, architecture adapters (the only code that touches model internals) and saving."""

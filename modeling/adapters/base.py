@@ -1,0 +1,184 @@
+"""The adapter interface: where a family keeps its decoder layers, MLPs and norms, and layer surgery.
+
+Methods (pruners, calibration hooks, folding) talk to a `ModelAdapter`, never to
+``model.model.layers`` directly, so supporting a new architecture is one adapter file and a test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from depthbench.errors import ConfigError
+from depthbench.registry import Registry
+
+
+class ModelAdapter(ABC):
+    """Wraps one causal LM and exposes the pieces depth pruning needs."""
+
+    #: Human-readable family name, used in error messages and metadata.
+    family: str = ""
+    #: ``config.model_type`` values this adapter handles.
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- structure -------------------------------------------------------------------------
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers in order; layer k maps h_k to h_{k+1}."""
+
+    @abstractmethod
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The layer's MLP; its output is M_k, before the residual add."""
+
+    @abstractmethod
+    def mlp_output_projection(self, layer: nn.Module) -> nn.Linear:
+        """The MLP's last linear map (down projection), into which a ReplaceMe transform folds."""
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm after the last decoder layer (h_L is taken before it)."""
+
+    @abstractmethod
+    def embeddings(self) -> nn.Embedding:
+        ...
+
+    @abstractmethod
+    def lm_head(self) -> nn.Module:
+        ...
+
+    #: True where nothing sits between the MLP output projection and the residual add, so a
+    #: linear map on the MLP output folds exactly into that projection.
+    mlp_output_is_residual_update: bool = True
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def layer(self, index: int) -> nn.Module:
+        return self.decoder_layers()[index]
+
+    # -- accounting ------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Unique parameters: in total, without the input embedding and output head, and per layer."""
+        total = _unique_total(self.model.parameters())
+        embedding_like = _unique_total(list(self.embeddings().parameters()) + list(self.lm_head().parameters()))
+        return {
+            "total": total,
+            "without_embeddings": total - embedding_like,
+            "per_layer": _unique_total(self.layer(0).parameters()),
+        }
+
+    # -- surgery ---------------------------------------------------------------------------
+    def remove_layers(self, indices: Iterable[int]) -> None:
+        """Delete decoder layers (0-based, original numbering) and make the model consistent again.
+
+        Updates ``num_hidden_layers`` and every per-layer config list, renumbers ``layer_idx``
+        (KV-cache indexing depends on it) and checks that tied embeddings stay tied.
+        """
+        remove = sorted(set(int(i) for i in indices))
+        n = self.num_layers
+        bad = [i for i in remove if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"cannot remove layers {bad}: the model has layers 0..{n - 1}")
+        if len(remove) >= n:
+            raise ConfigError(f"cannot remove all {n} decoder layers")
+        keep = [i for i in range(n) if i not in set(remove)]
+        layers = self.decoder_layers()
+        kept_modules = [layers[i] for i in keep]
+        self._set_decoder_layers(nn.ModuleList(kept_modules))
+        self._update_config_after_removal(keep, n)
+        for new_idx, layer in enumerate(kept_modules):
+            self._renumber(layer, new_idx)
+        self._check_tied_weights()
+
+    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    def _update_config_after_removal(self, keep: Sequence[int], old_num_layers: int) -> None:
+        cfg = self.config
+        for sub in _configs_with_layers(cfg):
+            for key, value in list(vars(sub).items()):
+                if isinstance(value, (list, tuple)) and len(value) == old_num_layers and key != "architectures":
+                    setattr(sub, key, type(value)(value[i] for i in keep))
+            if getattr(sub, "max_window_layers", None) is not None and isinstance(sub.max_window_layers, int):
+                sub.max_window_layers = sum(1 for i in keep if i < sub.max_window_layers)
+            sub.num_hidden_layers = len(keep)
+
+    @staticmethod
+    def _renumber(layer: nn.Module, new_idx: int) -> None:
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+
+    def _check_tied_weights(self) -> None:
+        if getattr(self.config, "tie_word_embeddings", False):
+            head = self.lm_head()
+            if getattr(head, "weight", None) is not None and head.weight is not self.embeddings().weight:
+                raise RuntimeError("tied input and output embeddings came apart during surgery")
+
+    # -- folding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
+        """Make layer ``layer_index``'s MLP output M become ``M @ transform`` (d x d, acting on the right).
+
+        ``y = x W^T + b``, so ``W <- T^T W`` and ``b <- T^T b``; computed in float64 and cast back.
+        """
+        if not self.mlp_output_is_residual_update:
+            raise NotImplementedError(f"{self.family}: the MLP output does not feed the residual directly")
+        proj = self.mlp_output_projection(self.layer(layer_index))
+        t = transform.to(torch.float64).to(proj.weight.device)
+        w = proj.weight.data
+        proj.weight.data = (t.T @ w.to(torch.float64)).to(w.dtype)
+        if getattr(proj, "bias", None) is not None:
+            b = proj.bias.data
+            proj.bias.data = (t.T @ b.to(torch.float64)).to(b.dtype)
+
+
+def _unique_total(params) -> int:
+    """Number of elements, counting a shared (tied) tensor once."""
+    seen: dict[int, int] = {}
+    for p in params:
+        seen.setdefault(id(p), p.numel())
+    return sum(seen.values())
+
+
+def _configs_with_layers(cfg) -> list:
+    """The config and any nested text config that carries ``num_hidden_layers``."""
+    out = [cfg] if hasattr(cfg, "num_hidden_layers") else []
+    text = getattr(cfg, "text_config", None)
+    if text is not None and text is not cfg and hasattr(text, "num_hidden_layers"):
+        out.append(text)
+    return out
+
+
+adapter_registry: Registry[type[ModelAdapter]] = Registry(
+    "model family", base=ModelAdapter, entry_point_group="depthbench.adapters"
+)
+
+
+def supported_model_types() -> list[str]:
+    return adapter_registry.names()
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s family, or one clear error naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or model_type not in adapter_registry:
+        raise ConfigError(
+            f"unsupported model family {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return adapter_registry.get(model_type)(model)

@@ -1,0 +1,9 @@
+"""Depth-pruning methods, each a plugin in `pruner_registry` behind the `Pruner` interface."""
+
+from pruners.base import PruneResult, Pruner, Selection, build_pruner, pruner_registry
+
+# Built-in methods register themselves on import; third parties use the `depthbench.pruners`
+# entry-point group instead (see README).
+from pruners import uidl  # noqa: E402,F401
+
+__all__ = ["PruneResult", "Pruner", "Selection", "build_pruner", "pruner_registry"]

@@ -1,0 +1,58 @@
+"""UIDL (Gromov et al. 2024, arXiv 2403.17887): drop the contiguous block whose ends are closest.
+
+``d(s) = mean over sequences of ang(h_s, h_{s+n})`` on each sequence's last token; the block
+[s, s+n) with the smallest d is removed, one shot, no healing. Starts range over
+``min_start .. L-n``: the public implementations compare layer outputs, so layer 0 is never removed
+(``min_start: 1``, default); ``min_start: 0`` gives the paper's range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calibration.statistics import PairwiseSimilarity
+from depthbench.errors import ConfigError
+from pruners.base import Pruner, Selection, pruner_registry
+from selection.blocks import best_block
+
+
+def last_token_angular_distances(statistics, n: int, min_start: int) -> tuple[list[int], list[float]]:
+    """Candidate starts and their mean last-token angular distance d(s), from a shared statistic."""
+    stat = next(s for s in statistics if isinstance(s, PairwiseSimilarity) and s.key[1:] == (n, "last"))
+    d = stat.mean_angular_distance()
+    starts = [s for s in stat.starts if s >= min_start]
+    return starts, [float(d[stat.starts.index(s)]) for s in starts]
+
+
+@pruner_registry.register("uidl")
+class UIDLPruner(Pruner):
+    name = "uidl"
+    paper = "Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv 2403.17887)"
+
+    @dataclass
+    class Options:
+        min_start: int = 1
+
+    def validate_options(self) -> None:
+        if self.options.min_start not in (0, 1):
+            raise ConfigError(f"uidl min_start={self.options.min_start!r}; allowed: 0 (paper) or 1 (reference code)")
+
+    def check_feasible(self, num_layers: int, n_remove: int) -> None:
+        super().check_feasible(num_layers, n_remove)
+        if n_remove > num_layers - self.options.min_start:
+            raise ConfigError(
+                f"a block of {n_remove} layers starting at >= {self.options.min_start} does not fit in {num_layers} layers"
+            )
+
+    def statistics(self, adapter, n_remove):
+        return [PairwiseSimilarity(adapter.num_layers, gap=n_remove, tokens="last")]
+
+    def select(self, statistics, adapter, n_remove) -> Selection:
+        starts, d = last_token_angular_distances(statistics, n_remove, self.options.min_start)
+        block = best_block(d, starts, n_remove)
+        return Selection(
+            removed_layers=block.layers,
+            blocks=[block],
+            scores={"metric": "mean last-token angular distance d(s) between h_s and h_{s+n}",
+                    "n": n_remove, "starts": starts, "values": d},
+        )
