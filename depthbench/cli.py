@@ -26,32 +26,26 @@ def app(cfg: DictConfig) -> None:
     from experiments.pipeline import run
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    existed_before = _our_files(output_dir)
     try:
         record = run(cfg, output_dir)
     except DepthbenchError as err:
         if cfg.get("debug"):
             raise
-        _remove_hydra_leftovers(output_dir, existed_before)
+        _remove_hydra_leftovers(output_dir)
         print(f"depthbench: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary_table(record))
     print(f"run directory: {output_dir}")
 
 
-def _our_files(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
-
-
-def _remove_hydra_leftovers(directory: Path, keep: set[str]) -> None:
-    """Undo what Hydra created for a run that failed on bad input (its config copy and log)."""
+def _remove_hydra_leftovers(directory: Path) -> None:
+    """Undo what Hydra created for a run that failed on bad input (its config copy and log), and the
+    run directory itself when that leaves it empty."""
     if not directory.is_dir():
         return
     logging.shutdown()
     for name in (".hydra", f"{HydraConfig.get().job.name}.log"):
         path = directory / name
-        if name in keep and name != ".hydra":
-            continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():

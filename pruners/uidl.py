@@ -37,13 +37,6 @@ class UIDLPruner(Pruner):
         if self.options.min_start not in (0, 1):
             raise ConfigError(f"uidl min_start={self.options.min_start!r}; allowed: 0 (paper) or 1 (reference code)")
 
-    def check_feasible(self, num_layers: int, n_remove: int) -> None:
-        super().check_feasible(num_layers, n_remove)
-        if n_remove > num_layers - self.options.min_start:
-            raise ConfigError(
-                f"a block of {n_remove} layers starting at >= {self.options.min_start} does not fit in {num_layers} layers"
-            )
-
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=n_remove, tokens="last")]
 

