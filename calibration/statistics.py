@@ -48,7 +48,14 @@ class BatchActivations:
 
 
 class Statistic(ABC):
-    """A running float64 reduction over calibration tokens."""
+    """A running float64 reduction over calibration tokens.
+
+    Its state is its tensor attributes plus ``count``; `state` / `load_state` let the statistics
+    cache store it on disk and restore it in another process.
+    """
+
+    #: Whether the statistic depends only on (model, calibration data) and may be cached on disk.
+    cacheable: bool = True
 
     @abstractmethod
     def hook_points(self) -> set[HookPoint]:
@@ -62,6 +69,21 @@ class Statistic(ABC):
     def key(self) -> tuple:
         """Identifies the statistic so that equal requests from several methods are computed once."""
         return (type(self).__name__,)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().cpu().contiguous() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        out["count"] = torch.tensor([int(getattr(self, "count", 0))], dtype=torch.int64)
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            if name == "count":
+                self.count = int(value[0])
+                continue
+            current = getattr(self, name)
+            if not isinstance(current, torch.Tensor) or current.shape != value.shape:
+                raise ValueError(f"cached {name} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+            setattr(self, name, value.to(current.device, current.dtype))
 
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -109,6 +131,46 @@ class PairwiseSimilarity(Statistic):
     def mean_angular_distance(self) -> torch.Tensor:
         return self.sum_angular / self.count
 
+    def fill_from(self, table: "LayerSimilarityTable") -> None:
+        """Take this gap's sums from a table of every layer pair (same tokens, same data)."""
+        if table.tokens != self.tokens or table.num_layers != self.num_layers:
+            raise ValueError("table and pairwise statistic disagree on tokens or depth")
+        idx = torch.tensor(self.starts)
+        self.sum_cos = table.sum_cos[idx, idx + self.gap].clone()
+        self.sum_angular = table.sum_angular[idx, idx + self.gap].clone()
+        self.count = table.count
+
+
+class LayerSimilarityTable(Statistic):
+    """Sums of cos(h_k, h_l) and of the angular distance for EVERY pair 0 <= k < l <= L at once.
+
+    One table per token set serves every block size, so a sweep over ratios and methods needs one
+    pass: `PairwiseSimilarity` of any gap is a slice of it. Cost per token: one (L+1) x (L+1) Gram
+    of unit vectors, small next to the forward pass.
+    """
+
+    def __init__(self, num_layers: int, tokens: TokenSet):
+        self.num_layers, self.tokens = num_layers, tokens
+        self.sum_cos = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
+        self.sum_angular = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
+        self.count = 0
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.num_layers, self.tokens)
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(RESIDUAL, k) for k in range(self.num_layers + 1)}
+
+    def update(self, batch: BatchActivations) -> None:
+        rows = torch.stack([batch.tokens(batch.residual(k), self.tokens) for k in range(self.num_layers + 1)], 1)
+        norms = rows.norm(dim=-1, keepdim=True)
+        units = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(rows))
+        cos = (units @ units.transpose(1, 2)).clamp(-1, 1)  # [N, L+1, L+1]
+        self.sum_cos += cos.sum(0).cpu()
+        self.sum_angular += (torch.arccos(cos) / math.pi).sum(0).cpu()
+        self.count += rows.shape[0]
+
 
 class LinearMapMoments(Statistic):
     """Sufficient statistics of the ReplaceMe least-squares problem for block [s, e), i = s - 1.
@@ -140,6 +202,10 @@ class LinearMapMoments(Statistic):
 
 
 # --------------------------------------------------------------------------------------------
+#: Bump when a statistic's definition changes, so cached values from older code are not reused.
+STATISTICS_VERSION = 1
+
+
 class _StopForward(Exception):
     pass
 

@@ -7,12 +7,14 @@ traceback instead. A run that fails that way leaves nothing behind in its run di
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from depthbench.errors import DepthbenchError
@@ -25,15 +27,23 @@ log = logging.getLogger("depthbench")
 def app(cfg: DictConfig) -> None:
     from experiments.pipeline import run
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.get("debug"):
+        for noisy in ("lm_eval", "datasets", "transformers", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None
     try:
-        record = run(cfg, output_dir)
+        record = run(cfg, output_dir, sweep_dir=sweep_dir, group=sweep_dir.name if multirun else "single")
     except DepthbenchError as err:
         if cfg.get("debug"):
             raise
         _remove_hydra_leftovers(output_dir)
         print(f"depthbench: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if record.get("resumed"):
+        print(f"already finished (config {record['config_hash']}); nothing redone")
     print(summary_table(record))
     print(f"run directory: {output_dir}")
 
@@ -57,7 +67,26 @@ def _remove_hydra_leftovers(directory: Path) -> None:
         current = current.parent
 
 
+def _unwritable_output_dir(argv: list[str]) -> str | None:
+    """Hydra creates the run directory before any of our code runs and fails with a traceback if it
+    cannot; check a ``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line first."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            path = Path(value).expanduser().absolute()
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            if not existing.is_dir():
+                return f"{key}={value}: {existing} is not a directory"
+            if not os.access(existing, os.W_OK | os.X_OK):
+                return f"{key}={value}: {existing} is not writable"
+    return None
+
+
 def main() -> None:
+    problem = _unwritable_output_dir(sys.argv[1:])
+    if problem:
+        print(f"depthbench: error: output directory {problem}", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

@@ -7,6 +7,10 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
+def _short(task: str) -> str:
+    return task.removeprefix("bigbench_").removesuffix("_multiple_choice")
+
+
 def _ranges(layers: list[int]) -> str:
     parts, start = [], None
     for i, k in enumerate(layers):
@@ -28,15 +32,27 @@ def summary_table(record: dict) -> str:
     if "base" in m:
         rows.append(("held-out perplexity", f"{m['base']['heldout_perplexity']['perplexity']:.2f}",
                      f"{m['pruned']['heldout_perplexity']['perplexity']:.2f}"))
+        for task, value in m["base"].get("tasks", {}).items():
+            rows.append((f"  {_short(task)}", f"{value:.3f}", f"{m['pruned']['tasks'][task]:.3f}"))
+        if "average" in m["base"]:
+            rows.append(("benchmark average", f"{m['base']['average']:.3f}", f"{m['pruned']['average']:.3f}"))
+        if m.get("retention", {}).get("average_percent") is not None:
+            rows.append(("retention (avg of task ratios)", "100%", f"{m['retention']['average_percent']:.1f}%"))
+        if "speed" in m:
+            for kind in ("prefill", "decode"):
+                rows.append((f"{kind} tokens/s", f"{m['speed']['base'][f'{kind}_tokens_per_s']:.0f}",
+                             f"{m['speed']['pruned'][f'{kind}_tokens_per_s']:.0f} "
+                             f"(x{m['speedup'][kind]:.2f})"))
     width = max(len(r[0]) for r in rows) + 2
+    col = max(12, max(len(r[2]) for r in rows) + 2)
     lines = [
         f"{record['method']} on {record['model']['name']}, ratio {record['ratio']}: removed layers "
         f"{_ranges(p['removed_layers'])} ({len(p['removed_layers'])} of {p['num_layers_before']}; "
         f"{100 * p['fraction_parameters_removed']:.1f}% of parameters, "
         f"{100 * p['fraction_parameters_removed_without_embeddings']:.1f}% without embeddings)",
         "",
-        f"{'':<{width}}{'base':>12}{'pruned':>12}",
-        *(f"{name:<{width}}{a:>12}{b:>12}" for name, a, b in rows),
+        f"{'':<{width}}{'base':>12}{'pruned':>{col}}",
+        *(f"{name:<{width}}{a:>12}{b:>{col}}" for name, a, b in rows),
         "",
         f"{'stage':<{width}}{'seconds':>12}{'peak RSS':>12}",
     ]

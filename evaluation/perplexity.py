@@ -25,9 +25,9 @@ def heldout_windows(cfg, tokenizer):
     docs = source.render(source.documents(cfg.split), tokenizer)
     if not docs:
         raise ConfigError(f"perplexity source {source.description} ({cfg.split}) has no documents")
-    # A fixed order (seed 0) so base and pruned models, and every run, see the same windows.
+    # Documents in their stored order, packed: every run and both models see the same windows.
     return build_batches(docs, tokenizer, int(cfg.max_windows), int(cfg.seq_len), int(cfg.batch_size),
-                         seed=0, packing=True, description=f"{source.description} [{cfg.split}]")
+                         seed=None, packing=True, description=f"{source.description} [{cfg.split}]")
 
 
 @torch.no_grad()

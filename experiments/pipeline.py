@@ -15,20 +15,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from calibration.batches import load_calibration, validate_sizes
+from calibration.cache import StatisticsCache
 from calibration.sources import build_source
 from depthbench import atomic
-from depthbench.errors import ConfigError
+from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
 from depthbench.provenance import provenance
-from evaluation.perplexity import heldout_windows, perplexity
+from evaluation.base_cache import cached_base_result, key_material
+from evaluation.efficiency import speedup
+from evaluation.perplexity import heldout_windows
+from evaluation.retention import retention
+from evaluation.suite import has_benchmark, quality, speed
+from experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
+from experiments.tracking import build_tracker
 from modeling.adapters import adapter_for
-from modeling.loading import check_model_reference, load_model
+from modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
 from modeling.saving import METADATA_FILE, save_pruned
 from pruners import build_pruner
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 MODEL_DIR = "pruned_model"
 SCHEMA_VERSION = 1
 
@@ -56,15 +62,23 @@ def validate(cfg: DictConfig, output_dir: Path):
     ratio = validate_ratio(cfg.ratio)
     if cfg.pruner.get("name") is None:
         raise ConfigError("pruner.name is not set")
-    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(cfg.pruner.get("options") or {}, resolve=True))
+    options = cfg.pruner.get("options")
+    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
     c = cfg.calibration
     validate_sizes(c.n_samples, c.seq_len, c.batch_size)
     build_source(c).check()
     if cfg.evaluate:
         build_source(cfg.evaluation.perplexity).check()
     check_model_reference(cfg.model)
+    if cfg.evaluate and has_benchmark(cfg.benchmark):
+        from evaluation.lm_eval_runner import check_tasks, parse_benchmark
+
+        parse_benchmark(cfg.benchmark)
+        if not cfg.benchmark.get("offline"):
+            check_tasks(cfg.benchmark)  # builds lm-eval's task index: seconds, still before any weights
+    tracker = build_tracker(cfg.logger)
     _check_writable(output_dir)
-    return ratio, pruner
+    return ratio, pruner, tracker
 
 
 def _check_writable(directory: Path) -> None:
@@ -77,15 +91,61 @@ def _check_writable(directory: Path) -> None:
         raise ConfigError(f"output directory {str(directory)!r} is not writable: {err.strerror}") from err
 
 
+def cache_root(cfg: DictConfig, sweep_dir: Path | None) -> Path:
+    """Shared caches (calibration statistics, base-model results): ``cache.dir``, else the sweep's
+    ``.cache`` (shared by its cells), else the user cache (``$DEPTHBENCH_CACHE`` or ``~/.cache/depthbench``)."""
+    settings = cfg.get("cache") or {}
+    if settings.get("dir"):
+        return Path(settings["dir"])
+    return Path(sweep_dir) / ".cache" if sweep_dir else default_cache_dir()
+
+
+def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
+    """What the base model's quality numbers depend on: the weights, the benchmark, the held-out text."""
+    return key_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype,
+                        OmegaConf.to_container(cfg.benchmark, resolve=True),
+                        extra={"perplexity": OmegaConf.to_container(cfg.evaluation.perplexity, resolve=True)})
+
+
+def compare(base: dict, pruned: dict, base_speed: dict | None, pruned_speed: dict | None) -> dict:
+    """Retention (pruned / base per task, average in %) and speed-up, from measured numbers."""
+    out: dict = {}
+    if "tasks" in base and "tasks" in pruned:
+        out["retention"] = retention(base["tasks"], pruned["tasks"])
+    if base_speed and pruned_speed:
+        out["speed"] = {"base": base_speed, "pruned": pruned_speed}
+        out["speedup"] = speedup(base_speed, pruned_speed)
+    return out
+
+
+def check_finite_parameters(model) -> None:
+    """Stop before anything is saved if pruning produced a NaN/Inf weight."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NumericalError(f"non-finite weights after pruning in {', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}; nothing was saved")
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict:
+def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = None,
+        group: str = "single", name: str | None = None, after_prune=None) -> dict:
+    """Run one cell. With ``resume``, a finished record with the same config hash in ``output_dir``
+    or anywhere under ``sweep_dir`` is returned as it is (marked ``resumed``) and nothing is redone.
+    ``after_prune(model, tokenizer)``, if given, sees the pruned model in memory before it is saved."""
     output_dir = Path(output_dir)
-    ratio, pruner = validate(cfg, output_dir)
+    ratio, pruner, tracker = validate(cfg, output_dir)
+    digest = config_hash(cfg)
+    if cfg.get("resume", True):
+        finished = find_finished(output_dir, digest, Path(sweep_dir) if sweep_dir else None)
+        if finished is not None:
+            log.info("cell %s already finished; nothing to do", digest)
+            return {**finished, "resumed": True}
+    remove_stale_temporaries(output_dir)
     progress = bool(cfg.progress)
     timer = StageTimer()
     started = time.time()
@@ -101,20 +161,39 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     for note in calibration.notes:
         log.warning(note)
 
+    caches = cache_root(cfg, sweep_dir)
+    settings = cfg.get("cache") or {}
+    fingerprint = model_fingerprint(loaded, cfg.model)
     metrics: dict = {}
     if cfg.evaluate:
         with timer.stage("evaluation_data"):
             windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
         with timer.stage("evaluate_base"):
-            metrics["base"] = {"heldout_perplexity": perplexity(loaded.model, windows.batches, progress, "base perplexity")}
+            compute = lambda: quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(),
+                                      progress, "base")  # noqa: E731
+            if settings.get("base_results", True):
+                metrics["base"], hit = cached_base_result(caches, base_result_material(cfg, fingerprint), compute)
+                metrics["base_from_cache"] = hit
+            else:
+                metrics["base"] = compute()
+        with timer.stage("speed_base"):
+            base_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
 
-    result = pruner.prune(adapter, calibration, n_remove, progress=progress)
+    stats_cache = StatisticsCache(caches / "statistics", fingerprint) if settings.get("statistics", True) else None
+    result = pruner.prune(adapter, calibration, n_remove, progress=progress, cache=stats_cache)
     timer.add(result.stages, prefix="prune.")
 
     if cfg.evaluate:
         with timer.stage("evaluate_pruned"):
-            metrics["pruned"] = {"heldout_perplexity": perplexity(loaded.model, windows.batches, progress, "pruned perplexity")}
+            metrics["pruned"] = quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(),
+                                        progress, "pruned")
+        with timer.stage("speed_pruned"):
+            pruned_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
+        metrics.update(compare(metrics["base"], metrics["pruned"], base_speed, pruned_speed))
 
+    check_finite_parameters(loaded.model)
+    if after_prune is not None:
+        after_prune(loaded.model, loaded.tokenizer)
     config = OmegaConf.to_container(cfg, resolve=True)
     prov = provenance()
     pruning = result.to_dict()
@@ -123,6 +202,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         with timer.stage("save"):
             metadata = {
                 "schema_version": SCHEMA_VERSION,
+                "config_hash": digest,
                 "base_model": {"name": loaded.name, "source": loaded.source},
                 "ratio": ratio,
                 **pruning,
@@ -136,6 +216,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 
     record = {
         "schema_version": SCHEMA_VERSION,
+        "config_hash": digest,
         "model": {"name": loaded.name, "source": loaded.source, "dtype": cfg.model.dtype},
         "method": pruner.name,
         "ratio": ratio,
@@ -151,4 +232,5 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         "provenance": prov,
     }
     atomic.write_json(output_dir / RESULT_FILE, record)
+    tracker.log_run(record, output_dir, group=group, name=name or f"{pruner.name}-r{ratio}-{digest[:6]}")
     return record

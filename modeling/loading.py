@@ -76,17 +76,34 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
         kwargs["device_map"] = cfg.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ValueError as err:
-        if "Unrecognized configuration class" in str(err) or "does not recognize this architecture" in str(err):
-            raise ConfigError(f"model {source!r} is not a causal language model: {str(err).splitlines()[0]}") from err
-        raise
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
+    except Exception as err:  # noqa: BLE001 - turned into one line naming the model; debug=true re-raises
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "Unrecognized configuration class" in first_line or "does not recognize this architecture" in first_line:
+            raise ConfigError(f"model {source!r} is not a causal language model ({first_line[:200]})") from err
+        raise ConfigError(f"cannot load model {source!r}: {type(err).__name__}: {first_line[:300]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device and not cfg.get("device_map"):
         model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.get("name") or source, source=source)
+
+
+def model_fingerprint(loaded: LoadedModel, cfg) -> str:
+    """Identifies the weights a statistic was computed on: the source (with its files' sizes and
+    mtimes for local directories, the resolved commit for Hub ids), the dtype and the config."""
+    import hashlib
+    import json
+
+    parts = {"source": loaded.source, "revision": cfg.get("revision"), "dtype": str(cfg.dtype),
+             "commit": getattr(loaded.model.config, "_commit_hash", None),
+             "config": loaded.model.config.to_json_string(use_diff=False)}
+    path = Path(loaded.source)
+    if path.is_dir():
+        parts["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir()
+                                if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _gguf_path(package: str, file: str) -> Path:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from calibration.batches import CalibrationData
-from calibration.statistics import Statistic, collect, unique
+from calibration.cache import StatisticsCache, gather
+from calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.registry import Registry
@@ -129,14 +130,16 @@ class Pruner(ABC):
 
     # -- orchestration ---------------------------------------------------------------------
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
-              progress: bool = True) -> PruneResult:
+              progress: bool = True, cache: StatisticsCache | None = None) -> PruneResult:
+        """Run the stages. With a ``cache``, score statistics already computed for this model and
+        calibration data (by any run, any method, any ratio) are read instead of recomputed."""
         num_layers = adapter.num_layers
         self.check_feasible(num_layers, n_remove)
         timer = StageTimer()
         params_before = adapter.parameter_counts()
         with timer.stage("score"):
-            stats = collect(adapter, calibration.batches, unique(self.statistics(adapter, n_remove)),
-                            progress=progress, description=f"{self.name}: calibration")
+            stats = gather(adapter, calibration.batches, self.statistics(adapter, n_remove), cache=cache,
+                           progress=progress, description=f"{self.name}: calibration")
         with timer.stage("select"):
             selection = self.select(stats, adapter, n_remove)
         with timer.stage("fit"):

@@ -130,6 +130,38 @@ class ModelAdapter(ABC):
             if getattr(head, "weight", None) is not None and head.weight is not self.embeddings().weight:
                 raise RuntimeError("tied input and output embeddings came apart during surgery")
 
+    def replace_layer(self, index: int, module: nn.Module) -> None:
+        """Put ``module`` in place of decoder layer ``index`` (same position; numbering unchanged).
+
+        The module must be a decoder layer of the model's own class so that the saved model still
+        loads with plain ``from_pretrained``; its ``layer_idx`` is set to ``index``.
+        """
+        layers = self.decoder_layers()
+        if not 0 <= index < len(layers):
+            raise ConfigError(f"cannot replace layer {index}: the model has layers 0..{len(layers) - 1}")
+        if type(module) is not type(layers[index]):
+            raise TypeError(f"replacement {type(module).__name__} is not a {type(layers[index]).__name__}")
+        layers[index] = module
+        self._renumber(module, index)
+
+    def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
+        """The attention sub-block's output projection (its output is added to the residual stream)."""
+        raise NotImplementedError(f"{self.family}: no attention output projection known")
+
+    def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the attention sub-block, its pre-norm included."""
+        raise NotImplementedError(f"{self.family}: no attention sub-block known")
+
+    # -- running single layers -------------------------------------------------------------
+    def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one decoder layer standalone on ``hidden_states`` [B, T, d], as inside the model.
+
+        Positions are 0..T-1; ``attention_mask`` [B, T] (1 = real token) is combined with the
+        causal mask exactly as the model does. No KV cache. Gradients flow (no ``no_grad`` here).
+        """
+        raise NotImplementedError(f"{self.family}: running a single decoder layer is not supported")
+
     # -- folding ---------------------------------------------------------------------------
     @torch.no_grad()
     def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:

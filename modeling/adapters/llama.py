@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from modeling.adapters.base import ModelAdapter, adapter_registry
@@ -28,6 +29,12 @@ class LlamaFamilyAdapter(ModelAdapter):
     def mlp_output_projection(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
 
+    def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
+        return layer.self_attn.o_proj
+
+    def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        return list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
+
     def final_norm(self) -> nn.Module:
         return self.model.model.norm
 
@@ -36,3 +43,17 @@ class LlamaFamilyAdapter(ModelAdapter):
 
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
+
+    def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        batch, length = hidden_states.shape[:2]
+        position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+        position_embeddings = self.model.model.rotary_emb(hidden_states, position_ids=position_ids)
+        mask = None if attention_mask is None else attention_mask.to(hidden_states.device)
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=mask,
+                                         cache=None, position_ids=position_ids)
+        out = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
+                    position_ids=position_ids, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out

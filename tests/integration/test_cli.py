@@ -50,6 +50,7 @@ BAD_INPUT = [
     (["calibration.n_samples=0"], "calibration.n_samples=0 must be a positive integer"),
     (["calibration=local", "calibration.path=SHORT"], "calibration data too short"),
     (["calibration=local", "calibration.path=/nonexistent.txt"], "no such file"),
+    (["hydra.run.dir=SHORT/run"], "is not a directory"),
 ]
 
 

@@ -1,0 +1,120 @@
+"""A disk cache of calibration statistics, shared by every run of a sweep (other processes too).
+
+Entries are keyed by (model fingerprint, calibration-data content hash, statistics code version,
+statistic key) and stored as safetensors files whose metadata carries a SHA-256 of the tensor bytes:
+a corrupted or truncated file is detected, deleted and recomputed, never used. Writes are atomic.
+
+`gather` is what the pruners call: it answers every requested statistic from the cache where it
+can, computes the rest in ONE forward pass, stores them, and serves per-gap similarity requests
+from a table of all layer pairs so that any block size reuses the same pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+import depthbench
+from calibration.statistics import (
+    STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
+)
+
+log = logging.getLogger(__name__)
+
+
+def data_fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
+    """Content hash of the tokenised calibration data (ids and masks, in order)."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in ("input_ids", "attention_mask"):
+            t = batch[name].detach().cpu().contiguous()
+            h.update(name.encode() + str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _tensor_checksum(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class StatisticsCache:
+    def __init__(self, directory: str | Path, model_fingerprint: str):
+        self.directory = Path(directory)
+        self.model_fingerprint = model_fingerprint
+
+    def path_for(self, stat: Statistic, data_hash: str) -> Path:
+        key = json.dumps([self.model_fingerprint, data_hash, STATISTICS_VERSION, depthbench.__version__,
+                          list(map(str, stat.key))])
+        return self.directory / f"{stat.key[0]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def load(self, stat: Statistic, data_hash: str) -> bool:
+        from safetensors import safe_open
+
+        path = self.path_for(stat, data_hash)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get("sha256")
+                state = {name: f.get_tensor(name) for name in f.keys()}
+            if expected is None or _tensor_checksum(state) != expected:
+                raise ValueError("checksum mismatch")
+            stat.load_state(state)
+        except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed
+            log.warning("statistics cache entry %s is corrupted (%s); recomputing", path.name, err)
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def save(self, stat: Statistic, data_hash: str) -> Path:
+        from safetensors.torch import save_file
+
+        state = stat.state()
+        path = self.path_for(stat, data_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"sha256": _tensor_checksum(state), "key": json.dumps(list(map(str, stat.key)))})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable[Statistic],
+           cache: StatisticsCache | None = None, progress: bool = True,
+           description: str = "calibration pass") -> list[Statistic]:
+    """Return ``statistics`` filled in, from the cache where possible and one pass for the rest."""
+    requested = unique(statistics)
+    pairwise = [s for s in requested if isinstance(s, PairwiseSimilarity)]
+    tables = {s.tokens: LayerSimilarityTable(s.num_layers, s.tokens) for s in pairwise}
+    if cache is not None and pairwise:
+        # Both token sets in the same pass: later runs of other methods then need no pass at all.
+        depth = pairwise[0].num_layers
+        tables = {tokens: tables.get(tokens) or LayerSimilarityTable(depth, tokens) for tokens in ("last", "all")}
+    sources = list(tables.values()) + [s for s in requested if not isinstance(s, PairwiseSimilarity)]
+    data_hash = data_fingerprint(batches) if cache is not None else ""
+    missing = [s for s in sources if not (cache is not None and s.cacheable and cache.load(s, data_hash))]
+    if missing:
+        collect(adapter, batches, missing, progress=progress, description=description)
+        if cache is not None:
+            for stat in missing:
+                if stat.cacheable:
+                    cache.save(stat, data_hash)
+    for stat in pairwise:
+        stat.fill_from(tables[stat.tokens])
+    return requested

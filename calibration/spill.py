@@ -1,0 +1,137 @@
+"""Calibration statistics that spill activations to disk instead of reducing them.
+
+Methods that train something (ReplaceMe-cosine's transform, LLM-Streamline's replacement layer)
+need the activations themselves, not a fixed-size sum. Holding them in RAM does not scale
+(LLM-Streamline's reference needs more than 1 TB at paper scale), so these statistics append each
+batch to a float32 file in a caller-owned directory (usually a ``tempfile.TemporaryDirectory``)
+and hand back read-only ``numpy.memmap`` views once the pass is over. Padding positions are never
+written as token rows; sequence spills keep them (zero-filled) together with the mask because a
+layer needs whole sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, HookPoint, Statistic
+
+_instance_counter = itertools.count()
+
+
+class SpillFile:
+    """An append-only array file: rows of shape ``row_shape`` and dtype ``dtype``, read back as a memmap."""
+
+    def __init__(self, path: str | Path, row_shape: tuple[int, ...], dtype=np.float32):
+        self.path = Path(path)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.path.write_bytes(b"")
+
+    def append(self, rows: torch.Tensor | np.ndarray) -> None:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().to("cpu").numpy()
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path.name}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
+        with open(self.path, "ab") as f:
+            f.write(rows.tobytes())
+        self.rows += rows.shape[0]
+
+    def open(self) -> np.memmap:
+        """A read-only memmap over everything appended so far, shape ``(rows, *row_shape)``."""
+        if self.rows == 0:
+            raise ValueError(f"{self.path.name}: nothing was spilled (no real tokens in the calibration data?)")
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.rows, *self.row_shape))
+
+
+class LinearMapRows(Statistic):
+    """The ReplaceMe token rows of block [s, e) with kept layer i = s - 1, spilled to disk.
+
+    Per real token: ``M_i`` (layer i's MLP output), ``Y_i = h_{i+1} - M_i`` (the residual stream
+    after layer i's attention sub-block) and ``h_e``; float32, one row per token, padding skipped.
+    The same hook points as `LinearMapMoments`, but the rows rather than their moments.
+    """
+
+    COLUMNS = ("mlp_out", "attn_residual", "target")
+    #: Spilled rows live in a temporary directory: nothing to keep in a statistics cache.
+    cacheable = False
+
+    def __init__(self, kept_layer: int, block_end: int, hidden_size: int, directory: str | Path):
+        self.i, self.e = kept_layer, block_end
+        self._id = next(_instance_counter)
+        directory = Path(directory)
+        self.files = {name: SpillFile(directory / f"rows_{self._id}_{name}.f32", (hidden_size,))
+                      for name in self.COLUMNS}
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.i, self.e, self._id)
+
+    @property
+    def count(self) -> int:
+        return self.files["mlp_out"].rows
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(MLP_OUT, self.i), (RESIDUAL, self.i + 1), (RESIDUAL, self.e)}
+
+    def update(self, batch: BatchActivations) -> None:
+        m = batch.tokens(batch.mlp_out(self.i), "all")
+        y = batch.tokens(batch.residual(self.i + 1), "all") - m  # float64 difference, then float32
+        h = batch.tokens(batch.residual(self.e), "all")
+        for name, rows in zip(self.COLUMNS, (m, y, h)):
+            self.files[name].append(rows.to(torch.float32))
+
+    def open(self) -> dict[str, np.memmap]:
+        return {name: f.open() for name, f in self.files.items()}
+
+
+class ResidualPairSequences(Statistic):
+    """Whole sequences of ``h_j`` and ``h_k`` (plus the mask), spilled to disk, in batch order.
+
+    Sequences are zero-padded to ``width`` positions so that every row has the same shape; the
+    mask (True at real tokens) says which positions count. Used to train a module standing in for
+    layers [j, k) on (input, target) pairs with the same attention pattern as in the full model.
+    """
+
+    cacheable = False
+
+    def __init__(self, input_point: int, target_point: int, hidden_size: int, width: int, directory: str | Path):
+        self.j, self.k, self.width = input_point, target_point, width
+        self._id = next(_instance_counter)
+        directory = Path(directory)
+        self.inputs = SpillFile(directory / f"seq_{self._id}_input.f32", (width, hidden_size))
+        self.targets = SpillFile(directory / f"seq_{self._id}_target.f32", (width, hidden_size))
+        self.mask = SpillFile(directory / f"seq_{self._id}_mask.u8", (width,), dtype=np.uint8)
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.j, self.k, self._id)
+
+    @property
+    def count(self) -> int:
+        return self.inputs.rows
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(RESIDUAL, self.j), (RESIDUAL, self.k)}
+
+    def update(self, batch: BatchActivations) -> None:
+        mask = batch.mask.to("cpu")
+        b, t = mask.shape
+        if t > self.width:
+            raise ValueError(f"batch of {t} positions is wider than the spill width {self.width}")
+        for point, spill in ((self.j, self.inputs), (self.k, self.targets)):
+            x = batch.residual(point).detach().to("cpu", torch.float32)
+            padded = torch.zeros(b, self.width, x.shape[-1], dtype=torch.float32)
+            padded[:, :t] = x * mask[..., None]
+            spill.append(padded)
+        m = torch.zeros(b, self.width, dtype=torch.uint8)
+        m[:, :t] = mask.to(torch.uint8)
+        self.mask.append(m)
+
+    def open(self) -> dict[str, np.memmap]:
+        return {"input": self.inputs.open(), "target": self.targets.open(), "mask": self.mask.open()}

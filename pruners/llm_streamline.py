@@ -1,0 +1,305 @@
+"""LLM-Streamline (Chen et al. 2024 / ICLR 2025, arXiv 2403.19135): replace n+1 layers by one trained.
+
+To remove n layers net, the n+1 consecutive layers ``[j, j+n+1)`` whose ends are most alike,
+``s(j) = mean over all tokens of cos(h_j, h_{j+n+1})`` (``j* = argmax``, layer 0 eligible), are
+replaced by ONE module trained to map ``h_{j*}`` to ``h_{j*+n+1}``; everything else is frozen.
+
+Replacement modules (option ``replacement``):
+
+- ``layer`` (default, the paper's main setting): a decoder layer of the model's own class,
+  initialised as a copy of layer j*.
+- ``ffn``: the paper's FFN variant, ``h + mlp(norm(h))`` with the MLP and its pre-norm copied from
+  layer j*. It is stored as a decoder layer of the model's own class whose attention output
+  projection is zero (and frozen), so the attention sub-block adds exactly nothing: the saved model
+  still loads with plain ``AutoModelForCausalLM.from_pretrained``. The price is that the zero
+  attention weights are stored; ``new_parameters`` counts only the trained FFN.
+
+Training (option ``loss``): ``mse`` (reference) over every real token and dimension, with the causal
+attention mask (the reference trains without one, bidirectionally, and runs causally at inference:
+not copied); ``lm``: the language-modelling loss of the calibration tokens through the rest of the
+frozen model (final layers, final norm, head), a simple implementation of the paper's ablation.
+AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping; the module trains in
+float32 and is cast back to the model dtype. Training pairs are spilled to a memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.spill import ResidualPairSequences
+from calibration.statistics import PairwiseSimilarity, collect
+from depthbench.errors import ConfigError, NumericalError
+from pruners.base import Pruner, Selection, pruner_registry
+from selection.blocks import Block, best_block
+
+
+def streamline_scores(statistics, n: int) -> tuple[list[int], list[float]]:
+    """Candidate starts j = 0..L-n-1 and ``s(j) = mean cos(h_j, h_{j+n+1})`` over all tokens."""
+    stat = next(s for s in statistics if isinstance(s, PairwiseSimilarity) and s.key[1:] == (n + 1, "all"))
+    return list(stat.starts), [float(c) for c in stat.mean_cosine()]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in module.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+@pruner_registry.register("llm_streamline")
+class LLMStreamlinePruner(Pruner):
+    name = "llm_streamline"
+    paper = "Chen et al. 2024, Streamlining Redundant Layers to Compress Large Language Models (arXiv 2403.19135)"
+
+    @dataclass
+    class Options:
+        # Module replacing layers [j*, j*+n+1): layer = a copy of layer j* (paper default),
+        # ffn = h + mlp(norm(h)) from layer j*, stored as a layer whose attention output is zero.
+        replacement: str = "layer"
+        # Training loss: mse = ||module(h_j*) - h_{j*+n+1}||^2 (paper default); lm = next-token loss
+        # through the rest of the frozen model.
+        loss: str = "mse"
+        # AdamW peak learning rate, weight decay, and the floor of the cosine decay (reference values).
+        lr: float = 2e-4
+        weight_decay: float = 1e-3
+        min_lr: float = 5e-5
+        # Linear warm-up steps before the cosine decay.
+        warmup_steps: int = 5
+        # Gradient clipping (max global L2 norm; reference 5).
+        max_grad_norm: float = 5.0
+        # Passes over the calibration sequences (the reference does 1 epoch over a far larger corpus).
+        epochs: int = 4
+        # Exactly this many optimiser steps, overriding epochs (null = epochs decide).
+        max_steps: int | None = None
+        # Sequences per optimiser step.
+        batch_size: int = 8
+        # Seed of the sequence shuffling.
+        seed: int = 0
+        # Directory for the temporary spill files of training pairs; null = the system temp dir.
+        spill_dir: str | None = None
+
+    def validate_options(self) -> None:
+        o = self.options
+        if o.replacement not in ("layer", "ffn"):
+            raise ConfigError(f"llm_streamline replacement={o.replacement!r}; allowed: layer, ffn")
+        if o.loss not in ("mse", "lm"):
+            raise ConfigError(f"llm_streamline loss={o.loss!r}; allowed: mse, lm")
+        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
+            v = getattr(o, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"llm_streamline {name}={v!r}; allowed: a finite number >= 0")
+        if not o.lr > 0 or o.min_lr > o.lr:
+            raise ConfigError(f"llm_streamline lr={o.lr!r}, min_lr={o.min_lr!r}; allowed: 0 < lr and min_lr <= lr")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0)):
+            v = getattr(o, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"llm_streamline {name}={v!r}; allowed: an integer >= {low}")
+        if o.max_steps is not None and (isinstance(o.max_steps, bool) or not isinstance(o.max_steps, int)
+                                        or o.max_steps < 1):
+            raise ConfigError(f"llm_streamline max_steps={o.max_steps!r}; allowed: null or a positive integer")
+        if isinstance(o.seed, bool) or not isinstance(o.seed, int):
+            raise ConfigError(f"llm_streamline seed={o.seed!r}; allowed: an integer")
+
+    # -- score and select ------------------------------------------------------------------
+    def statistics(self, adapter, n_remove):
+        return [PairwiseSimilarity(adapter.num_layers, gap=n_remove + 1, tokens="all")]
+
+    def select(self, statistics, adapter, n_remove) -> Selection:
+        starts, s = streamline_scores(statistics, n_remove)
+        replaced = best_block([-v for v in s], starts, n_remove + 1)  # argmax s(j), first on ties
+        removed = Block(replaced.start + 1, replaced.end)
+        return Selection(
+            removed_layers=removed.layers,
+            blocks=[removed],
+            scores={"metric": "s(j) = mean over all tokens of cos(h_j, h_{j+n+1}); j* = argmax",
+                    "n": n_remove, "starts": starts, "values": s,
+                    "replaced_range": [replaced.start, replaced.end]},
+        )
+
+    # -- the replacement module ------------------------------------------------------------
+    def initial_module(self, adapter, j: int) -> nn.Module:
+        """A float32 copy of layer j, with only the parts that this replacement trains left trainable."""
+        module = copy.deepcopy(adapter.layer(j)).to(torch.float32)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        if self.options.replacement == "ffn":
+            projection = adapter.attention_output_projection(module)
+            with torch.no_grad():
+                projection.weight.zero_()
+                if getattr(projection, "bias", None) is not None:
+                    projection.bias.zero_()
+            for p in adapter.attention_block_parameters(module):
+                p.requires_grad_(False)
+        module.train()
+        return module
+
+    # -- fit -------------------------------------------------------------------------------
+    def fit(self, adapter, selection, calibration, progress=True) -> dict:
+        o = self.options
+        j, end = selection.scores["replaced_range"]
+        device = adapter.embeddings().weight.device
+        width = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
+        module = self.initial_module(adapter, j).to(device)
+        trainable = _trainable_parameters(module)
+        with tempfile.TemporaryDirectory(prefix="depthbench-streamline-", dir=o.spill_dir) as tmp:
+            spill = ResidualPairSequences(j, end, adapter.hidden_size, width, tmp)
+            collect(adapter, calibration.batches, [spill], progress=progress,
+                    description=f"{self.name}: training pairs")
+            data = spill.open()
+            input_ids = _padded_ids(calibration.batches, width) if o.loss == "lm" else None
+            loss_fn = self._mse_loss if o.loss == "mse" else self._lm_loss(adapter, end, input_ids)
+            frozen = [p for p in adapter.model.parameters() if p.requires_grad]
+            for p in frozen:  # nothing of the model itself trains (and no gradients pile up there)
+                p.requires_grad_(False)
+            try:
+                history = self._train(adapter, module, trainable, data, loss_fn, device, progress)
+                mse_before = history.pop("mse_initial")
+                mse_after = _mean_mse(adapter, module, data, o.batch_size, device)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+            del data
+        for p in module.parameters():
+            if not torch.isfinite(p).all():
+                raise NumericalError(f"{self.name}: training diverged (non-finite weights); lower pruner.options.lr")
+        return {"module": module, "replaced_range": [j, end], "mse_before": mse_before, "mse_after": mse_after,
+                "trained_parameters": sum(p.numel() for p in trainable), **history}
+
+    @staticmethod
+    def _mse_loss(adapter, module, x, target, mask, index):
+        out = adapter.layer_forward(module, x, mask)
+        real = mask.bool()
+        return ((out - target) ** 2)[real].mean()
+
+    def _lm_loss(self, adapter, end, input_ids):
+        rest = list(adapter.decoder_layers())[end:]
+
+        def loss(adapter_, module, x, target, mask, index):
+            h = adapter.layer_forward(module, x, mask).to(adapter.embeddings().weight.dtype)
+            for layer in rest:
+                h = adapter.layer_forward(layer, h, mask)
+            logits = adapter.lm_head()(adapter.final_norm()(h))
+            ids = input_ids[index, : x.shape[1]].to(x.device)
+            keep = mask[:, 1:].bool() & mask[:, :-1].bool()
+            return F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
+
+        return loss
+
+    def _train(self, adapter, module, trainable, data, loss_fn, device, progress) -> dict:
+        o = self.options
+        n_seq = data["input"].shape[0]
+        steps_per_epoch = math.ceil(n_seq / o.batch_size)
+        total = o.epochs * steps_per_epoch if o.max_steps is None else o.max_steps
+        optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
+        generator = torch.Generator().manual_seed(o.seed)
+        mse_initial = _mean_mse(adapter, module, data, o.batch_size, device)
+        losses, step = [], 0
+        bar = tqdm(total=total, desc=f"{self.name}: training", unit="step", disable=not progress, leave=False)
+        while step < total:
+            order = torch.randperm(n_seq, generator=generator).numpy()
+            for start in range(0, n_seq, o.batch_size):
+                if step >= total:
+                    break
+                index = np.sort(order[start:start + o.batch_size])
+                x, target, mask = _load(data, index, device)
+                for group in optimizer.param_groups:
+                    group["lr"] = warmup_cosine(step, total, o.warmup_steps, o.lr, o.min_lr)
+                loss = loss_fn(adapter, module, x, target, mask, index)
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"{self.name}: training loss became non-finite at step {step}; lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.update(1)
+        bar.close()
+        module.eval()
+        return {"mse_initial": mse_initial, "steps": step, "sequences": n_seq, "loss_first_step": losses[0],
+                "loss_last_step": losses[-1]}
+
+    # -- apply -----------------------------------------------------------------------------
+    def apply(self, adapter, selection, replacement) -> dict:
+        j, end = replacement["replaced_range"]
+        reference = adapter.layer(j)
+        dtype = next(reference.parameters()).dtype
+        device = next(reference.parameters()).device
+        requires_grad = next(reference.parameters()).requires_grad
+        module = replacement["module"].to(device=device, dtype=dtype)
+        for p in module.parameters():  # as the rest of the model (the ffn variant's attention included)
+            p.requires_grad_(requires_grad)
+        module.eval()
+        stored = sum(p.numel() for p in module.parameters())
+        adapter.replace_layer(j, module)
+        adapter.remove_layers(selection.removed_layers)
+        kind = ("decoder layer initialised from layer j*" if self.options.replacement == "layer" else
+                "FFN h + mlp(norm(h)) from layer j*, stored as a decoder layer with zero attention output")
+        return {
+            "kind": kind,
+            "replacement": self.options.replacement,
+            "loss": self.options.loss,
+            "replaced_range": [j, end],
+            "replaced_layers": list(range(j, end)),
+            "initialised_from_layer": j,
+            "placed_at_layer": j,
+            "new_parameters": replacement["trained_parameters"],
+            "stored_parameters": stored,
+            "mse_before_training": replacement["mse_before"],
+            "mse_after_training": replacement["mse_after"],
+            "steps": replacement["steps"],
+            "sequences": replacement["sequences"],
+            "loss_first_step": replacement["loss_first_step"],
+            "loss_last_step": replacement["loss_last_step"],
+        }
+
+
+def _load(data, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One mini-batch of sequences, cut to its longest real sequence (right padding)."""
+    mask = torch.from_numpy(np.asarray(data["mask"][index]))
+    width = max(int(mask.sum(1).max()), 1)
+    x = torch.from_numpy(np.asarray(data["input"][index, :width])).to(device)
+    target = torch.from_numpy(np.asarray(data["target"][index, :width])).to(device)
+    return x, target, mask[:, :width].to(device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def _mean_mse(adapter, module, data, batch_size: int, device) -> float:
+    """MSE of ``module`` over every real token and dimension of the spilled pairs (float64 sums)."""
+    total, count = 0.0, 0
+    n_seq = data["input"].shape[0]
+    for start in range(0, n_seq, batch_size):
+        x, target, mask = _load(data, np.arange(start, min(start + batch_size, n_seq)), device)
+        out = adapter.layer_forward(module, x, mask)
+        diff = (out - target)[mask.bool()].to(torch.float64)
+        total += float((diff * diff).sum())
+        count += diff.numel()
+    return total / count
+
+
+def _padded_ids(batches, width: int) -> torch.Tensor:
+    rows = []
+    for b in batches:
+        ids = torch.zeros(b["input_ids"].shape[0], width, dtype=torch.long)
+        ids[:, : b["input_ids"].shape[1]] = b["input_ids"]
+        rows.append(ids)
+    return torch.cat(rows)

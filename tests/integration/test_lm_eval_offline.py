@@ -1,0 +1,116 @@
+"""lm-eval on the real SmolLM2: the offline suite on base and pruned; in-memory == saved directory.
+
+Kept cheap (a few examples per task): the point is that the pieces agree, not the scores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task_config
+from evaluation.retention import retention
+from modeling.adapters import adapter_for
+from modeling.loading import load_model
+from modeling.saving import save_pruned
+from tests.integration.conftest import CONF, compose, needs_offline_packages
+
+pytestmark = [pytest.mark.integration, needs_offline_packages]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REMOVE = list(range(11, 19))  # the block ReplaceMe picks on this model (docs/ENVIRONMENT.md)
+SUITE_LIMIT = 2
+CHECK_LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose("progress=false")
+
+
+def _small(cfg, limit):
+    """conf/benchmark/offline.yaml with a small limit (read directly: independent of the defaults list)."""
+    from omegaconf import OmegaConf
+
+    bench = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "offline.yaml"), resolve=True)
+    bench["limit"] = limit
+    return bench
+
+
+def _direct_choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Sum of log-probabilities of `" " + choice` after `context`, computed here without lm-eval."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+        cont = whole[len(ctx):]
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logp = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+        positions = range(len(whole) - len(cont) - 1, len(whole) - 1)
+        out.append(float(sum(logp[p, t] for p, t in zip(positions, cont))))
+    return out
+
+
+def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
+    loaded = load_model(cfg.model, device="cpu")
+    bench = _small(cfg, SUITE_LIMIT)
+    names = [t["name"] for t in bench["tasks"]]
+    base = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
+
+    # Independent check of one task's accuracy: the first examples scored by direct log-likelihoods.
+    first = names[0]
+    task = _task_manager().load([offline_task_config(first, tmp_path, _task_manager())])["tasks"][first]
+    correct, ties = 0, 0
+    for doc in list(task.test_docs())[:SUITE_LIMIT]:
+        ll = _direct_choice_loglikelihoods(loaded.model, loaded.tokenizer, task.doc_to_text(doc),
+                                           task.doc_to_choice(doc))
+        ranked = sorted(ll, reverse=True)
+        ties += ranked[0] - ranked[1] < 0.05  # bfloat16 rounding may flip a near-tie
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(doc))
+    assert abs(base["tasks"][first]["value"] - correct / SUITE_LIMIT) <= ties / SUITE_LIMIT + 1e-9
+
+    adapter_for(loaded.model).remove_layers(REMOVE)
+    pruned = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
+
+    for result in (base, pruned):
+        assert list(result["tasks"]) == names
+        assert result["lm_eval_version"] and result["data"].startswith("bigbench-1.0.0")
+        for name, row in result["tasks"].items():
+            assert row["version"] == 1.0 and row["num_fewshot"] == 0 and row["n_samples"] == SUITE_LIMIT
+            assert row["value"] in {k / SUITE_LIMIT for k in range(SUITE_LIMIT + 1)}
+            assert 0 < row["chance"] < 1
+    r = retention(base, pruned)
+    assert set(r["per_task"]) == set(names)
+    assert loaded.model.config.num_hidden_layers == 30 - len(REMOVE)
+
+
+def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
+    import lm_eval
+
+    loaded = load_model(cfg.model, device="cpu")
+    adapter_for(loaded.model).remove_layers(REMOVE)
+    saved = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned_model", {"removed_layers": REMOVE})
+    bench = _small(cfg, CHECK_LIMIT)
+    bench["tasks"] = bench["tasks"][:2]
+    in_memory = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
+    del loaded
+
+    tm = _task_manager()
+    for spec in bench["tasks"]:
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(saved), "dtype": "bfloat16", "device": "cpu"},
+            tasks=[offline_task_config(spec["name"], tmp_path, tm)], num_fewshot=0, limit=CHECK_LIMIT,
+            batch_size=bench["batch_size"], task_manager=tm, bootstrap_iters=1000, log_samples=False,
+        )
+        from_dir = out["results"][spec["name"]]
+        mine = in_memory["tasks"][spec["name"]]
+        assert mine["value"] == from_dir["acc,none"]
+        assert mine["stderr"] == pytest.approx(from_dir["acc_stderr,none"])
+        assert mine["version"] == out["versions"][spec["name"]]

@@ -1,0 +1,76 @@
+"""Sweeps as users run them: Hydra multirun, resume, leaderboard, plots, offline W&B; every preset."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.integration.conftest import CONF, needs_offline_packages, run_cli
+
+pytestmark = [pytest.mark.integration, needs_offline_packages]
+
+
+def _records(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
+
+
+def test_two_by_two_sweep_leaderboard_and_resume(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "pruner=uidl,shortgpt", "ratio=0.1,0.2", "scale=fast", "progress=false", f"hydra.sweep.dir={sweep}"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = _records(sweep)
+    assert len(records) == 4
+    assert {(r["method"], r["ratio"]) for r in records.values()} == {
+        ("uidl", 0.1), ("uidl", 0.2), ("shortgpt", 0.1), ("shortgpt", 0.2)}
+    # offline W&B run files, one run per cell, all in one group named after the sweep
+    for cell in sweep.iterdir():
+        if cell.is_dir() and not cell.name.startswith("."):
+            runs = list((cell / "wandb").glob("offline-run-*"))
+            assert len(runs) == 1 and list(runs[0].glob("*.wandb")), cell
+
+    board = run_cli_leaderboard(sweep, tmp_path)
+    frame = pd.read_csv(sweep / "leaderboard.csv")
+    assert len(frame) == 4 and frame["config_hash"].is_unique
+    assert (sweep / "leaderboard.md").read_text().count("\n") == 4 + 2
+    for png in ("perplexity_vs_ratio.png",):
+        data = (sweep / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    csv_before = (sweep / "leaderboard.csv").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.rglob("result.json")}
+    weights = {p: p.stat().st_mtime_ns for p in sweep.rglob("model.safetensors")}
+
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("nothing redone") == 4
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("result.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("model.safetensors")} == weights
+    run_cli_leaderboard(sweep, tmp_path)
+    assert (sweep / "leaderboard.csv").read_text() == csv_before
+    assert board.returncode == 0
+
+
+def run_cli_leaderboard(sweep: Path, cwd: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.leaderboard", str(sweep)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_runs_in_fast_mode(tmp_path, preset):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", f"experiment={preset}", "scale=fast", "logger=none", "progress=false",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(sweep)
+    assert records, "the preset ran no cell"
+    for record in records.values():
+        assert record["pruning"]["num_layers_after"] < record["pruning"]["num_layers_before"]

@@ -1,0 +1,56 @@
+"""The base-result cache: content-hash keys, atomic JSON entries, corrupted files recomputed."""
+
+import json
+
+from evaluation import base_cache
+
+BENCH = {"name": "offline", "offline": True, "limit": 5, "batch_size": 8, "tasks": [{"name": "t", "num_fewshot": 0}]}
+
+
+def _material(**overrides):
+    args = dict(model_source="/m", revision=None, dtype="bfloat16", benchmark_cfg=BENCH)
+    args.update(overrides)
+    return base_cache.key_material(**args)
+
+
+def test_key_changes_with_everything_that_determines_the_numbers():
+    keys = {
+        base_cache.cache_key(_material()),
+        base_cache.cache_key(_material(model_source="/other")),
+        base_cache.cache_key(_material(revision="abc")),
+        base_cache.cache_key(_material(dtype="float32")),
+        base_cache.cache_key(_material(benchmark_cfg={**BENCH, "limit": 6})),
+    }
+    assert len(keys) == 5
+    assert base_cache.cache_key(_material()) == base_cache.cache_key(_material())
+    m = _material()
+    assert m["lm_eval"] and m["depthbench"] and m["data"].startswith("bigbench-")
+
+
+def test_computed_once_then_reused(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"average": 0.5}
+
+    first, hit1 = base_cache.cached_base_result(tmp_path, _material(), compute)
+    second, hit2 = base_cache.cached_base_result(tmp_path, _material(), compute)
+    assert (hit1, hit2) == (False, True) and first == second == {"average": 0.5} and len(calls) == 1
+    stored = json.loads(base_cache.cache_path(tmp_path, base_cache.cache_key(_material())).read_text())
+    assert stored["material"]["model"]["source"] == "/m"
+
+
+def test_corrupted_or_foreign_file_is_ignored_and_recomputed(tmp_path):
+    m = _material()
+    path = base_cache.cache_path(tmp_path, base_cache.cache_key(m))
+    path.parent.mkdir(parents=True)
+    path.write_text('{"key": "trunc')
+    result, hit = base_cache.cached_base_result(tmp_path, m, lambda: {"average": 0.25})
+    assert not hit and result == {"average": 0.25}
+    assert json.loads(path.read_text())["result"] == {"average": 0.25}
+    # an entry whose stored material does not hash to its name is not trusted either
+    entry = json.loads(path.read_text())
+    entry["material"]["model"]["dtype"] = "float32"
+    path.write_text(json.dumps(entry))
+    assert base_cache.load(tmp_path, m) is None

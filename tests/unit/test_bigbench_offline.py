@@ -1,0 +1,126 @@
+"""The rows converted from the bigbench package match the package's JSON, for every offline task.
+
+Independent references: the package's JSON read here directly (count, choices, gold answer, scored
+by lm-eval's own ``doc_to_choice``/``doc_to_target``), and the package's own ``default_format_fn``
+(taken from the installed ``bigbench/api/json_task.py`` by its syntax tree, since importing that
+module needs TensorFlow) for the text of ``inputs``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from depthbench.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bigbench") is None, reason="needs the bigbench package")
+
+REPO = Path(__file__).resolve().parents[2]
+OFFLINE = yaml.safe_load((REPO / "conf" / "benchmark" / "offline.yaml").read_text())
+TASKS = [t["name"] if isinstance(t, dict) else t for t in OFFLINE["tasks"]]
+BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent
+
+
+def _package_json(lm_eval_name: str) -> dict:
+    task = lm_eval_name[len("bigbench_"):-len("_multiple_choice")]
+    return json.loads((BB_ROOT / "benchmark_tasks" / task / "task.json").read_text(encoding="utf-8"))
+
+
+def _distinct(examples):
+    seen, out = set(), []
+    for ex in examples:
+        key = (ex["input"], tuple(ex["target_scores"].items()), json.dumps(ex.get("target")), tuple(sorted(ex)))
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def _bigbench_default_format_fn():
+    """``default_format_fn`` from the installed bigbench package, compiled without its module's imports."""
+    source = (BB_ROOT / "api" / "json_task.py").read_text()
+    tree = ast.parse(source)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "default_format_fn")
+    namespace = {"np": np, **{k: getattr(typing, k) for k in ("Dict", "Any", "List", "Optional", "Union")}}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "json_task.py", "exec"), namespace)
+    return namespace["default_format_fn"]
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from evaluation.lm_eval_runner import _task_manager
+
+    return _task_manager()
+
+
+def test_offline_tasks_are_between_6_and_10():
+    assert 6 <= len(TASKS) <= 10
+    assert OFFLINE["offline"] is True
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_converted_rows_match_package_json(name, task_manager, tmp_path):
+    from evaluation.lm_eval_runner import offline_task_config
+
+    data = _package_json(name)
+    examples = _distinct(data["examples"])
+    cfg = offline_task_config(name, tmp_path, task_manager)
+    task = task_manager.load([cfg])["tasks"][name]
+    docs = list(task.test_docs())
+
+    assert len(docs) == len(examples)  # count
+    format_fn = _bigbench_default_format_fn()
+    for doc, ex in zip(docs, examples):
+        keys = [k.strip() for k in ex["target_scores"]]
+        choices = task.doc_to_choice(doc)
+        assert choices == keys  # choices, in the JSON's order
+        best = max(ex["target_scores"].values())
+        gold = [k.strip() for k, v in ex["target_scores"].items() if v == best][0]
+        assert choices[task.doc_to_target(doc)] == gold  # gold answer as lm-eval scores it
+        formatted = format_fn(
+            json.loads(json.dumps(ex)),
+            input_prefix=data.get("example_input_prefix", "\nQ: "),
+            output_prefix=data.get("example_output_prefix", "\nA: "),
+            choice_prefix=data.get("choice_prefix", "\n  choice: "),
+            random_seed=42,
+            append_choices_to_input=data.get("append_choices_to_input", True),
+        )
+        assert doc["inputs"] == (data.get("task_prefix", "") + formatted["input"]).strip()
+        assert task.doc_to_text(doc) == doc["inputs"]
+    assert task.VERSION == 1.0  # lm-eval's own task definition (its YAML's metadata.version)
+    assert cfg["metadata"]["replaces_dataset"].startswith("hails/bigbench/")
+
+
+def test_every_choice_appears_in_the_prompt_and_duplicates_are_dropped():
+    from evaluation.bigbench_offline import format_example
+
+    data = {"examples": []}
+    ex = {"input": "Pick one.", "target_scores": {"d": 0, "a": 1, "c": 0, "e": 0, "b": 0}}
+    row = format_example(json.loads(json.dumps(ex)), data, 3)
+    # sorted choices a..e permuted by numpy.random.RandomState(42): b, e, c, a, d (written out by hand)
+    assert row["inputs"] == "Q: Pick one.\n  choice: b\n  choice: e\n  choice: c\n  choice: a\n  choice: d\nA:"
+    assert row["targets"] == ["a"] and row["multiple_choice_targets"] == ["d", "a", "c", "e", "b"]
+    assert row["multiple_choice_scores"] == [0, 1, 0, 0, 0] and row["idx"] == 3
+
+    from evaluation.bigbench_offline import distinct_examples
+
+    assert distinct_examples([ex, dict(ex), {"input": "x", "target_scores": {"y": 1}}]) == [
+        ex, {"input": "x", "target_scores": {"y": 1}}]
+
+
+def test_unsupported_and_unknown_tasks_fail_with_one_line():
+    from evaluation.bigbench_offline import bigbench_task_name, convert_task
+
+    with pytest.raises(ConfigError, match="subtasks"):
+        convert_task("logical_deduction")
+    with pytest.raises(ConfigError, match="unknown BIG-bench task 'no_such_task'.*emoji_movie"):
+        convert_task("no_such_task")
+    with pytest.raises(ConfigError, match="not a BIG-bench multiple-choice task"):
+        bigbench_task_name("hellaswag")

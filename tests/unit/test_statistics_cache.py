@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+import calibration.cache as cache_module
+from calibration.cache import StatisticsCache, data_fingerprint, gather
+from calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
+from modeling.adapters import adapter_for
+from tests.conftest import random_batches
+
+
+@pytest.fixture
+def counting_collect(monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "collect", counted)
+    return calls
+
+
+def _requests(adapter):
+    L = adapter.num_layers
+    return [PairwiseSimilarity(L, 2, "last"), PairwiseSimilarity(L, 1, "all"), PairwiseSimilarity(L, 3, "all"),
+            LinearMapMoments(1, 4, adapter.hidden_size)]
+
+
+def test_table_slices_equal_direct_pairwise_statistics(tiny_llama64):
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=2)
+    via_table = gather(adapter, batches, _requests(adapter), cache=None, progress=False)
+    direct = collect(adapter, batches, _requests(adapter), progress=False)
+    for a, b in zip(via_table[:3], direct[:3]):
+        assert a.count == b.count
+        torch.testing.assert_close(a.sum_cos, b.sum_cos, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.sum_angular, b.sum_angular, rtol=1e-12, atol=1e-12)
+
+
+def test_second_gather_reads_the_cache_without_a_forward_pass(tiny_llama64, tmp_path, counting_collect):
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=2)
+    cache = StatisticsCache(tmp_path, model_fingerprint="m")
+    first = gather(adapter, batches, _requests(adapter), cache=cache, progress=False)
+    assert len(counting_collect) == 1, "one pass for every statistic"
+    # a different block size and token set, same model and data: answered from the tables
+    L = adapter.num_layers
+    again = gather(adapter, batches, [PairwiseSimilarity(L, 5, "last"), *_requests(adapter)], cache=cache,
+                   progress=False)
+    assert len(counting_collect) == 1
+    direct = collect(adapter, batches, [PairwiseSimilarity(L, 5, "last")], progress=False)[0]
+    torch.testing.assert_close(again[0].sum_angular, direct.sum_angular, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again[-1].A, first[-1].A, rtol=0, atol=0)
+    # other data: a new pass
+    gather(adapter, random_batches(n_batches=2, seed=7), _requests(adapter), cache=cache, progress=False)
+    assert len(counting_collect) == 2
+
+
+def test_corrupted_entry_is_detected_and_recomputed(tiny_llama64, tmp_path, counting_collect):
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=1)
+    cache = StatisticsCache(tmp_path, model_fingerprint="m")
+    reference = gather(adapter, batches, [LinearMapMoments(1, 3, adapter.hidden_size)], cache=cache, progress=False)[0]
+    (entry,) = tmp_path.glob("LinearMapMoments-*.safetensors")
+    data = bytearray(entry.read_bytes())
+    data[-20] ^= 0xFF  # flip bits inside the tensor bytes
+    entry.write_bytes(bytes(data))
+    fresh = LinearMapMoments(1, 3, adapter.hidden_size)
+    assert cache.load(fresh, data_fingerprint(batches)) is False
+    assert not entry.exists(), "a corrupted entry is removed"
+    again = gather(adapter, batches, [LinearMapMoments(1, 3, adapter.hidden_size)], cache=cache, progress=False)[0]
+    assert len(counting_collect) == 2
+    torch.testing.assert_close(again.A, reference.A, rtol=0, atol=0)
+
+
+def test_data_fingerprint_sees_padding_and_order():
+    a = random_batches(n_batches=2)
+    b = [dict(x) for x in a]
+    b[1] = {"input_ids": a[1]["input_ids"].clone(), "attention_mask": a[1]["attention_mask"].clone()}
+    b[1]["attention_mask"][1, -1] = 1 - b[1]["attention_mask"][1, -1]
+    assert data_fingerprint(a) == data_fingerprint([dict(x) for x in a])
+    assert data_fingerprint(a) != data_fingerprint(b)
+    assert data_fingerprint(a) != data_fingerprint(a[::-1])

@@ -1,0 +1,174 @@
+"""LLM-Streamline: scores, the trained replacement, and the saved model, against independent references."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.batches import CalibrationData
+from depthbench.errors import ConfigError
+from modeling.adapters import adapter_for
+from pruners import build_pruner
+from pruners.llm_streamline import warmup_cosine
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.reference import residual_states_np
+
+
+def real_mask(batches):
+    width = max(b["input_ids"].shape[1] for b in batches)
+    return np.concatenate([np.pad(b["attention_mask"].numpy(), ((0, 0), (0, width - b["input_ids"].shape[1])))
+                           for b in batches]).astype(bool)
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_scores_and_choice_equal_brute_force(n):
+    L = 6
+    model = build_tiny_model(tiny_llama_config(num_layers=L), seed=n).to(torch.float64)
+    batches = random_batches(n_batches=3, seed=n)
+    hs, _ = residual_states_np(model, batches)  # h_L before the final norm
+    mask = real_mask(batches)
+
+    def mean_cos(a, b):
+        a, b = a[mask], b[mask]
+        return float(np.mean((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+    expected = [mean_cos(hs[j], hs[j + n + 1]) for j in range(L - n)]
+    j = int(np.argmax(expected))
+    pruner = build_pruner("llm_streamline", {"max_steps": 1})
+    from calibration.statistics import collect
+    adapter = adapter_for(model)
+    selection = pruner.select(collect(adapter, batches, pruner.statistics(adapter, n), progress=False), adapter, n)
+    np.testing.assert_allclose(selection.scores["values"], expected, rtol=1e-10)
+    assert selection.scores["starts"] == list(range(L - n))
+    assert selection.scores["replaced_range"] == [j, j + n + 1]
+    assert selection.removed_layers == list(range(j + 1, j + n + 1))
+
+
+def test_layer_forward_reproduces_the_model(tiny_llama):
+    adapter = adapter_for(tiny_llama)
+    batch = random_batches(n_batches=1, seed=4)[0]
+    with torch.no_grad():
+        states = tiny_llama(**batch, output_hidden_states=True, use_cache=False).hidden_states
+        h = states[0]
+        real = batch["attention_mask"].bool()
+        for k in range(adapter.num_layers - 1):
+            h = adapter.layer_forward(adapter.layer(k), h, batch["attention_mask"])
+            torch.testing.assert_close(h[real], states[k + 1][real], rtol=1e-5, atol=1e-6)
+
+
+def capture_inputs(model, batches):
+    """Per batch: the input of every decoder layer and of the final norm (h_0 .. h_L), via pre-hooks."""
+    out = []
+    for b in batches:
+        states = []
+        modules = list(model.model.layers) + [model.model.norm]
+        handles = [m.register_forward_pre_hook(lambda mod, args, kw: states.append(
+            (args[0] if args else kw["hidden_states"]).detach()), with_kwargs=True) for m in modules]
+        try:
+            with torch.no_grad():
+                model(**b, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(states)
+    return out
+
+
+@pytest.mark.parametrize("replacement", ["layer", "ffn"])
+def test_training_reduces_mse_and_saved_model_reloads(replacement, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    L, n = 6, 2
+    model = build_tiny_model(tiny_llama_config(num_layers=L), seed=11)
+    original = copy.deepcopy(model)
+    batches = random_batches(n_batches=4, batch_size=4, seed=11)
+    options = {"replacement": replacement, "lr": 3e-3, "min_lr": 1e-4, "max_steps": 40, "warmup_steps": 2,
+               "batch_size": 4, "spill_dir": str(tmp_path)}
+    result = build_pruner("llm_streamline", options).prune(adapter_for(model), CalibrationData(batches, 16), n,
+                                                           progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == []  # the spill files are gone
+    info = result.replacement
+    j, end = info["replaced_range"]
+    assert end == j + n + 1 and result.removed_layers == list(range(j + 1, end))
+    assert model.config.num_hidden_layers == L - n
+    per_layer = sum(p.numel() for p in original.model.layers[0].parameters())
+    if replacement == "layer":
+        assert info["new_parameters"] == per_layer
+    else:
+        ffn = original.model.layers[0].mlp, original.model.layers[0].post_attention_layernorm
+        assert info["new_parameters"] == sum(p.numel() for m in ffn for p in m.parameters())
+        assert torch.count_nonzero(model.model.layers[j].self_attn.o_proj.weight) == 0
+
+    # independent MSE: the pruned model's output of the new module against the original h_{j+n+1},
+    # compared with what layer j alone gave before
+    before, after = capture_inputs(original, batches), capture_inputs(model, batches)
+    sq_before = sq_after = count = 0.0
+    for b, hb, ha in zip(batches, before, after):
+        real = b["attention_mask"].bool()
+        target = hb[end][real].double()
+        sq_before += float(((hb[j + 1][real].double() - target) ** 2).sum())
+        sq_after += float(((ha[j + 1][real].double() - target) ** 2).sum())
+        count += target.numel()
+    if replacement == "layer":  # the module starts as a copy of layer j
+        np.testing.assert_allclose(info["mse_before_training"], sq_before / count, rtol=1e-4)
+    np.testing.assert_allclose(info["mse_after_training"], sq_after / count, rtol=1e-4)
+    assert info["mse_after_training"] < info["mse_before_training"]
+    assert sq_after < sq_before
+
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert reloaded.config.num_hidden_layers == L - n
+    with torch.no_grad():
+        for b in batches[:2]:
+            torch.testing.assert_close(reloaded(**b).logits, model(**b).logits, rtol=0, atol=1e-6)
+    prompt = batches[0]["input_ids"][:1, :6]
+    cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 12
+
+
+def test_ffn_replacement_is_residual_mlp(tmp_path):
+    model = build_tiny_model(tiny_llama_config(num_layers=5), seed=3)
+    batches = random_batches(n_batches=2, seed=3)
+    result = build_pruner("llm_streamline", {"replacement": "ffn", "max_steps": 3, "lr": 1e-3}).prune(
+        adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
+    j = result.replacement["replaced_range"][0]
+    layer = model.model.layers[j]
+    h = torch.randn(2, 7, model.config.hidden_size)
+    with torch.no_grad():
+        got = adapter_for(model).layer_forward(layer, h, torch.ones(2, 7, dtype=torch.long))
+        want = h + layer.mlp(layer.post_attention_layernorm(h))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_loss_trains_and_leaves_the_rest_frozen():
+    model = build_tiny_model(tiny_llama_config(num_layers=5), seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = random_batches(n_batches=2, seed=2)
+    result = build_pruner("llm_streamline", {"loss": "lm", "max_steps": 3}).prune(
+        adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
+    j = result.replacement["replaced_range"][0]
+    assert np.isfinite(result.replacement["loss_last_step"])
+    after = model.state_dict()
+    kept = [k for k in range(5) if k not in result.removed_layers and k != j]
+    for new, old in enumerate(k for k in range(5) if k not in result.removed_layers):
+        if old in kept:
+            for name, v in model.model.layers[new].state_dict().items():
+                assert torch.equal(v, before[f"model.layers.{old}.{name}"])
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    lrs = [warmup_cosine(s, 20, 4, 2e-4, 5e-5) for s in range(20)]
+    np.testing.assert_allclose(lrs[:4], [5e-5, 1e-4, 1.5e-4, 2e-4])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] >= 5e-5
+    np.testing.assert_allclose(warmup_cosine(20, 20, 4, 2e-4, 5e-5), 5e-5)
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="replacement='attention'"):
+        build_pruner("llm_streamline", {"replacement": "attention"})
+    with pytest.raises(ConfigError, match="max_steps=0"):
+        build_pruner("llm_streamline", {"max_steps": 0})
