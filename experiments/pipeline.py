@@ -153,6 +153,7 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
     with timer.stage("load"):
         loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device))
     adapter = adapter_for(loaded.model)
+    pruner.check_model(adapter)
     n_remove = layers_to_remove(ratio, adapter.num_layers)
     pruner.check_feasible(adapter.num_layers, n_remove)
 

@@ -54,11 +54,29 @@ def check_model_reference(cfg) -> None:
                 raise ConfigError(f"model.name_or_path={ref!r}: no such directory")
             if not (path / "config.json").is_file():
                 raise ConfigError(f"model.name_or_path={ref!r}: directory has no config.json (not a transformers model)")
+            check_family(_model_type_of(path / "config.json", ref))
         return
     gguf = cfg.get("gguf")
     if not gguf:
         raise ConfigError("model: set model.name_or_path (a Hub id or a local directory) or model.gguf")
     _gguf_path(gguf.package, gguf.file)
+
+
+def _model_type_of(config_file: Path, ref: str) -> str | None:
+    import json
+
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path={ref!r}: config.json is unreadable ({err})") from err
+
+
+def check_family(model_type: str | None) -> None:
+    """An architecture without an adapter fails here, before any weights are read."""
+    from modeling.adapters import adapter_registry, supported_model_types
+
+    if model_type not in adapter_registry:
+        raise ConfigError(f"unsupported model family {model_type!r}; supported: {', '.join(supported_model_types())}")
 
 
 def load_model(cfg, device: str | None = None) -> LoadedModel:
@@ -75,8 +93,14 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
     try:
+        if not Path(source).is_dir():  # a Hub id: fetch the small config first, check the family
+            from transformers import AutoConfig
+
+            check_family(AutoConfig.from_pretrained(source, revision=kwargs["revision"]).model_type)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - turned into one line naming the model; debug=true re-raises
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if "Unrecognized configuration class" in first_line or "does not recognize this architecture" in first_line:

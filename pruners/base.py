@@ -109,6 +109,9 @@ class Pruner(ABC):
         if not 1 <= n_remove < num_layers:
             raise ConfigError(f"cannot remove {n_remove} of {num_layers} layers: allowed 1..{num_layers - 1}")
 
+    def check_model(self, adapter: ModelAdapter) -> None:
+        """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
+
     # -- stages ----------------------------------------------------------------------------
     @abstractmethod
     def statistics(self, adapter: ModelAdapter, n_remove: int) -> list[Statistic]:
@@ -134,6 +137,7 @@ class Pruner(ABC):
         """Run the stages. With a ``cache``, score statistics already computed for this model and
         calibration data (by any run, any method, any ratio) are read instead of recomputed."""
         num_layers = adapter.num_layers
+        self.check_model(adapter)
         self.check_feasible(num_layers, n_remove)
         timer = StageTimer()
         params_before = adapter.parameter_counts()

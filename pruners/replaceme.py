@@ -145,6 +145,12 @@ class _ReplaceMe(Pruner):
             raise ConfigError(f"{self.options.num_blocks} block(s) of {n} layers starting at >= "
                               f"{self.options.min_start} do not fit in {num_layers} layers")
 
+    def check_model(self, adapter) -> None:
+        try:
+            adapter.check_exact_fold()
+        except NotImplementedError as err:
+            raise ConfigError(f"pruner {self.name!r} cannot prune this model: {err}") from err
+
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=self.block_length(n_remove), tokens="last")]
 

@@ -55,6 +55,8 @@ class ModelAdapter(ABC):
     #: True where nothing sits between the MLP output projection and the residual add, so a
     #: linear map on the MLP output folds exactly into that projection.
     mlp_output_is_residual_update: bool = True
+    #: Why the fold is not exact where ``mlp_output_is_residual_update`` is False (for the error).
+    inexact_fold_reason: str = "the MLP output does not feed the residual directly"
 
     @property
     def config(self):
@@ -163,14 +165,22 @@ class ModelAdapter(ABC):
         raise NotImplementedError(f"{self.family}: running a single decoder layer is not supported")
 
     # -- folding ---------------------------------------------------------------------------
+    def check_exact_fold(self) -> None:
+        """Raise `NotImplementedError` (naming the reason) where a linear map on M cannot be folded
+        exactly into the MLP output projection; called before any fold, and cheap enough to call
+        before calibration."""
+        if not self.mlp_output_is_residual_update:
+            raise NotImplementedError(
+                f"{self.family}: a linear transform of the MLP output cannot be folded exactly into "
+                f"the MLP output projection: {self.inexact_fold_reason}")
+
     @torch.no_grad()
     def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
         """Make layer ``layer_index``'s MLP output M become ``M @ transform`` (d x d, acting on the right).
 
         ``y = x W^T + b``, so ``W <- T^T W`` and ``b <- T^T b``; computed in float64 and cast back.
         """
-        if not self.mlp_output_is_residual_update:
-            raise NotImplementedError(f"{self.family}: the MLP output does not feed the residual directly")
+        self.check_exact_fold()
         proj = self.mlp_output_projection(self.layer(layer_index))
         t = transform.to(torch.float64).to(proj.weight.device)
         w = proj.weight.data
@@ -178,6 +188,54 @@ class ModelAdapter(ABC):
         if getattr(proj, "bias", None) is not None:
             b = proj.bias.data
             proj.bias.data = (t.T @ b.to(torch.float64)).to(b.dtype)
+
+
+class OutputHookPoint:
+    """Stands in for a module where ``M_k`` is not simply one module's output tensor.
+
+    `ModelAdapter.mlp` may return one: forward hooks registered on it see ``M_k`` as [B, T, d],
+    safe from later in-place changes (``register`` adapts the hook to the family's layout). Only
+    observing hooks are supported: a value the hook returns is ignored.
+    """
+
+    def __init__(self, register):
+        self._register = register
+
+    def register_forward_hook(self, hook, **kwargs):
+        if kwargs:
+            raise TypeError(f"OutputHookPoint supports plain forward hooks only, not {sorted(kwargs)}")
+        return self._register(hook)
+
+
+class RemovableHandles:
+    """Several hook handles removed together."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def standalone_causal_mask(config, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                           position_ids: torch.Tensor, sliding: bool = False, **kwargs):
+    """The attention mask a model builds for its layers, for running one layer standalone (no cache).
+
+    ``sliding`` builds the sliding-window mask (layers whose ``layer_types`` entry is
+    ``sliding_attention``); ``kwargs`` go to transformers' mask builder.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    build = create_sliding_window_causal_mask if sliding else create_causal_mask
+    mask = None if attention_mask is None else attention_mask.to(hidden_states.device)
+    return build(config=config, inputs_embeds=hidden_states, attention_mask=mask, cache=None,
+                 position_ids=position_ids, **kwargs)
+
+
+def standalone_position_ids(hidden_states: torch.Tensor) -> torch.Tensor:
+    """Positions 0..T-1 as a [1, T] tensor, as the models use without a cache."""
+    return torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
 
 
 def _unique_total(params) -> int:

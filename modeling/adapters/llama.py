@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.adapters.base import ModelAdapter, adapter_registry
+from modeling.adapters.base import (
+    ModelAdapter, adapter_registry, standalone_causal_mask, standalone_position_ids,
+)
 
 
 @adapter_registry.register("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -44,16 +46,20 @@ class LlamaFamilyAdapter(ModelAdapter):
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    def uses_sliding_window(self, layer: nn.Module) -> bool:
+        """Qwen2/3 mark sliding layers in ``layer_types``; Mistral slides everywhere when
+        ``sliding_window`` is set (its config has no ``layer_types``)."""
+        types = getattr(self.config, "layer_types", None)
+        if types is not None:
+            return types[layer.self_attn.layer_idx] == "sliding_attention"
+        return getattr(self.config, "sliding_window", None) is not None and self.config.model_type == "mistral"
+
     def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        batch, length = hidden_states.shape[:2]
-        position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+        position_ids = standalone_position_ids(hidden_states)
         position_embeddings = self.model.model.rotary_emb(hidden_states, position_ids=position_ids)
-        mask = None if attention_mask is None else attention_mask.to(hidden_states.device)
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=mask,
-                                         cache=None, position_ids=position_ids)
+        causal_mask = standalone_causal_mask(self.config, hidden_states, attention_mask, position_ids,
+                                             sliding=self.uses_sliding_window(layer))
         out = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
                     position_ids=position_ids, use_cache=False)
         return out[0] if isinstance(out, tuple) else out

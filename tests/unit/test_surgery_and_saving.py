@@ -71,10 +71,10 @@ def test_bad_surgery_requests(tiny_llama):
 
 
 def test_unsupported_family_lists_supported():
-    from transformers import GPT2Config
+    from transformers import BloomConfig
 
-    model = build_tiny_model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101))
-    with pytest.raises(ConfigError, match=r"unsupported model family 'gpt2'; supported: .*llama"):
+    model = build_tiny_model(BloomConfig(vocab_size=101, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(ConfigError, match=r"unsupported model family 'bloom'; supported: .*llama"):
         adapter_for(model)
 
 

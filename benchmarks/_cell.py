@@ -1,0 +1,51 @@
+"""One measured pruning cell, run in its own process so its peak RSS is its own.
+
+    python benchmarks/_cell.py OVERRIDE [OVERRIDE ...]
+
+Loads the model and calibration data as the pipeline does, times one bare forward pass over the same
+calibration batches (no hooks), then prunes and prints one JSON line: the bare-forward seconds, each
+pruning stage's seconds and peak RSS, and the calibration size.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main(overrides: list[str]) -> None:
+    sys.path.insert(0, ".")
+    from tests.integration.conftest import compose
+    from calibration.batches import load_calibration
+    from calibration.cache import StatisticsCache
+    from experiments.pipeline import layers_to_remove
+    from modeling.adapters import adapter_for
+    from modeling.loading import load_model, model_fingerprint
+    from pruners import build_pruner
+    from omegaconf import OmegaConf
+
+    cfg = compose(*overrides)
+    loaded = load_model(cfg.model)
+    adapter = adapter_for(loaded.model)
+    data = load_calibration(cfg.calibration, loaded.tokenizer)
+    with torch.no_grad():
+        loaded.model(**data.batches[0], use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for batch in data.batches:
+            loaded.model(**batch, use_cache=False)
+        bare = time.perf_counter() - start
+    options = cfg.pruner.get("options")
+    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
+    cache = StatisticsCache(cfg.cache.dir, model_fingerprint(loaded, cfg.model)) if cfg.cache.get("dir") else None
+    result = pruner.prune(adapter, data, layers_to_remove(cfg.ratio, adapter.num_layers), progress=False, cache=cache)
+    print(json.dumps({"method": pruner.name, "ratio": cfg.ratio, "bare_forward_s": bare,
+                      "prune_s": sum(s["seconds"] for s in result.stages.values()),
+                      "peak_rss_bytes": max(s["peak_rss_bytes"] for s in result.stages.values()),
+                      "stages": result.stages, "n_samples": data.n_samples, "n_tokens": data.n_tokens}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
