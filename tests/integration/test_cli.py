@@ -11,15 +11,21 @@ pytestmark = [pytest.mark.integration, needs_offline_packages]
 
 def test_cli_prunes_evaluates_saves_and_prints_table(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("calibration.n_samples=16", "evaluation.perplexity.max_windows=4", "progress=false",
+    proc = run_cli("calibration.n_samples=16", "evaluation.perplexity.max_windows=4", "benchmark.limit=2",
+                   "efficiency.repeats=1", "progress=false",
                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out perplexity" in proc.stdout and "removed layers" in proc.stdout
+    assert "benchmark average" in proc.stdout and "decode tokens/s" in proc.stdout
     record = json.loads((run_dir / "result.json").read_text())
     assert record["pruning"]["num_layers_after"] == 22
     base = record["metrics"]["base"]["heldout_perplexity"]["perplexity"]
     pruned = record["metrics"]["pruned"]["heldout_perplexity"]["perplexity"]
     assert 5 < base < pruned
+    assert set(record["metrics"]["pruned"]["tasks"]) == set(record["metrics"]["base"]["tasks"])
+    assert len(record["metrics"]["base"]["tasks"]) == 6
+    assert record["metrics"]["speedup"]["prefill"] > 0 and "average_percent" in record["metrics"]["retention"]
+    assert record["provenance"]["packages"]["lm_eval"]
     assert (run_dir / "pruned_model" / "pruning.json").is_file()
     assert (run_dir / "pruned_model" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "nothing written outside the run directory"

@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
 
     for method in METHODS:
         cfg = compose(f"pruner={method}", "ratio=0.25", "calibration.n_samples=32", "evaluation.perplexity.max_windows=8",
-                      "logger=none", "progress=false", f"cache.dir={root / 'cache'}")
+                      "benchmark=none", "efficiency.enabled=false", "logger=none", "progress=false", f"cache.dir={root / 'cache'}")
         records[method] = run(cfg, root / method, after_prune=probe(method))
     return root, records, in_memory
 
