@@ -31,11 +31,13 @@ def test_cli_prunes_evaluates_saves_and_prints_table(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "nothing written outside the run directory"
 
 
-@pytest.fixture
-def short_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "short.txt"
-    path.write_text("Only a handful of words here.\n")
-    return path
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "short.txt").write_text("Only a handful of words here.\n")
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e, encore.".encode("latin-1"))
+    return root
 
 
 BAD_INPUT = [
@@ -54,19 +56,27 @@ BAD_INPUT = [
     (["model.name_or_path=/nonexistent/model"], "no such directory"),
     (["model.dtype=int8"], "model.dtype='int8' is not supported"),
     (["calibration.n_samples=0"], "calibration.n_samples=0 must be a positive integer"),
-    (["calibration=local", "calibration.path=SHORT"], "calibration data too short"),
+    (["calibration=local", "calibration.path=DATA/short.txt"], "calibration data too short"),
+    (["calibration=local", "calibration.path=DATA/empty.txt"], "has no documents"),
+    (["calibration=local", "calibration.path=DATA/latin1.txt"], "is not UTF-8 text"),
     (["calibration=local", "calibration.path=/nonexistent.txt"], "no such file"),
-    (["hydra.run.dir=SHORT/run"], "is not a directory"),
+    (["hydra.run.dir=DATA/short.txt/run"], "is not a directory"),
+    (["pruner=replaceme_ls", "pruner.options.num_blocks=3"], "8 layers to remove do not split into num_blocks=3"),
+    (["pruner=uidl", "pruner.options.min_start=5"], "min_start=5"),
+    # alpha 0 on fewer tokens (2 x 64) than hidden dimensions (576): rank-deficient least squares
+    (["pruner=replaceme_ls", "calibration.n_samples=2", "calibration.seq_len=64", "evaluate=false"],
+     "is singular"),
 ]
 
 
 @pytest.mark.parametrize("overrides,expected", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
-def test_bad_input_one_clear_line_and_nothing_on_disk(tmp_path, short_text, overrides, expected):
+def test_bad_input_one_clear_line_and_nothing_on_disk(tmp_path, files, overrides, expected):
     workdir = tmp_path / "work"
     workdir.mkdir()
-    args = [o.replace("SHORT", str(short_text)) for o in overrides]
+    args = [o.replace("DATA", str(files)) for o in overrides]
     proc = run_cli(*args, "progress=false", cwd=workdir)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("depthbench: error:") == 1 or "Could not " in proc.stderr
     assert list(workdir.iterdir()) == [], f"left on disk: {list(workdir.rglob('*'))}"
