@@ -21,12 +21,14 @@ import inspect
 import torch
 from torch import nn
 
-from modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
-                                    standalone_position_ids)
+from modeling.adapters.base import adapter_registry, standalone_causal_mask, standalone_position_ids
+from modeling.adapters.llama import LlamaFamilyAdapter
 
 
 @adapter_registry.register("gemma2", "gemma3_text")
-class GemmaAdapter(ModelAdapter):
+class GemmaAdapter(LlamaFamilyAdapter):
+    """Where the layers, norms, embeddings and head live is Llama's; what differs is below."""
+
     family = "gemma"
     model_types = ("gemma2", "gemma3_text")
 
@@ -36,33 +38,12 @@ class GemmaAdapter(ModelAdapter):
                            "approximate (ReplaceMe on Gemma would need an explicit linear module, i.e. custom "
                            "code, which is not implemented)")
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
-        self.model.model.layers = layers
-
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.post_feedforward_layernorm  # its output is what the residual stream receives
-
-    def mlp_output_projection(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
-
-    def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return (list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
                 + list(layer.post_attention_layernorm.parameters()))
-
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    def embeddings(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
