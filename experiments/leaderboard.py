@@ -10,6 +10,7 @@ duplicates a row.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -40,6 +41,34 @@ def _metric(metrics: dict, *keys, default=None):
     return metrics
 
 
+def short_task_name(task: str) -> str:
+    """``bigbench_date_understanding_multiple_choice`` -> ``date_understanding`` (others unchanged)."""
+    return task.removeprefix("bigbench_").removesuffix("_multiple_choice")
+
+
+def base_row(record: dict) -> dict:
+    """The unpruned model's row (its numbers are shared by every record of that model and benchmark)."""
+    p, base = record["pruning"], record.get("metrics", {}).get("base", {})
+    row = {"model": record["model"]["name"], "method": "base (dense)", "ratio": 0.0, "layers_removed": 0,
+           "removed_layers": "", "params_removed_%": 0.0, "params_removed_no_emb_%": 0.0,
+           "ppl_base": _metric(base, "heldout_perplexity", "perplexity"),
+           "ppl_pruned": _metric(base, "heldout_perplexity", "perplexity")}
+    for task, value in (base.get("tasks") or {}).items():
+        row[f"task:{short_task_name(task)}"] = value
+    if base.get("tasks"):
+        row["average"] = sum(base["tasks"].values()) / len(base["tasks"])
+        row["retention_%"] = 100.0
+    row["speedup_prefill"] = row["speedup_decode"] = 1.0 if "speed" in record.get("metrics", {}) else None
+    key = f"{record['model']['name']}|{_benchmark_key(record)}|{row['ppl_base']}"
+    row["config_hash"] = "base-" + hashlib.sha256(key.encode()).hexdigest()[:11]
+    return row
+
+
+def _benchmark_key(record: dict) -> str:
+    tasks = sorted((record.get("metrics", {}).get("base", {}).get("tasks") or {}))
+    return ",".join(short_task_name(t) for t in tasks) or "perplexity"
+
+
 def record_row(record: dict) -> dict:
     p, m = record["pruning"], record.get("metrics", {})
     row = {
@@ -54,7 +83,7 @@ def record_row(record: dict) -> dict:
         "ppl_pruned": _metric(m, "pruned", "heldout_perplexity", "perplexity"),
     }
     for task, value in (_metric(m, "pruned", "tasks", default={}) or {}).items():
-        row[f"task:{task}"] = value
+        row[f"task:{short_task_name(task)}"] = value
     if _metric(m, "pruned", "tasks"):
         tasks = list(_metric(m, "pruned", "tasks").values())
         row["average"] = sum(tasks) / len(tasks)
@@ -69,7 +98,9 @@ def record_row(record: dict) -> dict:
 
 
 def build_frame(records: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame([record_row(r) for r in records])
+    """One row per distinct run config, plus one ``base (dense)`` row per model and benchmark."""
+    bases = {row["config_hash"]: row for row in (base_row(r) for r in records if r.get("metrics", {}).get("base"))}
+    frame = pd.DataFrame([record_row(r) for r in records] + list(bases.values()))
     if frame.empty:
         return frame
     task_columns = sorted(c for c in frame.columns if c.startswith("task:"))
@@ -113,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.tracking import WandbTracker
 
         WandbTracker(mode=args.wandb).log_table(frame, args.directories[0], group=args.group or args.directories[0].name)
-    print(frame.drop(columns=["run_dir", "removed_layers"], errors="ignore").to_string(index=False))
+    shown = frame.drop(columns=["run_dir", "removed_layers", "config_hash", "seed"], errors="ignore")
+    print(shown.round(3).to_string(index=False))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -28,7 +28,8 @@ def _save(fig, path: Path) -> Path:
 def _line_plot(frame: pd.DataFrame, column: str, ylabel: str, path: Path, log: bool = False):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (model, method), group in frame.dropna(subset=[column]).groupby(["model", "method"]):
+    pruned = frame[frame["layers_removed"] > 0]
+    for (model, method), group in pruned.dropna(subset=[column]).groupby(["model", "method"]):
         g = group.sort_values("ratio")
         ax.plot(g["ratio"], g[column], marker="o", label=f"{method} ({model})" if frame["model"].nunique() > 1 else method)
     ax.set_xlabel("compression ratio (fraction of layers removed)")
@@ -54,11 +55,11 @@ def write_plots(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     task_columns = [c for c in frame.columns if c.startswith("task:")]
     if task_columns:
         plt = _pyplot()
-        labels = [f"{r.method} r={r.ratio}" for r in frame.itertuples()]
+        labels = [r.method if r.layers_removed == 0 else f"{r.method} r={r.ratio}" for r in frame.itertuples()]
         values = frame[task_columns].astype(float).to_numpy()
         fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(task_columns), 1.0 + 0.4 * len(labels)))
         im = ax.imshow(values, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(task_columns)), [c[5:] for c in task_columns], rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(range(len(task_columns)), [c[5:] for c in task_columns], rotation=35, ha="right", fontsize=8)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):

@@ -32,8 +32,11 @@ def test_two_by_two_sweep_leaderboard_and_resume(tmp_path):
 
     board = run_cli_leaderboard(sweep, tmp_path)
     frame = pd.read_csv(sweep / "leaderboard.csv")
-    assert len(frame) == 4 and frame["config_hash"].is_unique
-    assert (sweep / "leaderboard.md").read_text().count("\n") == 4 + 2
+    assert len(frame) == 4 + 1 and frame["config_hash"].is_unique  # 4 cells + the dense base model
+    base = frame[frame["method"] == "base (dense)"].iloc[0]
+    record = next(iter(records.values()))
+    assert base["ppl_pruned"] == pytest.approx(record["metrics"]["base"]["heldout_perplexity"]["perplexity"])
+    assert (sweep / "leaderboard.md").read_text().count("\n") == 5 + 2
     assert any(c.startswith("task:") for c in frame.columns) and frame["retention_%"].notna().all()
     for png in ("perplexity_vs_ratio.png", "retention_vs_ratio.png", "task_heatmap.png"):
         data = (sweep / "plots" / png).read_bytes()
