@@ -61,28 +61,51 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--sweep-samples", type=int, default=32)
     parser.add_argument("--output", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    parser.add_argument("--parts", default="methods,sweep,memory",
+                        help="comma-separated subset of: methods, sweep, memory")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     lines = [
         "# Performance",
         "",
-        f"Produced by `python benchmarks/performance.py --samples {args.samples} --sweep-samples {args.sweep_samples}`"
+        f"Produced by `python benchmarks/performance.py --samples {args.samples} --sweep-samples {args.sweep_samples}"
+        f" --parts {args.parts}`"
         f" on {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
         "Model: SmolLM2-135M-Instruct (bfloat16), calibration: BIG-bench Wikipedia, 256 tokens per sequence.",
         "The machine is shared: read the ratios, not the seconds.",
+    ]
+
+    def write() -> None:  # after every section, so an interrupted run leaves a valid partial report
+        Path(args.output).write_text("\n".join(lines) + "\n")
+
+    if "methods" in parts:
+        methods_section(args, lines, write)
+    if "sweep" in parts:
+        sweep_section(args, lines, write)
+    if "memory" in parts:
+        memory_section(args, lines, write)
+    print(f"wrote {args.output}")
+
+
+def methods_section(args, lines: list[str], write) -> None:
+    lines += [
         "",
         f"## Prune time and peak RSS per method (ratio 0.25, {args.samples} x 256 tokens, no cache)",
+        "",
+        "`bare forward` is one forward pass over the same calibration batches, timed in the same process.",
         "",
         "| method | prune s | bare forward s | prune / forward | peak RSS |",
         "|---|---|---|---|---|",
     ]
-    per_method = {}
     for method in METHODS:
         r = cell(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={args.samples}")
-        per_method[method] = r
         lines.append(f"| {method} | {r['prune_s']:.1f} | {r['bare_forward_s']:.1f} | "
                      f"{r['prune_s'] / r['bare_forward_s']:.2f}x | {mib(r['peak_rss_bytes'])} |")
         print(lines[-1], flush=True)
+        write()
 
+
+def sweep_section(args, lines: list[str], write) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         independent = 0.0
         for method in METHODS:
@@ -102,7 +125,10 @@ def main() -> None:
         f"(One ReplaceMe-LS run: {single:.1f} s; the sweep's whole wall time incl. model loads: {wall:.0f} s.)",
     ]
     print("\n".join(lines[-8:]), flush=True)
+    write()
 
+
+def memory_section(args, lines: list[str], write) -> None:
     lines += ["", "## ReplaceMe-cosine peak RSS vs calibration size", "",
               "| calibration | token rows | peak RSS | vs 1x |", "|---|---|---|---|"]
     base_rss = None
@@ -113,9 +139,9 @@ def main() -> None:
         lines.append(f"| {factor}x ({r['n_samples']} x 256) | {r['n_tokens']} | {mib(r['peak_rss_bytes'])} | "
                      f"{100 * (r['peak_rss_bytes'] / base_rss - 1):+.1f}% |")
         print(lines[-1], flush=True)
+        write()
     lines += ["", "(cosine with 1 epoch here: memory does not depend on the number of epochs.)", ""]
-    Path(args.output).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.output}")
+    write()
 
 
 if __name__ == "__main__":
