@@ -48,7 +48,7 @@ def short_task_name(task: str) -> str:
 
 def base_row(record: dict) -> dict:
     """The unpruned model's row (its numbers are shared by every record of that model and benchmark)."""
-    p, base = record["pruning"], record.get("metrics", {}).get("base", {})
+    base = record.get("metrics", {}).get("base", {})
     row = {"model": record["model"]["name"], "method": "base (dense)", "ratio": 0.0, "layers_removed": 0,
            "removed_layers": "", "params_removed_%": 0.0, "params_removed_no_emb_%": 0.0,
            "ppl_base": _metric(base, "heldout_perplexity", "perplexity"),

@@ -30,7 +30,7 @@ from experiments.resume import RESULT_FILE, config_hash, find_finished, remove_s
 from experiments.tracking import build_tracker
 from modeling.adapters import adapter_for
 from modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
-from modeling.saving import METADATA_FILE, save_pruned
+from modeling.saving import save_pruned
 from pruners import build_pruner
 
 log = logging.getLogger(__name__)

@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from experiments.pipeline import run
-from tests.integration.conftest import REPO, compose, needs_offline_packages, run_cli
+from tests.integration.conftest import compose, needs_offline_packages, run_cli
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.errors import ConfigError
 from modeling.adapters import adapter_for
 from modeling.saving import METADATA_FILE, save_pruned
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.conftest import build_tiny_model, random_batches
 
 
 def _logits(model, batch):
