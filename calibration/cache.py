@@ -45,7 +45,7 @@ def _tensor_checksum(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].contiguous()
         h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -109,6 +109,16 @@ class Pruner(ABC):
         if not 1 <= n_remove < num_layers:
             raise ConfigError(f"cannot remove {n_remove} of {num_layers} layers: allowed 1..{num_layers - 1}")
 
+    #: Set by `prune`: where statistics of the unmodified model may be read from and stored.
+    statistics_cache: StatisticsCache | None = None
+
+    def gather(self, adapter: ModelAdapter, calibration: CalibrationData, statistics: list[Statistic],
+               progress: bool = True, what: str = "calibration") -> list[Statistic]:
+        """Statistics of the model as it is now, from the shared cache where possible, else one pass.
+        Only for statistics of the ORIGINAL model (the cache key does not see in-place changes)."""
+        return gather(adapter, calibration.batches, statistics, cache=self.statistics_cache, progress=progress,
+                      description=f"{self.name}: {what}")
+
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
 
@@ -137,13 +147,13 @@ class Pruner(ABC):
         """Run the stages. With a ``cache``, score statistics already computed for this model and
         calibration data (by any run, any method, any ratio) are read instead of recomputed."""
         num_layers = adapter.num_layers
+        self.statistics_cache = cache
         self.check_model(adapter)
         self.check_feasible(num_layers, n_remove)
         timer = StageTimer()
         params_before = adapter.parameter_counts()
         with timer.stage("score"):
-            stats = gather(adapter, calibration.batches, self.statistics(adapter, n_remove), cache=cache,
-                           progress=progress, description=f"{self.name}: calibration")
+            stats = self.gather(adapter, calibration, self.statistics(adapter, n_remove), progress, "calibration")
         with timer.stage("select"):
             selection = self.select(stats, adapter, n_remove)
         with timer.stage("fit"):

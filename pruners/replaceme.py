@@ -216,7 +216,9 @@ class ReplaceMeLSPruner(_ReplaceMe):
     def fit(self, adapter, selection, calibration, progress=True) -> list[tuple[Block, torch.Tensor, dict]]:
         device = adapter.embeddings().weight.device
         stats = [_MomentsWithTargetNorm(b.start - 1, b.end, adapter.hidden_size, device) for b in selection.blocks]
-        collect(adapter, calibration.batches, stats, progress=progress, description=f"{self.name}: moments")
+        # All blocks' moments in one pass over the original model (cached: an alpha/diag ablation on
+        # the same block and data does no pass at all).
+        stats = self.gather(adapter, calibration, stats, progress, "moments")
         fits = []
         for block, stat in zip(selection.blocks, stats):
             if stat.count == 0:

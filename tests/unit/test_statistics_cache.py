@@ -81,3 +81,28 @@ def test_data_fingerprint_sees_padding_and_order():
     assert data_fingerprint(a) == data_fingerprint([dict(x) for x in a])
     assert data_fingerprint(a) != data_fingerprint(b)
     assert data_fingerprint(a) != data_fingerprint(a[::-1])
+
+
+def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_collect):
+    """An alpha/diag ablation on the same model and data reads the score tables and the LS moments
+    from the cache (no forward pass) and produces the same model as an uncached run."""
+    import copy
+
+    from calibration.batches import CalibrationData
+    from pruners import build_pruner
+    from tests.conftest import build_tiny_model, tiny_llama_config
+
+    base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+    data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
+    cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
+    build_pruner("replaceme_ls").prune(adapter_for(copy.deepcopy(base)), data, 2, progress=False, cache=cache)
+    passes = len(counting_collect)
+    assert passes == 2, "score tables + moments"
+    cached_model = copy.deepcopy(base)
+    build_pruner("replaceme_ls", {"diag": True}).prune(adapter_for(cached_model), data, 2, progress=False, cache=cache)
+    assert len(counting_collect) == passes, "the ablation ran no forward pass"
+    fresh_model = copy.deepcopy(base)
+    build_pruner("replaceme_ls", {"diag": True}).prune(adapter_for(fresh_model), data, 2, progress=False)
+    batch = data.batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(cached_model(**batch).logits, fresh_model(**batch).logits, rtol=0, atol=0)
