@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 import depthbench
+from calibration.activations import ActivationSlot
 from calibration.statistics import (
     STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
 )
@@ -58,6 +59,12 @@ class StatisticsCache:
         key = json.dumps([self.model_fingerprint, data_hash, STATISTICS_VERSION, depthbench.__version__,
                           list(map(str, stat.key))])
         return self.directory / f"{stat.key[0]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def activation_slot(self, data_hash: str, budget_bytes: int) -> ActivationSlot:
+        """Where this model's activations on the calibration data with ``data_hash`` are stored."""
+        key = json.dumps([self.model_fingerprint, data_hash, STATISTICS_VERSION, depthbench.__version__])
+        return ActivationSlot(self.directory / f"activations-{hashlib.sha256(key.encode()).hexdigest()[:32]}",
+                              budget_bytes)
 
     def load(self, stat: Statistic, data_hash: str) -> bool:
         from safetensors import safe_open
@@ -97,8 +104,13 @@ class StatisticsCache:
 
 def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable[Statistic],
            cache: StatisticsCache | None = None, progress: bool = True,
-           description: str = "calibration pass") -> list[Statistic]:
-    """Return ``statistics`` filled in, from the cache where possible and one pass for the rest."""
+           description: str = "calibration pass", activations: ActivationSlot | None = None) -> list[Statistic]:
+    """Return ``statistics`` filled in, from the cache where possible and one pass for the rest.
+
+    With an ``activations`` slot, the rest is replayed from the stored activations when they exist;
+    otherwise the forward pass also stores every layer's activations there (within the slot's
+    budget) for the fits that follow, in this run or any later run on the same model and data.
+    """
     requested = unique(statistics)
     pairwise = [s for s in requested if isinstance(s, PairwiseSimilarity)]
     tables = {s.tokens: LayerSimilarityTable(s.num_layers, s.tokens) for s in pairwise}
@@ -110,7 +122,7 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
     data_hash = data_fingerprint(batches) if cache is not None else ""
     missing = [s for s in sources if not (cache is not None and s.cacheable and cache.load(s, data_hash))]
     if missing:
-        collect(adapter, batches, missing, progress=progress, description=description)
+        compute(adapter, batches, missing, activations, progress, description)
         if cache is not None:
             for stat in missing:
                 if stat.cacheable:
@@ -118,3 +130,29 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
     for stat in pairwise:
         stat.fill_from(tables[stat.tokens])
     return requested
+
+
+def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[Statistic],
+            activations: ActivationSlot | None, progress: bool, description: str) -> None:
+    """Fill ``statistics`` by replaying stored activations, else by one forward pass (storing them)."""
+    if activations is not None:
+        store = activations.open()
+        if store is not None:
+            try:
+                store.check(statistics, batches)
+            except ValueError as err:  # damaged, or written for other data: recompute
+                log.warning("stored activations in %s not used (%s); recomputing", store.directory, err)
+                activations.discard()
+            else:
+                store.replay(statistics, batches, progress, f"{description} (stored activations)")
+                return
+        writer = activations.writer(adapter, batches)
+        if writer is not None:
+            try:
+                collect(adapter, batches, [*statistics, writer], progress=progress, description=description)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.commit()
+            return
+    collect(adapter, batches, statistics, progress=progress, description=description)

@@ -4,7 +4,7 @@ Methods that train something (ReplaceMe-cosine's transform, LLM-Streamline's rep
 need the activations themselves, not a fixed-size sum. Holding them in RAM does not scale
 (LLM-Streamline's reference needs more than 1 TB at paper scale), so these statistics append each
 batch to a float32 file in a caller-owned directory (usually a ``tempfile.TemporaryDirectory``)
-and hand back read-only ``numpy.memmap`` views once the pass is over. Padding positions are never
+and hand back read-only arrays on those files (`SpillArray`) once the pass is over. Padding positions are never
 written as token rows; sequence spills keep them (zero-filled) together with the mask because a
 layer needs whole sequences.
 """
@@ -12,6 +12,7 @@ layer needs whole sequences.
 from __future__ import annotations
 
 import itertools
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ _instance_counter = itertools.count()
 
 
 class SpillFile:
-    """An append-only array file: rows of shape ``row_shape`` and dtype ``dtype``, read back as a memmap."""
+    """An append-only array file: rows of shape ``row_shape`` and dtype ``dtype``, read back as a `SpillArray`."""
 
     def __init__(self, path: str | Path, row_shape: tuple[int, ...], dtype=np.float32):
         self.path = Path(path)
@@ -42,11 +43,36 @@ class SpillFile:
             f.write(rows.tobytes())
         self.rows += rows.shape[0]
 
-    def open(self) -> np.memmap:
-        """A read-only memmap over everything appended so far, shape ``(rows, *row_shape)``."""
+    def open(self) -> "SpillArray":
+        """A read-only array over everything appended so far, shape ``(rows, *row_shape)``."""
         if self.rows == 0:
             raise ValueError(f"{self.path.name}: nothing was spilled (no real tokens in the calibration data?)")
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.rows, *self.row_shape))
+        return SpillArray(self.path, self.dtype, (self.rows, *self.row_shape))
+
+
+class SpillArray:
+    """A read-only array on a spill file whose reads do not accumulate in resident memory.
+
+    Indexing returns a copy, as a memmap's fancy indexing does; then the pages that were read are
+    dropped from the process's resident set (``madvise(MADV_DONTNEED)``; they stay in the kernel's
+    page cache, so re-reading them is still fast). A plain memmap keeps every page it ever touched
+    resident, so an epoch over the rows would grow the process by the size of the file.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self.shape, self.dtype = self._array.shape, self._array.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        out = np.array(self._array[key])
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 class LinearMapRows(Statistic):
@@ -86,7 +112,7 @@ class LinearMapRows(Statistic):
         for name, rows in zip(self.COLUMNS, (m, y, h)):
             self.files[name].append(rows.to(torch.float32))
 
-    def open(self) -> dict[str, np.memmap]:
+    def open(self) -> dict[str, SpillArray]:
         return {name: f.open() for name, f in self.files.items()}
 
 
@@ -133,5 +159,5 @@ class ResidualPairSequences(Statistic):
         m[:, :t] = mask.to(torch.uint8)
         self.mask.append(m)
 
-    def open(self) -> dict[str, np.memmap]:
+    def open(self) -> dict[str, SpillArray]:
         return {"input": self.inputs.open(), "target": self.targets.open(), "mask": self.mask.open()}

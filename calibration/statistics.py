@@ -44,7 +44,15 @@ class BatchActivations:
             rows = x[torch.arange(x.shape[0], device=x.device), self.last_index.to(x.device)]
         else:
             rows = x[self.mask.to(x.device)]
-        return rows.to(torch.float64)
+        return as_float64(rows)
+
+
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64; half types go through float32 (exact, and several times faster on CPU
+    than torch's direct bfloat16 -> float64 conversion)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    return x.to(torch.float64)
 
 
 class Statistic(ABC):
@@ -129,6 +137,9 @@ class PairwiseSimilarity(Statistic):
         return self.sum_cos / self.count
 
     def mean_angular_distance(self) -> torch.Tensor:
+        if torch.isnan(self.sum_angular).any():
+            raise ValueError(f"angular distances over {self.tokens!r} tokens are not collected (all-token tables "
+                             f"carry cosine sums only)")
         return self.sum_angular / self.count
 
     def fill_from(self, table: "LayerSimilarityTable") -> None:
@@ -142,18 +153,28 @@ class PairwiseSimilarity(Statistic):
 
 
 class LayerSimilarityTable(Statistic):
-    """Sums of cos(h_k, h_l) and of the angular distance for EVERY pair 0 <= k < l <= L at once.
+    """Sums of cos(h_k, h_l) for EVERY pair 0 <= k, l <= L at once (and, for last tokens, of the
+    angular distance arccos(cos) / pi).
 
     One table per token set serves every block size, so a sweep over ratios and methods needs one
-    pass: `PairwiseSimilarity` of any gap is a slice of it. Cost per token: one (L+1) x (L+1) Gram
-    of unit vectors, small next to the forward pass.
+    pass: `PairwiseSimilarity` of any gap is a slice of it. The cosine sums need no per-token Gram:
+    with ``U_k`` the unit rows of ``h_k``, ``sum_t cos(h_k(t), h_l(t)) = <vec U_k, vec U_l>``, so a
+    batch costs ONE (L+1) x (L+1) matrix product of the flattened unit rows (float64). The angular
+    distance is not linear in the cosine and needs per-token cosines; only UIDL / ReplaceMe rank by
+    it, on last tokens (a handful per batch), so all-token tables carry the cosine sums only.
     """
 
     def __init__(self, num_layers: int, tokens: TokenSet):
         self.num_layers, self.tokens = num_layers, tokens
         self.sum_cos = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
         self.sum_angular = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
+        if not self.has_angular:
+            self.sum_angular.fill_(float("nan"))
         self.count = 0
+
+    @property
+    def has_angular(self) -> bool:
+        return self.tokens == "last"
 
     @property
     def key(self) -> tuple:
@@ -162,14 +183,37 @@ class LayerSimilarityTable(Statistic):
     def hook_points(self) -> set[HookPoint]:
         return {(RESIDUAL, k) for k in range(self.num_layers + 1)}
 
+    #: Tokens per chunk of the flattened product: bounds the float64 working set (large fresh
+    #: allocations cost page faults on every batch).
+    CHUNK = 512
+
     def update(self, batch: BatchActivations) -> None:
-        rows = torch.stack([batch.tokens(batch.residual(k), self.tokens) for k in range(self.num_layers + 1)], 1)
-        norms = rows.norm(dim=-1, keepdim=True)
-        units = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(rows))
-        cos = (units @ units.transpose(1, 2)).clamp(-1, 1)  # [N, L+1, L+1]
-        self.sum_cos += cos.sum(0).cpu()
-        self.sum_angular += (torch.arccos(cos) / math.pi).sum(0).cpu()
-        self.count += rows.shape[0]
+        depth = self.num_layers + 1
+        if self.has_angular:
+            rows = torch.stack([_unit_rows(batch.tokens(batch.residual(k), self.tokens)) for k in range(depth)], 1)
+            cos = (rows @ rows.transpose(1, 2)).clamp(-1, 1)  # [N, L+1, L+1]
+            self.sum_cos += cos.sum(0).cpu()
+            self.sum_angular += (torch.arccos(cos) / math.pi).sum(0).cpu()
+            self.count += rows.shape[0]
+            return
+        first = batch.residual(0)
+        flat_index = batch.mask.to(first.device).reshape(-1).nonzero().squeeze(1)
+        width = min(self.CHUNK, flat_index.numel())
+        units = torch.empty(depth, width, first.shape[-1], dtype=torch.float64, device=first.device)
+        for start in range(0, flat_index.numel(), width):
+            index = flat_index[start:start + width]
+            part = units[:, : index.numel()]
+            for k in range(depth):
+                part[k] = _unit_rows(as_float64(batch.residual(k).reshape(-1, first.shape[-1])[index]))
+            flat = part.reshape(depth, -1)  # [L+1, tokens * d]
+            self.sum_cos += (flat @ flat.T).cpu()
+        self.count += flat_index.numel()
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (float64); zero rows stay zero."""
+    squares = (rows * rows).sum(-1, keepdim=True)
+    return rows * torch.where(squares > 0, torch.rsqrt(squares), torch.zeros_like(squares))
 
 
 class LinearMapMoments(Statistic):
@@ -203,7 +247,7 @@ class LinearMapMoments(Statistic):
 
 # --------------------------------------------------------------------------------------------
 #: Bump when a statistic's definition changes, so cached values from older code are not reused.
-STATISTICS_VERSION = 1
+STATISTICS_VERSION = 2
 
 
 class _StopForward(Exception):
@@ -240,7 +284,7 @@ def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterabl
                 pass
             real = mask.bool()
             acts = BatchActivations(points=dict(captured), mask=real, last_index=real.sum(1) - 1)
-            _check_finite(acts)
+            check_finite(acts)
             for stat in statistics:
                 stat.update(acts)
     finally:
@@ -279,8 +323,11 @@ def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
     return handles
 
 
-def _check_finite(acts: BatchActivations) -> None:
+def check_finite(acts: BatchActivations) -> None:
+    """Raise `NumericalError` if an activation is not finite at a real token (padding may be)."""
     for (kind, k), x in acts.points.items():
+        if bool(torch.isfinite(x).all()):  # the common case, without copying the real tokens out
+            continue
         if not torch.isfinite(x[acts.mask.to(x.device)]).all():
             what = f"h_{k} (input of layer {k})" if kind == RESIDUAL else f"M_{k} (MLP output of layer {k})"
             raise NumericalError(f"non-finite activations in {what} during calibration; check the data and model.dtype")

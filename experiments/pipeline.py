@@ -32,6 +32,7 @@ from modeling.adapters import adapter_for
 from modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
 from modeling.saving import save_pruned
 from pruners import build_pruner
+from pruners.base import DEFAULT_ACTIVATION_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,20 @@ def validate(cfg: DictConfig, output_dir: Path):
         parse_benchmark(cfg.benchmark)
         if not cfg.benchmark.get("offline"):
             check_tasks(cfg.benchmark)  # builds lm-eval's task index: seconds, still before any weights
+    activation_budget(cfg)
     tracker = build_tracker(cfg.logger)
     _check_writable(output_dir)
     return ratio, pruner, tracker
+
+
+def activation_budget(cfg: DictConfig) -> int:
+    """``cache.activations_gb`` in bytes: the disk space one model's stored calibration activations
+    may take (0 = never store them)."""
+    value = (cfg.get("cache") or {}).get("activations_gb", DEFAULT_ACTIVATION_BUDGET / 1024**3)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ConfigError(f"cache.activations_gb={value!r}; allowed: a number of GiB >= 0 (0 = do not store "
+                          f"activations)")
+    return int(value * 1024**3)
 
 
 def _check_writable(directory: Path) -> None:
@@ -181,7 +193,8 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
             base_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
 
     stats_cache = StatisticsCache(caches / "statistics", fingerprint) if settings.get("statistics", True) else None
-    result = pruner.prune(adapter, calibration, n_remove, progress=progress, cache=stats_cache)
+    result = pruner.prune(adapter, calibration, n_remove, progress=progress, cache=stats_cache,
+                          activation_budget_bytes=activation_budget(cfg))
     timer.add(result.stages, prefix="prune.")
 
     if cfg.evaluate:

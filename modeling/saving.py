@@ -1,23 +1,126 @@
-"""Save a pruned model as a plain ``save_pretrained`` directory plus its ``pruning.json``.
+"""Save a pruned model as a ``save_pretrained`` directory plus its ``pruning.json``, and load it back.
 
-The directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no custom code. It is
-written to a temporary sibling and renamed into place, so a crash leaves nothing half-written.
+Normally the directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no custom code.
+The exception is a model carrying explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with
+``norm_fold: linear``): transformers would load it with those weights dropped and only a warning, so
+such a directory is laid out so that plain ``from_pretrained`` fails loudly (no weights at the top
+level: ``OSError ... no file named model.safetensors``), with the weights in ``depthbench_weights/``,
+the inserted layers listed in ``depthbench_modules.json`` and a ``README.md`` saying how to load it:
+`load_pruned` (base architecture from ``config.json``, linear modules re-inserted, weights loaded
+strictly). Written to a temporary sibling and renamed into place, so a crash leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from depthbench import atomic
 
 METADATA_FILE = "pruning.json"
+#: Lists the layers that carry an inserted linear module; its presence means "load with `load_pruned`".
+CUSTOM_MODULES_FILE = "depthbench_modules.json"
+#: Where the weights of such a model go (never at the top level, so plain ``from_pretrained`` fails).
+WEIGHTS_DIR = "depthbench_weights"
+CUSTOM_FORMAT_VERSION = 1
+LOAD_INSTRUCTIONS = ("needs depthbench to load: modeling.saving.load_pruned(directory) (plain from_pretrained "
+                     "fails: the weights are in depthbench_weights/ and include modules transformers does not know)")
+
+
+def _mlp_output_linear_layers(model) -> list[int]:
+    from depthbench.errors import ConfigError
+    from modeling.adapters import adapter_for
+
+    try:
+        return adapter_for(model).mlp_output_linear_layers()
+    except ConfigError:  # a family without an adapter cannot carry depthbench's modules
+        return []
 
 
 def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path:
     directory = Path(directory)
+    linear_layers = _mlp_output_linear_layers(model)
     with atomic.directory(directory) as tmp:
-        model.save_pretrained(tmp)
+        if not linear_layers:
+            model.save_pretrained(tmp)
+        else:
+            weights = tmp / WEIGHTS_DIR
+            model.save_pretrained(weights)
+            for name in ("config.json", "generation_config.json"):  # no config beside the weights either
+                if (weights / name).is_file():
+                    (weights / name).replace(tmp / name)
+            custom = {"format_version": CUSTOM_FORMAT_VERSION, "mlp_output_linear_layers": linear_layers,
+                      "module": "Linear(hidden, hidden, bias=False) after post_feedforward_layernorm "
+                                "(keys ...post_feedforward_layernorm.norm.weight / .linear.weight)",
+                      "weights": WEIGHTS_DIR, "load_with": "modeling.saving.load_pruned(directory)"}
+            atomic.write_json(tmp / CUSTOM_MODULES_FILE, custom)
+            atomic.write_text(tmp / "README.md", _readme(linear_layers))
+            metadata = {**metadata, "custom_modules": {**custom, "note": LOAD_INSTRUCTIONS}}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic.write_json(tmp / METADATA_FILE, metadata)
     return directory
+
+
+def _readme(layers: list[int]) -> str:
+    return ("# Pruned by depthbench: needs depthbench to load\n\n"
+            f"Decoder layers {layers} carry an explicit `Linear(hidden, hidden, bias=False)` after their "
+            "post-FFN norm (ReplaceMe's transform T, `norm_fold: linear`). Plain "
+            "`AutoModelForCausalLM.from_pretrained` cannot load this directory (it would drop those weights, so "
+            "they are kept in `depthbench_weights/` where it does not look). Load it with:\n\n"
+            "```python\nfrom modeling.saving import load_pruned\nmodel = load_pruned(\"THIS_DIRECTORY\")\n```\n\n"
+            "`pruning.json` describes the pruning; `depthbench_modules.json` lists the layers.\n")
+
+
+def load_pruned(directory: str | Path, dtype=None, device: str | None = None):
+    """Load a directory written by `save_pruned`, in eval mode, with identical logits.
+
+    Plain directories go to ``AutoModelForCausalLM.from_pretrained``. Where ``depthbench_modules.json``
+    exists: the base architecture is built from ``config.json`` (in its saved dtype unless ``dtype`` is
+    given), the listed linear modules are re-inserted through the adapter, and every weight is loaded
+    strictly (a missing or unknown key raises; only tied copies of loaded weights may be absent).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    sidecar = directory / CUSTOM_MODULES_FILE
+    if not sidecar.is_file():
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        return (model.to(device) if device else model).eval()
+    custom = json.loads(sidecar.read_text(encoding="utf-8"))
+    if custom.get("format_version") != CUSTOM_FORMAT_VERSION:
+        raise ValueError(f"{sidecar}: format_version {custom.get('format_version')!r}; this depthbench reads "
+                         f"{CUSTOM_FORMAT_VERSION}")
+    from safetensors.torch import load_file
+
+    from modeling.adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(directory)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter_for(model)
+    for k in custom["mlp_output_linear_layers"]:
+        adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
+    files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    # a key may be absent only where its parameter is shared with (tied to) a loaded one
+    names_of: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), set()).add(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    untied_missing = [k for k in missing if k not in params or not (names_of[id(params[k])] & state.keys())]
+    if unexpected or untied_missing:
+        raise RuntimeError(f"{directory}: weights do not match the architecture: missing {untied_missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return (model.to(device) if device else model).eval()

@@ -10,18 +10,25 @@ be collected in one forward pass (`calibration.statistics.collect`).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
+from calibration.activations import ActivationSlot
 from calibration.batches import CalibrationData
-from calibration.cache import StatisticsCache, gather
+from calibration.cache import StatisticsCache, data_fingerprint, gather
 from calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.registry import Registry
 from modeling.adapters import ModelAdapter
 from selection.blocks import Block
+
+
+#: Default cap on the disk space of one model's stored calibration activations.
+DEFAULT_ACTIVATION_BUDGET = 4 * 1024**3
 
 
 @dataclass
@@ -109,15 +116,23 @@ class Pruner(ABC):
         if not 1 <= n_remove < num_layers:
             raise ConfigError(f"cannot remove {n_remove} of {num_layers} layers: allowed 1..{num_layers - 1}")
 
-    #: Set by `prune`: where statistics of the unmodified model may be read from and stored.
+    #: Whether `fit` reads calibration activations of the unmodified model (moments, token rows,
+    #: training pairs). Such methods store every layer's activations during the score pass and
+    #: replay them in `fit` instead of running a second forward pass.
+    fit_reads_activations: ClassVar[bool] = False
+
+    #: Set by `prune`: where statistics of the unmodified model may be read from and stored, and
+    #: where its activations are (or would be) stored.
     statistics_cache: StatisticsCache | None = None
+    activations: ActivationSlot | None = None
 
     def gather(self, adapter: ModelAdapter, calibration: CalibrationData, statistics: list[Statistic],
                progress: bool = True, what: str = "calibration") -> list[Statistic]:
-        """Statistics of the model as it is now, from the shared cache where possible, else one pass.
-        Only for statistics of the ORIGINAL model (the cache key does not see in-place changes)."""
+        """Statistics of the model as it is now, from the shared cache or the stored activations where
+        possible, else one forward pass. Only for statistics of the ORIGINAL model (neither the cache
+        key nor the stored activations see in-place changes)."""
         return gather(adapter, calibration.batches, statistics, cache=self.statistics_cache, progress=progress,
-                      description=f"{self.name}: {what}")
+                      description=f"{self.name}: {what}", activations=self.activations)
 
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
@@ -143,13 +158,32 @@ class Pruner(ABC):
 
     # -- orchestration ---------------------------------------------------------------------
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
-              progress: bool = True, cache: StatisticsCache | None = None) -> PruneResult:
+              progress: bool = True, cache: StatisticsCache | None = None,
+              activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET) -> PruneResult:
         """Run the stages. With a ``cache``, score statistics already computed for this model and
-        calibration data (by any run, any method, any ratio) are read instead of recomputed."""
-        num_layers = adapter.num_layers
-        self.statistics_cache = cache
+        calibration data (by any run, any method, any ratio) are read instead of recomputed, and so
+        are the stored activations that fits read; without one, those activations live in a
+        temporary directory for this call only. ``activation_budget_bytes`` caps their size on disk
+        (0: never store them; fits then run their own forward pass)."""
         self.check_model(adapter)
-        self.check_feasible(num_layers, n_remove)
+        self.check_feasible(adapter.num_layers, n_remove)
+        self.statistics_cache = cache
+        with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
+            if not self.fit_reads_activations:
+                self.activations = None
+            elif cache is not None:
+                self.activations = cache.activation_slot(data_fingerprint(calibration.batches),
+                                                         activation_budget_bytes)
+            else:
+                self.activations = ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
+            try:
+                return self._run_stages(adapter, calibration, n_remove, progress)
+            finally:
+                self.activations = None
+
+    def _run_stages(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
+                    progress: bool) -> PruneResult:
+        num_layers = adapter.num_layers
         timer = StageTimer()
         params_before = adapter.parameter_counts()
         with timer.stage("score"):

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.spill import ResidualPairSequences
-from calibration.statistics import PairwiseSimilarity, collect
+from calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
 from pruners.base import Pruner, Selection, pruner_registry
 from selection.blocks import Block, best_block
@@ -69,6 +69,7 @@ def _trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 class LLMStreamlinePruner(Pruner):
     name = "llm_streamline"
     paper = "Chen et al. 2024, Streamlining Redundant Layers to Compress Large Language Models (arXiv 2403.19135)"
+    fit_reads_activations = True
 
     @dataclass
     class Options:
@@ -162,8 +163,7 @@ class LLMStreamlinePruner(Pruner):
         trainable = _trainable_parameters(module)
         with tempfile.TemporaryDirectory(prefix="depthbench-streamline-", dir=o.spill_dir) as tmp:
             spill = ResidualPairSequences(j, end, adapter.hidden_size, width, tmp)
-            collect(adapter, calibration.batches, [spill], progress=progress,
-                    description=f"{self.name}: training pairs")
+            self.gather(adapter, calibration, [spill], progress, "training pairs")
             data = spill.open()
             input_ids = _padded_ids(calibration.batches, width) if o.loss == "lm" else None
             loss_fn = self._mse_loss if o.loss == "mse" else self._lm_loss(adapter, end, input_ids)

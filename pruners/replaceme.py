@@ -7,6 +7,12 @@ a d x d matrix T is fitted so that ``Y_i + M_i T ~ h_e`` (rows = tokens, ``M_i``
 output, ``Y_i`` the residual stream after its attention sub-block), and T is folded into layer i's
 MLP output projection (``W <- T^T W``): zero new parameters.
 
+Where a norm sits after the MLP (Gemma-2/3), a diagonal T folds exactly into the norm's gain; a full T
+is applied as option ``norm_fold`` says: ``linear`` (default, METHODS.md) inserts an explicit
+``Linear(d, d)`` holding ``T^T`` after the norm (exact; d x d new parameters per kept layer; the saved
+model needs ``modeling.saving.load_pruned``), ``through_norm`` refits ``down_proj`` and the norm's gain
+to approximate ``M T`` (zero new parameters; `pruners.replaceme_norm`). ``pruning.json`` says which.
+
 - ``replaceme_ls``: T from the float64 normal equations ``(A + alpha I) T = B`` (``A = sum M^T M``,
   ``B = sum M^T (h_e - Y)``); every block's moments from one pass over the original model.
 - ``replaceme_cosine``: T from Adam on a cosine (or MSE) objective over token rows spilled to disk;
@@ -28,7 +34,9 @@ from tqdm.auto import tqdm
 from calibration.spill import LinearMapRows
 from calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.errors import ConfigError, NumericalError
+from modeling.saving import LOAD_INSTRUCTIONS
 from pruners.base import Pruner, Selection, pruner_registry
+from pruners.replaceme_norm import ThroughNormFit
 from pruners.uidl import last_token_angular_distances
 from selection.blocks import Block, greedy_blocks, merge_touching
 
@@ -111,6 +119,14 @@ class _BlockOptions:
     merge_consecutive: bool = True
     # First candidate block start; must be >= 1 (the transform folds into layer s - 1).
     min_start: int = 1
+    # Only where a norm follows the MLP (Gemma-2/3) and T is full: linear = an explicit Linear(d, d)
+    # after the norm (exact, d x d new parameters, custom code to load); through_norm = down_proj and
+    # the norm's gain refitted to approximate M T (zero new parameters, plain from_pretrained).
+    norm_fold: str = "linear"
+
+
+#: Values of option ``norm_fold`` (how a full T is applied after a norm; ignored without one).
+NORM_FOLDS = ("linear", "through_norm")
 
 
 class _ReplaceMe(Pruner):
@@ -120,6 +136,7 @@ class _ReplaceMe(Pruner):
              "Transformations (arXiv 2505.02819)")
 
     Options = _BlockOptions
+    fit_reads_activations = True
 
     def validate_options(self) -> None:
         o = self.options
@@ -131,6 +148,8 @@ class _ReplaceMe(Pruner):
             raise ConfigError(
                 f"{self.name} min_start={o.min_start!r}; allowed: an integer >= 1 (the transform folds into the "
                 f"kept layer s - 1 before the block, so a block cannot start at layer 0)")
+        if o.norm_fold not in NORM_FOLDS:
+            raise ConfigError(f"{self.name} norm_fold={o.norm_fold!r}; allowed: {', '.join(NORM_FOLDS)}")
 
     def block_length(self, n_remove: int) -> int:
         if n_remove % self.options.num_blocks:
@@ -146,10 +165,42 @@ class _ReplaceMe(Pruner):
                               f"{self.options.min_start} do not fit in {num_layers} layers")
 
     def check_model(self, adapter) -> None:
+        if adapter.mlp_output_norm(adapter.layer(0)) is not None:
+            return  # a norm after the MLP (Gemma-2/3): T goes into / through it, see pruners/replaceme_norm.py
         try:
             adapter.check_exact_fold()
         except NotImplementedError as err:
             raise ConfigError(f"pruner {self.name!r} cannot prune this model: {err}") from err
+
+    #: Set by `prune` on models with a norm after the MLP: realises a full T through that norm.
+    through_norm: ThroughNormFit | None = None
+    #: Set by `prune`: ``norm_fold`` where a norm follows the MLP, else None; and the hidden size.
+    norm_route: str | None = None
+    hidden_size: int = 0
+
+    def prune(self, adapter, calibration, n_remove, progress=True, **kwargs):
+        """`Pruner.prune`; on a model with a norm after the MLP (Gemma-2/3) the adapter gets, for the
+        duration of the call, the fitter that realises a full T through that norm at fold time (it
+        needs calibration rows of the model as it is then, which neither `fit` nor `apply` passes on)."""
+        self.through_norm, self.hidden_size = None, adapter.hidden_size
+        if adapter.mlp_output_norm(adapter.layer(0)) is None:
+            self.norm_route = None
+            return super().prune(adapter, calibration, n_remove, progress, **kwargs)
+        self.norm_route = self.options.norm_fold
+        if self.norm_route == "linear":  # METHODS.md: an explicit linear module after the norm
+            adapter.full_transform_as_linear = True
+            try:
+                return super().prune(adapter, calibration, n_remove, progress, **kwargs)
+            finally:
+                adapter.full_transform_as_linear = False
+        self.through_norm = ThroughNormFit(calibration.batches, progress, self.name,
+                                           seed=getattr(self.options, "seed", 0),
+                                           spill_dir=getattr(self.options, "spill_dir", None))
+        adapter.output_norm_fitter = self.through_norm
+        try:
+            return super().prune(adapter, calibration, n_remove, progress, **kwargs)
+        finally:
+            adapter.output_norm_fitter = None
 
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=self.block_length(n_remove), tokens="last")]
@@ -176,12 +227,33 @@ class _ReplaceMe(Pruner):
     def check_blocks(self, blocks: list[Block]) -> None:
         """Variant-specific restrictions on the chosen blocks."""
 
-    @staticmethod
-    def describe(fits: list[dict]) -> dict:
-        return {"kind": "linear transform T folded into the MLP output projection of the kept layer before "
-                        "each block (W_down <- T^T W_down)",
-                "new_parameters": 0,
-                "blocks": fits}
+    def describe(self, fits: list[dict], diagonal: bool = False) -> dict:
+        """The ``replacement`` entry of pruning.json: how T was applied, per block, and whether the saved
+        model needs custom code (only for explicit linear modules after a norm)."""
+        if self.norm_route is None:
+            return {"kind": "linear transform T folded into the MLP output projection of the kept layer before "
+                            "each block (W_down <- T^T W_down)",
+                    "new_parameters": 0, "custom_code_needed": False,
+                    "blocks": fits}
+        if diagonal:
+            kind = ("diagonal T folded exactly into the post-FFN norm of the kept layer before each block "
+                    "(post_feedforward_layernorm: 1 + weight <- (1 + weight) * diag(T))")
+            fits = [{**fit, "applied": "exact, into the post-FFN norm's gain"} for fit in fits]
+        elif self.norm_route == "linear":
+            d, layers = self.hidden_size, {fit["folded_into_layer"] for fit in fits}
+            return {"kind": ("full T as an explicit Linear(d, d, bias=False) holding T^T after the post-FFN norm of "
+                             "the kept layer before each block (M' = M T, exact up to the model dtype)"),
+                    "new_parameters": d * d * len(layers), "custom_code_needed": True,
+                    "loading": LOAD_INSTRUCTIONS,
+                    "blocks": [{**fit, "applied": "explicit linear module after the post-FFN norm (exact)"}
+                               for fit in fits]}
+        else:
+            kind = ("full T realised through the post-FFN norm of the kept layer before each block: W_down <- P^T W_down "
+                    "and the norm's gain g' fitted so that RMSNorm(u P) * g' ~ M T on calibration tokens (approximate; "
+                    "through_norm_relative_error per block)")
+            fits = [{**fit, "applied": "fitted through the post-FFN norm (down_proj and norm gain)", **log}
+                    for fit, log in zip(fits, self.through_norm.log, strict=True)]
+        return {"kind": kind, "new_parameters": 0, "custom_code_needed": False, "blocks": fits}
 
 
 # -- ReplaceMe-LS -----------------------------------------------------------------------------
@@ -236,7 +308,7 @@ class ReplaceMeLSPruner(_ReplaceMe):
                          "solver": "diagonal" if self.options.diag else "cholesky",
                          "alpha": float(self.options.alpha), **diagnostics})
         adapter.remove_layers(selection.removed_layers)
-        return self.describe(info)
+        return self.describe(info, diagonal=self.options.diag)
 
 
 # -- ReplaceMe-cosine -------------------------------------------------------------------------
@@ -282,7 +354,7 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
         order = torch.randperm(rows, generator=generator).numpy()
         total = 0.0
         for start in range(0, rows, batch_size):
-            index = np.sort(order[start:start + batch_size])  # sorted: sequential reads from the memmap
+            index = np.sort(order[start:start + batch_size])  # sorted: sequential reads from the spill file
             m, y, h = _rows(arrays, index, device)
             batch_loss = transform_objective(m, y, h, T, loss, accurate).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -354,7 +426,10 @@ class ReplaceMeCosinePruner(_ReplaceMe):
             what = f"{self.name} block [{block.start}, {block.end})"
             with tempfile.TemporaryDirectory(prefix="depthbench-replaceme-", dir=o.spill_dir) as tmp:
                 spill = LinearMapRows(s - 1, e, adapter.hidden_size, tmp)
-                collect(adapter, calibration.batches, [spill], progress=progress, description=f"{what}: rows")
+                if removed_so_far == 0:  # the original model: rows from its stored activations
+                    self.gather(adapter, calibration, [spill], progress, f"block [{block.start}, {block.end}) rows")
+                else:  # the model as pruned so far: a fresh pass
+                    collect(adapter, calibration.batches, [spill], progress=progress, description=f"{what}: rows")
                 arrays = spill.open()
                 T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
                                                  o.seed, device, progress, what)

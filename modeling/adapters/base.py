@@ -58,6 +58,21 @@ class ModelAdapter(ABC):
     #: Why the fold is not exact where ``mlp_output_is_residual_update`` is False (for the error).
     inexact_fold_reason: str = "the MLP output does not feed the residual directly"
 
+    def mlp_output_norm(self, layer: nn.Module) -> nn.Module | None:
+        """The norm between the MLP output projection and the residual add (Gemma-2/3's
+        ``post_feedforward_layernorm``), or ``None`` where the projection feeds the residual directly."""
+        return None
+
+    def insert_mlp_output_linear(self, layer_index: int, transform: torch.Tensor) -> None:
+        """Follow layer ``layer_index``'s MLP output (after its norm) by an explicit linear module, so
+        it becomes ``M @ transform``; only where `mlp_output_norm` makes the fold inexact (Gemma)."""
+        raise NotImplementedError(f"{self.family}: no explicit linear module after the MLP (the fold is exact here)")
+
+    def mlp_output_linear_layers(self) -> list[int]:
+        """Layers carrying a linear module inserted by `insert_mlp_output_linear` (current numbering);
+        such a model needs `modeling.saving.load_pruned` to reload."""
+        return []
+
     @property
     def config(self):
         return self.model.config

@@ -5,10 +5,20 @@ A layer computes ``h + post_attention_norm(attention(...))`` and then
 is the output of ``post_feedforward_layernorm``, so that is what this adapter calls ``M_k`` (the hook
 point of `mlp`): ``h_{k+1} = Y_k + M_k`` holds exactly, as the statistics assume.
 
-A ReplaceMe transform T of ``M_k`` cannot be folded into ``mlp.down_proj``: the RMSNorm between the
-projection and the residual add rescales every token by its own norm, so no change of the
-projection's weights turns ``M`` into ``M T`` for all tokens. The adapter therefore refuses the fold
-(``mlp_output_is_residual_update = False``) with that reason instead of folding approximately.
+Folding a ReplaceMe transform T of ``M_k``: with ``u`` the down projection's output and
+``g = 1 + weight`` the norm's gain (Gemma's RMSNorm scales by ``1 + weight``),
+``M = u / rms(u) * g``.
+
+- Diagonal T (``t`` on the diagonal): ``M T = u / rms(u) * (g t)``, so the fold is exact and goes
+  into the norm: ``weight <- (1 + weight) t - 1``.
+- Full T: the norm rescales every token by its own length, so no change of ``mlp.down_proj`` turns
+  ``M`` into ``M T`` for all tokens. Two ways, chosen by the method for the duration of its surgery:
+  an explicit ``Linear(d, d, bias=False)`` holding ``T^T`` after the norm (`insert_mlp_output_linear`,
+  with `full_transform_as_linear`: exact, d x d new parameters, and the saved model needs
+  `modeling.saving.load_pruned`), or a fit through the norm on calibration data (`output_norm_fitter`:
+  ``down_proj`` and the gain both change, zero new parameters, approximate). With neither the fold is
+  refused, never approximated silently.
+- A layer that already carries such a linear takes any further transform into it (exact).
 
 Sliding-window and global layers alternate (``config.layer_types``); the generic surgery keeps that
 list in step with the kept layers, and every attention module keeps the window it was built with.
@@ -34,12 +44,97 @@ class GemmaAdapter(LlamaFamilyAdapter):
 
     mlp_output_is_residual_update = False
     inexact_fold_reason = ("Gemma-2/3 apply an RMSNorm (post_feedforward_layernorm) between mlp.down_proj and the "
-                           "residual add, which rescales each token by its own norm; a fold would be only "
-                           "approximate (ReplaceMe on Gemma would need an explicit linear module, i.e. custom "
-                           "code, which is not implemented)")
+                           "residual add, which rescales each token by its own norm; a diagonal transform folds "
+                           "exactly into that norm's weight, a full one only through a fit on calibration data")
+
+    #: Called by `fold_into_mlp_output` for a full transform: ``(adapter, layer_index, T) -> (P, gain)``
+    #: with ``P`` folded into ``mlp.down_proj`` and ``gain`` the norm's new ``1 + weight``. Set by the
+    #: pruning method for the duration of its surgery (it needs calibration data, which adapters do not hold).
+    output_norm_fitter = None
+    #: When True, `fold_into_mlp_output` applies a full transform as an explicit linear module after the
+    #: norm (`insert_mlp_output_linear`) instead of through `output_norm_fitter`. Set by the method.
+    full_transform_as_linear = False
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.post_feedforward_layernorm  # its output is what the residual stream receives
+
+    def mlp_output_norm(self, layer: nn.Module) -> nn.Module:
+        module = layer.post_feedforward_layernorm
+        return module.norm if isinstance(module, NormThenLinear) else module
+
+    def mlp_output_linear(self, layer: nn.Module) -> nn.Linear | None:
+        """The linear module inserted after the post-FFN norm, or ``None``."""
+        module = layer.post_feedforward_layernorm
+        return module.linear if isinstance(module, NormThenLinear) else None
+
+    def mlp_output_linear_layers(self) -> list[int]:
+        return [k for k, layer in enumerate(self.decoder_layers()) if self.mlp_output_linear(layer) is not None]
+
+    @torch.no_grad()
+    def insert_mlp_output_linear(self, layer_index: int, transform: torch.Tensor) -> None:
+        """Follow layer ``layer_index``'s post-FFN norm by ``Linear(d, d, bias=False)`` with weight
+        ``transform^T``, so the residual stream receives ``M @ transform`` exactly (up to the model dtype).
+        Where the layer already has one, the transform is composed into it (``W <- T^T W``, float64)."""
+        layer = self.layer(layer_index)
+        t = transform.to(torch.float64)
+        linear = self.mlp_output_linear(layer)
+        if linear is not None:
+            w = linear.weight.data
+            linear.weight.data = (t.T.to(w.device) @ w.to(torch.float64)).to(w.dtype)
+            return
+        norm = layer.post_feedforward_layernorm
+        like = norm.weight
+        d = self.hidden_size
+        if t.shape != (d, d):
+            raise ValueError(f"transform of shape {tuple(t.shape)}; expected ({d}, {d})")
+        linear = nn.Linear(d, d, bias=False, device=like.device, dtype=like.dtype)
+        linear.weight.data = t.T.to(device=like.device).to(like.dtype).contiguous()
+        layer.post_feedforward_layernorm = NormThenLinear(norm, linear)
+
+    def output_norm_gain(self, layer_index: int) -> torch.Tensor:
+        """The post-FFN norm's per-dimension gain ``1 + weight``, float64."""
+        return 1.0 + self.mlp_output_norm(self.layer(layer_index)).weight.detach().to(torch.float64)
+
+    @torch.no_grad()
+    def _set_output_norm_gain(self, layer_index: int, gain: torch.Tensor) -> None:
+        weight = self.mlp_output_norm(self.layer(layer_index)).weight
+        weight.data = (gain.to(device=weight.device, dtype=torch.float64) - 1.0).to(weight.dtype)
+
+    @torch.no_grad()
+    def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
+        """Make layer ``layer_index``'s MLP output M become ``M @ transform``: exactly for a diagonal
+        transform (into the norm's gain), through `output_norm_fitter` for a full one."""
+        t = transform.to(torch.float64)
+        if self.mlp_output_linear(self.layer(layer_index)) is not None:  # compose into it: exact for any T
+            self.insert_mlp_output_linear(layer_index, t)
+            return
+        if torch.count_nonzero(t - torch.diag(t.diagonal())) == 0:
+            gain = self.output_norm_gain(layer_index)
+            self._set_output_norm_gain(layer_index, gain * t.diagonal().to(gain.device))
+            return
+        if self.full_transform_as_linear:
+            self.insert_mlp_output_linear(layer_index, t)
+            return
+        if self.output_norm_fitter is None:
+            raise NotImplementedError(
+                f"{self.family}: a full linear transform of the MLP output cannot be folded exactly into "
+                f"mlp.down_proj: {self.inexact_fold_reason}; no fitter was supplied and no explicit linear module "
+                f"was asked for (ReplaceMe sets one of the two)")
+        down, gain = self.output_norm_fitter(self, layer_index, t)
+        self.fold_through_output_norm(layer_index, down, gain)
+
+    @torch.no_grad()
+    def fold_through_output_norm(self, layer_index: int, down: torch.Tensor, gain: torch.Tensor) -> None:
+        """Make the MLP output ``RMSNorm(u @ down) * gain``: ``W_down <- down^T W_down`` (and the bias),
+        norm weight ``<- gain - 1``; computed in float64, cast back."""
+        proj = self.mlp_output_projection(self.layer(layer_index))
+        p = down.to(torch.float64).to(proj.weight.device)
+        w = proj.weight.data
+        proj.weight.data = (p.T @ w.to(torch.float64)).to(w.dtype)
+        if getattr(proj, "bias", None) is not None:
+            b = proj.bias.data
+            proj.bias.data = (p.T @ b.to(torch.float64)).to(b.dtype)
+        self._set_output_norm_gain(layer_index, gain)
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return (list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
@@ -59,3 +154,17 @@ class GemmaAdapter(LlamaFamilyAdapter):
         out = layer(hidden_states, position_embeddings=position_embeddings, attention_mask=mask,
                     position_ids=position_ids, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
+
+
+class NormThenLinear(nn.Module):
+    """The post-FFN norm followed by an explicit ``Linear(d, d, bias=False)`` (weight ``T^T``): outputs
+    ``M T``. Keys ``post_feedforward_layernorm.norm.weight`` and ``post_feedforward_layernorm.linear.weight``;
+    plain ``from_pretrained`` does not know them, so such a model is saved and loaded by `modeling.saving`."""
+
+    def __init__(self, norm: nn.Module, linear: nn.Linear):
+        super().__init__()
+        self.norm = norm
+        self.linear = linear
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(hidden_states))

@@ -1,8 +1,10 @@
 """Every supported family on a tiny randomly initialised model built from its transformers config.
 
 Per family: the adapter's single-layer forward and M_k hook point against the model itself, the
-ReplaceMe fold against an explicit float64 Linear(T) applied by a hook, all five pruners followed by
-save / reload (identical logits) and cached generation, and the surgery of per-layer attention
+ReplaceMe fold against an explicit float64 Linear(T) applied by a hook (Gemma: the diagonal fold into
+the post-FFN norm and the fold through it against explicit computations), all five pruners followed
+by save / reload (identical logits; `load_pruned` where ReplaceMe put a linear module after Gemma's
+norm) and cached generation, and the surgery of per-layer attention
 patterns (Gemma's sliding-window / global layers).
 """
 
@@ -17,7 +19,7 @@ from calibration.batches import CalibrationData
 from calibration.statistics import MLP_OUT, RESIDUAL, Statistic, collect
 from depthbench.errors import ConfigError
 from modeling.adapters import adapter_for, supported_model_types
-from modeling.saving import save_pruned
+from modeling.saving import load_pruned, save_pruned
 from pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches
 
@@ -161,35 +163,95 @@ def test_fold_equals_explicit_float64_linear(family):
     torch.testing.assert_close(folded, want, rtol=1e-10, atol=1e-10)
 
 
+def _gemma_dtype(family):
+    return torch.float32 if family == "gemma2" else torch.float64  # Gemma-2 eager sliding attention NaNs in float64
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_gemma_refuses_an_inexact_fold_before_touching_the_model(family):
+def test_gemma_diagonal_fold_equals_explicit_scaling_of_the_normalised_output(family):
+    """A diagonal T goes into the post-FFN norm's weight; the reference multiplies that norm's output by t."""
+    dtype = _gemma_dtype(family)
+    model, k = _model(family, dtype), 2
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    t = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    with torch.no_grad():  # initialised to 0; a weight that is not would expose a fold ignoring the "1 +"
+        LAYERS[family](model)[k].post_feedforward_layernorm.weight.normal_(0, 0.5, generator=g)
+    explicit = copy.deepcopy(model)
+    LAYERS[family](explicit)[k].post_feedforward_layernorm.register_forward_hook(
+        lambda mod, a, out: (out.to(torch.float64) * t).to(out.dtype))
+    adapter_for(model).fold_into_mlp_output(k, torch.diag(t))
+    batch = random_batches(n_batches=1)[0]
+    folded, want = _logits(model, batch), _logits(explicit, batch)
+    assert not torch.allclose(want, _logits(_model(family, dtype), batch))  # t changed something
+    torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-5)  # Gemma's RMSNorm runs in float32 in any dtype
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_fold_through_the_norm_equals_explicit_float64_computation(family):
+    """down_proj <- P^T W, norm gain <- g': the layer's MLP output is RMSNorm(u P) * g', u = down_proj's output."""
+    dtype = _gemma_dtype(family)
+    model, k = _model(family, dtype), 2
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(2)
+    P = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    gain = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    explicit = copy.deepcopy(model)
+    norm = LAYERS[family](explicit)[k].post_feedforward_layernorm
+
+    def through_norm(mod, args, out):
+        v = args[0].to(torch.float64) @ P
+        return (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * gain).to(out.dtype)
+
+    norm.register_forward_hook(through_norm)
+    adapter_for(model).fold_through_output_norm(k, P, gain)
+    batch = random_batches(n_batches=1)[0]
+    torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)  # norm: float32
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_refuses_a_full_fold_without_a_fitter_and_leaves_the_model_alone(family):
     model = _model(family)
     adapter = adapter_for(model)
     assert adapter.mlp_output_is_residual_update is False
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(NotImplementedError, match="post_feedforward_layernorm"):
-        adapter.fold_into_mlp_output(2, torch.eye(32))
-    for name in ("replaceme_ls", "replaceme_cosine"):
-        with pytest.raises(ConfigError, match=f"pruner '{name}' cannot prune this model: .*cannot be folded exactly"):
-            build_pruner(name, PRUNERS[name]).prune(adapter, CalibrationData(random_batches(n_batches=2), 16), 2,
-                                                    progress=False)
-    assert adapter.num_layers == 6
+    with pytest.raises(NotImplementedError, match="post_feedforward_layernorm.*no fitter"):
+        adapter.fold_into_mlp_output(2, torch.eye(32) + 0.1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("options", [{"norm_fold": "through_norm"}, {"diag": True}])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_replaceme_says_how_t_was_applied(family, options):
+    """The zero-parameter routes; the default explicit linear module: tests/unit/test_gemma_linear.py."""
+    model = _model(family)
+    result = build_pruner("replaceme_ls", options).prune(adapter_for(model), CalibrationData(random_batches(), 16), 2,
+                                                          progress=False)
+    info = result.replacement
+    assert info["new_parameters"] == 0 and info["custom_code_needed"] is False
+    (block,) = info["blocks"]
+    if options.get("diag"):
+        assert "exact" in block["applied"] and "through_norm_relative_error" not in block
+    else:
+        assert "fitted through" in block["applied"]
+        assert 0 <= block["through_norm_relative_error"] <= block["through_norm_relative_error_at_start"] < 1
+    assert adapter_for(model).output_norm_fitter is None  # only installed for the duration of the call
 
 
 @pytest.mark.parametrize("pruner", list(PRUNERS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruner_then_save_reload_and_cached_generation(family, pruner, tmp_path):
-    if family.startswith("gemma") and pruner.startswith("replaceme"):
-        pytest.skip("ReplaceMe's fold is refused on Gemma (test_gemma_refuses_an_inexact_fold...)")
     model = _model(family)
     batches = random_batches(n_batches=2)
     result = build_pruner(pruner, PRUNERS[pruner]).prune(adapter_for(model), CalibrationData(batches, 16), 2,
                                                          progress=False)
     assert result.num_layers_after == 4 == model.config.num_hidden_layers == len(LAYERS[family](model))
     save_pruned(model, None, tmp_path / "pruned", result.to_dict())
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    # ReplaceMe on Gemma defaults to an explicit linear module after the norm: depthbench's loader
+    custom = bool((result.replacement or {}).get("custom_code_needed"))
+    assert custom == (family.startswith("gemma") and pruner.startswith("replaceme"))
+    reloaded = (load_pruned if custom else AutoModelForCausalLM.from_pretrained)(tmp_path / "pruned").eval()
     assert type(reloaded) is type(model) and reloaded.config.num_hidden_layers == 4
     batch = batches[0]
     torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)

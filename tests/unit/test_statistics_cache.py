@@ -33,8 +33,12 @@ def test_table_slices_equal_direct_pairwise_statistics(tiny_llama64):
     direct = collect(adapter, batches, _requests(adapter), progress=False)
     for a, b in zip(via_table[:3], direct[:3]):
         assert a.count == b.count
-        torch.testing.assert_close(a.sum_cos, b.sum_cos, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(a.sum_angular, b.sum_angular, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.sum_cos, b.sum_cos, rtol=1e-12, atol=1e-10)
+        if a.tokens == "last":
+            torch.testing.assert_close(a.sum_angular, b.sum_angular, rtol=1e-12, atol=1e-12)
+        else:  # all-token tables carry cosine sums only (a flattened product, no per-token cosines)
+            with pytest.raises(ValueError, match="not collected"):
+                a.mean_angular_distance()
 
 
 def test_second_gather_reads_the_cache_without_a_forward_pass(tiny_llama64, tmp_path, counting_collect):
@@ -97,7 +101,7 @@ def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_col
     cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
     build_pruner("replaceme_ls").prune(adapter_for(copy.deepcopy(base)), data, 2, progress=False, cache=cache)
     passes = len(counting_collect)
-    assert passes == 2, "score tables + moments"
+    assert passes == 1, "one pass: the score tables, with every layer's activations stored for the moments"
     cached_model = copy.deepcopy(base)
     build_pruner("replaceme_ls", {"diag": True}).prune(adapter_for(cached_model), data, 2, progress=False, cache=cache)
     assert len(counting_collect) == passes, "the ablation ran no forward pass"

@@ -1,0 +1,214 @@
+"""Every layer's activations from one calibration pass, on disk, replayed instead of re-running the model.
+
+The score pass of a method that also fits something (ReplaceMe-LS's moments, ReplaceMe-cosine's
+token rows, LLM-Streamline's training pairs) has every hook point in hand once: the residual
+stream ``h_k`` entering each layer (k = 0..L) and each layer's MLP output ``M_k``. An
+`ActivationWriter` appends them, batch by batch and in the model's dtype, to one file per hook
+point. What the fit needs is known only after selection, so instead of a second (partial) forward
+pass the fit `replay`s the few files it needs: each batch's tensors are read back with their
+original shape and mask and handed to the statistics exactly as `collect` hands them after a
+forward pass, so a statistic cannot tell the two apart.
+
+- Files are written with plain ``write`` calls, never through a memory map, and read with
+  ``numpy.fromfile``: they sit in the page cache, not in the process's resident memory.
+- A store is complete only once its manifest (shapes, dtype and a CRC-32 per file) is in place:
+  it is written to a temporary directory and renamed, so a killed pass leaves no half store.
+  Files are checked against their CRC before replay; a damaged store is deleted and recomputed.
+- Size: (2L + 1) x tokens x hidden x bytes per element (2.3 GB for SmolLM2-135M on 128 x 256
+  bfloat16 tokens). `ActivationSlot.budget_bytes` caps it; above the cap nothing is stored and
+  fits fall back to their own forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from calibration.statistics import (
+    MLP_OUT, RESIDUAL, BatchActivations, HookPoint, Statistic, check_finite,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bump when the file layout changes, so stores written by older code are not replayed.
+STORE_VERSION = 1
+_MANIFEST = "manifest.json"
+
+
+def all_hook_points(num_layers: int) -> list[HookPoint]:
+    return [(RESIDUAL, k) for k in range(num_layers + 1)] + [(MLP_OUT, k) for k in range(num_layers)]
+
+
+def _file_name(point: HookPoint) -> str:
+    return f"{point[0]}_{point[1]}.bin"
+
+
+def store_bytes(num_layers: int, hidden_size: int, dtype: torch.dtype, batches: list[dict]) -> int:
+    """Bytes a store of this model and calibration data occupies on disk."""
+    positions = sum(int(b["input_ids"].numel()) for b in batches)
+    element = torch.empty((), dtype=dtype).element_size()
+    return len(all_hook_points(num_layers)) * positions * hidden_size * element
+
+
+@dataclass(frozen=True)
+class ActivationSlot:
+    """Where the store of one (model, calibration data) lives or would live, and its size cap."""
+
+    directory: Path
+    budget_bytes: int
+
+    def open(self) -> "ActivationStore | None":
+        """The complete store in this slot, or ``None`` (a damaged one is deleted)."""
+        if not (self.directory / _MANIFEST).is_file():
+            return None
+        try:
+            return ActivationStore(self.directory)
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("stored activations in %s are unusable (%s); recomputing", self.directory, err)
+            self.discard()
+            return None
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def writer(self, adapter, batches: list[dict]) -> "ActivationWriter | None":
+        """A writer for this slot, or ``None`` when the store would exceed the budget."""
+        dtype = adapter.embeddings().weight.dtype
+        size = store_bytes(adapter.num_layers, adapter.hidden_size, dtype, batches)
+        if size > self.budget_bytes:
+            log.info("not storing calibration activations: %.2f GB > budget %.2f GB (fits run their own pass)",
+                     size / 1e9, self.budget_bytes / 1e9)
+            return None
+        return ActivationWriter(self.directory, adapter.num_layers, adapter.hidden_size, dtype)
+
+
+class ActivationWriter(Statistic):
+    """Appends every hook point of every batch to its file; `commit` makes the store visible."""
+
+    cacheable = False
+
+    def __init__(self, directory: Path, num_layers: int, hidden_size: int, dtype: torch.dtype):
+        self.directory = Path(directory)
+        self.num_layers, self.hidden_size, self.dtype = num_layers, hidden_size, dtype
+        self.points = all_hook_points(num_layers)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=f".{self.directory.name}."))
+        self.files = {p: open(self.tmp / _file_name(p), "wb") for p in self.points}
+        self.crc = {p: 0 for p in self.points}
+        self.shapes: list[list[int]] = []
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, str(self.directory))
+
+    def hook_points(self) -> set[HookPoint]:
+        return set(self.points)
+
+    def update(self, batch: BatchActivations) -> None:
+        first = batch.points[self.points[0]]
+        self.shapes.append([int(first.shape[0]), int(first.shape[1])])
+        for point in self.points:
+            x = batch.points[point]
+            if x.dtype != self.dtype or tuple(x.shape) != (*first.shape[:2], self.hidden_size):
+                raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
+                                 f"{self.dtype} and {(*first.shape[:2], self.hidden_size)}")
+            raw = x.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+            self.crc[point] = zlib.crc32(raw, self.crc[point])
+            self.files[point].write(raw.data)
+
+    def commit(self) -> None:
+        """Close the files, write the manifest and move the store into place (atomically)."""
+        for f in self.files.values():
+            f.close()
+        manifest = {"version": STORE_VERSION, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                    "dtype": str(self.dtype).removeprefix("torch."), "batch_shapes": self.shapes,
+                    "crc32": {_file_name(p): self.crc[p] for p in self.points}}
+        (self.tmp / _MANIFEST).write_text(json.dumps(manifest))
+        try:
+            os.rename(self.tmp, self.directory)
+        except OSError:  # another process stored the same activations first: theirs is as good
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ActivationStore:
+    """A complete store: per hook point, every calibration batch's ``[B, T, d]`` activations."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        manifest = json.loads((self.directory / _MANIFEST).read_text())
+        if manifest.get("version") != STORE_VERSION:
+            raise ValueError(f"store version {manifest.get('version')}, expected {STORE_VERSION}")
+        self.num_layers = int(manifest["num_layers"])
+        self.hidden_size = int(manifest["hidden_size"])
+        self.dtype = getattr(torch, manifest["dtype"])
+        self.shapes = [tuple(s) for s in manifest["batch_shapes"]]
+        self.crc = manifest["crc32"]
+        self.element = torch.empty((), dtype=self.dtype).element_size()
+        self.offsets = np.cumsum([0] + [b * t * self.hidden_size * self.element for b, t in self.shapes]).tolist()
+        for point in all_hook_points(self.num_layers):
+            size = (self.directory / _file_name(point)).stat().st_size
+            if size != self.offsets[-1]:
+                raise ValueError(f"{_file_name(point)} has {size} bytes, expected {self.offsets[-1]}")
+
+    def matches(self, batches: list[dict]) -> bool:
+        return self.shapes == [tuple(b["input_ids"].shape) for b in batches]
+
+    def read(self, point: HookPoint, batch_index: int) -> torch.Tensor:
+        """Batch ``batch_index``'s activations at ``point``, ``[B, T, d]`` in the stored dtype."""
+        b, t = self.shapes[batch_index]
+        start, stop = self.offsets[batch_index], self.offsets[batch_index + 1]
+        raw = np.fromfile(self.directory / _file_name(point), dtype=np.uint8, count=stop - start, offset=start)
+        return torch.from_numpy(raw).view(self.dtype).view(b, t, self.hidden_size)
+
+    def verify(self, points: Iterable[HookPoint]) -> None:
+        """Raise `ValueError` if a file's CRC-32 differs from the manifest's."""
+        chunk = 64 << 20
+        for point in points:
+            name, crc = _file_name(point), 0
+            with open(self.directory / name, "rb") as f:
+                while block := f.read(chunk):
+                    crc = zlib.crc32(block, crc)
+            if crc != self.crc[name]:
+                raise ValueError(f"{name} fails its CRC-32 check")
+
+    def check(self, statistics: list[Statistic], batches: list[dict]) -> None:
+        """Raise `ValueError` unless the store can serve ``statistics`` on ``batches`` (CRCs included)."""
+        if not self.matches(batches):
+            raise ValueError("stored activations were written for other calibration batches")
+        needed = set().union(*(s.hook_points() for s in statistics))
+        unknown = needed - set(all_hook_points(self.num_layers))
+        if unknown:
+            raise ValueError(f"hook points {sorted(unknown)} are not stored")
+        self.verify(sorted(needed))
+
+    def replay(self, statistics: list[Statistic], batches: list[dict], progress: bool = True,
+               description: str = "stored activations") -> list[Statistic]:
+        """Feed ``statistics`` as `collect` would, reading activations instead of running the model
+        (call `check` first)."""
+        from tqdm.auto import tqdm
+
+        needed = sorted(set().union(*(s.hook_points() for s in statistics)))
+        for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", disable=not progress,
+                                           leave=False)):
+            real = batch["attention_mask"].bool()
+            acts = BatchActivations(points={p: self.read(p, index) for p in needed}, mask=real,
+                                    last_index=real.sum(1) - 1)
+            check_finite(acts)
+            for stat in statistics:
+                stat.update(acts)
+        return statistics

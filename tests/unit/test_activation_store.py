@@ -1,0 +1,175 @@
+"""Stored activations: replaying them equals running the model, and fits need no second pass."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import calibration.cache as cache_module
+from calibration.activations import ActivationSlot
+from calibration.batches import CalibrationData
+from calibration.cache import StatisticsCache, compute, gather
+from calibration.spill import LinearMapRows, ResidualPairSequences, SpillFile
+from calibration.statistics import LayerSimilarityTable, LinearMapMoments, collect
+from modeling.adapters import adapter_for
+from pruners import build_pruner
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Forward passes run through `calibration.cache` (replays are not forward passes)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "collect", counted)
+    return calls
+
+
+def _statistics(adapter, directory):
+    L, d = adapter.num_layers, adapter.hidden_size
+    return [LayerSimilarityTable(L, "last"), LayerSimilarityTable(L, "all"), LinearMapMoments(1, 4, d),
+            LinearMapRows(2, 5, d, directory), ResidualPairSequences(1, 4, d, 16, directory)]
+
+
+def _assert_same(replayed, direct):
+    for a, b in zip(replayed[:3], direct[:3]):
+        assert a.count == b.count
+        for name, value in a.state().items():
+            torch.testing.assert_close(value, b.state()[name], rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(replayed[3:], direct[3:]):
+        ra, rb = a.open(), b.open()
+        assert ra.keys() == rb.keys()
+        for name in ra:
+            np.testing.assert_array_equal(ra[name][:], rb[name][:])
+
+
+def test_replay_equals_a_forward_pass(tiny_llama64, tmp_path, passes):
+    """Every kind of statistic, fed from the stored activations, equals the same statistic fed by
+    the model itself; padded batches (ragged masks) included."""
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=3, batch_size=4, seq_len=16)
+    assert any(bool((b["attention_mask"] == 0).any()) for b in batches), "the data must contain padding"
+    slot = ActivationSlot(tmp_path / "store", budget_bytes=1 << 30)
+    compute(adapter, batches, [LayerSimilarityTable(adapter.num_layers, "last")], slot, False, "")
+    assert len(passes) == 1 and slot.open() is not None
+    (tmp_path / "replayed").mkdir()
+    (tmp_path / "direct").mkdir()
+    replayed = _statistics(adapter, tmp_path / "replayed")
+    compute(adapter, batches, replayed, slot, False, "")
+    assert len(passes) == 1, "replayed, not recomputed"
+    direct = collect(adapter, batches, _statistics(adapter, tmp_path / "direct"), progress=False)
+    _assert_same(replayed, direct)
+
+
+def test_store_is_atomic_and_damage_is_detected(tiny_llama64, tmp_path, passes):
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=2)
+    slot = ActivationSlot(tmp_path / "store", budget_bytes=1 << 30)
+
+    class Boom(LinearMapMoments):
+        def update(self, batch):
+            raise RuntimeError("killed mid-pass")
+
+    with pytest.raises(RuntimeError):
+        compute(adapter, batches, [Boom(1, 3, adapter.hidden_size)], slot, False, "")
+    assert list(tmp_path.iterdir()) == [], "an interrupted pass leaves nothing behind"
+
+    reference = compute_moments(adapter, batches, slot)
+    assert len(passes) == 2
+    victim = slot.directory / "mlp_out_1.bin"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    again = compute_moments(adapter, batches, slot)
+    assert len(passes) == 3, "the damaged store was not replayed but recomputed"
+    torch.testing.assert_close(again.A, reference.A, rtol=0, atol=0)
+    assert slot.open() is not None, "and stored again"
+    # (in use, slots are keyed by the data's content hash; a store whose batches have other shapes
+    # is refused by the store itself and replaced)
+    other = random_batches(n_batches=3)
+    compute_moments(adapter, other, slot)
+    assert len(passes) == 4
+
+
+def compute_moments(adapter, batches, slot):
+    stat = LinearMapMoments(1, 3, adapter.hidden_size)
+    compute(adapter, batches, [stat], slot, False, "")
+    return stat
+
+
+def test_over_budget_nothing_is_stored(tiny_llama64, tmp_path, passes):
+    adapter = adapter_for(tiny_llama64)
+    slot = ActivationSlot(tmp_path / "store", budget_bytes=1000)
+    compute_moments(adapter, random_batches(n_batches=1), slot)
+    assert not slot.directory.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, options", [
+    ("replaceme_ls", {}),
+    ("replaceme_cosine", {"epochs": 1}),
+    ("llm_streamline", {"max_steps": 2}),
+])
+def test_fit_needs_no_second_pass_and_equals_the_two_pass_result(method, options, passes):
+    """With stored activations, the method runs ONE forward pass; the pruned model is identical to
+    the one from the fallback (no store: the fit runs its own pass)."""
+    base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+    data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
+    stored = copy.deepcopy(base)
+    build_pruner(method, options).prune(adapter_for(stored), data, 2, progress=False)
+    assert len(passes) == 1
+    fallback = copy.deepcopy(base)
+    build_pruner(method, options).prune(adapter_for(fallback), data, 2, progress=False, activation_budget_bytes=0)
+    assert len(passes) == 3, "without the store: the score pass and the fit's own pass"
+    with torch.no_grad():
+        for batch in data.batches:
+            torch.testing.assert_close(stored(**batch).logits, fallback(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_sweep_shares_one_pass(tmp_path, passes):
+    """Every method and ratio on the same model and data: one forward pass in all (the cosine
+    method's second block is fitted on the already-pruned model, as the reference does, so it has
+    its own pass; single-block fits have none)."""
+    base = build_tiny_model(tiny_llama_config(num_layers=8, hidden=16), dtype=torch.float64)
+    data = CalibrationData(random_batches(n_batches=2, batch_size=8, seq_len=16), 16)
+    cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
+    cells = [(m, o, n) for n in (2, 3) for m, o in [("replaceme_ls", {}), ("replaceme_cosine", {"epochs": 1}),
+                                                   ("uidl", {}), ("llm_streamline", {"max_steps": 1}),
+                                                   ("shortgpt", {})]]
+    for method, options, n in cells:
+        build_pruner(method, options).prune(adapter_for(copy.deepcopy(base)), data, n, progress=False, cache=cache)
+    assert len(passes) == 1
+
+
+def test_spill_array_reads_equal_the_file(tmp_path):
+    spill = SpillFile(tmp_path / "rows.f32", (5,))
+    rows = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    spill.append(rows[:20])
+    spill.append(torch.from_numpy(rows[20:]))
+    array = spill.open()
+    on_disk = np.fromfile(tmp_path / "rows.f32", dtype=np.float32).reshape(37, 5)
+    np.testing.assert_array_equal(on_disk, rows)
+    index = np.array([0, 3, 3, 36])
+    np.testing.assert_array_equal(array[index], rows[index])
+    np.testing.assert_array_equal(array[5:9, 1:3], rows[5:9, 1:3])
+    assert array.shape == (37, 5) and len(array) == 37
+
+
+def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, passes):
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=2)
+    cache = StatisticsCache(tmp_path, model_fingerprint="m")
+    slot = cache.activation_slot(cache_module.data_fingerprint(batches), 1 << 30)
+    gather(adapter, batches, [LayerSimilarityTable(adapter.num_layers, "last")], cache=cache, progress=False,
+           activations=slot)
+    other = cache.activation_slot(cache_module.data_fingerprint(random_batches(n_batches=2, seed=5)), 1 << 30)
+    assert slot.directory.is_dir() and other.directory != slot.directory
+    moments = gather(adapter, batches, [LinearMapMoments(2, 5, adapter.hidden_size)], cache=cache, progress=False,
+                     activations=slot)[0]
+    assert len(passes) == 1
+    direct = collect(adapter, batches, [LinearMapMoments(2, 5, adapter.hidden_size)], progress=False)[0]
+    torch.testing.assert_close(moments.B, direct.B, rtol=0, atol=0)
