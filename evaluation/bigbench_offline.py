@@ -16,10 +16,16 @@ dataset script, which formats each example with the ``bigbench`` package's own c
 This module repeats those steps on the package's JSON (nothing is downloaded) and writes one JSON
 Lines file per task, which lm-eval's own task definition then reads through the ``json`` builder.
 
+A task made of subtasks is, in the Hub dataset, the concatenation of its subtasks in the order of
+``subtask_names`` in the package's ``benchmark_tasks/task_metadata.json`` (the order the dataset
+script iterates), each subtask's rows formatted as above with that subtask's own JSON fields
+(prefixes, ``task_prefix``) and numbered from 0 (``idx``). Its first rows therefore all come from
+the first subtask.
+
 Known uncertainty: ``hails/bigbench`` was built from the ``bigbench`` 0.0.1 tarball, not from the
 PyPI release 1.0.0 installed here; a task whose JSON changed between the two would differ. Only
-tasks without subtasks and with integer 0/1 scores are supported (for subtask mixtures the order of
-the subtask files and the per-subtask formatting add more room for divergence).
+tasks whose every example is multiple choice with integer scores are supported (for subtask
+mixtures the order of the subtasks adds room for divergence).
 """
 
 from __future__ import annotations
@@ -98,9 +104,40 @@ def distinct_examples(examples: list[dict]) -> list[dict]:
     return out
 
 
+def subtask_jsons(task: str) -> list[dict]:
+    """The subtasks' JSON, in the order of ``subtask_names`` in ``task_metadata.json``; [] without subtasks.
+
+    Matched by each subtask JSON's ``name`` field, as the ``bigbench`` bridge matches them.
+    """
+    root = benchmark_tasks_dir()
+    metadata = json.loads((root / "task_metadata.json").read_text(encoding="utf-8"))
+    names = metadata.get(task, {}).get("subtask_names") or []
+    if not names:
+        return []
+    by_name = {}
+    for path in sorted((root / task).glob("*/task.json")):
+        sub = json.loads(path.read_text(encoding="utf-8"))
+        by_name[str(sub.get("name", "")).encode("ascii", errors="replace").decode()] = sub
+    missing = [n for n in names if n.split(":")[-1] not in by_name]
+    if missing:
+        raise ConfigError(f"BIG-bench task {task!r}: subtasks {missing} of task_metadata.json have no task.json")
+    return [by_name[n.split(":")[-1]] for n in names]
+
+
+def _parts(task: str) -> list[tuple[str, dict]]:
+    """(label, JSON) whose examples make up the task's rows, in order: the task, or its subtasks."""
+    data = load_task_json(task)
+    if "examples" in data:
+        return [(task, data)]
+    subs = subtask_jsons(task)
+    if not subs:
+        raise ConfigError(f"BIG-bench task {task!r} has neither examples nor subtasks")
+    return [(f"{task}:{sub['name']}", sub) for sub in subs]
+
+
 def _check_supported(task: str, data: dict) -> None:
     if "examples" not in data:
-        raise ConfigError(f"BIG-bench task {task!r} is made of subtasks; only tasks with their own examples are supported")
+        raise ConfigError(f"BIG-bench task {task!r} is made of nested subtasks, which are not supported")
     for i, ex in enumerate(data["examples"]):
         scores = ex.get("target_scores")
         if not scores:
@@ -134,9 +171,11 @@ def format_example(ex: dict, data: dict, row: int) -> dict:
 
 def convert_task(task: str) -> list[dict]:
     """All rows of the task, in the package's order, as the Hub dataset holds them."""
-    data = load_task_json(task)
-    _check_supported(task, data)
-    return [format_example(ex, data, row) for row, ex in enumerate(distinct_examples(data["examples"]))]
+    rows = []
+    for label, data in _parts(task):
+        _check_supported(label, data)
+        rows += [format_example(ex, data, row) for row, ex in enumerate(distinct_examples(data["examples"]))]
+    return rows
 
 
 def task_data_file(task: str, cache_dir: str | Path) -> Path:
@@ -151,5 +190,5 @@ def task_data_file(task: str, cache_dir: str | Path) -> Path:
 
 def chance_level(task: str) -> float:
     """Expected accuracy of a uniform random guess: the mean of 1 / (number of choices)."""
-    examples = distinct_examples(load_task_json(task)["examples"])
+    examples = [ex for _, data in _parts(task) for ex in distinct_examples(data["examples"])]
     return float(np.mean([1.0 / len(ex["target_scores"]) for ex in examples]))

@@ -28,9 +28,18 @@ TASKS = [t["name"] if isinstance(t, dict) else t for t in OFFLINE["tasks"]]
 BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent
 
 
-def _package_json(lm_eval_name: str) -> dict:
+def _package_parts(lm_eval_name: str) -> list[dict]:
+    """The task's JSON, or its subtasks' JSON in the order of task_metadata.json's subtask_names."""
     task = lm_eval_name[len("bigbench_"):-len("_multiple_choice")]
-    return json.loads((BB_ROOT / "benchmark_tasks" / task / "task.json").read_text(encoding="utf-8"))
+    data = json.loads((BB_ROOT / "benchmark_tasks" / task / "task.json").read_text(encoding="utf-8"))
+    if "examples" in data:
+        return [data]
+    metadata = json.loads((BB_ROOT / "benchmark_tasks" / "task_metadata.json").read_text(encoding="utf-8"))
+    names = metadata[task]["subtask_names"]
+    subs = [json.loads(p.read_text(encoding="utf-8")) for p in (BB_ROOT / "benchmark_tasks" / task).glob("*/task.json")]
+    by_name = {sub["name"]: sub for sub in subs}
+    assert len(by_name) == len(subs) == len(names)
+    return [by_name[n.split(":")[-1]] for n in names]
 
 
 def _distinct(examples):
@@ -69,15 +78,14 @@ def test_offline_tasks_are_between_6_and_10():
 def test_converted_rows_match_package_json(name, task_manager, tmp_path):
     from evaluation.lm_eval_runner import offline_task_config
 
-    data = _package_json(name)
-    examples = _distinct(data["examples"])
+    pairs = [(data, ex) for data in _package_parts(name) for ex in _distinct(data["examples"])]
     cfg = offline_task_config(name, tmp_path, task_manager)
     task = task_manager.load([cfg])["tasks"][name]
     docs = list(task.test_docs())
 
-    assert len(docs) == len(examples)  # count
+    assert len(docs) == len(pairs)  # count
     format_fn = _bigbench_default_format_fn()
-    for doc, ex in zip(docs, examples):
+    for doc, (data, ex) in zip(docs, pairs):
         keys = [k.strip() for k in ex["target_scores"]]
         choices = task.doc_to_choice(doc)
         assert choices == keys  # choices, in the JSON's order
@@ -118,9 +126,27 @@ def test_every_choice_appears_in_the_prompt_and_duplicates_are_dropped():
 def test_unsupported_and_unknown_tasks_fail_with_one_line():
     from evaluation.bigbench_offline import bigbench_task_name, convert_task
 
-    with pytest.raises(ConfigError, match="subtasks"):
-        convert_task("logical_deduction")
+    with pytest.raises(ConfigError, match="kanji_ascii:.*no target_scores"):
+        convert_task("kanji_ascii")  # a subtask with examples that are not multiple choice
     with pytest.raises(ConfigError, match="unknown BIG-bench task 'no_such_task'.*emoji_movie"):
         convert_task("no_such_task")
     with pytest.raises(ConfigError, match="not a BIG-bench multiple-choice task"):
         bigbench_task_name("hellaswag")
+
+
+def test_subtasks_are_concatenated_in_metadata_order():
+    """A task made of subtasks: its subtasks' rows one after the other, in task_metadata.json's order."""
+    from evaluation.bigbench_offline import chance_level, convert_task, format_example
+
+    parts = _package_parts("bigbench_cause_and_effect_multiple_choice")
+    # the order in bigbench/benchmark_tasks/task_metadata.json, written out by hand
+    assert [p["name"] for p in parts] == ["one_sentence", "one_sentence_no_prompt", "two_sentences"]
+    rows = convert_task("cause_and_effect")
+    sizes = [len(_distinct(p["examples"])) for p in parts]
+    assert len(rows) == sum(sizes)
+    start = 0
+    for part, size in zip(parts, sizes):
+        assert rows[start]["idx"] == 0 and rows[start + size - 1]["idx"] == size - 1  # numbered per subtask
+        assert rows[start] == format_example(json.loads(json.dumps(part["examples"][0])), part, 0)
+        start += size
+    assert chance_level("cause_and_effect") == pytest.approx(0.5)
