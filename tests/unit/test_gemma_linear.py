@@ -1,0 +1,161 @@
+"""ReplaceMe on Gemma-2/3 with ``norm_fold: linear``: T as an explicit Linear after the post-FFN norm.
+
+Against independent computations: the pruned model against the original with T applied to the norm's
+output by a float64 hook; the saved directory reloaded by `load_pruned` (identical logits, cached
+generation) while plain ``from_pretrained`` fails loudly; the adapter's composition of transforms.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from calibration.batches import CalibrationData
+from depthbench.errors import ConfigError
+from modeling.adapters import adapter_for
+from modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
+from pruners import build_pruner
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.unit.test_architectures import _config
+
+GEMMA = ["gemma2", "gemma3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(family):
+    """Built in its dtype as ``from_pretrained`` builds it (``.to(float64)`` after a float32 build would
+    keep Gemma-3's non-persistent ``embed_scale`` rounded to float32, which no reload reproduces).
+    Gemma-2's eager sliding attention gives NaN in float64 on these tiny models: float32 there."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if family == "gemma2" else torch.float64
+    return AutoModelForCausalLM.from_config(_config(family), dtype=dtype).eval()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+def _transform(family, model, calibration):
+    """(selection, T) from the pruner's own stages on an untouched copy (what the fold must apply)."""
+    pruner = build_pruner("replaceme_ls")
+    adapter = adapter_for(copy.deepcopy(model))
+    stats = pruner.gather(adapter, calibration, pruner.statistics(adapter, 2), False)
+    selection = pruner.select(stats, adapter, 2)
+    ((block, T, _),) = pruner.fit(adapter, selection, calibration, progress=False)
+    return selection, block, T
+
+
+@pytest.mark.parametrize("family", GEMMA)
+def test_linear_route_equals_explicit_float64_computation(family):
+    """Residual gets norm_output @ T: the reference applies T to the original norm's output in float64."""
+    model = _model(family)
+    calibration = CalibrationData(random_batches(n_batches=2), 16)
+    selection, block, T = _transform(family, model, calibration)
+    reference, uidl = copy.deepcopy(model), copy.deepcopy(model)
+    reference.model.layers[block.start - 1].post_feedforward_layernorm.register_forward_hook(
+        lambda mod, args, out: (out.to(torch.float64) @ T).to(out.dtype))
+    adapter_for(reference).remove_layers(selection.removed_layers)
+    adapter_for(uidl).remove_layers(selection.removed_layers)
+
+    result = build_pruner("replaceme_ls").prune(adapter_for(model), calibration, 2, progress=False)
+    assert result.removed_layers == selection.removed_layers
+    kept = block.start - 1  # before the block: same index after removal
+    linear = model.model.layers[kept].post_feedforward_layernorm.linear
+    assert linear.weight.dtype == model.dtype and linear.bias is None
+    batch = random_batches(n_batches=1, seq_len=12)[0]
+    want = _logits(reference, batch)
+    assert not torch.allclose(want, _logits(uidl, batch), atol=1e-3)  # T changed something
+    torch.testing.assert_close(_logits(model, batch), want, rtol=1e-5, atol=1e-5)  # Gemma's norm runs in float32
+
+
+@pytest.mark.parametrize("method", ["replaceme_ls", "replaceme_cosine"])
+@pytest.mark.parametrize("family", GEMMA)
+def test_linear_route_saves_says_custom_code_and_reloads_with_the_loader(family, method, tmp_path):
+    model = _model(family)
+    batches = random_batches(n_batches=2)
+    options = {"epochs": 1} if method == "replaceme_cosine" else {}
+    result = build_pruner(method, options).prune(adapter_for(model), CalibrationData(batches, 16), 2, progress=False)
+    d = model.config.hidden_size
+    info = result.replacement
+    assert info["custom_code_needed"] is True and "load_pruned" in info["loading"]
+    assert info["new_parameters"] == d * d
+    assert result.parameters_after["total"] == result.parameters_before["total"] - 2 * result.parameters_before[
+        "per_layer"] + d * d
+    (fit,) = info["blocks"]
+    assert "explicit linear" in fit["applied"]
+
+    save_pruned(model, None, tmp_path / "pruned", result.to_dict())
+    written = json.loads((tmp_path / "pruned" / METADATA_FILE).read_text())
+    assert written["replacement"]["custom_code_needed"] is True
+    assert written["custom_modules"]["mlp_output_linear_layers"] == [fit["folded_into_layer"]]
+    assert json.loads((tmp_path / "pruned" / CUSTOM_MODULES_FILE).read_text())["mlp_output_linear_layers"] == [
+        fit["folded_into_layer"]]
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # loudly, never with T dropped
+        AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+
+    reloaded = load_pruned(tmp_path / "pruned")
+    assert type(reloaded) is type(model) and reloaded.dtype == model.dtype and not reloaded.training
+    assert adapter_for(reloaded).mlp_output_linear_layers() == [fit["folded_into_layer"]]
+    batch = batches[0]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    prompt = batch["input_ids"][:1, :6]
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = reloaded.generate(prompt, use_cache=True, **kwargs)
+    assert with_cache.shape[1] == 12
+    assert torch.equal(with_cache, reloaded.generate(prompt, use_cache=False, **kwargs))
+    assert torch.equal(with_cache, model.generate(prompt, use_cache=True, **kwargs))
+
+
+@pytest.mark.parametrize("family", GEMMA)
+def test_transforms_compose_into_an_inserted_linear(family):
+    """A second transform (full, then diagonal) on a layer with a linear goes into it: M T1 T2 D."""
+    model, k = _model(family), 2
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    T1, T2 = (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
+              for _ in range(2))
+    D = torch.diag(1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64))
+    explicit = copy.deepcopy(model)
+    explicit.model.layers[k].post_feedforward_layernorm.register_forward_hook(
+        lambda mod, args, out: (out.to(torch.float64) @ T1 @ T2 @ D).to(out.dtype))
+    adapter = adapter_for(model)
+    adapter.insert_mlp_output_linear(k, T1)
+    adapter.fold_into_mlp_output(k, T2)  # no fitter, no linear asked for: composes into the existing one
+    adapter.fold_into_mlp_output(k, D)  # diagonal: into the linear, not the norm's gain (which would be M D T)
+    assert adapter.mlp_output_linear_layers() == [k]
+    batch = random_batches(n_batches=1)[0]
+    torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["replaceme_ls", "replaceme_cosine"])
+def test_norm_fold_value_is_checked(method):
+    with pytest.raises(ConfigError, match=rf"^{method} norm_fold='linaer'; allowed: linear, through_norm$"):
+        build_pruner(method, {"norm_fold": "linaer"})
+
+
+def test_norm_fold_is_irrelevant_without_a_norm_after_the_mlp(tmp_path):
+    """On Llama the fold into down_proj is exact: both values give the same model and no custom code."""
+    batches = random_batches(n_batches=2)
+    models = {}
+    for value in ("linear", "through_norm"):
+        model = build_tiny_model(tiny_llama_config(), dtype=torch.float64)
+        result = build_pruner("replaceme_ls", {"norm_fold": value}).prune(adapter_for(model),
+                                                                          CalibrationData(batches, 16), 2,
+                                                                          progress=False)
+        assert result.replacement["custom_code_needed"] is False and result.replacement["new_parameters"] == 0
+        models[value] = model
+    for key, value in models["linear"].state_dict().items():
+        assert torch.equal(value, models["through_norm"].state_dict()[key]), key
+    save_pruned(models["linear"], None, tmp_path / "plain", {})
+    assert not (tmp_path / "plain" / CUSTOM_MODULES_FILE).exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "plain")  # plain directory, plain loader
