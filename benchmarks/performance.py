@@ -2,7 +2,7 @@
 independent runs, and ReplaceMe-cosine's memory as the calibration set grows. Writes
 docs/PERFORMANCE.md (with the machine it ran on).
 
-    .venv/bin/python benchmarks/performance.py [--samples 128] [--sweep-samples 32]
+    .venv/bin/python benchmarks/performance.py [--samples 128] [--sweep-samples 32] [--memory-samples N]
 
 Every figure is a ratio or a peak measured in the same run, each cell in its own process (so each
 peak RSS is that cell's own). The machine is shared and noisy: compare ratios, not seconds.
@@ -62,15 +62,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--sweep-samples", type=int, default=32)
+    parser.add_argument("--memory-samples", type=int, default=None, help="1x of the memory part (default: --samples)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     parser.add_argument("--parts", default="methods,sweep,memory",
                         help="comma-separated subset of: methods, sweep, memory")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    args.memory_samples = args.memory_samples or args.samples
     lines = [
         "# Performance",
         "",
         f"Produced by `python benchmarks/performance.py --samples {args.samples} --sweep-samples {args.sweep_samples}"
+        f" --memory-samples {args.memory_samples}"
         f" --parts {args.parts}`"
         f" on {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
         "Model: SmolLM2-135M-Instruct (bfloat16), calibration: BIG-bench Wikipedia, 256 tokens per sequence.",
@@ -157,7 +160,7 @@ def memory_section(args, lines: list[str], write, verdict) -> None:
               "| calibration | token rows | peak RSS | vs 1x |", "|---|---|---|---|"]
     base_rss = None
     for factor in (1, 2, 4):
-        r = cell("pruner=replaceme_cosine", "ratio=0.25", f"calibration.n_samples={args.samples * factor}",
+        r = cell("pruner=replaceme_cosine", "ratio=0.25", f"calibration.n_samples={args.memory_samples * factor}",
                  "pruner.options.epochs=1")
         base_rss = base_rss or r["peak_rss_bytes"]
         lines.append(f"| {factor}x ({r['n_samples']} x 256) | {r['n_tokens']} | {mib(r['peak_rss_bytes'])} | "
