@@ -52,3 +52,21 @@ def random_batches(vocab: int = 101, n_batches: int = 3, batch_size: int = 4, se
                 ids[row, n:] = 0
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
+
+
+@pytest.fixture
+def counting_collect(monkeypatch):
+    """Records every forward pass run through `calibration.cache` (replays of stored activations are
+    not forward passes); each entry is the list of statistics that pass fed."""
+    import calibration.cache as cache_module
+    from calibration.statistics import collect
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "collect", counted)
+    return calls
+

@@ -196,6 +196,12 @@ class ModelAdapter(ABC):
         ``y = x W^T + b``, so ``W <- T^T W`` and ``b <- T^T b``; computed in float64 and cast back.
         """
         self.check_exact_fold()
+        self.transform_mlp_output_projection(layer_index, transform)
+
+    @torch.no_grad()
+    def transform_mlp_output_projection(self, layer_index: int, transform: torch.Tensor) -> None:
+        """The projection's output ``y`` becomes ``y @ transform``: ``W <- T^T W``, ``b <- T^T b``
+        (an ``nn.Linear``; float64, cast back). Equals the MLP output M only where nothing follows it."""
         proj = self.mlp_output_projection(self.layer(layer_index))
         t = transform.to(torch.float64).to(proj.weight.device)
         w = proj.weight.data

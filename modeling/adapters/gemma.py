@@ -127,13 +127,7 @@ class GemmaAdapter(LlamaFamilyAdapter):
     def fold_through_output_norm(self, layer_index: int, down: torch.Tensor, gain: torch.Tensor) -> None:
         """Make the MLP output ``RMSNorm(u @ down) * gain``: ``W_down <- down^T W_down`` (and the bias),
         norm weight ``<- gain - 1``; computed in float64, cast back."""
-        proj = self.mlp_output_projection(self.layer(layer_index))
-        p = down.to(torch.float64).to(proj.weight.device)
-        w = proj.weight.data
-        proj.weight.data = (p.T @ w.to(torch.float64)).to(w.dtype)
-        if getattr(proj, "bias", None) is not None:
-            b = proj.bias.data
-            proj.bias.data = (p.T @ b.to(torch.float64)).to(b.dtype)
+        self.transform_mlp_output_projection(layer_index, down)
         self._set_output_norm_gain(layer_index, gain)
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:

@@ -17,19 +17,6 @@ from pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
 
-@pytest.fixture
-def passes(monkeypatch):
-    """Forward passes run through `calibration.cache` (replays are not forward passes)."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(args[2])
-        return collect(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "collect", counted)
-    return calls
-
-
 def _statistics(adapter, directory):
     L, d = adapter.num_layers, adapter.hidden_size
     return [LayerSimilarityTable(L, "last"), LayerSimilarityTable(L, "all"), LinearMapMoments(1, 4, d),
@@ -48,7 +35,7 @@ def _assert_same(replayed, direct):
             np.testing.assert_array_equal(ra[name][:], rb[name][:])
 
 
-def test_replay_equals_a_forward_pass(tiny_llama64, tmp_path, passes):
+def test_replay_equals_a_forward_pass(tiny_llama64, tmp_path, counting_collect):
     """Every kind of statistic, fed from the stored activations, equals the same statistic fed by
     the model itself; padded batches (ragged masks) included."""
     adapter = adapter_for(tiny_llama64)
@@ -56,17 +43,17 @@ def test_replay_equals_a_forward_pass(tiny_llama64, tmp_path, passes):
     assert any(bool((b["attention_mask"] == 0).any()) for b in batches), "the data must contain padding"
     slot = ActivationSlot(tmp_path / "store", budget_bytes=1 << 30)
     compute(adapter, batches, [LayerSimilarityTable(adapter.num_layers, "last")], slot, False, "")
-    assert len(passes) == 1 and slot.open() is not None
+    assert len(counting_collect) == 1 and slot.open() is not None
     (tmp_path / "replayed").mkdir()
     (tmp_path / "direct").mkdir()
     replayed = _statistics(adapter, tmp_path / "replayed")
     compute(adapter, batches, replayed, slot, False, "")
-    assert len(passes) == 1, "replayed, not recomputed"
+    assert len(counting_collect) == 1, "replayed, not recomputed"
     direct = collect(adapter, batches, _statistics(adapter, tmp_path / "direct"), progress=False)
     _assert_same(replayed, direct)
 
 
-def test_store_is_atomic_and_damage_is_detected(tiny_llama64, tmp_path, passes):
+def test_store_is_atomic_and_damage_is_detected(tiny_llama64, tmp_path, counting_collect):
     adapter = adapter_for(tiny_llama64)
     batches = random_batches(n_batches=2)
     slot = ActivationSlot(tmp_path / "store", budget_bytes=1 << 30)
@@ -80,20 +67,20 @@ def test_store_is_atomic_and_damage_is_detected(tiny_llama64, tmp_path, passes):
     assert list(tmp_path.iterdir()) == [], "an interrupted pass leaves nothing behind"
 
     reference = compute_moments(adapter, batches, slot)
-    assert len(passes) == 2
+    assert len(counting_collect) == 2
     victim = slot.directory / "mlp_out_1.bin"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     again = compute_moments(adapter, batches, slot)
-    assert len(passes) == 3, "the damaged store was not replayed but recomputed"
+    assert len(counting_collect) == 3, "the damaged store was not replayed but recomputed"
     torch.testing.assert_close(again.A, reference.A, rtol=0, atol=0)
     assert slot.open() is not None, "and stored again"
     # (in use, slots are keyed by the data's content hash; a store whose batches have other shapes
     # is refused by the store itself and replaced)
     other = random_batches(n_batches=3)
     compute_moments(adapter, other, slot)
-    assert len(passes) == 4
+    assert len(counting_collect) == 4
 
 
 def compute_moments(adapter, batches, slot):
@@ -102,7 +89,7 @@ def compute_moments(adapter, batches, slot):
     return stat
 
 
-def test_over_budget_nothing_is_stored(tiny_llama64, tmp_path, passes):
+def test_over_budget_nothing_is_stored(tiny_llama64, tmp_path, counting_collect):
     adapter = adapter_for(tiny_llama64)
     slot = ActivationSlot(tmp_path / "store", budget_bytes=1000)
     compute_moments(adapter, random_batches(n_batches=1), slot)
@@ -114,23 +101,23 @@ def test_over_budget_nothing_is_stored(tiny_llama64, tmp_path, passes):
     ("replaceme_cosine", {"epochs": 1}),
     ("llm_streamline", {"max_steps": 2}),
 ])
-def test_fit_needs_no_second_pass_and_equals_the_two_pass_result(method, options, passes):
+def test_fit_needs_no_second_pass_and_equals_the_two_pass_result(method, options, counting_collect):
     """With stored activations, the method runs ONE forward pass; the pruned model is identical to
     the one from the fallback (no store: the fit runs its own pass)."""
     base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
     data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
     stored = copy.deepcopy(base)
     build_pruner(method, options).prune(adapter_for(stored), data, 2, progress=False)
-    assert len(passes) == 1
+    assert len(counting_collect) == 1
     fallback = copy.deepcopy(base)
     build_pruner(method, options).prune(adapter_for(fallback), data, 2, progress=False, activation_budget_bytes=0)
-    assert len(passes) == 3, "without the store: the score pass and the fit's own pass"
+    assert len(counting_collect) == 3, "without the store: the score pass and the fit's own pass"
     with torch.no_grad():
         for batch in data.batches:
             torch.testing.assert_close(stored(**batch).logits, fallback(**batch).logits, rtol=0, atol=0)
 
 
-def test_a_sweep_shares_one_pass(tmp_path, passes):
+def test_a_sweep_shares_one_pass(tmp_path, counting_collect):
     """Every method and ratio on the same model and data: one forward pass in all (the cosine
     method's second block is fitted on the already-pruned model, as the reference does, so it has
     its own pass; single-block fits have none)."""
@@ -142,7 +129,7 @@ def test_a_sweep_shares_one_pass(tmp_path, passes):
                                                    ("shortgpt", {})]]
     for method, options, n in cells:
         build_pruner(method, options).prune(adapter_for(copy.deepcopy(base)), data, n, progress=False, cache=cache)
-    assert len(passes) == 1
+    assert len(counting_collect) == 1
 
 
 def test_spill_array_reads_equal_the_file(tmp_path):
@@ -159,7 +146,7 @@ def test_spill_array_reads_equal_the_file(tmp_path):
     assert array.shape == (37, 5) and len(array) == 37
 
 
-def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, passes):
+def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, counting_collect):
     adapter = adapter_for(tiny_llama64)
     batches = random_batches(n_batches=2)
     cache = StatisticsCache(tmp_path, model_fingerprint="m")
@@ -170,6 +157,6 @@ def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, passes):
     assert slot.directory.is_dir() and other.directory != slot.directory
     moments = gather(adapter, batches, [LinearMapMoments(2, 5, adapter.hidden_size)], cache=cache, progress=False,
                      activations=slot)[0]
-    assert len(passes) == 1
+    assert len(counting_collect) == 1
     direct = collect(adapter, batches, [LinearMapMoments(2, 5, adapter.hidden_size)], progress=False)[0]
     torch.testing.assert_close(moments.B, direct.B, rtol=0, atol=0)

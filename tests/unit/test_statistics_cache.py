@@ -1,23 +1,10 @@
 import pytest
 import torch
 
-import calibration.cache as cache_module
 from calibration.cache import StatisticsCache, data_fingerprint, gather
 from calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from modeling.adapters import adapter_for
 from tests.conftest import random_batches
-
-
-@pytest.fixture
-def counting_collect(monkeypatch):
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(args[2])
-        return collect(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "collect", counted)
-    return calls
 
 
 def _requests(adapter):
