@@ -12,7 +12,8 @@ forward pass, so a statistic cannot tell the two apart.
 - Files are written with plain ``write`` calls, never through a memory map, and read with
   ``numpy.fromfile``: they sit in the page cache, not in the process's resident memory.
 - A store is complete only once its manifest (shapes, dtype and a CRC-32 per file) is in place:
-  it is written to a temporary directory and renamed, so a killed pass leaves no half store.
+  it is written to a temporary directory and renamed, so a killed pass leaves no half store (and
+  the next writer deletes temporary stores whose writing process is gone).
   Files are checked against their CRC before replay; a damaged store is deleted and recomputed.
 - Size: (2L + 1) x tokens x hidden x bytes per element (2.3 GB for SmolLM2-135M on 128 x 256
   bfloat16 tokens). `ActivationSlot.budget_bytes` caps it; above the cap nothing is stored and
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -92,6 +94,35 @@ class ActivationSlot:
         return ActivationWriter(self.directory, adapter.num_layers, adapter.hidden_size, dtype)
 
 
+def _tmp_prefix(directory: Path, pid: int) -> str:
+    return f".{directory.name}.{socket.gethostname()}.{pid}."
+
+
+def remove_abandoned_writes(directory: Path) -> list[Path]:
+    """Delete temporary stores for ``directory`` left by writers on this host that no longer run
+    (a pass killed with SIGKILL never reaches its clean-up); returns what was deleted. A writer on
+    another host, or still running here, is left alone."""
+    removed = []
+    host_prefix = f".{directory.name}.{socket.gethostname()}."
+    for candidate in directory.parent.glob(f"{host_prefix}*"):
+        pid = candidate.name[len(host_prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class ActivationWriter(Statistic):
     """Appends every hook point of every batch to its file; `commit` makes the store visible."""
 
@@ -102,7 +133,8 @@ class ActivationWriter(Statistic):
         self.num_layers, self.hidden_size, self.dtype = num_layers, hidden_size, dtype
         self.points = all_hook_points(num_layers)
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=f".{self.directory.name}."))
+        remove_abandoned_writes(self.directory)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=_tmp_prefix(self.directory, os.getpid())))
         self.files = {p: open(self.tmp / _file_name(p), "wb") for p in self.points}
         self.crc = {p: 0 for p in self.points}
         self.shapes: list[list[int]] = []

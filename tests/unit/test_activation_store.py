@@ -1,6 +1,7 @@
 """Stored activations: replaying them equals running the model, and fits need no second pass."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -160,3 +161,24 @@ def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, counting_colle
     assert len(counting_collect) == 1
     direct = collect(adapter, batches, [LinearMapMoments(2, 5, adapter.hidden_size)], progress=False)[0]
     torch.testing.assert_close(moments.B, direct.B, rtol=0, atol=0)
+
+
+def test_a_killed_writers_temporary_store_is_removed_by_the_next_writer(tiny_llama64, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    slot = ActivationSlot(tmp_path / "store", budget_bytes=1 << 30)
+    host = socket.gethostname()
+    abandoned = tmp_path / f".store.{host}.{dead.pid}.abc"
+    running = tmp_path / f".store.{host}.{os.getpid()}.def"  # a live writer (this process)
+    elsewhere = tmp_path / f".store.other-host.{dead.pid}.ghi"  # cannot be checked from here
+    for d in (abandoned, running, elsewhere):
+        d.mkdir()
+        (d / "residual_0.bin").write_bytes(b"\0" * 64)
+    compute_moments(adapter_for(tiny_llama64), random_batches(n_batches=1), slot)
+    assert not abandoned.exists()
+    assert running.exists() and elsewhere.exists()
+    assert slot.open() is not None
