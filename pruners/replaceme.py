@@ -172,35 +172,40 @@ class _ReplaceMe(Pruner):
         except NotImplementedError as err:
             raise ConfigError(f"pruner {self.name!r} cannot prune this model: {err}") from err
 
-    #: Set by `prune` on models with a norm after the MLP: realises a full T through that norm.
+    #: Set by `prune` on models with a norm after the MLP and ``norm_fold: through_norm``.
     through_norm: ThroughNormFit | None = None
     #: Set by `prune`: ``norm_fold`` where a norm follows the MLP, else None; and the hidden size.
     norm_route: str | None = None
     hidden_size: int = 0
 
     def prune(self, adapter, calibration, n_remove, progress=True, **kwargs):
-        """`Pruner.prune`; on a model with a norm after the MLP (Gemma-2/3) the adapter gets, for the
-        duration of the call, the fitter that realises a full T through that norm at fold time (it
-        needs calibration rows of the model as it is then, which neither `fit` nor `apply` passes on)."""
-        self.through_norm, self.hidden_size = None, adapter.hidden_size
-        if adapter.mlp_output_norm(adapter.layer(0)) is None:
-            self.norm_route = None
-            return super().prune(adapter, calibration, n_remove, progress, **kwargs)
-        self.norm_route = self.options.norm_fold
-        if self.norm_route == "linear":  # METHODS.md: an explicit linear module after the norm
-            adapter.full_transform_as_linear = True
-            try:
-                return super().prune(adapter, calibration, n_remove, progress, **kwargs)
-            finally:
-                adapter.full_transform_as_linear = False
-        self.through_norm = ThroughNormFit(calibration.batches, progress, self.name,
-                                           seed=getattr(self.options, "seed", 0),
-                                           spill_dir=getattr(self.options, "spill_dir", None))
-        adapter.output_norm_fitter = self.through_norm
+        """`Pruner.prune`, recording how a full T will be applied on a model with a norm after the MLP
+        (Gemma-2/3); the through-norm fit needs the calibration batches at fold time, which neither
+        `fit` nor `apply` of ReplaceMe-LS receives."""
+        self.hidden_size = adapter.hidden_size
+        has_norm = adapter.mlp_output_norm(adapter.layer(0)) is not None
+        self.norm_route = self.options.norm_fold if has_norm else None
+        self.through_norm = None
+        if self.norm_route == "through_norm":
+            self.through_norm = ThroughNormFit(calibration.batches, progress, self.name,
+                                               seed=getattr(self.options, "seed", 0),
+                                               spill_dir=getattr(self.options, "spill_dir", None))
+        return super().prune(adapter, calibration, n_remove, progress, **kwargs)
+
+    def fold(self, adapter, layer_index: int, T: torch.Tensor) -> None:
+        """Make layer ``layer_index``'s MLP output M become ``M T``: exactly where the adapter can (no
+        norm after the MLP, a diagonal T, a linear module already there), else by ``norm_fold``."""
         try:
-            return super().prune(adapter, calibration, n_remove, progress, **kwargs)
-        finally:
-            adapter.output_norm_fitter = None
+            adapter.fold_into_mlp_output(layer_index, T)
+            return
+        except NotImplementedError:
+            if self.norm_route is None:
+                raise
+        if self.norm_route == "linear":  # METHODS.md: an explicit linear module after the norm
+            adapter.insert_mlp_output_linear(layer_index, T)
+        else:
+            down, gain = self.through_norm(adapter, layer_index, T.to(torch.float64))
+            adapter.fold_through_output_norm(layer_index, down, gain)
 
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=self.block_length(n_remove), tokens="last")]
@@ -303,7 +308,7 @@ class ReplaceMeLSPruner(_ReplaceMe):
     def apply(self, adapter, selection, replacement) -> dict:
         info = []
         for block, T, diagnostics in replacement:
-            adapter.fold_into_mlp_output(block.start - 1, T)
+            self.fold(adapter, block.start - 1, T)
             info.append({"block": [block.start, block.end], "folded_into_layer": block.start - 1,
                          "solver": "diagonal" if self.options.diag else "cholesky",
                          "alpha": float(self.options.alpha), **diagnostics})
@@ -434,7 +439,7 @@ class ReplaceMeCosinePruner(_ReplaceMe):
                 T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
                                                  o.seed, device, progress, what)
                 del arrays
-            adapter.fold_into_mlp_output(s - 1, T)
+            self.fold(adapter, s - 1, T)
             adapter.remove_layers(range(s, e))
             # with unmerged touching blocks, the kept layer is the one before the previous block
             fits.append({"block": [block.start, block.end], "folded_into_layer": alive[s - 1],

@@ -129,7 +129,7 @@ def fit_through_norm(rows, gain: torch.Tensor, eps: float, T: torch.Tensor, epoc
 
 
 class ThroughNormFit:
-    """The `output_norm_fitter` ReplaceMe hands a Gemma adapter: realises a full T through the norm.
+    """How ReplaceMe (``norm_fold: through_norm``) realises a full T through a Gemma layer's post-FFN norm.
 
     Called at fold time with the model as it is then (so ReplaceMe-cosine's later blocks see the
     already-pruned model, as its fit does); collects layer i's MLP output rows in a partial forward

@@ -12,12 +12,11 @@ Folding a ReplaceMe transform T of ``M_k``: with ``u`` the down projection's out
 - Diagonal T (``t`` on the diagonal): ``M T = u / rms(u) * (g t)``, so the fold is exact and goes
   into the norm: ``weight <- (1 + weight) t - 1``.
 - Full T: the norm rescales every token by its own length, so no change of ``mlp.down_proj`` turns
-  ``M`` into ``M T`` for all tokens. Two ways, chosen by the method for the duration of its surgery:
-  an explicit ``Linear(d, d, bias=False)`` holding ``T^T`` after the norm (`insert_mlp_output_linear`,
-  with `full_transform_as_linear`: exact, d x d new parameters, and the saved model needs
-  `modeling.saving.load_pruned`), or a fit through the norm on calibration data (`output_norm_fitter`:
-  ``down_proj`` and the gain both change, zero new parameters, approximate). With neither the fold is
-  refused, never approximated silently.
+  ``M`` into ``M T`` for all tokens: `fold_into_mlp_output` refuses it, never approximates silently.
+  The method chooses one of two ways and calls it: an explicit ``Linear(d, d, bias=False)`` holding
+  ``T^T`` after the norm (`insert_mlp_output_linear`: exact, d x d new parameters, and the saved model
+  needs `modeling.saving.load_pruned`), or ``down_proj`` and the gain refitted on calibration data
+  (`fold_through_output_norm` with what the method fitted: zero new parameters, approximate).
 - A layer that already carries such a linear takes any further transform into it (exact).
 
 Sliding-window and global layers alternate (``config.layer_types``); the generic surgery keeps that
@@ -46,14 +45,6 @@ class GemmaAdapter(LlamaFamilyAdapter):
     inexact_fold_reason = ("Gemma-2/3 apply an RMSNorm (post_feedforward_layernorm) between mlp.down_proj and the "
                            "residual add, which rescales each token by its own norm; a diagonal transform folds "
                            "exactly into that norm's weight, a full one only through a fit on calibration data")
-
-    #: Called by `fold_into_mlp_output` for a full transform: ``(adapter, layer_index, T) -> (P, gain)``
-    #: with ``P`` folded into ``mlp.down_proj`` and ``gain`` the norm's new ``1 + weight``. Set by the
-    #: pruning method for the duration of its surgery (it needs calibration data, which adapters do not hold).
-    output_norm_fitter = None
-    #: When True, `fold_into_mlp_output` applies a full transform as an explicit linear module after the
-    #: norm (`insert_mlp_output_linear`) instead of through `output_norm_fitter`. Set by the method.
-    full_transform_as_linear = False
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.post_feedforward_layernorm  # its output is what the residual stream receives
@@ -102,8 +93,9 @@ class GemmaAdapter(LlamaFamilyAdapter):
 
     @torch.no_grad()
     def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
-        """Make layer ``layer_index``'s MLP output M become ``M @ transform``: exactly for a diagonal
-        transform (into the norm's gain), through `output_norm_fitter` for a full one."""
+        """Make layer ``layer_index``'s MLP output M become ``M @ transform`` where that is exact: into a
+        linear module the layer already carries, or a diagonal transform into the norm's gain. A full
+        transform raises `NotImplementedError` (see the module docstring for the two ways to apply it)."""
         t = transform.to(torch.float64)
         if self.mlp_output_linear(self.layer(layer_index)) is not None:  # compose into it: exact for any T
             self.insert_mlp_output_linear(layer_index, t)
@@ -112,16 +104,10 @@ class GemmaAdapter(LlamaFamilyAdapter):
             gain = self.output_norm_gain(layer_index)
             self._set_output_norm_gain(layer_index, gain * t.diagonal().to(gain.device))
             return
-        if self.full_transform_as_linear:
-            self.insert_mlp_output_linear(layer_index, t)
-            return
-        if self.output_norm_fitter is None:
-            raise NotImplementedError(
-                f"{self.family}: a full linear transform of the MLP output cannot be folded exactly into "
-                f"mlp.down_proj: {self.inexact_fold_reason}; no fitter was supplied and no explicit linear module "
-                f"was asked for (ReplaceMe sets one of the two)")
-        down, gain = self.output_norm_fitter(self, layer_index, t)
-        self.fold_through_output_norm(layer_index, down, gain)
+        raise NotImplementedError(
+            f"{self.family}: a full linear transform of the MLP output cannot be folded exactly into "
+            f"mlp.down_proj: {self.inexact_fold_reason}; apply it with insert_mlp_output_linear (explicit module) "
+            f"or fold_through_output_norm (with a fitted projection and gain)")
 
     @torch.no_grad()
     def fold_through_output_norm(self, layer_index: int, down: torch.Tensor, gain: torch.Tensor) -> None:

@@ -130,7 +130,7 @@ def test_transforms_compose_into_an_inserted_linear(family):
         lambda mod, args, out: (out.to(torch.float64) @ T1 @ T2 @ D).to(out.dtype))
     adapter = adapter_for(model)
     adapter.insert_mlp_output_linear(k, T1)
-    adapter.fold_into_mlp_output(k, T2)  # no fitter, no linear asked for: composes into the existing one
+    adapter.fold_into_mlp_output(k, T2)  # full T: composes into the existing linear (exact)
     adapter.fold_into_mlp_output(k, D)  # diagonal: into the linear, not the norm's gain (which would be M D T)
     assert adapter.mlp_output_linear_layers() == [k]
     batch = random_batches(n_batches=1)[0]
