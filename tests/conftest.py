@@ -25,6 +25,16 @@ def build_tiny_model(config, seed: int = 0, dtype=torch.float32):
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_depthbench_cache(tmp_path_factory):
+    """Tests never read or write the user's cache (~/.cache/depthbench): a result cached by an older
+    checkout could otherwise stand in for a fresh computation. CLI subprocesses inherit the variable."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DEPTHBENCH_CACHE", str(tmp_path_factory.mktemp("depthbench-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_llama():
     return build_tiny_model(tiny_llama_config())

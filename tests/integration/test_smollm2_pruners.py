@@ -2,6 +2,7 @@
 and ReplaceMe-LS beats UIDL on held-out perplexity with the same calibration data (published order)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def runs(tmp_path_factory):
         cfg = compose(f"pruner={method}", "ratio=0.25", "calibration.n_samples=32", "evaluation.perplexity.max_windows=8",
                       "benchmark=none", "efficiency.enabled=false", "logger=none", "progress=false", f"cache.dir={root / 'cache'}")
         records[method] = run(cfg, root / method, after_prune=probe(method))
-    return root, records, in_memory
+    yield root, records, in_memory
+    shutil.rmtree(root, ignore_errors=True)  # five saved models: ~1 GB
 
 
 @pytest.mark.parametrize("method", METHODS)

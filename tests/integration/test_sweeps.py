@@ -71,12 +71,14 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_runs_in_fast_mode(tmp_path, preset):
     sweep = tmp_path / "sweep"
-    # lm-eval is covered by the 2 x 2 sweep above; here every preset's cells run in fast mode.
+    # lm-eval and saving are covered by the 2 x 2 sweep above; here every preset's cells run in fast mode.
     proc = run_cli("-m", f"experiment={preset}", "scale=fast", "benchmark=none", "logger=none", "progress=false",
+                   "save_model=false",
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(sweep)
     assert records, "the preset ran no cell"
+    assert not list(sweep.rglob("model.safetensors")), "save_model=false saved a model"
     for record in records.values():
         assert record["pruning"]["num_layers_after"] < record["pruning"]["num_layers_before"]
     if preset == "leaderboard":
