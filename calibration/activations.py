@@ -113,6 +113,17 @@ def remove_abandoned_writes(directory: Path) -> list[Path]:
     return removed
 
 
+def remove_stores(statistics_dir: Path) -> int:
+    """Delete every activation store (complete or temporary) in a statistics cache directory, leaving
+    the statistics themselves; returns the bytes freed. Only for when no writer or reader can run."""
+    freed = 0
+    for store in [*Path(statistics_dir).glob("activations-*"), *Path(statistics_dir).glob(".activations-*")]:
+        if store.is_dir():
+            freed += sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+            shutil.rmtree(store, ignore_errors=True)
+    return freed
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

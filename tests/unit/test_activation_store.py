@@ -182,3 +182,22 @@ def test_a_killed_writers_temporary_store_is_removed_by_the_next_writer(tiny_lla
     assert not abandoned.exists()
     assert running.exists() and elsewhere.exists()
     assert slot.open() is not None
+
+
+@pytest.mark.parametrize("cache, kept", [({}, False), ({"keep_activations": True}, True), ({"dir": "elsewhere"}, True)])
+def test_an_ended_multirun_deletes_only_its_stored_activations(tmp_path, cache, kept):
+    from omegaconf import OmegaConf
+
+    from experiments.sweep_callbacks import DropStoredActivations
+
+    statistics = tmp_path / "sweep" / ".cache" / "statistics"
+    stores = [statistics / "activations-abc", statistics / ".activations-abc.host.123.tmp"]
+    for store in stores:
+        store.mkdir(parents=True)
+        (store / "residual_0.bin").write_bytes(b"\0" * 1000)
+    kept_file = statistics / "LayerSimilarityTable-x.safetensors"
+    kept_file.write_bytes(b"statistics")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}, "cache": cache})
+    DropStoredActivations().on_multirun_end(config)
+    assert kept_file.read_bytes() == b"statistics"
+    assert [store.exists() for store in stores] == [kept, kept]
