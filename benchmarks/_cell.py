@@ -21,7 +21,8 @@ def main(overrides: list[str]) -> None:
     from tests.integration.conftest import compose
     from calibration.batches import load_calibration
     from calibration.cache import StatisticsCache
-    from experiments.pipeline import layers_to_remove
+    from calibration.activations import store_bytes
+    from experiments.pipeline import activation_budget, layers_to_remove
     from modeling.adapters import adapter_for
     from modeling.loading import load_model, model_fingerprint
     from pruners import build_pruner
@@ -40,8 +41,13 @@ def main(overrides: list[str]) -> None:
     options = cfg.pruner.get("options")
     pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
     cache = StatisticsCache(cfg.cache.dir, model_fingerprint(loaded, cfg.model)) if cfg.cache.get("dir") else None
-    result = pruner.prune(adapter, data, layers_to_remove(cfg.ratio, adapter.num_layers), progress=False, cache=cache)
+    budget = activation_budget(cfg)
+    result = pruner.prune(adapter, data, layers_to_remove(cfg.ratio, adapter.num_layers), progress=False, cache=cache,
+                          activation_budget_bytes=budget)
+    size = store_bytes(adapter.num_layers, adapter.hidden_size, next(loaded.model.parameters()).dtype, data.batches)
     print(json.dumps({"method": pruner.name, "ratio": cfg.ratio, "bare_forward_s": bare,
+                      "activations_stored": bool(pruner.fit_reads_activations and size <= budget),
+                      "activation_store_bytes": size,
                       "prune_s": sum(s["seconds"] for s in result.stages.values()),
                       "peak_rss_bytes": max(s["peak_rss_bytes"] for s in result.stages.values()),
                       "stages": result.stages, "n_samples": data.n_samples, "n_tokens": data.n_tokens}))

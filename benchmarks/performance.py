@@ -1,11 +1,15 @@
 """Pruning cost on the embedded SmolLM2: time and peak memory per method, a whole sweep against
 independent runs, and ReplaceMe-cosine's memory as the calibration set grows. Writes
-docs/PERFORMANCE.md (with the machine it ran on).
+docs/performance.json (the measurements) and docs/PERFORMANCE.md (rendered from it, with the machine
+and the command of each part).
 
     .venv/bin/python benchmarks/performance.py [--samples 128] [--sweep-samples 32] [--memory-samples N]
+                                               [--parts methods,sweep,memory]
 
-Every figure is a ratio or a peak measured in the same run, each cell in its own process (so each
-peak RSS is that cell's own). The machine is shared and noisy: compare ratios, not seconds.
+``--parts`` remeasures only the parts named; the others keep their earlier measurements (each part
+says when and how it was measured). Every figure is a ratio or a peak measured within one part, each
+cell in its own process (so each peak RSS is that cell's own). The machine is shared and noisy:
+compare ratios, not seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,7 +27,11 @@ from pathlib import Path
 
 METHODS = ["replaceme_ls", "replaceme_cosine", "uidl", "llm_streamline", "shortgpt"]
 RATIOS = [0.125, 0.25, 0.375]
+PARTS = ("methods", "sweep", "memory")
 ROOT = Path(__file__).resolve().parents[1]
+# The memory part's stored-activations path needs room for 4x the calibration set (61 hook points x
+# 4 x 64 x 256 tokens x 576 x 2 bytes = 4.6 GB at the default --memory-samples 64).
+STORE_BUDGET_GB = 16
 
 
 def cell(*overrides: str) -> dict:
@@ -34,14 +43,15 @@ def cell(*overrides: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def sweep_in_one_process(samples: int, cache_dir: str) -> float:
+def sweep_in_one_process(samples: int, directory: str) -> tuple[dict, float, int]:
     """All 15 cells through the real CLI as one Hydra multirun sharing one statistics cache."""
-    out = Path(cache_dir) / "sweep"
+    out = Path(directory) / "sweep"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "depthbench.cli", "-m", f"pruner={','.join(METHODS)}",
                            f"ratio={','.join(map(str, RATIOS))}", f"calibration.n_samples={samples}",
                            "evaluate=false", "save_model=false", "logger=none", "progress=false",
-                           f"hydra.sweep.dir={out}"], cwd=ROOT, capture_output=True, text=True)
+                           "cache.keep_activations=true", f"hydra.sweep.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     wall = time.perf_counter() - start
@@ -54,8 +64,157 @@ def sweep_in_one_process(samples: int, cache_dir: str) -> float:
     return per_method, wall, stored
 
 
+# -- measurements (each returns the JSON-able record of its part) -------------------------------
+def measure_methods(args) -> dict:
+    rows = []
+    for method in METHODS:
+        r = cell(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={args.samples}")
+        rows.append({"method": method, "prune_s": r["prune_s"], "score_s": r["stages"]["score"]["seconds"],
+                     "fit_s": r["stages"]["fit"]["seconds"], "bare_forward_s": r["bare_forward_s"],
+                     "peak_rss_bytes": r["peak_rss_bytes"], "activations_stored": r["activations_stored"]})
+        print(rows[-1], flush=True)
+    return {"samples": args.samples, "rows": rows}
+
+
+def measure_sweep(args) -> dict:
+    independent = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in METHODS:
+            for ratio in RATIOS:
+                independent[f"{method}@{ratio}"] = cell(f"pruner={method}", f"ratio={ratio}",
+                                                        f"calibration.n_samples={args.sweep_samples}")["prune_s"]
+                print(method, ratio, independent[f"{method}@{ratio}"], flush=True)
+        per_method, wall, stored = sweep_in_one_process(args.sweep_samples, tmp)
+        single_ls = cell("pruner=replaceme_ls", "ratio=0.25", f"calibration.n_samples={args.sweep_samples}")["prune_s"]
+    return {"samples": args.sweep_samples, "independent_s": independent, "sweep_by_method_s": per_method,
+            "sweep_wall_s": wall, "stored_bytes": stored, "single_ls_s": single_ls}
+
+
+def measure_memory(args) -> dict:
+    paths = {}
+    for path, budget in (("stored activations", STORE_BUDGET_GB), ("no store (activations_gb=0)", 0)):
+        rows = []
+        for factor in (1, 2, 4):
+            r = cell("pruner=replaceme_cosine", "ratio=0.25", f"calibration.n_samples={args.memory_samples * factor}",
+                     "pruner.options.epochs=1", f"cache.activations_gb={budget}")
+            if r["activations_stored"] != (budget > 0):
+                raise RuntimeError(f"{path} at {factor}x: the store was{'' if r['activations_stored'] else ' not'} "
+                                   f"used ({r['activation_store_bytes'] / 1e9:.1f} GB, budget {budget} GiB)")
+            rows.append({"factor": factor, "n_samples": r["n_samples"], "n_tokens": r["n_tokens"],
+                         "peak_rss_bytes": r["peak_rss_bytes"], "prune_s": r["prune_s"],
+                         "store_bytes": r["activation_store_bytes"] if budget else 0})
+            print(path, rows[-1], flush=True)
+        paths[path] = rows
+    return {"samples": args.memory_samples, "paths": paths}
+
+
+MEASURE = {"methods": measure_methods, "sweep": measure_sweep, "memory": measure_memory}
+
+
+# -- rendering ----------------------------------------------------------------------------------
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def provenance(part: dict) -> str:
+    e = part["environment"]
+    return (f"Measured {e['date']} on {e['machine']}, {e['cpus']} CPUs, Python {e['python']}, "
+            f"torch {e['torch']}, by `{e['command']}`.")
+
+
+def render_methods(part: dict, verdicts: list) -> list[str]:
+    lines = [f"## Prune time and peak RSS per method (ratio 0.25, {part['samples']} x 256 tokens, no shared cache)",
+             "", provenance(part), "",
+             "`bare forward` is one forward pass over the same calibration batches (no hooks), timed in the same",
+             "process just before pruning. `score` is the method's one calibration pass (for ReplaceMe and",
+             "Streamline it also stores every layer's activations, in a temporary directory here); `fit` reads",
+             "what it needs back from them (and trains, for cosine and Streamline).", "",
+             "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations stored |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in part["rows"]:
+        ratio = r["prune_s"] / r["bare_forward_s"]
+        lines.append(f"| {r['method']} | {r['prune_s']:.1f} | {r['score_s']:.1f} | {r['fit_s']:.1f} | "
+                     f"{r['bare_forward_s']:.1f} | {ratio:.2f}x | {mib(r['peak_rss_bytes'])} | "
+                     f"{'yes' if r['activations_stored'] else 'no'} |")
+        if r["method"] == "replaceme_ls":
+            verdicts.append(("ReplaceMe-LS prune <= 1.2x a bare forward pass", f"{ratio:.2f}x", ratio <= 1.2))
+    return lines
+
+
+def render_sweep(part: dict, verdicts: list) -> list[str]:
+    independent = sum(part["independent_s"].values())
+    shared = sum(part["sweep_by_method_s"].values())
+    single, mean = part["single_ls_s"], independent / len(part["independent_s"])
+    lines = [f"## A 5-method x 3-ratio sweep ({part['samples']} x 256 tokens)", "", provenance(part), "",
+             "| | prune s | / one ReplaceMe-LS run | / the mean independent run |", "|---|---|---|---|",
+             f"| 15 independent runs (no shared cache) | {independent:.1f} | {independent / single:.1f}x | "
+             f"{independent / mean:.1f}x |",
+             f"| one sweep, shared statistics cache | {shared:.1f} | {shared / single:.2f}x | {shared / mean:.2f}x |",
+             "",
+             f"(One ReplaceMe-LS run: {single:.1f} s; the mean of the 15 independent runs: {mean:.1f} s; the sweep's "
+             f"whole wall time incl. model loads: {part['sweep_wall_s']:.0f} s.)", "",
+             "The sweep's pruning seconds by method (3 ratios each; its first cell, ReplaceMe-LS at the first",
+             "ratio, makes the one forward pass): "
+             + ", ".join(f"{m} {v:.1f}" for m, v in part["sweep_by_method_s"].items()) + ".",
+             f"Stored activations on disk after the sweep (kept here with cache.keep_activations=true): "
+             f"{part['stored_bytes'] / 1e6:.0f} MB.", "",
+             "Independent runs by cell (s): "
+             + ", ".join(f"{k} {v:.1f}" for k, v in part["independent_s"].items()) + "."]
+    verdicts.append(("15-cell sweep's pruning < 3x one run's (one ReplaceMe-LS run)", f"{shared / single:.2f}x",
+                     shared / single < 3))
+    return lines
+
+
+def render_memory(part: dict, verdicts: list) -> list[str]:
+    lines = ["## ReplaceMe-cosine peak RSS vs calibration size", "", provenance(part), "",
+             "Both ways the fit can get its token rows, each at 1x, 2x and 4x the calibration set: replayed",
+             f"from stored activations (budget raised to {STORE_BUDGET_GB} GiB so that 4x fits), and read by the",
+             "fit's own forward pass (`cache.activations_gb=0`, what a model whose store exceeds the budget",
+             "gets). cosine with 1 epoch: memory does not depend on the number of epochs.", "",
+             "| path | calibration | token rows | store on disk | peak RSS | vs 1x |", "|---|---|---|---|---|---|"]
+    for path, rows in part["paths"].items():
+        base = rows[0]["peak_rss_bytes"]
+        for r in rows:
+            lines.append(f"| {path} | {r['factor']}x ({r['n_samples']} x 256) | {r['n_tokens']} | "
+                         f"{r['store_bytes'] / 1e9:.1f} GB | {mib(r['peak_rss_bytes'])} | "
+                         f"{100 * (r['peak_rss_bytes'] / base - 1):+.1f}% |")
+        growth = rows[-1]["peak_rss_bytes"] / base - 1
+        verdicts.append((f"ReplaceMe-cosine peak RSS grows < 10% from 1x to 4x calibration ({path})",
+                         f"{100 * growth:+.1f}%", growth < 0.10))
+    return lines
+
+
+RENDER = {"methods": render_methods, "sweep": render_sweep, "memory": render_memory}
+
+
+def render(results: dict) -> str:
+    verdicts: list = []
+    sections = []
+    for name in PARTS:
+        if name in results:
+            sections += ["", *RENDER[name](results[name], verdicts)]
+    head = ["# Performance", "",
+            "Produced by `benchmarks/performance.py` (measurements in `docs/performance.json`; each part below",
+            "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct",
+            "(bfloat16), calibration: BIG-bench Wikipedia, 256 tokens per sequence. The machine is shared:",
+            "read the ratios, not the seconds.", "",
+            "## Against issue #6's targets", "", "| target | measured | met |", "|---|---|---|",
+            *(f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in verdicts)]
+    return "\n".join(head + sections) + "\n"
+
+
+def environment(argv: list[str]) -> dict:
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "command": "python benchmarks/performance.py " + " ".join(shlex.quote(a) for a in argv)}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -63,114 +222,26 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--sweep-samples", type=int, default=32)
     parser.add_argument("--memory-samples", type=int, default=None, help="1x of the memory part (default: --samples)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "performance.json"))
     parser.add_argument("--output", default=str(ROOT / "docs" / "PERFORMANCE.md"))
-    parser.add_argument("--parts", default="methods,sweep,memory",
-                        help="comma-separated subset of: methods, sweep, memory")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON, measure nothing")
     args = parser.parse_args()
-    parts = set(args.parts.split(","))
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; allowed: {', '.join(PARTS)}")
     args.memory_samples = args.memory_samples or args.samples
-    lines = [
-        "# Performance",
-        "",
-        f"Produced by `python benchmarks/performance.py --samples {args.samples} --sweep-samples {args.sweep_samples}"
-        f" --memory-samples {args.memory_samples}"
-        f" --parts {args.parts}`"
-        f" on {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
-        "Model: SmolLM2-135M-Instruct (bfloat16), calibration: BIG-bench Wikipedia, 256 tokens per sequence.",
-        "The machine is shared: read the ratios, not the seconds.",
-    ]
-
-    def write() -> None:  # after every section, so an interrupted run leaves a valid partial report
-        Path(args.output).write_text("\n".join(lines) + "\n")
-
-    lines += ["", "## Against issue #6's targets", "", "| target | measured | met |", "|---|---|---|"]
-    targets_at = len(lines)
-    verdicts: list[str] = []
-
-    def verdict(target: str, measured: str, met: bool) -> None:
-        verdicts.append(f"| {target} | {measured} | {'yes' if met else 'NO'} |")
-        lines[targets_at:targets_at + len(verdicts) - 1] = verdicts
-        write()
-
-    if "methods" in parts:
-        methods_section(args, lines, write, verdict)
-    if "sweep" in parts:
-        sweep_section(args, lines, write, verdict)
-    if "memory" in parts:
-        memory_section(args, lines, write, verdict)
-    print(f"wrote {args.output}")
-
-
-def methods_section(args, lines: list[str], write, verdict) -> None:
-    lines += [
-        "",
-        f"## Prune time and peak RSS per method (ratio 0.25, {args.samples} x 256 tokens, no shared cache)",
-        "",
-        "`bare forward` is one forward pass over the same calibration batches (no hooks), timed in the same",
-        "process just before pruning. `score` is the method's one calibration pass (for ReplaceMe and",
-        "Streamline it also stores every layer's activations, in a temporary directory here); `fit` reads",
-        "what it needs back from them (and trains, for cosine and Streamline).",
-        "",
-        "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        r = cell(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={args.samples}")
-        ratio = r["prune_s"] / r["bare_forward_s"]
-        lines.append(f"| {method} | {r['prune_s']:.1f} | {r['stages']['score']['seconds']:.1f} | "
-                     f"{r['stages']['fit']['seconds']:.1f} | {r['bare_forward_s']:.1f} | {ratio:.2f}x | "
-                     f"{mib(r['peak_rss_bytes'])} |")
-        print(lines[-1], flush=True)
-        write()
-        if method == "replaceme_ls":
-            verdict("ReplaceMe-LS prune <= 1.2x a bare forward pass", f"{ratio:.2f}x", ratio <= 1.2)
-
-
-def sweep_section(args, lines: list[str], write, verdict) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        independent = 0.0
-        for method in METHODS:
-            for ratio in RATIOS:
-                independent += cell(f"pruner={method}", f"ratio={ratio}", f"calibration.n_samples={args.sweep_samples}")["prune_s"]
-        per_method, wall, stored = sweep_in_one_process(args.sweep_samples, tmp)
-        shared = sum(per_method.values())
-        single = cell("pruner=replaceme_ls", "ratio=0.25", f"calibration.n_samples={args.sweep_samples}")["prune_s"]
-    lines += [
-        "",
-        f"## A 5-method x 3-ratio sweep ({args.sweep_samples} x 256 tokens)",
-        "",
-        "| | prune s | / one ReplaceMe-LS run |",
-        "|---|---|---|",
-        f"| 15 independent runs (no shared cache) | {independent:.1f} | {independent / single:.1f}x |",
-        f"| one sweep, shared statistics cache | {shared:.1f} | {shared / single:.1f}x |",
-        "",
-        f"(One ReplaceMe-LS run: {single:.1f} s; the sweep's whole wall time incl. model loads: {wall:.0f} s.)",
-        "",
-        "The sweep's pruning seconds by method (3 ratios each; its first cell, ReplaceMe-LS at the first",
-        "ratio, makes the one forward pass): " + ", ".join(f"{m} {v:.1f}" for m, v in per_method.items()) + ".",
-        f"Stored activations on disk after the sweep: {stored / 1e6:.0f} MB.",
-    ]
-    print("\n".join(lines[-12:]), flush=True)
-    write()
-    verdict("15-cell sweep's pruning < 3x one run's", f"{shared / single:.2f}x", shared / single < 3)
-
-
-def memory_section(args, lines: list[str], write, verdict) -> None:
-    lines += ["", "## ReplaceMe-cosine peak RSS vs calibration size", "",
-              "| calibration | token rows | peak RSS | vs 1x |", "|---|---|---|---|"]
-    base_rss = None
-    for factor in (1, 2, 4):
-        r = cell("pruner=replaceme_cosine", "ratio=0.25", f"calibration.n_samples={args.memory_samples * factor}",
-                 "pruner.options.epochs=1")
-        base_rss = base_rss or r["peak_rss_bytes"]
-        lines.append(f"| {factor}x ({r['n_samples']} x 256) | {r['n_tokens']} | {mib(r['peak_rss_bytes'])} | "
-                     f"{100 * (r['peak_rss_bytes'] / base_rss - 1):+.1f}% |")
-        print(lines[-1], flush=True)
-        write()
-    lines += ["", "(cosine with 1 epoch here: memory does not depend on the number of epochs.)", ""]
-    write()
-    growth = r["peak_rss_bytes"] / base_rss - 1
-    verdict("ReplaceMe-cosine peak RSS grows < 10% from 1x to 4x calibration", f"{100 * growth:+.1f}%", growth < 0.10)
+    results_path, output = Path(args.results), Path(args.output)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not args.render_only:
+        env = environment(sys.argv[1:])
+        for name in parts:  # each part saved as soon as it is measured: an interrupted run keeps the others
+            results[name] = {"environment": env, **MEASURE[name](args)}
+            write_atomically(results_path, json.dumps(results, indent=1) + "\n")
+            write_atomically(output, render(results))
+    write_atomically(output, render(results))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
