@@ -46,3 +46,26 @@ def test_non_finite_weights_stop_before_saving(tiny_llama):
         tiny_llama.model.layers[1].mlp.down_proj.weight[3, 4] = float("nan")
     with pytest.raises(NumericalError, match=r"model.layers.1.mlp.down_proj.weight.*nothing was saved"):
         check_finite_parameters(tiny_llama)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_flags_any_non_finite_real_token_and_ignores_padding(dtype, bad):
+    from calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, check_finite
+
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # right padding
+
+    def acts(value, row, col):
+        points = {(RESIDUAL, k): torch.randn(2, 5, 4, dtype=dtype) for k in range(3)}
+        points[(MLP_OUT, 1)] = torch.randn(2, 5, 4, dtype=dtype)
+        points[(MLP_OUT, 1)][row, col, 2] = value
+        return BatchActivations(points=points, mask=mask, last_index=mask.sum(1) - 1)
+
+    with pytest.raises(NumericalError, match=r"M_1 \(MLP output of layer 1\)"):
+        check_finite(acts(bad, 1, 2))  # a real token
+    check_finite(acts(bad, 1, 4))  # a padded position: allowed
+    huge = torch.finfo(dtype).max
+    big = acts(huge, 0, 0)
+    big.points[(MLP_OUT, 1)][0, 1:, :] = huge  # finite values whose sum overflows
+    check_finite(big)
