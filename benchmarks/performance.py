@@ -118,7 +118,8 @@ def mib(n: int) -> str:
 
 def provenance(part: dict) -> str:
     e = part["environment"]
-    return (f"Measured {e['date']} on {e['machine']}, {e['cpus']} CPUs, Python {e['python']}, "
+    return (f"Measured {e['date']} at commit {e.get('commit', 'unknown')} on {e['machine']}, {e['cpus']} CPUs, "
+            f"Python {e['python']}, "
             f"torch {e['torch']}, by `{e['command']}`.")
 
 
@@ -206,7 +207,11 @@ def render(results: dict) -> str:
 def environment(argv: list[str]) -> dict:
     import torch
 
-    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d"), "commit": f"{sha}{'+changes' if dirty else ''}" or "unknown",
+            "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "command": "python benchmarks/performance.py " + " ".join(shlex.quote(a) for a in argv)}
 
