@@ -21,7 +21,9 @@ def main(overrides: list[str]) -> None:
     from tests.integration.conftest import compose
     from calibration.batches import load_calibration
     from calibration.cache import StatisticsCache
-    from calibration.activations import store_bytes
+    from pathlib import Path
+
+    from calibration.activations import ActivationSlot
     from experiments.pipeline import activation_budget, layers_to_remove
     from modeling.adapters import adapter_for
     from modeling.loading import load_model, model_fingerprint
@@ -44,9 +46,10 @@ def main(overrides: list[str]) -> None:
     budget = activation_budget(cfg)
     result = pruner.prune(adapter, data, layers_to_remove(cfg.ratio, adapter.num_layers), progress=False, cache=cache,
                           activation_budget_bytes=budget)
-    size = store_bytes(adapter.num_layers, adapter.hidden_size, next(loaded.model.parameters()).dtype, data.batches)
+    slot = ActivationSlot(Path("unused"), budget)  # the writer's own size and budget decision
+    size = slot.store_size(adapter, data.batches)
     print(json.dumps({"method": pruner.name, "ratio": cfg.ratio, "bare_forward_s": bare,
-                      "activations_stored": bool(pruner.fit_reads_activations and size <= budget),
+                      "activations_stored": bool(pruner.fit_reads_activations and slot.admits(size)),
                       "activation_store_bytes": size,
                       "prune_s": sum(s["seconds"] for s in result.stages.values()),
                       "peak_rss_bytes": max(s["peak_rss_bytes"] for s in result.stages.values()),

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from calibration.activations import STORE_PREFIX
+from depthbench import atomic
+
 METHODS = ["replaceme_ls", "replaceme_cosine", "uidl", "llm_streamline", "shortgpt"]
 RATIOS = [0.125, 0.25, 0.375]
 PARTS = ("methods", "sweep", "memory")
@@ -56,7 +59,7 @@ def sweep_in_one_process(samples: int, directory: str) -> tuple[dict, float, int
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     wall = time.perf_counter() - start
-    stored = sum(f.stat().st_size for f in out.glob(".cache/statistics/activations-*/*"))
+    stored = sum(f.stat().st_size for f in out.glob(f".cache/statistics/{STORE_PREFIX}*/*"))
     per_method = {m: 0.0 for m in METHODS}
     for path in out.rglob("result.json"):
         record = json.loads(path.read_text())
@@ -221,12 +224,6 @@ def environment(argv: list[str]) -> dict:
             "command": "python benchmarks/performance.py " + " ".join(shlex.quote(a) for a in argv)}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=128)
@@ -248,9 +245,9 @@ def main() -> None:
         env = environment(sys.argv[1:])
         for name in parts:  # each part saved as soon as it is measured: an interrupted run keeps the others
             results[name] = {"environment": env, **MEASURE[name](args)}
-            write_atomically(results_path, json.dumps(results, indent=1) + "\n")
-            write_atomically(output, render(results))
-    write_atomically(output, render(results))
+            atomic.write_text(results_path, json.dumps(results, indent=1) + "\n")
+            atomic.write_text(output, render(results))
+    atomic.write_text(output, render(results))
     print(f"wrote {output}")
 
 

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Bump when the file layout changes, so stores written by older code are not replayed.
 STORE_VERSION = 1
+#: Names of store directories in a statistics cache (``activations-<key>``; temporary: ``.activations-<key>.*``).
+STORE_PREFIX = "activations-"
 _MANIFEST = "manifest.json"
 
 
@@ -83,19 +85,31 @@ class ActivationSlot:
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def store_size(self, adapter, batches: list[dict]) -> int:
+        """Bytes the store of this model (in its dtype) and these batches takes on disk."""
+        return store_bytes(adapter.num_layers, adapter.hidden_size, adapter.embeddings().weight.dtype, batches)
+
+    def admits(self, size: int) -> bool:
+        return size <= self.budget_bytes
+
     def writer(self, adapter, batches: list[dict]) -> "ActivationWriter | None":
         """A writer for this slot, or ``None`` when the store would exceed the budget."""
-        dtype = adapter.embeddings().weight.dtype
-        size = store_bytes(adapter.num_layers, adapter.hidden_size, dtype, batches)
-        if size > self.budget_bytes:
+        size = self.store_size(adapter, batches)
+        if not self.admits(size):
             log.info("not storing calibration activations: %.2f GB > budget %.2f GB (fits run their own pass)",
                      size / 1e9, self.budget_bytes / 1e9)
             return None
-        return ActivationWriter(self.directory, adapter.num_layers, adapter.hidden_size, dtype)
+        return ActivationWriter(self.directory, adapter.num_layers, adapter.hidden_size,
+                                adapter.embeddings().weight.dtype)
+
+
+def _host_prefix(directory: Path) -> str:
+    """Temporary stores for ``directory`` written on this host start with this (then the pid)."""
+    return f".{directory.name}.{socket.gethostname()}."
 
 
 def _tmp_prefix(directory: Path, pid: int) -> str:
-    return f".{directory.name}.{socket.gethostname()}.{pid}."
+    return f"{_host_prefix(directory)}{pid}."
 
 
 def remove_abandoned_writes(directory: Path) -> list[Path]:
@@ -103,7 +117,7 @@ def remove_abandoned_writes(directory: Path) -> list[Path]:
     (a pass killed with SIGKILL never reaches its clean-up); returns what was deleted. A writer on
     another host, or still running here, is left alone."""
     removed = []
-    host_prefix = f".{directory.name}.{socket.gethostname()}."
+    host_prefix = _host_prefix(directory)
     for candidate in directory.parent.glob(f"{host_prefix}*"):
         pid = candidate.name[len(host_prefix):].split(".", 1)[0]
         if not pid.isdigit() or _process_alive(int(pid)):
@@ -117,7 +131,8 @@ def remove_stores(statistics_dir: Path) -> int:
     """Delete every activation store (complete or temporary) in a statistics cache directory, leaving
     the statistics themselves; returns the bytes freed. Only for when no writer or reader can run."""
     freed = 0
-    for store in [*Path(statistics_dir).glob("activations-*"), *Path(statistics_dir).glob(".activations-*")]:
+    directory = Path(statistics_dir)
+    for store in [*directory.glob(f"{STORE_PREFIX}*"), *directory.glob(f".{STORE_PREFIX}*")]:
         if store.is_dir():
             freed += sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
             shutil.rmtree(store, ignore_errors=True)

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 
 import depthbench
-from calibration.activations import ActivationSlot
+from calibration.activations import STORE_PREFIX, ActivationSlot
 from calibration.statistics import (
     STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
 )
@@ -63,7 +63,7 @@ class StatisticsCache:
     def activation_slot(self, data_hash: str, budget_bytes: int) -> ActivationSlot:
         """Where this model's activations on the calibration data with ``data_hash`` are stored."""
         key = json.dumps([self.model_fingerprint, data_hash, STATISTICS_VERSION, depthbench.__version__])
-        return ActivationSlot(self.directory / f"activations-{hashlib.sha256(key.encode()).hexdigest()[:32]}",
+        return ActivationSlot(self.directory / f"{STORE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}",
                               budget_bytes)
 
     def load(self, stat: Statistic, data_hash: str) -> bool:

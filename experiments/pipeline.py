@@ -112,6 +112,11 @@ def cache_root(cfg: DictConfig, sweep_dir: Path | None) -> Path:
     return Path(sweep_dir) / ".cache" if sweep_dir else default_cache_dir()
 
 
+def statistics_dir(cfg: DictConfig, sweep_dir: Path | None) -> Path:
+    """Where calibration statistics and stored activations are cached (under `cache_root`)."""
+    return cache_root(cfg, sweep_dir) / "statistics"
+
+
 def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
     """What the base model's quality numbers depend on: the weights, the benchmark, the held-out text."""
     return key_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype,
@@ -192,7 +197,7 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
         with timer.stage("speed_base"):
             base_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
 
-    stats_cache = StatisticsCache(caches / "statistics", fingerprint) if settings.get("statistics", True) else None
+    stats_cache = StatisticsCache(statistics_dir(cfg, sweep_dir), fingerprint) if settings.get("statistics", True) else None
     # Stored activations (GBs) persist where the caches are the user's own choice: a sweep's
     # directory or an explicit cache.dir; a single run keeps them in a temporary directory.
     keep = sweep_dir is not None or bool((cfg.get("cache") or {}).get("dir"))

@@ -26,7 +26,9 @@ class DropStoredActivations(Callback):
         settings = config.get("cache") or {}
         if settings.get("keep_activations") or settings.get("dir"):
             return
-        statistics = Path(str(config.hydra.sweep.dir)) / ".cache" / "statistics"
+        from experiments.pipeline import statistics_dir
+
+        statistics = statistics_dir(config, Path(str(config.hydra.sweep.dir)))
         if not statistics.is_dir():
             return
         freed = remove_stores(statistics)
