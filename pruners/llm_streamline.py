@@ -18,13 +18,19 @@ Training (option ``loss``): ``mse`` (reference) over every real token and dimens
 attention mask (the reference trains without one, bidirectionally, and runs causally at inference:
 not copied); ``lm``: the language-modelling loss of the calibration tokens through the rest of the
 frozen model (final layers, final norm, head), a simple implementation of the paper's ablation.
-AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping; the module trains in
-float32 and is cast back to the model dtype. Training pairs are spilled to a memory-mapped file.
+AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping. The module's weights and
+optimiser state are float32 and it is cast back to the model dtype afterwards; option ``precision``
+sets the arithmetic: ``float32``, or ``bf16-mixed`` (matmuls in bfloat16 under ``torch.autocast``,
+float32 master weights, loss and updates: the usual mixed-precision training, ~1.7x faster steps
+on a CPU with bfloat16 instructions), ``auto`` (default) = ``bf16-mixed`` for a bfloat16 model (its
+activations, the training pairs, are bfloat16 already, and the module runs in bfloat16 once placed)
+and ``float32`` otherwise. Training pairs are spilled to a memory-mapped file.
 """
 
 from __future__ import annotations
 
 import copy
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +71,23 @@ def _trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+PRECISIONS = ("auto", "float32", "bf16-mixed")
+
+
+def resolve_precision(precision: str, model_dtype: torch.dtype) -> str:
+    """``auto`` -> ``bf16-mixed`` for a bfloat16 model, else ``float32``; other values unchanged."""
+    if precision == "auto":
+        return "bf16-mixed" if model_dtype == torch.bfloat16 else "float32"
+    return precision
+
+
+def training_arithmetic(precision: str, device: torch.device):
+    """The context the module's forward passes run in: bfloat16 autocast for ``bf16-mixed``."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @pruner_registry.register("llm_streamline")
 class LLMStreamlinePruner(Pruner):
     name = "llm_streamline"
@@ -95,6 +118,9 @@ class LLMStreamlinePruner(Pruner):
         batch_size: int = 8
         # Seed of the sequence shuffling.
         seed: int = 0
+        # Arithmetic of the training: float32, bf16-mixed (bfloat16 autocast, float32 master weights),
+        # auto = bf16-mixed for a bfloat16 model, float32 otherwise.
+        precision: str = "auto"
         # Directory for the temporary spill files of training pairs; null = the system temp dir.
         spill_dir: str | None = None
 
@@ -102,6 +128,8 @@ class LLMStreamlinePruner(Pruner):
         o = self.options
         if o.replacement not in ("layer", "ffn"):
             raise ConfigError(f"llm_streamline replacement={o.replacement!r}; allowed: layer, ffn")
+        if o.precision not in PRECISIONS:
+            raise ConfigError(f"llm_streamline precision={o.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if o.loss not in ("mse", "lm"):
             raise ConfigError(f"llm_streamline loss={o.loss!r}; allowed: mse, lm")
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
@@ -158,6 +186,7 @@ class LLMStreamlinePruner(Pruner):
         o = self.options
         j, end = selection.scores["replaced_range"]
         device = adapter.embeddings().weight.device
+        precision = resolve_precision(o.precision, adapter.embeddings().weight.dtype)
         width = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
         module = self.initial_module(adapter, j).to(device)
         trainable = _trainable_parameters(module)
@@ -171,9 +200,9 @@ class LLMStreamlinePruner(Pruner):
             for p in frozen:  # nothing of the model itself trains (and no gradients pile up there)
                 p.requires_grad_(False)
             try:
-                history = self._train(adapter, module, trainable, data, loss_fn, device, progress)
+                history = self._train(adapter, module, trainable, data, loss_fn, device, precision, progress)
                 mse_before = history.pop("mse_initial")
-                mse_after = _mean_mse(adapter, module, data, o.batch_size, device)
+                mse_after = _mean_mse(adapter, module, data, o.batch_size, device, precision)
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
@@ -182,13 +211,13 @@ class LLMStreamlinePruner(Pruner):
             if not torch.isfinite(p).all():
                 raise NumericalError(f"{self.name}: training diverged (non-finite weights); lower pruner.options.lr")
         return {"module": module, "replaced_range": [j, end], "mse_before": mse_before, "mse_after": mse_after,
-                "trained_parameters": sum(p.numel() for p in trainable), **history}
+                "trained_parameters": sum(p.numel() for p in trainable), "precision": precision, **history}
 
     @staticmethod
     def _mse_loss(adapter, module, x, target, mask, index):
         out = adapter.layer_forward(module, x, mask)
         real = mask.bool()
-        return ((out - target) ** 2)[real].mean()
+        return ((out.float() - target) ** 2)[real].mean()
 
     def _lm_loss(self, adapter, end, input_ids):
         rest = list(adapter.decoder_layers())[end:]
@@ -204,7 +233,7 @@ class LLMStreamlinePruner(Pruner):
 
         return loss
 
-    def _train(self, adapter, module, trainable, data, loss_fn, device, progress) -> dict:
+    def _train(self, adapter, module, trainable, data, loss_fn, device, precision, progress) -> dict:
         o = self.options
         n_seq = data["input"].shape[0]
         steps_per_epoch = math.ceil(n_seq / o.batch_size)
@@ -214,7 +243,7 @@ class LLMStreamlinePruner(Pruner):
         fused = all(p.device.type in ("cpu", "cuda") for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
         generator = torch.Generator().manual_seed(o.seed)
-        mse_initial = _mean_mse(adapter, module, data, o.batch_size, device)
+        mse_initial = _mean_mse(adapter, module, data, o.batch_size, device, precision)
         losses, step = [], 0
         bar = tqdm(total=total, desc=f"{self.name}: training", unit="step", disable=not progress, leave=False)
         while step < total:
@@ -226,7 +255,8 @@ class LLMStreamlinePruner(Pruner):
                 x, target, mask = _load(data, index, device)
                 for group in optimizer.param_groups:
                     group["lr"] = warmup_cosine(step, total, o.warmup_steps, o.lr, o.min_lr)
-                loss = loss_fn(adapter, module, x, target, mask, index)
+                with training_arithmetic(precision, device):
+                    loss = loss_fn(adapter, module, x, target, mask, index)
                 if not torch.isfinite(loss):
                     raise NumericalError(f"{self.name}: training loss became non-finite at step {step}; lower lr")
                 optimizer.zero_grad(set_to_none=True)
@@ -269,6 +299,7 @@ class LLMStreamlinePruner(Pruner):
             "stored_parameters": stored,
             "mse_before_training": replacement["mse_before"],
             "mse_after_training": replacement["mse_after"],
+            "precision": replacement["precision"],
             "steps": replacement["steps"],
             "sequences": replacement["sequences"],
             "loss_first_step": replacement["loss_first_step"],
@@ -286,14 +317,16 @@ def _load(data, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @torch.no_grad()
-def _mean_mse(adapter, module, data, batch_size: int, device) -> float:
-    """MSE of ``module`` over every real token and dimension of the spilled pairs (float64 sums)."""
+def _mean_mse(adapter, module, data, batch_size: int, device, precision: str) -> float:
+    """MSE of ``module`` (in the training's arithmetic) over every real token and dimension of the
+    spilled pairs (float64 sums)."""
     total, count = 0.0, 0
     n_seq = data["input"].shape[0]
     for start in range(0, n_seq, batch_size):
         x, target, mask = _load(data, np.arange(start, min(start + batch_size, n_seq)), device)
-        out = adapter.layer_forward(module, x, mask)
-        diff = (out - target)[mask.bool()].to(torch.float64)
+        with training_arithmetic(precision, device):
+            out = adapter.layer_forward(module, x, mask)
+        diff = (out.to(torch.float64) - target.to(torch.float64))[mask.bool()]
         total += float((diff * diff).sum())
         count += diff.numel()
     return total / count

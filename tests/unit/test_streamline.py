@@ -89,6 +89,7 @@ def test_training_reduces_mse_and_saved_model_reloads(replacement, tmp_path):
                                                            progress=False)
     assert [p.name for p in tmp_path.iterdir()] == []  # the spill files are gone
     info = result.replacement
+    assert info["precision"] == "float32"  # auto on a float32 model
     j, end = info["replaced_range"]
     assert end == j + n + 1 and result.removed_layers == list(range(j + 1, end))
     assert model.config.num_hidden_layers == L - n
@@ -128,6 +129,40 @@ def test_training_reduces_mse_and_saved_model_reloads(replacement, tmp_path):
     assert torch.equal(cached, uncached) and cached.shape[1] == 12
 
 
+def test_bfloat16_model_trains_in_mixed_precision():
+    """auto on a bfloat16 model = bfloat16 autocast: the arithmetic really changes (first-step loss),
+    the training is the same one (close to float32 training), and the reported MSE after training is
+    the one of the placed module, recomputed independently in float64."""
+    L, n = 6, 2
+    model = build_tiny_model(tiny_llama_config(num_layers=L), seed=12, dtype=torch.bfloat16)
+    batches = random_batches(n_batches=4, batch_size=4, seed=12)
+    options = {"lr": 3e-3, "min_lr": 1e-4, "max_steps": 30, "warmup_steps": 2, "batch_size": 4}
+    runs = {}
+    for precision in ("auto", "float32"):
+        pruned = copy.deepcopy(model)
+        result = build_pruner("llm_streamline", {**options, "precision": precision}).prune(
+            adapter_for(pruned), CalibrationData(batches, 16), n, progress=False)
+        runs[precision] = pruned, result.replacement
+    mixed, full = runs["auto"][1], runs["float32"][1]
+    assert (mixed["precision"], full["precision"]) == ("bf16-mixed", "float32")
+    assert mixed["replaced_range"] == full["replaced_range"]
+    assert mixed["loss_first_step"] != full["loss_first_step"]
+    np.testing.assert_allclose(mixed["loss_first_step"], full["loss_first_step"], rtol=2e-2)
+    np.testing.assert_allclose(mixed["mse_after_training"], full["mse_after_training"], rtol=5e-2)
+    assert mixed["mse_after_training"] < 0.9 * mixed["mse_before_training"]
+
+    j, end = mixed["replaced_range"]
+    pruned = runs["auto"][0]
+    assert pruned.model.layers[j].mlp.down_proj.weight.dtype == torch.bfloat16
+    before, after = capture_inputs(model, batches), capture_inputs(pruned, batches)
+    sq = count = 0.0
+    for b, hb, ha in zip(batches, before, after):
+        real = b["attention_mask"].bool()
+        sq += float(((ha[j + 1][real].double() - hb[end][real].double()) ** 2).sum())
+        count += hb[end][real].numel()
+    np.testing.assert_allclose(mixed["mse_after_training"], sq / count, rtol=2e-2)
+
+
 def test_ffn_replacement_is_residual_mlp(tmp_path):
     model = build_tiny_model(tiny_llama_config(num_layers=5), seed=3)
     batches = random_batches(n_batches=2, seed=3)
@@ -142,14 +177,16 @@ def test_ffn_replacement_is_residual_mlp(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_lm_loss_trains_and_leaves_the_rest_frozen():
-    model = build_tiny_model(tiny_llama_config(num_layers=5), seed=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_trains_and_leaves_the_rest_frozen(dtype):
+    model = build_tiny_model(tiny_llama_config(num_layers=5), seed=2, dtype=dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = random_batches(n_batches=2, seed=2)
     result = build_pruner("llm_streamline", {"loss": "lm", "max_steps": 3}).prune(
         adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
     j = result.replacement["replaced_range"][0]
     assert np.isfinite(result.replacement["loss_last_step"])
+    assert result.replacement["precision"] == ("bf16-mixed" if dtype == torch.bfloat16 else "float32")
     after = model.state_dict()
     kept = [k for k in range(5) if k not in result.removed_layers and k != j]
     for new, old in enumerate(k for k in range(5) if k not in result.removed_layers):
@@ -170,5 +207,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="replacement='attention'"):
         build_pruner("llm_streamline", {"replacement": "attention"})
+    with pytest.raises(ConfigError, match="precision='fp16'; allowed: auto, float32, bf16-mixed"):
+        build_pruner("llm_streamline", {"precision": "fp16"})
     with pytest.raises(ConfigError, match="max_steps=0"):
         build_pruner("llm_streamline", {"max_steps": 0})
