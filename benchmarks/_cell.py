@@ -53,7 +53,8 @@ def main(overrides: list[str]) -> None:
                       "activation_store_bytes": size,
                       "prune_s": sum(s["seconds"] for s in result.stages.values()),
                       "peak_rss_bytes": max(s["peak_rss_bytes"] for s in result.stages.values()),
-                      "stages": result.stages, "n_samples": data.n_samples, "n_tokens": data.n_tokens}))
+                      "stages": result.stages, "n_samples": data.n_samples, "n_tokens": data.n_tokens,
+                      "training_precision": (result.replacement or {}).get("precision")}))
 
 
 if __name__ == "__main__":

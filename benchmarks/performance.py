@@ -69,13 +69,20 @@ def sweep_in_one_process(samples: int, directory: str) -> tuple[dict, float, int
 
 
 # -- measurements (each returns the JSON-able record of its part) -------------------------------
+# Each method with its defaults, then LLM-Streamline trained in float32 (its default on this bfloat16
+# model is bfloat16 mixed precision), to show what that default buys.
+METHOD_CELLS = [(m, [f"pruner={m}"]) for m in METHODS] + [
+    ("llm_streamline, precision=float32", ["pruner=llm_streamline", "pruner.options.precision=float32"])]
+
+
 def measure_methods(args) -> dict:
     rows = []
-    for method in METHODS:
-        r = cell(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={args.samples}")
-        rows.append({"method": method, "prune_s": r["prune_s"], "score_s": r["stages"]["score"]["seconds"],
+    for label, overrides in METHOD_CELLS:
+        r = cell(*overrides, "ratio=0.25", f"calibration.n_samples={args.samples}")
+        rows.append({"method": label, "prune_s": r["prune_s"], "score_s": r["stages"]["score"]["seconds"],
                      "fit_s": r["stages"]["fit"]["seconds"], "bare_forward_s": r["bare_forward_s"],
-                     "peak_rss_bytes": r["peak_rss_bytes"], "activations_stored": r["activations_stored"]})
+                     "peak_rss_bytes": r["peak_rss_bytes"], "activations_stored": r["activations_stored"],
+                     "training_precision": r.get("training_precision")})
         print(rows[-1], flush=True)
     return {"samples": args.samples, "rows": rows}
 
@@ -133,14 +140,17 @@ def render_methods(part: dict, verdicts: list) -> list[str]:
              "`bare forward` is one forward pass over the same calibration batches (no hooks), timed in the same",
              "process just before pruning. `score` is the method's one calibration pass (for ReplaceMe and",
              "Streamline it also stores every layer's activations, in a temporary directory here); `fit` reads",
-             "what it needs back from them (and trains, for cosine and Streamline).", "",
-             "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations stored |",
-             "|---|---|---|---|---|---|---|---|"]
+             "what it needs back from them (and trains, for cosine and Streamline). `training` is the arithmetic",
+             "of Streamline's training (`pruner.options.precision`; default auto = bf16-mixed on this bfloat16 model).",
+             "",
+             "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations stored "
+             "| training |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in part["rows"]:
         ratio = r["prune_s"] / r["bare_forward_s"]
         lines.append(f"| {r['method']} | {r['prune_s']:.1f} | {r['score_s']:.1f} | {r['fit_s']:.1f} | "
                      f"{r['bare_forward_s']:.1f} | {ratio:.2f}x | {mib(r['peak_rss_bytes'])} | "
-                     f"{'yes' if r['activations_stored'] else 'no'} |")
+                     f"{'yes' if r['activations_stored'] else 'no'} | {r.get('training_precision') or ''} |")
         if r["method"] == "replaceme_ls":
             verdicts.append(("ReplaceMe-LS prune <= 1.2x a bare forward pass", f"{ratio:.2f}x", ratio <= 1.2))
     return lines
