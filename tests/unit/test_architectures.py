@@ -50,6 +50,15 @@ def _config(family: str):
         "falcon": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4),
         "falcon_alibi": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
                                                alibi=True),
+        # the layouts beside each family's default: NeoX with attention then MLP (not parallel), Falcon
+        # attention then MLP, and Falcon-40B/180B's new decoder architecture (two input norms, grouped KV)
+        "gpt_neox_sequential": lambda: t.GPTNeoXConfig(**IDS, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=6, num_attention_heads=4,
+                                                       max_position_embeddings=128, use_parallel_residual=False),
+        "falcon_sequential": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                                                    parallel_attn=False),
+        "falcon_new_arch": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                                                  new_decoder_architecture=True, num_kv_heads=2),
     }[family]()
 
 
@@ -61,17 +70,20 @@ LAYERS = {
     "phi3": lambda m: m.model.layers, "gemma2": lambda m: m.model.layers, "gemma3": lambda m: m.model.layers,
     "opt": lambda m: m.model.decoder.layers, "gpt2": lambda m: m.transformer.h,
     "gpt_neox": lambda m: m.gpt_neox.layers, "falcon": lambda m: m.transformer.h,
-    "falcon_alibi": lambda m: m.transformer.h,
+    "falcon_alibi": lambda m: m.transformer.h, "gpt_neox_sequential": lambda m: m.gpt_neox.layers,
+    "falcon_sequential": lambda m: m.transformer.h, "falcon_new_arch": lambda m: m.transformer.h,
 }
 MLP_OUTPUT_MODULE = {
     "mistral": lambda l: l.mlp.down_proj, "qwen2": lambda l: l.mlp.down_proj, "qwen3": lambda l: l.mlp.down_proj,
     "phi3": lambda l: l.mlp.down_proj, "opt": lambda l: l.fc2, "gpt2": lambda l: l.mlp.c_proj,
     "gpt_neox": lambda l: l.mlp.dense_4h_to_h, "falcon": lambda l: l.mlp.dense_4h_to_h,
-    "falcon_alibi": lambda l: l.mlp.dense_4h_to_h,
+    "falcon_alibi": lambda l: l.mlp.dense_4h_to_h, "gpt_neox_sequential": lambda l: l.mlp.dense_4h_to_h,
+    "falcon_sequential": lambda l: l.mlp.dense_4h_to_h, "falcon_new_arch": lambda l: l.mlp.dense_4h_to_h,
     "gemma2": lambda l: l.post_feedforward_layernorm, "gemma3": lambda l: l.post_feedforward_layernorm,
 }
 FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox", "falcon"]
 EXACT_FOLD = [f for f in FAMILIES if not f.startswith("gemma")]
+LAYOUT_VARIANTS = ["gpt_neox_sequential", "falcon_sequential", "falcon_new_arch"]
 PRUNERS = {"shortgpt": {}, "uidl": {}, "replaceme_ls": {}, "replaceme_cosine": {"epochs": 1},
            "llm_streamline": {"max_steps": 2}}
 
@@ -95,7 +107,7 @@ def _logits(model, batch):
         return model(**batch, use_cache=False).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["falcon_alibi", "mistral_sliding", "qwen2_sliding"])
+@pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS + ["falcon_alibi", "mistral_sliding", "qwen2_sliding"])
 def test_layer_forward_reproduces_the_model(family):
     """Sequences of 12 tokens: longer than the sliding windows (4), so a wrong mask shows."""
     model = _model(family)
@@ -124,7 +136,7 @@ class _Keep(Statistic):
         self.seen.append((batch.mlp_out(self.k), batch.residual(self.k + 1), batch.mask))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS)
 def test_mlp_hook_point_is_the_residual_update(family):
     """M_k from the statistics hooks == h_{k+1} minus h_{k+1} of a copy whose layer-k MLP adds nothing."""
     dtype = torch.float32 if family == "gemma2" else torch.float64  # Gemma-2 eager sliding attention NaNs in float64
@@ -145,7 +157,7 @@ def test_mlp_hook_point_is_the_residual_update(family):
     torch.testing.assert_close(m[real], (h_next - y)[real], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("family", EXACT_FOLD)
+@pytest.mark.parametrize("family", EXACT_FOLD + LAYOUT_VARIANTS)
 def test_fold_equals_explicit_float64_linear(family):
     model = _model(family, torch.float64)
     d, k = model.config.hidden_size, 2
@@ -239,7 +251,7 @@ def test_gemma_replaceme_says_how_t_was_applied(family, options):
 
 
 @pytest.mark.parametrize("pruner", list(PRUNERS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS)
 def test_pruner_then_save_reload_and_cached_generation(family, pruner, tmp_path):
     model = _model(family)
     batches = random_batches(n_batches=2)
