@@ -103,7 +103,7 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
 
             check_family(AutoConfig.from_pretrained(source, revision=kwargs["revision"]).model_type)
         if (Path(source) / CUSTOM_MODULES_FILE).is_file():  # a pruned model with depthbench's linear modules
-            model = load_pruned(source, dtype=dtype)
+            model = load_pruned(source, dtype=dtype, device_map=kwargs.get("device_map"))
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])

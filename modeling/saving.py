@@ -73,13 +73,17 @@ def _readme(layers: list[int]) -> str:
             "`pruning.json` describes the pruning; `depthbench_modules.json` lists the layers.\n")
 
 
-def load_pruned(directory: str | Path, dtype=None, device: str | None = None):
+def load_pruned(directory: str | Path, dtype=None, device: str | None = None, device_map=None):
     """Load a directory written by `save_pruned`, in eval mode, with identical logits.
 
     Plain directories go to ``AutoModelForCausalLM.from_pretrained``. Where ``depthbench_modules.json``
     exists: the base architecture is built from ``config.json`` (in its saved dtype unless ``dtype`` is
-    given), the listed linear modules are re-inserted through the adapter, and every weight is loaded
-    strictly (a missing or unknown key raises; only tied copies of loaded weights may be absent).
+    given) without random initialisation, directly on ``device``; the listed linear modules are
+    re-inserted through the adapter; every tensor is streamed from the safetensors files into its
+    parameter (peak memory: the model plus one tensor), strictly (a missing, unknown or misshapen key
+    raises; only tied copies of loaded weights may be absent). ``device_map`` (``"auto"``, one
+    device, or a module -> device dict) spreads the loaded model with accelerate, as
+    ``from_pretrained(device_map=...)`` does.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -88,39 +92,91 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None):
     sidecar = directory / CUSTOM_MODULES_FILE
     if not sidecar.is_file():
         kwargs = {} if dtype is None else {"dtype": dtype}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        return (model.to(device) if device else model).eval()
+        return (model.to(device) if device and device_map is None else model).eval()
     custom = json.loads(sidecar.read_text(encoding="utf-8"))
     if custom.get("format_version") != CUSTOM_FORMAT_VERSION:
         raise ValueError(f"{sidecar}: format_version {custom.get('format_version')!r}; this depthbench reads "
                          f"{CUSTOM_FORMAT_VERSION}")
-    from safetensors.torch import load_file
-
+    files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
     from modeling.adapters import adapter_for
 
     config = AutoConfig.from_pretrained(directory)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _without_random_initialisation(), torch.device(device if device and device_map is None else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(model)
     for k in custom["mlp_output_linear_layers"]:
         adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
-    files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded, unexpected = _stream_weights(model, files)
     model.tie_weights()
     # a key may be absent only where its parameter is shared with (tied to) a loaded one
     names_of: dict[int, set[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), set()).add(name)
     params = dict(model.named_parameters(remove_duplicate=False))
-    untied_missing = [k for k in missing if k not in params or not (names_of[id(params[k])] & state.keys())]
+    missing = [k for k in model.state_dict() if k not in loaded]
+    untied_missing = [k for k in missing if k not in params or not (names_of[id(params[k])] & loaded)]
     if unexpected or untied_missing:
         raise RuntimeError(f"{directory}: weights do not match the architecture: missing {untied_missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    return (model.to(device) if device else model).eval()
+    if device_map is not None:
+        model = _dispatch(model, device_map, dtype)
+    return model.eval()
+
+
+def _without_random_initialisation():
+    """transformers' own switch that skips the random initialisation every weight is about to be
+    overwritten by (minutes for an 8B model); a plain context where a release lacks it."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _stream_weights(model, files: list[Path]) -> tuple[set[str], list[str]]:
+    """Copy every tensor of ``files`` into the model's parameter or buffer of the same name, one
+    tensor at a time. Returns the names loaded and the file keys the model has no slot for."""
+    import torch
+    from safetensors import safe_open
+
+    slots = model.state_dict(keep_vars=True)
+    loaded, unexpected = set(), []
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key not in slots:
+                        unexpected.append(key)
+                        continue
+                    tensor = handle.get_tensor(key)
+                    if tensor.shape != slots[key].shape:
+                        raise RuntimeError(f"{f}: {key} has shape {tuple(tensor.shape)}; the architecture "
+                                           f"expects {tuple(slots[key].shape)}")
+                    slots[key].copy_(tensor)
+                    loaded.add(key)
+    return loaded, unexpected
+
+
+def _dispatch(model, device_map, dtype):
+    """Spread the model over devices with accelerate: ``"auto"`` (as much as fits on each GPU, then
+    CPU), one device name, or an explicit module -> device dict."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, no_split_module_classes=list(model._no_split_modules or []),
+                                           dtype=dtype)
+    elif isinstance(device_map, str):
+        device_map = {"": device_map}
+    elif not isinstance(device_map, dict):
+        raise ValueError(f"device_map={device_map!r}; allowed: 'auto', a device name, or a module -> device dict")
+    return dispatch_model(model, device_map=dict(device_map))

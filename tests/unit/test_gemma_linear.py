@@ -159,3 +159,60 @@ def test_norm_fold_is_irrelevant_without_a_norm_after_the_mlp(tmp_path):
     save_pruned(models["linear"], None, tmp_path / "plain", {})
     assert not (tmp_path / "plain" / CUSTOM_MODULES_FILE).exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "plain")  # plain directory, plain loader
+
+
+def _pruned_and_saved(family, directory):
+    model = _model(family)
+    result = build_pruner("replaceme_ls").prune(adapter_for(model), CalibrationData(random_batches(n_batches=2), 16),
+                                                2, progress=False)
+    save_pruned(model, None, directory, result.to_dict())
+    return model
+
+
+def _rewrite_weights(directory, change):
+    """Apply ``change`` to the saved state dict (a test's deliberate corruption) and write it back."""
+    from safetensors.torch import load_file, save_file
+
+    (path,) = (directory / "depthbench_weights").glob("*.safetensors")
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda s: s.pop(next(k for k in s if k.endswith("layers.1.mlp.up_proj.weight"))), r"missing \['model.layers.1"),
+    (lambda s: s.update({"model.layers.1.extra.weight": torch.zeros(2)}), r"unexpected \['model.layers.1.extra"),
+    (lambda s: s.pop(next(k for k in s if k.endswith("post_feedforward_layernorm.linear.weight"))),
+     r"missing \[.*post_feedforward_layernorm.linear.weight"),
+    (lambda s: s.update({k: v[:, :-1].contiguous() for k, v in s.items() if k.endswith("layers.0.mlp.down_proj.weight")}),
+     r"down_proj.weight has shape \(32, 63\); the architecture expects \(32, 64\)"),
+])
+def test_loader_refuses_weights_that_do_not_match(corrupt, message, tmp_path):
+    _pruned_and_saved("gemma2", tmp_path / "pruned")
+    _rewrite_weights(tmp_path / "pruned", corrupt)
+    with pytest.raises(RuntimeError, match=message):
+        load_pruned(tmp_path / "pruned")
+
+
+@pytest.mark.parametrize("device_map", [None, "auto", "cpu", {"": "cpu"}])
+def test_loader_places_and_casts_as_asked(device_map, tmp_path):
+    """Loaded in another dtype (bfloat16) and through accelerate's dispatch: every parameter is the
+    in-memory model's cast to bfloat16, and the logits agree to bfloat16 precision (not exactly:
+    ``model.to(bfloat16)`` also rounds the rotary frequencies, which a model built in bfloat16 keeps
+    in float32)."""
+    model = _pruned_and_saved("gemma2", tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned", dtype=torch.bfloat16, device_map=device_map)
+    assert reloaded.dtype == torch.bfloat16 and not reloaded.training
+    want = dict(model.named_parameters())
+    got = dict(reloaded.named_parameters())
+    assert got.keys() == want.keys() and any(".linear." in k for k in got)
+    for name, p in got.items():
+        assert p.device.type == "cpu" and torch.equal(p, want[name].to(torch.bfloat16)), name
+    batch = random_batches(n_batches=1)[0]
+    torch.testing.assert_close(_logits(reloaded, batch).float(), _logits(model, batch), rtol=0, atol=3e-2)
+
+
+def test_loader_names_a_device_map_it_cannot_use(tmp_path):
+    _pruned_and_saved("gemma2", tmp_path / "pruned")
+    with pytest.raises(ValueError, match=r"device_map=3; allowed: 'auto', a device name"):
+        load_pruned(tmp_path / "pruned", device_map=3)
