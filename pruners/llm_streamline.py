@@ -21,8 +21,8 @@ frozen model (final layers, final norm, head), a simple implementation of the pa
 AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping. The module's weights and
 optimiser state are float32 and it is cast back to the model dtype afterwards; option ``precision``
 sets the arithmetic: ``float32``, or ``bf16-mixed`` (matmuls in bfloat16 under ``torch.autocast``,
-float32 master weights, loss and updates: the usual mixed-precision training, ~1.7x faster steps
-on a CPU with bfloat16 instructions), ``auto`` (default) = ``bf16-mixed`` for a bfloat16 model (its
+float32 master weights, loss and updates: the usual mixed-precision training, faster on a CPU with
+bfloat16 instructions or a GPU; docs/PERFORMANCE.md times both), ``auto`` (default) = ``bf16-mixed`` for a bfloat16 model (its
 activations, the training pairs, are bfloat16 already, and the module runs in bfloat16 once placed)
 and ``float32`` otherwise. Training pairs are spilled to a memory-mapped file.
 """
