@@ -1,0 +1,43 @@
+"""The benchmark scripts that the project's docs and notes quote run end to end at a tiny size, so they
+do not rot between the sessions that run them at full size (on this machine or a lent GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
+    out = tmp_path / "record.json"
+    proc = run("benchmarks/real_scale.py", "--device", "cpu", "--dtype", "float32", "--hidden", "64", "--layers", "8",
+               "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "300", "--samples", "4",
+               "--seq-len", "16", "--batch-size", "2", "--methods", "replaceme_ls,shortgpt", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [r["method"] for r in record["rows"]] == ["replaceme_ls", "shortgpt"]
+    assert record["shape"]["layers"] == 8 and record["paper_ls_seconds"] == 689
+    for row in record["rows"]:
+        assert row["layers_removed"] == 2  # round(0.25 * 8)
+        assert row["prune_s"] > 0 and row["bare_forward_s"] > 0
+        assert abs(row["prune_over_forward"] - row["prune_s"] / row["bare_forward_s"]) < 1e-9
+        assert set(row["stages_s"]) >= {"score", "select"}
+    assert "| replaceme_ls |" in proc.stdout
+
+
+def test_real_scale_names_an_unknown_method_before_building_anything():
+    proc = run("benchmarks/real_scale.py", "--device", "cpu", "--methods", "replaceme_lsq")
+    assert proc.returncode == 2
+    assert "unknown pruner 'replaceme_lsq'; available: llm_streamline, replaceme_cosine, replaceme_ls" in proc.stderr
+
+
+def test_load_pruned_benchmark_compares_two_loads_of_the_same_weights():
+    """The script itself stops if the two ways load different parameters."""
+    proc = run("benchmarks/load_pruned.py", "--hidden", "128", "--layers", "2", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "load_pruned / straightforward: time" in proc.stdout
