@@ -81,6 +81,21 @@ def resolve_precision(precision: str, model_dtype: torch.dtype) -> str:
     return precision
 
 
+def check_bf16_autocast(device: torch.device) -> str | None:
+    """None where bfloat16 autocast works on ``device``, else why not (torch raises on a CUDA device
+    without bfloat16, and warns and turns autocast off on a device type without it)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                pass
+    except (RuntimeError, UserWarning) as err:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
 def training_arithmetic(precision: str, device: torch.device):
     """The context the module's forward passes run in: bfloat16 autocast for ``bf16-mixed``."""
     if precision == "bf16-mixed":
@@ -147,6 +162,17 @@ class LLMStreamlinePruner(Pruner):
             raise ConfigError(f"llm_streamline max_steps={o.max_steps!r}; allowed: null or a positive integer")
         if isinstance(o.seed, bool) or not isinstance(o.seed, int):
             raise ConfigError(f"llm_streamline seed={o.seed!r}; allowed: an integer")
+
+    def check_model(self, adapter) -> None:
+        """bf16-mixed needs bfloat16 autocast on the model's device: checked before calibration."""
+        weight = adapter.embeddings().weight
+        if resolve_precision(self.options.precision, weight.dtype) != "bf16-mixed":
+            return
+        problem = check_bf16_autocast(weight.device)
+        if problem:
+            raise ConfigError(f"llm_streamline precision={self.options.precision!r} trains with bfloat16 autocast, "
+                              f"which {weight.device} does not support ({problem}); use "
+                              f"pruner.options.precision=float32")
 
     # -- score and select ------------------------------------------------------------------
     def statistics(self, adapter, n_remove):

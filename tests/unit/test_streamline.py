@@ -163,6 +163,29 @@ def test_bfloat16_model_trains_in_mixed_precision():
     np.testing.assert_allclose(mixed["mse_after_training"], sq / count, rtol=2e-2)
 
 
+def test_a_device_without_bfloat16_autocast_is_refused_before_calibration(monkeypatch):
+    """As torch does on a CUDA device without bfloat16: the autocast context raises on entry."""
+    import pruners.llm_streamline as streamline
+
+    class NoBf16Autocast:
+        def __init__(self, device_type, dtype):
+            raise RuntimeError("Current CUDA Device does not support bfloat16. Please switch dtype to float16.")
+
+    monkeypatch.setattr(streamline.torch, "autocast", NoBf16Autocast)
+    model = build_tiny_model(tiny_llama_config(num_layers=5), seed=1, dtype=torch.bfloat16)
+    batches = random_batches(n_batches=2, seed=1)
+    pruner, gathered = build_pruner("llm_streamline", {"max_steps": 1}), []
+    monkeypatch.setattr(pruner, "gather", lambda *a, **k: gathered.append(a))
+    with pytest.raises(ConfigError, match=r"precision='auto' trains with bfloat16 autocast, which cpu does not support "
+                                          r"\(Current CUDA Device does not support bfloat16.*use "
+                                          r"pruner.options.precision=float32"):
+        pruner.prune(adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
+    assert gathered == []  # refused before any calibration pass
+    # float32 training needs no autocast: the same model prunes
+    build_pruner("llm_streamline", {"max_steps": 1, "precision": "float32"}).prune(
+        adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
+
+
 def test_ffn_replacement_is_residual_mlp(tmp_path):
     model = build_tiny_model(tiny_llama_config(num_layers=5), seed=3)
     batches = random_batches(n_batches=2, seed=3)
