@@ -100,6 +100,8 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     if custom.get("format_version") != CUSTOM_FORMAT_VERSION:
         raise ValueError(f"{sidecar}: format_version {custom.get('format_version')!r}; this depthbench reads "
                          f"{CUSTOM_FORMAT_VERSION}")
+    if device_map is not None and not isinstance(device_map, (str, dict)):  # before any weight is read
+        raise ValueError(f"device_map={device_map!r}; allowed: 'auto', a device name, or a module -> device dict")
     files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
@@ -177,6 +179,4 @@ def _dispatch(model, device_map, dtype):
                                            dtype=dtype)
     elif isinstance(device_map, str):
         device_map = {"": device_map}
-    elif not isinstance(device_map, dict):
-        raise ValueError(f"device_map={device_map!r}; allowed: 'auto', a device name, or a module -> device dict")
     return dispatch_model(model, device_map=dict(device_map))

@@ -22,9 +22,9 @@ AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping. The mo
 optimiser state are float32 and it is cast back to the model dtype afterwards; option ``precision``
 sets the arithmetic: ``float32``, or ``bf16-mixed`` (matmuls in bfloat16 under ``torch.autocast``,
 float32 master weights, loss and updates: the usual mixed-precision training, faster on a CPU with
-bfloat16 instructions or a GPU; docs/PERFORMANCE.md times both), ``auto`` (default) = ``bf16-mixed`` for a bfloat16 model (its
-activations, the training pairs, are bfloat16 already, and the module runs in bfloat16 once placed)
-and ``float32`` otherwise. Training pairs are spilled to a memory-mapped file.
+bfloat16 instructions or a GPU; docs/PERFORMANCE.md times both), ``auto`` (default) = ``bf16-mixed``
+for a bfloat16 model (its activations, the training pairs, are bfloat16 already, and the module
+runs in bfloat16 once placed) and ``float32`` otherwise. Training pairs are spilled to a memory-mapped file.
 """
 
 from __future__ import annotations
@@ -81,6 +81,13 @@ def resolve_precision(precision: str, model_dtype: torch.dtype) -> str:
     return precision
 
 
+def training_arithmetic(precision: str, device: torch.device):
+    """The context the module's forward passes run in: bfloat16 autocast for ``bf16-mixed``."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def check_bf16_autocast(device: torch.device) -> str | None:
     """None where bfloat16 autocast works on ``device``, else why not (torch raises on a CUDA device
     without bfloat16, and warns and turns autocast off on a device type without it)."""
@@ -89,18 +96,11 @@ def check_bf16_autocast(device: torch.device) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            with training_arithmetic("bf16-mixed", device):
                 pass
     except (RuntimeError, UserWarning) as err:
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return None
-
-
-def training_arithmetic(precision: str, device: torch.device):
-    """The context the module's forward passes run in: bfloat16 autocast for ``bf16-mixed``."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @pruner_registry.register("llm_streamline")
@@ -352,7 +352,8 @@ def _mean_mse(adapter, module, data, batch_size: int, device, precision: str) ->
         x, target, mask = _load(data, np.arange(start, min(start + batch_size, n_seq)), device)
         with training_arithmetic(precision, device):
             out = adapter.layer_forward(module, x, mask)
-        diff = (out.to(torch.float64) - target.to(torch.float64))[mask.bool()]
+        real = mask.bool()
+        diff = out[real].to(torch.float64) - target[real].to(torch.float64)
         total += float((diff * diff).sum())
         count += diff.numel()
     return total / count

@@ -212,7 +212,12 @@ def test_loader_places_and_casts_as_asked(device_map, tmp_path):
     torch.testing.assert_close(_logits(reloaded, batch).float(), _logits(model, batch), rtol=0, atol=3e-2)
 
 
-def test_loader_names_a_device_map_it_cannot_use(tmp_path):
+def test_loader_names_a_device_map_it_cannot_use(tmp_path, monkeypatch):
+    import modeling.saving
+
     _pruned_and_saved("gemma2", tmp_path / "pruned")
+    streamed = []
+    monkeypatch.setattr(modeling.saving, "_stream_weights", lambda *a: streamed.append(a))
     with pytest.raises(ValueError, match=r"device_map=3; allowed: 'auto', a device name"):
         load_pruned(tmp_path / "pruned", device_map=3)
+    assert streamed == []  # refused before any weight is read
