@@ -19,15 +19,15 @@ import torch
 def main(overrides: list[str]) -> None:
     sys.path.insert(0, ".")
     from tests.integration.conftest import compose
-    from calibration.batches import load_calibration
-    from calibration.cache import StatisticsCache
+    from depthbench.calibration.batches import load_calibration
+    from depthbench.calibration.cache import StatisticsCache
     from pathlib import Path
 
-    from calibration.activations import ActivationSlot
-    from experiments.pipeline import activation_budget, layers_to_remove
-    from modeling.adapters import adapter_for
-    from modeling.loading import load_model, model_fingerprint
-    from pruners import build_pruner
+    from depthbench.calibration.activations import ActivationSlot
+    from depthbench.experiments.pipeline import activation_budget, layers_to_remove
+    from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.loading import load_model, model_fingerprint
+    from depthbench.pruners import build_pruner
     from omegaconf import OmegaConf
 
     cfg = compose(*overrides)

@@ -1,7 +1,7 @@
 """Choose the offline benchmark: BIG-bench MC tasks on which SmolLM2-135M scores clearly above chance.
 
 Runs lm-eval's own ``bigbench_<task>_multiple_choice`` definitions on data converted from the
-``bigbench`` package (see `evaluation.bigbench_offline`), with the embedded SmolLM2 in the project's
+``bigbench`` package (see `depthbench.evaluation.bigbench_offline`), with the embedded SmolLM2 in the project's
 default dtype, and writes ``docs/BENCHMARKS.md``: every candidate with its score, standard error,
 examples evaluated, chance level and guessing baseline, and which were chosen. A task is chosen when
 its accuracy exceeds the guessing baseline (chance, or always giving the most common correct answer
@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from depthbench import atomic  # noqa: E402
-from evaluation import bigbench_offline  # noqa: E402
+from depthbench.evaluation import bigbench_offline  # noqa: E402
 
 # Every task screened (``--limit 50``). First and second screens: the English JSON tasks of the
 # ``bigbench`` package without subtasks, with integer scores and one correct choice, that lm-eval
 # defines as ``bigbench_<task>_multiple_choice``. Third screen: English tasks made of subtasks whose
 # examples are all multiple choice (their first rows all come from the first subtask, see
-# `evaluation.bigbench_offline`). NOT_SCREENED lists the rest and why.
+# `depthbench.evaluation.bigbench_offline`). NOT_SCREENED lists the rest and why.
 CANDIDATES = [
     "emoji_movie", "code_line_description", "physical_intuition", "similarities_abstraction",
     "phrase_relatedness", "intent_recognition", "odd_one_out", "riddle_sense", "human_organs_senses",
@@ -121,8 +121,8 @@ def _run_key(args) -> str:
 def measure(args, store: dict) -> None:
     from hydra import compose, initialize_config_dir
 
-    from evaluation.lm_eval_runner import evaluate_benchmark
-    from modeling.loading import default_cache_dir, load_model
+    from depthbench.evaluation.lm_eval_runner import evaluate_benchmark
+    from depthbench.modeling.loading import default_cache_dir, load_model
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model.dtype={args.dtype}"])

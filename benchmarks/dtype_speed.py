@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from modeling.loading import load_model
+    from depthbench.modeling.loading import load_model
 
     base = OmegaConf.load("conf/model/smollm2_135m.yaml")
     models = {}

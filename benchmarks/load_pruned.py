@@ -1,5 +1,5 @@
 """Reloading a pruned model that carries depthbench's linear modules (ReplaceMe on Gemma-2/3):
-`modeling.saving.load_pruned` against the straightforward way (build the architecture with its random
+`depthbench.modeling.saving.load_pruned` against the straightforward way (build the architecture with its random
 initialisation, read the whole state dict, ``load_state_dict``).
 
 A randomly initialised Gemma-2 of the shape given (default: about 0.6B parameters, float32) is pruned
@@ -31,8 +31,8 @@ def build_and_save(directory: Path, hidden: int, layers: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from modeling.adapters import adapter_for
-    from modeling.saving import save_pruned
+    from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.saving import save_pruned
 
     config = Gemma2Config(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                           num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), head_dim=128)
@@ -48,8 +48,8 @@ def straightforward_load(directory: Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from modeling.adapters import adapter_for
-    from modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR
+    from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR
 
     custom = json.loads((directory / CUSTOM_MODULES_FILE).read_text())
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
@@ -76,7 +76,7 @@ def one_load(way: str, directory: Path) -> None:
     """Child process: load one way, print seconds, peak anonymous memory and a checksum of the parameters."""
     import torch
 
-    from modeling.saving import load_pruned
+    from depthbench.modeling.saving import load_pruned
 
     peak, done = [anonymous_rss()], threading.Event()
 

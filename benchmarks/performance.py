@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from calibration.activations import STORE_PREFIX
+from depthbench.calibration.activations import STORE_PREFIX
 from depthbench import atomic
 
 METHODS = ["replaceme_ls", "replaceme_cosine", "uidl", "llm_streamline", "shortgpt"]

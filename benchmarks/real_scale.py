@@ -47,7 +47,7 @@ def build_model(shape: dict, dtype: torch.dtype, device: str, seed: int):
 
 
 def random_calibration(samples: int, seq_len: int, batch_size: int, vocab: int, seed: int, device: str):
-    from calibration.batches import CalibrationData
+    from depthbench.calibration.batches import CalibrationData
 
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -71,8 +71,8 @@ def synchronised_seconds(fn, device: str) -> float:
 def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) -> dict:
     """One method on a fresh model (same seed): a bare forward pass over the calibration data, then
     the whole prune (score, select, fit, apply), both timed in this process."""
-    from experiments.pipeline import layers_to_remove
-    from modeling.adapters import adapter_for
+    from depthbench.experiments.pipeline import layers_to_remove
+    from depthbench.modeling.adapters import adapter_for
 
     model = build_model(shape, dtype, args.device, args.seed)
 
@@ -118,7 +118,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from depthbench.errors import ConfigError
-    from pruners import build_pruner
+    from depthbench.pruners import build_pruner
 
     try:  # built before any model: an unknown method fails here, naming the registered ones
         pruners = {m: build_pruner(m, {}) for m in args.methods.split(",") if m}

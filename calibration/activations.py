@@ -36,7 +36,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from calibration.statistics import (
+from depthbench.calibration.statistics import (
     MLP_OUT, RESIDUAL, BatchActivations, HookPoint, Statistic, check_finite,
 )
 

@@ -104,7 +104,7 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 def load_calibration(cfg, tokenizer) -> CalibrationData:
     """Build the source in ``cfg`` (a ``conf/calibration`` entry) and tokenise its calibration split."""
-    from calibration.sources import build_source
+    from depthbench.calibration.sources import build_source
 
     source = build_source(cfg)
     docs = source.render(source.documents("calibration"), tokenizer)

@@ -22,8 +22,8 @@ from typing import Iterable
 import torch
 
 import depthbench
-from calibration.activations import STORE_PREFIX, ActivationSlot
-from calibration.statistics import (
+from depthbench.calibration.activations import STORE_PREFIX, ActivationSlot
+from depthbench.calibration.statistics import (
     STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, HookPoint, Statistic
+from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, HookPoint, Statistic
 
 _instance_counter = itertools.count()
 

@@ -1,4 +1,4 @@
-"""The ``depthbench`` console script: a Hydra app around `experiments.pipeline.run`.
+"""The ``depthbench`` console script: a Hydra app around `depthbench.experiments.pipeline.run`.
 
 User errors (`DepthbenchError`) print one line and exit with status 2; ``debug=true`` shows the
 traceback instead. A run that fails that way leaves nothing behind in its run directory.
@@ -23,9 +23,9 @@ from depthbench.report import summary_table
 log = logging.getLogger("depthbench")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://depthbench.conf", config_name="config")
 def app(cfg: DictConfig) -> None:
-    from experiments.pipeline import run
+    from depthbench.experiments.pipeline import run
 
     if not cfg.get("debug"):
         for noisy in ("lm_eval", "datasets", "transformers", "accelerate"):

@@ -37,8 +37,8 @@ def _plain(obj):
 def key_material(model_source: str, revision: str | None, dtype: str, benchmark_cfg: Mapping,
                  extra: Mapping | None = None) -> dict:
     """What the base result depends on (stored next to the result, so a hit can be verified)."""
-    from evaluation.bigbench_offline import data_version
-    from evaluation.lm_eval_runner import lm_eval_version
+    from depthbench.evaluation.bigbench_offline import data_version
+    from depthbench.evaluation.lm_eval_runner import lm_eval_version
 
     bench = _plain(benchmark_cfg)
     return {

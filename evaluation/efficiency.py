@@ -24,7 +24,7 @@ _PROMPT_TEXT = (
 
 def model_size(model) -> dict:
     """Parameters (total, without input embedding and output head) and decoder layers."""
-    from modeling.adapters import adapter_for
+    from depthbench.modeling.adapters import adapter_for
 
     adapter = adapter_for(model)
     counts = adapter.parameter_counts()

@@ -6,7 +6,7 @@ pruned model is evaluated exactly as lm-eval would evaluate it from disk, withou
 Task definitions are always lm-eval's own. For ``offline: true`` benchmarks (BIG-bench
 multiple-choice tasks) the task's YAML is loaded unchanged except for where the data comes from:
 ``dataset_path`` points at the ``json`` builder and the rows converted from the ``bigbench`` package
-(see `evaluation.bigbench_offline`), so nothing is downloaded and the scores stay comparable with
+(see `depthbench.evaluation.bigbench_offline`), so nothing is downloaded and the scores stay comparable with
 lm-eval's ``bigbench_*_multiple_choice`` tasks run online.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from depthbench.errors import ConfigError
-from evaluation import bigbench_offline
+from depthbench.evaluation import bigbench_offline
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibration.batches import build_batches
+from depthbench.calibration.batches import build_batches
 from depthbench.errors import ConfigError
 
 
 def heldout_windows(cfg, tokenizer):
     """The evaluation windows: ``cfg`` is ``evaluation.perplexity`` (source, split, seq_len, ...)."""
-    from calibration.sources import build_source
+    from depthbench.calibration.sources import build_source
 
     source = build_source(cfg)
     docs = source.render(source.documents(cfg.split), tokenizer)

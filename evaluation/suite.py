@@ -7,8 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from evaluation.efficiency import measure_speed
-from evaluation.perplexity import perplexity
+from depthbench.evaluation.efficiency import measure_speed
+from depthbench.evaluation.perplexity import perplexity
 
 
 def has_benchmark(benchmark_cfg) -> bool:
@@ -19,7 +19,7 @@ def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: 
     """Held-out perplexity and, when the benchmark lists tasks, its lm-eval scores."""
     out = {"heldout_perplexity": perplexity(model, windows.batches, progress, f"{label} perplexity")}
     if has_benchmark(benchmark_cfg):
-        from evaluation.lm_eval_runner import evaluate_benchmark
+        from depthbench.evaluation.lm_eval_runner import evaluate_benchmark
 
         bench = evaluate_benchmark(model, tokenizer, benchmark_cfg, data_dir, progress)
         out["benchmark"] = bench

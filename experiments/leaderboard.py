@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from depthbench import atomic
-from experiments.resume import RESULT_FILE, read_record
+from depthbench.experiments.resume import RESULT_FILE, read_record
 
 ID_COLUMNS = ["model", "method", "ratio", "layers_removed", "removed_layers"]
 
@@ -116,7 +116,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     atomic.write_text(paths["csv"], frame.to_csv(index=False))
     shown = frame.drop(columns=["run_dir"], errors="ignore")
     atomic.write_text(paths["md"], shown.to_markdown(index=False, floatfmt=".4g") + "\n")
-    from experiments.plots import write_plots
+    from depthbench.experiments.plots import write_plots
 
     paths.update(write_plots(frame, out_dir / "plots"))
     return paths
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = build_frame(records)
     paths = write_leaderboard(frame, args.directories[0])
     if args.wandb:
-        from experiments.tracking import WandbTracker
+        from depthbench.experiments.tracking import WandbTracker
 
         WandbTracker(mode=args.wandb).log_table(frame, args.directories[0], group=args.group or args.directories[0].name)
     shown = frame.drop(columns=["run_dir", "removed_layers", "config_hash", "seed"], errors="ignore")

@@ -14,25 +14,25 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from calibration.batches import load_calibration, validate_sizes
-from calibration.cache import StatisticsCache
-from calibration.sources import build_source
+from depthbench.calibration.batches import load_calibration, validate_sizes
+from depthbench.calibration.cache import StatisticsCache
+from depthbench.calibration.sources import build_source
 from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
 from depthbench.provenance import provenance
-from evaluation.base_cache import cached_base_result, key_material
-from evaluation.efficiency import speedup
-from evaluation.perplexity import heldout_windows
-from evaluation.retention import retention
-from evaluation.suite import has_benchmark, quality, speed
-from experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
-from experiments.tracking import build_tracker
-from modeling.adapters import adapter_for
-from modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
-from modeling.saving import save_pruned
-from pruners import build_pruner
-from pruners.base import DEFAULT_ACTIVATION_BUDGET
+from depthbench.evaluation.base_cache import cached_base_result, key_material
+from depthbench.evaluation.efficiency import speedup
+from depthbench.evaluation.perplexity import heldout_windows
+from depthbench.evaluation.retention import retention
+from depthbench.evaluation.suite import has_benchmark, quality, speed
+from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
+from depthbench.experiments.tracking import build_tracker
+from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
+from depthbench.modeling.saving import save_pruned
+from depthbench.pruners import build_pruner
+from depthbench.pruners.base import DEFAULT_ACTIVATION_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def validate(cfg: DictConfig, output_dir: Path):
         build_source(cfg.evaluation.perplexity).check()
     check_model_reference(cfg.model)
     if cfg.evaluate and has_benchmark(cfg.benchmark):
-        from evaluation.lm_eval_runner import check_tasks, parse_benchmark
+        from depthbench.evaluation.lm_eval_runner import check_tasks, parse_benchmark
 
         parse_benchmark(cfg.benchmark)
         if not cfg.benchmark.get("offline"):

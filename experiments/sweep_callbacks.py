@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from calibration.activations import remove_stores
+from depthbench.calibration.activations import remove_stores
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class DropStoredActivations(Callback):
         settings = config.get("cache") or {}
         if settings.get("keep_activations") or settings.get("dir"):
             return
-        from experiments.pipeline import statistics_dir
+        from depthbench.experiments.pipeline import statistics_dir
 
         statistics = statistics_dir(config, Path(str(config.hydra.sweep.dir)))
         if not statistics.is_dir():

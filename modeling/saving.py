@@ -24,13 +24,13 @@ CUSTOM_MODULES_FILE = "depthbench_modules.json"
 #: Where the weights of such a model go (never at the top level, so plain ``from_pretrained`` fails).
 WEIGHTS_DIR = "depthbench_weights"
 CUSTOM_FORMAT_VERSION = 1
-LOAD_INSTRUCTIONS = ("needs depthbench to load: modeling.saving.load_pruned(directory) (plain from_pretrained "
+LOAD_INSTRUCTIONS = ("needs depthbench to load: depthbench.modeling.saving.load_pruned(directory) (plain from_pretrained "
                      "fails: the weights are in depthbench_weights/ and include modules transformers does not know)")
 
 
 def _mlp_output_linear_layers(model) -> list[int]:
     from depthbench.errors import ConfigError
-    from modeling.adapters import adapter_for
+    from depthbench.modeling.adapters import adapter_for
 
     try:
         return adapter_for(model).mlp_output_linear_layers()
@@ -53,7 +53,7 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path
             custom = {"format_version": CUSTOM_FORMAT_VERSION, "mlp_output_linear_layers": linear_layers,
                       "module": "Linear(hidden, hidden, bias=False) after post_feedforward_layernorm "
                                 "(keys ...post_feedforward_layernorm.norm.weight / .linear.weight)",
-                      "weights": WEIGHTS_DIR, "load_with": "modeling.saving.load_pruned(directory)"}
+                      "weights": WEIGHTS_DIR, "load_with": "depthbench.modeling.saving.load_pruned(directory)"}
             atomic.write_json(tmp / CUSTOM_MODULES_FILE, custom)
             atomic.write_text(tmp / "README.md", _readme(linear_layers))
             metadata = {**metadata, "custom_modules": {**custom, "note": LOAD_INSTRUCTIONS}}
@@ -69,7 +69,7 @@ def _readme(layers: list[int]) -> str:
             "post-FFN norm (ReplaceMe's transform T, `norm_fold: linear`). Plain "
             "`AutoModelForCausalLM.from_pretrained` cannot load this directory (it would drop those weights, so "
             "they are kept in `depthbench_weights/` where it does not look). Load it with:\n\n"
-            "```python\nfrom modeling.saving import load_pruned\nmodel = load_pruned(\"THIS_DIRECTORY\")\n```\n\n"
+            "```python\nfrom depthbench.modeling.saving import load_pruned\nmodel = load_pruned(\"THIS_DIRECTORY\")\n```\n\n"
             "`pruning.json` describes the pruning; `depthbench_modules.json` lists the layers.\n")
 
 
@@ -105,7 +105,7 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
-    from modeling.adapters import adapter_for
+    from depthbench.modeling.adapters import adapter_for
 
     config = AutoConfig.from_pretrained(directory)
     if dtype is None:

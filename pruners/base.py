@@ -4,9 +4,9 @@ A method says which calibration statistics it needs (`statistics`), turns them i
 (`select`), optionally fits something that stands in for the removed layers (`fit`), and changes the
 model through its adapter (`apply`). `Pruner.prune` runs those stages with timing and peak memory
 and returns a `PruneResult`. The calibration pass itself is shared: several methods' statistics can
-be collected in one forward pass (`calibration.statistics.collect`), and methods whose fit reads
+be collected in one forward pass (`depthbench.calibration.statistics.collect`), and methods whose fit reads
 activations (`fit_reads_activations`) store every layer's activations during that pass and replay
-them in `fit` (`calibration.activations`): one forward pass per prune, and per sweep.
+them in `fit` (`depthbench.calibration.activations`): one forward pass per prune, and per sweep.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from calibration.activations import ActivationSlot
-from calibration.batches import CalibrationData
-from calibration.cache import StatisticsCache, data_fingerprint, gather
-from calibration.statistics import Statistic
+from depthbench.calibration.activations import ActivationSlot
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.registry import Registry
-from modeling.adapters import ModelAdapter
-from selection.blocks import Block
+from depthbench.modeling.adapters import ModelAdapter
+from depthbench.selection.blocks import Block
 
 
 #: Default cap on the disk space of one model's stored calibration activations.

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.spill import ResidualPairSequences
-from calibration.statistics import PairwiseSimilarity
+from depthbench.calibration.spill import ResidualPairSequences
+from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
-from pruners.base import Pruner, Selection, pruner_registry
-from selection.blocks import Block, best_block
+from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.selection.blocks import Block, best_block
 
 
 def streamline_scores(statistics, n: int) -> tuple[list[int], list[float]]:

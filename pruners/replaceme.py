@@ -10,8 +10,8 @@ MLP output projection (``W <- T^T W``): zero new parameters.
 Where a norm sits after the MLP (Gemma-2/3), a diagonal T folds exactly into the norm's gain; a full T
 is applied as option ``norm_fold`` says: ``linear`` (default, METHODS.md) inserts an explicit
 ``Linear(d, d)`` holding ``T^T`` after the norm (exact; d x d new parameters per kept layer; the saved
-model needs ``modeling.saving.load_pruned``), ``through_norm`` refits ``down_proj`` and the norm's gain
-to approximate ``M T`` (zero new parameters; `pruners.replaceme_norm`). ``pruning.json`` says which.
+model needs ``depthbench.modeling.saving.load_pruned``), ``through_norm`` refits ``down_proj`` and the norm's gain
+to approximate ``M T`` (zero new parameters; `depthbench.pruners.replaceme_norm`). ``pruning.json`` says which.
 
 - ``replaceme_ls``: T from the float64 normal equations ``(A + alpha I) T = B`` (``A = sum M^T M``,
   ``B = sum M^T (h_e - Y)``); every block's moments from one pass over the original model.
@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibration.spill import LinearMapRows
-from calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
+from depthbench.calibration.spill import LinearMapRows
+from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.errors import ConfigError, NumericalError
-from modeling.saving import LOAD_INSTRUCTIONS
-from pruners.base import Pruner, Selection, pruner_registry
-from pruners.replaceme_norm import ThroughNormFit
-from pruners.uidl import last_token_angular_distances
-from selection.blocks import Block, greedy_blocks, merge_touching
+from depthbench.modeling.saving import LOAD_INSTRUCTIONS
+from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.replaceme_norm import ThroughNormFit
+from depthbench.pruners.uidl import last_token_angular_distances
+from depthbench.selection.blocks import Block, greedy_blocks, merge_touching
 
 
 # -- the least-squares solve ------------------------------------------------------------------

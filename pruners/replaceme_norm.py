@@ -7,7 +7,7 @@ must then become ``M T``:
 - diagonal T: exact and free, ``M T = u / rms(u) * (g t)``; the adapter rescales the norm's gain.
 - full T with ``norm_fold: linear`` (the default): an explicit linear module after the norm, inserted
   by the adapter (`GemmaAdapter.insert_mlp_output_linear`); exact, but the saved model needs
-  `modeling.saving.load_pruned`. Nothing in this module is involved.
+  `depthbench.modeling.saving.load_pruned`. Nothing in this module is involved.
 - full T with ``norm_fold: through_norm``: the norm divides every token by its own length, so no weights make
   ``RMSNorm(u P) * g'`` equal ``M T`` for all tokens. `ThroughNormFit` finds the ``P`` (folded into
   ``mlp.down_proj``) and gain ``g'`` that come closest over the calibration tokens, by Adam on
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibration.spill import SpillFile
-from calibration.statistics import MLP_OUT, BatchActivations, HookPoint, Statistic, collect
+from depthbench.calibration.spill import SpillFile
+from depthbench.calibration.statistics import MLP_OUT, BatchActivations, HookPoint, Statistic, collect
 from depthbench.errors import NumericalError
 
 

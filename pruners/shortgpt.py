@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calibration.statistics import PairwiseSimilarity
-from pruners.base import Pruner, Selection, pruner_registry
-from selection.blocks import lowest_layers
+from depthbench.calibration.statistics import PairwiseSimilarity
+from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.selection.blocks import lowest_layers
 
 
 def block_influence(statistics) -> list[float]:

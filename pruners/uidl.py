@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calibration.statistics import PairwiseSimilarity
+from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError
-from pruners.base import Pruner, Selection, pruner_registry
-from selection.blocks import best_block
+from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.selection.blocks import best_block
 
 
 def last_token_angular_distances(statistics, n: int, min_start: int) -> tuple[list[int], list[float]]:

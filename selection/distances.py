@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from calibration.statistics import cosine_rows
+from depthbench.calibration.statistics import cosine_rows
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -66,10 +66,10 @@ def random_batches(vocab: int = 101, n_batches: int = 3, batch_size: int = 4, se
 
 @pytest.fixture
 def counting_collect(monkeypatch):
-    """Records every forward pass run through `calibration.cache` (replays of stored activations are
+    """Records every forward pass run through `depthbench.calibration.cache` (replays of stored activations are
     not forward passes); each entry is the list of statistics that pass fed."""
-    import calibration.cache as cache_module
-    from calibration.statistics import collect
+    import depthbench.calibration.cache as cache_module
+    from depthbench.calibration.statistics import collect
 
     calls = []
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pruners import Pruner, Selection
+from depthbench.pruners import Pruner, Selection
 
 
 class RandomLayersPruner(Pruner):

@@ -70,7 +70,7 @@ class ModelAdapter(ABC):
 
     def mlp_output_linear_layers(self) -> list[int]:
         """Layers carrying a linear module inserted by `insert_mlp_output_linear` (current numbering);
-        such a model needs `modeling.saving.load_pruned` to reload."""
+        such a model needs `depthbench.modeling.saving.load_pruned` to reload."""
         return []
 
     @property

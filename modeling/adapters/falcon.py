@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from modeling.adapters.base import (ModelAdapter, OutputHookPoint, adapter_registry, standalone_causal_mask,
+from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, adapter_registry, standalone_causal_mask,
                                     standalone_position_ids)
 
 

@@ -15,7 +15,7 @@ Folding a ReplaceMe transform T of ``M_k``: with ``u`` the down projection's out
   ``M`` into ``M T`` for all tokens: `fold_into_mlp_output` refuses it, never approximates silently.
   The method chooses one of two ways and calls it: an explicit ``Linear(d, d, bias=False)`` holding
   ``T^T`` after the norm (`insert_mlp_output_linear`: exact, d x d new parameters, and the saved model
-  needs `modeling.saving.load_pruned`), or ``down_proj`` and the gain refitted on calibration data
+  needs `depthbench.modeling.saving.load_pruned`), or ``down_proj`` and the gain refitted on calibration data
   (`fold_through_output_norm` with what the method fitted: zero new parameters, approximate).
 - A layer that already carries such a linear takes any further transform into it (exact).
 
@@ -30,8 +30,8 @@ import inspect
 import torch
 from torch import nn
 
-from modeling.adapters.base import adapter_registry, standalone_causal_mask, standalone_position_ids
-from modeling.adapters.llama import LlamaFamilyAdapter
+from depthbench.modeling.adapters.base import adapter_registry, standalone_causal_mask, standalone_position_ids
+from depthbench.modeling.adapters.llama import LlamaFamilyAdapter
 
 
 @adapter_registry.register("gemma2", "gemma3_text")
@@ -139,7 +139,7 @@ class GemmaAdapter(LlamaFamilyAdapter):
 class NormThenLinear(nn.Module):
     """The post-FFN norm followed by an explicit ``Linear(d, d, bias=False)`` (weight ``T^T``): outputs
     ``M T``. Keys ``post_feedforward_layernorm.norm.weight`` and ``post_feedforward_layernorm.linear.weight``;
-    plain ``from_pretrained`` does not know them, so such a model is saved and loaded by `modeling.saving`."""
+    plain ``from_pretrained`` does not know them, so such a model is saved and loaded by `depthbench.modeling.saving`."""
 
     def __init__(self, norm: nn.Module, linear: nn.Linear):
         super().__init__()

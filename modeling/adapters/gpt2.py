@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
-from modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
+from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
                                     standalone_position_ids)
 
 

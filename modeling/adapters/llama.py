@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.adapters.base import (
+from depthbench.modeling.adapters.base import (
     ModelAdapter, adapter_registry, standalone_causal_mask, standalone_position_ids,
 )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.adapters.base import (ModelAdapter, OutputHookPoint, RemovableHandles, adapter_registry, standalone_causal_mask,
+from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, RemovableHandles, adapter_registry, standalone_causal_mask,
                                     standalone_position_ids)
 
 

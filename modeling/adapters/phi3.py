@@ -7,8 +7,8 @@ is added straight to the residual stream, so folds are exact.
 
 from __future__ import annotations
 
-from modeling.adapters.base import adapter_registry
-from modeling.adapters.llama import LlamaFamilyAdapter
+from depthbench.modeling.adapters.base import adapter_registry
+from depthbench.modeling.adapters.llama import LlamaFamilyAdapter
 
 
 @adapter_registry.register("phi3")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from modeling.loading import _gguf_path, _plain_copy_of_gguf, converted_copy_dir, default_cache_dir
+from depthbench.modeling.loading import _gguf_path, _plain_copy_of_gguf, converted_copy_dir, default_cache_dir
 from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task_config
-from evaluation.retention import retention
-from modeling.adapters import adapter_for
-from modeling.loading import load_model
-from modeling.saving import save_pruned
+from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task_config
+from depthbench.evaluation.retention import retention
+from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.loading import load_model
+from depthbench.modeling.saving import save_pruned
 from tests.integration.conftest import CONF, compose, needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from experiments.pipeline import run
+from depthbench.experiments.pipeline import run
 from tests.integration.conftest import compose, needs_offline_packages, run_cli
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
@@ -53,7 +53,7 @@ def test_sweep_killed_mid_cell_resumes_without_duplicates(tmp_path):
     assert len(records) == 4
     assert again.stdout.count("nothing redone") == finished_before
     assert not list(sweep.rglob(".*.tmp")), "no half-written leftovers"
-    lb = subprocess.run([sys.executable, "-m", "experiments.leaderboard", str(sweep)], cwd=tmp_path,
+    lb = subprocess.run([sys.executable, "-m", "depthbench.experiments.leaderboard", str(sweep)], cwd=tmp_path,
                         capture_output=True, text=True)
     assert lb.returncode == 0, lb.stderr
     frame = pd.read_csv(sweep / "leaderboard.csv")

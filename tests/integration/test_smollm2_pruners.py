@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from experiments.pipeline import run
+from depthbench.experiments.pipeline import run
 from tests.integration.conftest import compose, needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]

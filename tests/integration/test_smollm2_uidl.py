@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calibration.batches import load_calibration
-from experiments.pipeline import run
-from modeling.adapters import adapter_for
-from modeling.loading import load_model
+from depthbench.calibration.batches import load_calibration
+from depthbench.experiments.pipeline import run
+from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.loading import load_model
 from tests.integration.conftest import compose, needs_offline_packages
 from tests.reference import last_token_angular_distance_np, residual_states_np
 

@@ -59,7 +59,7 @@ def run_cli_leaderboard(sweep: Path, cwd: Path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "experiments.leaderboard", str(sweep)], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "depthbench.experiments.leaderboard", str(sweep)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

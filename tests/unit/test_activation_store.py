@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import calibration.cache as cache_module
-from calibration.activations import ActivationSlot
-from calibration.batches import CalibrationData
-from calibration.cache import StatisticsCache, compute, gather
-from calibration.spill import LinearMapRows, ResidualPairSequences, SpillFile
-from calibration.statistics import LayerSimilarityTable, LinearMapMoments, collect
-from modeling.adapters import adapter_for
-from pruners import build_pruner
+import depthbench.calibration.cache as cache_module
+from depthbench.calibration.activations import ActivationSlot
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.cache import StatisticsCache, compute, gather
+from depthbench.calibration.spill import LinearMapRows, ResidualPairSequences, SpillFile
+from depthbench.calibration.statistics import LayerSimilarityTable, LinearMapMoments, collect
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
 
@@ -188,7 +188,7 @@ def test_a_killed_writers_temporary_store_is_removed_by_the_next_writer(tiny_lla
 def test_an_ended_multirun_deletes_only_its_stored_activations(tmp_path, cache, kept):
     from omegaconf import OmegaConf
 
-    from experiments.sweep_callbacks import DropStoredActivations
+    from depthbench.experiments.sweep_callbacks import DropStoredActivations
 
     statistics = tmp_path / "sweep" / ".cache" / "statistics"
     stores = [statistics / "activations-abc", statistics / ".activations-abc.host.123.tmp"]

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from calibration.batches import CalibrationData
-from calibration.statistics import MLP_OUT, RESIDUAL, Statistic, collect
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, Statistic, collect
 from depthbench.errors import ConfigError
-from modeling.adapters import adapter_for, supported_model_types
-from modeling.saving import load_pruned, save_pruned
-from pruners import build_pruner
+from depthbench.modeling.adapters import adapter_for, supported_model_types
+from depthbench.modeling.saving import load_pruned, save_pruned
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches
 
 IDS = dict(vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2)

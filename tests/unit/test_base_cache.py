@@ -2,7 +2,7 @@
 
 import json
 
-from evaluation import base_cache
+from depthbench.evaluation import base_cache
 
 BENCH = {"name": "offline", "offline": True, "limit": 5, "batch_size": 8, "tasks": [{"name": "t", "num_fewshot": 0}]}
 

@@ -64,7 +64,7 @@ def _bigbench_default_format_fn():
 
 @pytest.fixture(scope="module")
 def task_manager():
-    from evaluation.lm_eval_runner import _task_manager
+    from depthbench.evaluation.lm_eval_runner import _task_manager
 
     return _task_manager()
 
@@ -76,7 +76,7 @@ def test_offline_tasks_are_between_6_and_10():
 
 @pytest.mark.parametrize("name", TASKS)
 def test_converted_rows_match_package_json(name, task_manager, tmp_path):
-    from evaluation.lm_eval_runner import offline_task_config
+    from depthbench.evaluation.lm_eval_runner import offline_task_config
 
     pairs = [(data, ex) for data in _package_parts(name) for ex in _distinct(data["examples"])]
     cfg = offline_task_config(name, tmp_path, task_manager)
@@ -107,7 +107,7 @@ def test_converted_rows_match_package_json(name, task_manager, tmp_path):
 
 
 def test_every_choice_appears_in_the_prompt_and_duplicates_are_dropped():
-    from evaluation.bigbench_offline import format_example
+    from depthbench.evaluation.bigbench_offline import format_example
 
     data = {"examples": []}
     ex = {"input": "Pick one.", "target_scores": {"d": 0, "a": 1, "c": 0, "e": 0, "b": 0}}
@@ -117,14 +117,14 @@ def test_every_choice_appears_in_the_prompt_and_duplicates_are_dropped():
     assert row["targets"] == ["a"] and row["multiple_choice_targets"] == ["d", "a", "c", "e", "b"]
     assert row["multiple_choice_scores"] == [0, 1, 0, 0, 0] and row["idx"] == 3
 
-    from evaluation.bigbench_offline import distinct_examples
+    from depthbench.evaluation.bigbench_offline import distinct_examples
 
     assert distinct_examples([ex, dict(ex), {"input": "x", "target_scores": {"y": 1}}]) == [
         ex, {"input": "x", "target_scores": {"y": 1}}]
 
 
 def test_unsupported_and_unknown_tasks_fail_with_one_line():
-    from evaluation.bigbench_offline import bigbench_task_name, convert_task
+    from depthbench.evaluation.bigbench_offline import bigbench_task_name, convert_task
 
     with pytest.raises(ConfigError, match="kanji_ascii:.*no target_scores"):
         convert_task("kanji_ascii")  # a subtask with examples that are not multiple choice
@@ -136,7 +136,7 @@ def test_unsupported_and_unknown_tasks_fail_with_one_line():
 
 def test_subtasks_are_concatenated_in_metadata_order():
     """A task made of subtasks: its subtasks' rows one after the other, in task_metadata.json's order."""
-    from evaluation.bigbench_offline import chance_level, convert_task, format_example
+    from depthbench.evaluation.bigbench_offline import chance_level, convert_task, format_example
 
     parts = _package_parts("bigbench_cause_and_effect_multiple_choice")
     # the order in bigbench/benchmark_tasks/task_metadata.json, written out by hand

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from calibration.batches import build_batches, load_calibration
-from calibration.sources import LocalFile, build_source
+from depthbench.calibration.batches import build_batches, load_calibration
+from depthbench.calibration.sources import LocalFile, build_source
 from depthbench.errors import ConfigError
 
 

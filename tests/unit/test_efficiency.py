@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from depthbench.errors import ConfigError
-from evaluation.efficiency import measure_speed, model_size, speedup
-from modeling.adapters import adapter_for
+from depthbench.evaluation.efficiency import measure_speed, model_size, speedup
+from depthbench.modeling.adapters import adapter_for
 
 
 class _Tok:
@@ -37,7 +37,7 @@ def test_measure_speed_reports_throughput_from_its_timings(tiny_llama):
 
 def test_decode_uses_the_cache_correctly(tiny_llama):
     """The cached greedy decode inside measure_speed produces what generate() does."""
-    from evaluation.efficiency import _one_run, _prompt_ids
+    from depthbench.evaluation.efficiency import _one_run, _prompt_ids
 
     prompt = _prompt_ids(_Tok(), 10, 1)
     with torch.no_grad():

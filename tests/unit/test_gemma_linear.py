@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calibration.batches import CalibrationData
+from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
-from modeling.adapters import adapter_for
-from modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
-from pruners import build_pruner
+from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.unit.test_architectures import _config
 
@@ -213,11 +213,11 @@ def test_loader_places_and_casts_as_asked(device_map, tmp_path):
 
 
 def test_loader_names_a_device_map_it_cannot_use(tmp_path, monkeypatch):
-    import modeling.saving
+    import depthbench.modeling.saving
 
     _pruned_and_saved("gemma2", tmp_path / "pruned")
     streamed = []
-    monkeypatch.setattr(modeling.saving, "_stream_weights", lambda *a: streamed.append(a))
+    monkeypatch.setattr(depthbench.modeling.saving, "_stream_weights", lambda *a: streamed.append(a))
     with pytest.raises(ValueError, match=r"device_map=3; allowed: 'auto', a device name"):
         load_pruned(tmp_path / "pruned", device_map=3)
     assert streamed == []  # refused before any weight is read

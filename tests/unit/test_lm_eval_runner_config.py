@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from depthbench.errors import ConfigError
-from evaluation.lm_eval_runner import parse_benchmark
+from depthbench.evaluation.lm_eval_runner import parse_benchmark
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 

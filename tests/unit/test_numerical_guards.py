@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from calibration.statistics import PairwiseSimilarity, collect
+from depthbench.calibration.statistics import PairwiseSimilarity, collect
 from depthbench.errors import NumericalError
-from experiments.pipeline import check_finite_parameters
-from modeling.adapters import adapter_for
+from depthbench.experiments.pipeline import check_finite_parameters
+from depthbench.modeling.adapters import adapter_for
 from tests.conftest import random_batches
 
 
@@ -51,7 +51,7 @@ def test_non_finite_weights_stop_before_saving(tiny_llama):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_check_finite_flags_any_non_finite_real_token_and_ignores_padding(dtype, bad):
-    from calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, check_finite
+    from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, BatchActivations, check_finite
 
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False  # right padding

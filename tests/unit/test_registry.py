@@ -2,8 +2,8 @@ import pytest
 
 from depthbench.errors import ConfigError
 from depthbench.registry import Registry
-from pruners import Pruner, build_pruner, pruner_registry
-from pruners.uidl import UIDLPruner
+from depthbench.pruners import Pruner, build_pruner, pruner_registry
+from depthbench.pruners.uidl import UIDLPruner
 
 
 def test_unknown_pruner_lists_available():
@@ -16,7 +16,7 @@ def test_entry_point_plugins_are_found(monkeypatch):
     import depthbench.registry as registry_module
 
     class FakeEntryPoint:
-        name, value = "my_method", "pruners.uidl:UIDLPruner"
+        name, value = "my_method", "depthbench.pruners.uidl:UIDLPruner"
 
     monkeypatch.setattr(registry_module, "entry_points",
                         lambda group: [FakeEntryPoint()] if group == "depthbench.pruners" else [])

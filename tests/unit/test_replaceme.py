@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import CalibrationData
-from calibration.statistics import collect
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError, NumericalError
-from modeling.adapters import adapter_for
-from pruners import build_pruner
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import last_token_angular_distance_np, residual_states_np
 
@@ -152,7 +152,7 @@ def test_multi_block_selection_equals_brute_force_greedy(merge):
 
 def test_ls_refuses_touching_unmerged_blocks():
     pruner = build_pruner("replaceme_ls", {"num_blocks": 2, "merge_consecutive": False})
-    from selection.blocks import Block
+    from depthbench.selection.blocks import Block
     with pytest.raises(ConfigError, match="merge_consecutive"):
         pruner.check_blocks([Block(2, 4), Block(4, 6)])
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from depthbench.errors import ConfigError
-from evaluation.retention import retention
+from depthbench.evaluation.retention import retention
 
 
 def test_per_task_ratio_and_average_percent():

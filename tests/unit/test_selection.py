@@ -4,7 +4,7 @@ import random
 import pytest
 
 from depthbench.errors import ConfigError
-from selection.blocks import Block, best_block, greedy_blocks, lowest_layers, merge_touching
+from depthbench.selection.blocks import Block, best_block, greedy_blocks, lowest_layers, merge_touching
 
 
 def _brute_force_greedy(scores, starts, length, count):

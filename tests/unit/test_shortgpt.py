@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import CalibrationData
-from modeling.adapters import adapter_for
-from pruners import build_pruner
+from depthbench.calibration.batches import CalibrationData
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import residual_states_np
 
@@ -42,8 +42,8 @@ def test_block_influence_and_removed_layers_equal_brute_force(n_remove):
 
 
 def test_removed_layers_need_not_be_contiguous():
-    from pruners.shortgpt import ShortGPTPruner
-    from calibration.statistics import PairwiseSimilarity
+    from depthbench.pruners.shortgpt import ShortGPTPruner
+    from depthbench.calibration.statistics import PairwiseSimilarity
 
     stat = PairwiseSimilarity(6, gap=1, tokens="all")
     stat.sum_cos = torch.tensor([0.1, 0.9, 0.2, 0.95, 0.3, 0.5], dtype=torch.float64)

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from calibration.statistics import MLP_OUT, RESIDUAL, LinearMapMoments, PairwiseSimilarity, Statistic, collect
-from modeling.adapters import adapter_for
+from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, LinearMapMoments, PairwiseSimilarity, Statistic, collect
+from depthbench.modeling.adapters import adapter_for
 from tests.conftest import random_batches
 from tests.reference import manual_llama_forward
 

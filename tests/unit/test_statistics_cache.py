@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from calibration.cache import StatisticsCache, data_fingerprint, gather
-from calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
-from modeling.adapters import adapter_for
+from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
+from depthbench.modeling.adapters import adapter_for
 from tests.conftest import random_batches
 
 
@@ -79,8 +79,8 @@ def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_col
     from the cache (no forward pass) and produces the same model as an uncached run."""
     import copy
 
-    from calibration.batches import CalibrationData
-    from pruners import build_pruner
+    from depthbench.calibration.batches import CalibrationData
+    from depthbench.pruners import build_pruner
     from tests.conftest import build_tiny_model, tiny_llama_config
 
     base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)

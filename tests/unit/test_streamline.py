@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import CalibrationData
+from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
-from modeling.adapters import adapter_for
-from pruners import build_pruner
-from pruners.llm_streamline import warmup_cosine
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
+from depthbench.pruners.llm_streamline import warmup_cosine
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import residual_states_np
 
@@ -36,7 +36,7 @@ def test_scores_and_choice_equal_brute_force(n):
     expected = [mean_cos(hs[j], hs[j + n + 1]) for j in range(L - n)]
     j = int(np.argmax(expected))
     pruner = build_pruner("llm_streamline", {"max_steps": 1})
-    from calibration.statistics import collect
+    from depthbench.calibration.statistics import collect
     adapter = adapter_for(model)
     selection = pruner.select(collect(adapter, batches, pruner.statistics(adapter, n), progress=False), adapter, n)
     np.testing.assert_allclose(selection.scores["values"], expected, rtol=1e-10)
@@ -165,7 +165,7 @@ def test_bfloat16_model_trains_in_mixed_precision():
 
 def test_a_device_without_bfloat16_autocast_is_refused_before_calibration(monkeypatch):
     """As torch does on a CUDA device without bfloat16: the autocast context raises on entry."""
-    import pruners.llm_streamline as streamline
+    import depthbench.pruners.llm_streamline as streamline
 
     class NoBf16Autocast:
         def __init__(self, device_type, dtype):

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depthbench.errors import ConfigError
-from modeling.adapters import adapter_for
-from modeling.saving import METADATA_FILE, save_pruned
+from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.saving import METADATA_FILE, save_pruned
 from tests.conftest import build_tiny_model, random_batches
 
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from depthbench.errors import ConfigError
-from modeling.adapters import adapter_for
-from calibration.batches import CalibrationData
-from pruners import build_pruner
+from depthbench.modeling.adapters import adapter_for
+from depthbench.calibration.batches import CalibrationData
+from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import last_token_angular_distance_np, residual_states_np
 
