@@ -99,7 +99,8 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     num = (a64 * b64).sum(-1)
     den = a64.norm(dim=-1) * b64.norm(dim=-1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num)).clamp(-1, 1)
+    cos = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+    return cos.clamp(-1, 1)
 
 
 class PairwiseSimilarity(Statistic):
@@ -282,6 +283,9 @@ def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterabl
                 adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
+            missing = needed - captured.keys()
+            if missing:  # an observer that never fired: fail here, naming the points, not in a statistic
+                raise RuntimeError(f"activations {sorted(missing)} were not produced by the forward pass")
             real = mask.bool()
             acts = BatchActivations(points=dict(captured), mask=real, last_index=real.sum(1) - 1)
             check_finite(acts)
@@ -295,31 +299,26 @@ def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterabl
 
 
 def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
-    layers = adapter.decoder_layers()
+    """Observers for the needed points, placed by the adapter (`ModelAdapter.observe_residual` /
+    `observe_mlp_output`), and an early stop after the last layer any of them needs."""
     handles = []
 
     def keep(point):
-        def hook(module, args, kwargs_or_output, output=None):
-            out = kwargs_or_output if output is None else output
-            tensor = out[0] if isinstance(out, tuple) else out
+        def observe(tensor):
             captured[point] = tensor.detach()
-        return hook
+        return observe
 
-    if (RESIDUAL, 0) in needed:
-        def capture_input(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            captured[(RESIDUAL, 0)] = x.detach()
-        handles.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
     for kind, k in sorted(needed):
-        if kind == RESIDUAL and k > 0:
-            handles.append(layers[k - 1].register_forward_hook(keep((RESIDUAL, k))))
+        if kind == RESIDUAL:
+            handles.append(adapter.observe_residual(k, keep((RESIDUAL, k))))
         elif kind == MLP_OUT:
-            handles.append(adapter.mlp(layers[k]).register_forward_hook(keep((MLP_OUT, k))))
-    last_needed = max([k - 1 if kind == RESIDUAL else k for kind, k in needed], default=len(layers) - 1)
-    if last_needed < len(layers) - 1:  # nothing later is needed: skip the rest of the network
-        def stop(module, args, output):
+            handles.append(adapter.observe_mlp_output(k, keep((MLP_OUT, k))))
+    num_layers = adapter.num_layers
+    last_needed = max([k - 1 if kind == RESIDUAL else k for kind, k in needed], default=num_layers - 1)
+    if last_needed < num_layers - 1:  # nothing later is needed: skip the rest of the network
+        def stop():
             raise _StopForward
-        handles.append(layers[max(last_needed, 0)].register_forward_hook(stop))
+        handles.append(adapter.after_layer(max(last_needed, 0), stop))
     return handles
 
 

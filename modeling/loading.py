@@ -22,6 +22,7 @@ import torch
 
 from depthbench import atomic
 from depthbench.errors import ConfigError
+from depthbench.locking import EntryLock
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def check_model_reference(cfg) -> None:
             if not path.is_dir():
                 raise ConfigError(f"model.name_or_path={ref!r}: no such directory")
             if not (path / "config.json").is_file():
-                raise ConfigError(f"model.name_or_path={ref!r}: directory has no config.json (not a transformers model)")
+                raise ConfigError(f"model.name_or_path={ref!r}: directory has no config.json (not a transformers "
+                                  "model)")
             check_family(_model_type_of(path / "config.json", ref))
         return
     gguf = cfg.get("gguf")
@@ -84,8 +86,120 @@ def check_family(model_type: str | None) -> None:
         raise ConfigError(f"unsupported model family {model_type!r}; supported: {', '.join(supported_model_types())}")
 
 
-def load_model(cfg, device: str | None = None) -> LoadedModel:
-    """Load ``cfg`` (a ``conf/model`` entry): ``name_or_path`` wins; else the packaged GGUF."""
+def model_name(cfg) -> str:
+    """The name a run is recorded under: ``model.name`` if set, else what is loaded: a Hub id as it is,
+    a local directory's own name, the packaged GGUF's ``gguf.name`` (or its file name)."""
+    if cfg.get("name"):
+        return str(cfg.name)
+    if cfg.get("name_or_path"):
+        ref = str(cfg.name_or_path)
+        path = Path(ref).expanduser()
+        return path.resolve().name if path.exists() else ref
+    gguf = cfg.get("gguf") or {}
+    return str(gguf.get("name") or Path(str(gguf.get("file", "model"))).name.split(".")[0])
+
+
+def _local_source(cfg) -> Path | None:
+    """The local directory holding ``cfg``'s config.json and tokenizer, if there is one yet (a local
+    ``name_or_path``, or the GGUF's converted copy once made); None for a Hub id or an unconverted GGUF."""
+    if cfg.get("name_or_path"):
+        path = Path(str(cfg.name_or_path)).expanduser()
+        return path if path.is_dir() else None
+    target = converted_copy_dir(_gguf_path(cfg.gguf.package, cfg.gguf.file))
+    return target if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file() else None
+
+
+def num_layers_of(cfg) -> int | None:
+    """The decoder layer count, read without any weights: config.json of a directory or the Hub (the
+    small file only), or the packaged GGUF's header metadata. None if it cannot be read cheaply (the
+    load itself then reports the problem)."""
+    from transformers import AutoConfig
+
+    local = _local_source(cfg)
+    try:
+        if local is not None:
+            return int(AutoConfig.from_pretrained(str(local)).num_hidden_layers)
+        if cfg.get("name_or_path"):
+            return int(AutoConfig.from_pretrained(str(cfg.name_or_path), revision=cfg.get("revision") or None)
+                       .num_hidden_layers)
+    except Exception:  # noqa: BLE001 - unreachable Hub, odd config: the load reports it with context
+        return None
+    path = _gguf_path(cfg.gguf.package, cfg.gguf.file)
+    arch = gguf_metadata(path, "general.architecture")
+    count = gguf_metadata(path, f"{arch}.block_count") if arch else None
+    return int(count) if count is not None else None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path, key: str):
+    """One metadata value from a GGUF file's header (read sequentially up to ``key``; no tensor is
+    touched), or None when the header has no such key. Layout: the GGUF specification (v2/v3)."""
+    import struct
+
+    def read(fmt: str):
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, handle.read(size))[0]
+
+    def string() -> bytes:
+        return handle.read(read("<Q"))
+
+    def value(kind: int):
+        if kind in _GGUF_SCALARS:
+            return read(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return string().decode("utf-8", errors="replace")
+        if kind == _GGUF_ARRAY:
+            item, count = read("<I"), read("<Q")
+            if item in _GGUF_SCALARS:
+                handle.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF" or read("<I") < 2:
+            return None
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            name = string().decode("utf-8", errors="replace")
+            found = value(read("<I"))
+            if name == key:
+                return found
+    return None
+
+
+def load_tokenizer(cfg):
+    """The tokenizer alone (no weights), with a pad token: from the local directory or converted copy,
+    the Hub, or, before the GGUF's first conversion, the GGUF itself (then reused by the conversion)."""
+    from transformers import AutoTokenizer
+
+    local = _local_source(cfg)
+    try:
+        if local is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(local))
+        elif cfg.get("name_or_path"):
+            tokenizer = AutoTokenizer.from_pretrained(str(cfg.name_or_path), revision=cfg.get("revision") or None)
+        else:
+            gguf = _gguf_path(cfg.gguf.package, cfg.gguf.file)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # noqa: BLE001 - one line naming the model; debug=true re-raises
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        source = cfg.get("name_or_path") or model_name(cfg)
+        raise ConfigError(f"cannot load model {str(source)!r} (its tokenizer): {type(err).__name__}: "
+                          f"{first_line[:300]}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg, device: str | None = None, tokenizer=None) -> LoadedModel:
+    """Load ``cfg`` (a ``conf/model`` entry): ``name_or_path`` wins; else the packaged GGUF. A
+    ``tokenizer`` from `load_tokenizer` is used as it is instead of loading it again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_reference(cfg)
@@ -93,7 +207,7 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
     if cfg.get("name_or_path"):
         source = str(Path(cfg.name_or_path).expanduser()) if os.path.exists(cfg.name_or_path) else cfg.name_or_path
     else:
-        source = str(_plain_copy_of_gguf(cfg.gguf.package, cfg.gguf.file))
+        source = str(_plain_copy_of_gguf(cfg.gguf.package, cfg.gguf.file, tokenizer))
     kwargs = {"dtype": dtype, "revision": cfg.get("revision") or None}
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
@@ -106,7 +220,8 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
             model = load_pruned(source, dtype=dtype, device_map=kwargs.get("device_map"))
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=kwargs["revision"])
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - turned into one line naming the model; debug=true re-raises
@@ -119,7 +234,7 @@ def load_model(cfg, device: str | None = None) -> LoadedModel:
     if device and not cfg.get("device_map"):
         model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.get("name") or source, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=model_name(cfg), source=source)
 
 
 def model_fingerprint(loaded: LoadedModel, cfg) -> str:
@@ -161,17 +276,31 @@ def converted_copy_dir(gguf: Path) -> Path:
     return default_cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
-def _plain_copy_of_gguf(package: str, file: str) -> Path:
-    """A ``save_pretrained`` directory equivalent to the GGUF model, converted once and cached."""
+def _plain_copy_of_gguf(package: str, file: str, tokenizer=None) -> Path:
+    """A ``save_pretrained`` directory equivalent to the GGUF model, converted once and cached (with
+    ``tokenizer`` if given: the GGUF's, already built by `load_tokenizer`)."""
     gguf = _gguf_path(package, file)
     target = converted_copy_dir(gguf)
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
-        return target
+    if not _converted(target):
+        # cells of a parallel sweep starting at once convert it once (the others wait, then load it):
+        # a second conversion would replace the copy under a reader and change its fingerprint
+        with EntryLock(target.with_name(f".{target.name}.lock"), what=f"the conversion of {gguf.name}"):
+            if not _converted(target):
+                _convert_gguf(gguf, target, tokenizer)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, target: Path, tokenizer=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a plain transformers model (once) in %s", gguf.name, target)
     quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -183,4 +312,3 @@ def _plain_copy_of_gguf(package: str, file: str) -> Path:
     with atomic.directory(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target

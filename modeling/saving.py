@@ -1,12 +1,14 @@
 """Save a pruned model as a ``save_pretrained`` directory plus its ``pruning.json``, and load it back.
 
 Normally the directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no custom code.
-The exception is a model carrying explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with
-``norm_fold: linear``): transformers would load it with those weights dropped and only a warning, so
-such a directory is laid out so that plain ``from_pretrained`` fails loudly (no weights at the top
-level: ``OSError ... no file named model.safetensors``), with the weights in ``depthbench_weights/``,
-the inserted layers listed in ``depthbench_modules.json`` and a ``README.md`` saying how to load it:
-`load_pruned` (base architecture from ``config.json``, linear modules re-inserted, weights loaded
+The exception is a model whose structure ``config.json`` cannot express (`ModelAdapter.custom_modules`):
+explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with ``norm_fold: linear``) or removed
+attention / MLP sub-blocks (`ModelAdapter.remove_units`). transformers would load it with weights
+dropped or randomly initialised and only a warning, so such a directory is laid out so that plain
+``from_pretrained`` fails loudly (no weights at the top level: ``OSError ... no file named
+model.safetensors``), with the weights in ``depthbench_weights/``, the changes listed in
+``depthbench_modules.json`` and a ``README.md`` saying how to load it: `load_pruned` (base
+architecture from ``config.json``, the changes re-applied through the adapter, weights loaded
 strictly). Written to a temporary sibling and renamed into place, so a crash leaves nothing
 half-written.
 """
@@ -23,39 +25,46 @@ METADATA_FILE = "pruning.json"
 CUSTOM_MODULES_FILE = "depthbench_modules.json"
 #: Where the weights of such a model go (never at the top level, so plain ``from_pretrained`` fails).
 WEIGHTS_DIR = "depthbench_weights"
-CUSTOM_FORMAT_VERSION = 1
-LOAD_INSTRUCTIONS = ("needs depthbench to load: depthbench.modeling.saving.load_pruned(directory) (plain from_pretrained "
-                     "fails: the weights are in depthbench_weights/ and include modules transformers does not know)")
+#: 2 added ``removed_sub_blocks``; version 1 directories (linear modules only) still load.
+CUSTOM_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+LOAD_INSTRUCTIONS = ("needs depthbench to load: depthbench.modeling.saving.load_pruned(directory) (plain "
+                     "from_pretrained fails: the weights are in depthbench_weights/ and the structure differs from "
+                     "what config.json describes)")
 
 
-def _mlp_output_linear_layers(model) -> list[int]:
+def _custom_modules(model) -> tuple[dict[str, list], str]:
+    """What config.json cannot express (see `ModelAdapter.custom_modules`) and the linear modules' description."""
     from depthbench.errors import ConfigError
     from depthbench.modeling.adapters import adapter_for
 
     try:
-        return adapter_for(model).mlp_output_linear_layers()
+        adapter = adapter_for(model)
     except ConfigError:  # a family without an adapter cannot carry depthbench's modules
-        return []
+        return {}, ""
+    return adapter.custom_modules(), adapter.mlp_output_linear_description
 
 
 def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path:
     directory = Path(directory)
-    linear_layers = _mlp_output_linear_layers(model)
+    changes, linear_description = _custom_modules(model)
     with atomic.directory(directory) as tmp:
-        if not linear_layers:
+        if not changes:
             model.save_pretrained(tmp)
         else:
             weights = tmp / WEIGHTS_DIR
-            model.save_pretrained(weights)
+            model.save_pretrained(weights, **_in_memory_key_names(model))
             for name in ("config.json", "generation_config.json"):  # no config beside the weights either
                 if (weights / name).is_file():
                     (weights / name).replace(tmp / name)
-            custom = {"format_version": CUSTOM_FORMAT_VERSION, "mlp_output_linear_layers": linear_layers,
-                      "module": "Linear(hidden, hidden, bias=False) after post_feedforward_layernorm "
-                                "(keys ...post_feedforward_layernorm.norm.weight / .linear.weight)",
+            custom = {"format_version": CUSTOM_FORMAT_VERSION,
+                      "mlp_output_linear_layers": changes.get("mlp_output_linear_layers", []),
+                      "removed_sub_blocks": changes.get("removed_sub_blocks", []),
                       "weights": WEIGHTS_DIR, "load_with": "depthbench.modeling.saving.load_pruned(directory)"}
+            if custom["mlp_output_linear_layers"]:
+                custom["module"] = linear_description
             atomic.write_json(tmp / CUSTOM_MODULES_FILE, custom)
-            atomic.write_text(tmp / "README.md", _readme(linear_layers))
+            atomic.write_text(tmp / "README.md", _readme(custom))
             metadata = {**metadata, "custom_modules": {**custom, "note": LOAD_INSTRUCTIONS}}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -63,14 +72,30 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path
     return directory
 
 
-def _readme(layers: list[int]) -> str:
-    return ("# Pruned by depthbench: needs depthbench to load\n\n"
-            f"Decoder layers {layers} carry an explicit `Linear(hidden, hidden, bias=False)` after their "
-            "post-FFN norm (ReplaceMe's transform T, `norm_fold: linear`). Plain "
-            "`AutoModelForCausalLM.from_pretrained` cannot load this directory (it would drop those weights, so "
-            "they are kept in `depthbench_weights/` where it does not look). Load it with:\n\n"
-            "```python\nfrom depthbench.modeling.saving import load_pruned\nmodel = load_pruned(\"THIS_DIRECTORY\")\n```\n\n"
-            "`pruning.json` describes the pruning; `depthbench_modules.json` lists the layers.\n")
+def _in_memory_key_names(model) -> dict:
+    """transformers (5.x) renames some keys on save to the family's original checkpoint names (GPT-NeoX's
+    ``lm_head`` -> ``embed_out``) and back on load; `load_pruned` streams tensors by the model's own names,
+    so depthbench's layout keeps those (``save_original_format=False`` where the release has it)."""
+    import inspect
+
+    return ({"save_original_format": False}
+            if "save_original_format" in inspect.signature(model.save_pretrained).parameters else {})
+
+
+def _readme(custom: dict) -> str:
+    what = []
+    if custom["mlp_output_linear_layers"]:
+        what.append(f"Decoder layers {custom['mlp_output_linear_layers']} carry an explicit linear module "
+                    f"({custom['module']}: ReplaceMe's transform T, `norm_fold: linear`).")
+    if custom["removed_sub_blocks"]:
+        what.append(f"The sub-blocks {custom['removed_sub_blocks']} (K.attn: attention, K.mlp: MLP of decoder layer K, "
+                    "current numbering) are removed: those layers keep only their other sub-block.")
+    return ("# Pruned by depthbench: needs depthbench to load\n\n" + " ".join(what) + " Plain "
+            "`AutoModelForCausalLM.from_pretrained` cannot load this directory (it would drop or randomly "
+            "initialise weights, so they are kept in `depthbench_weights/` where it does not look). Load it with:\n\n"
+            "```python\nfrom depthbench.modeling.saving import load_pruned\n"
+            "model = load_pruned(\"THIS_DIRECTORY\")\n```\n\n"
+            "`pruning.json` describes the pruning; `depthbench_modules.json` lists the changes.\n")
 
 
 def load_pruned(directory: str | Path, dtype=None, device: str | None = None, device_map=None):
@@ -97,9 +122,9 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         return (model.to(device) if device and device_map is None else model).eval()
     custom = json.loads(sidecar.read_text(encoding="utf-8"))
-    if custom.get("format_version") != CUSTOM_FORMAT_VERSION:
+    if custom.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ValueError(f"{sidecar}: format_version {custom.get('format_version')!r}; this depthbench reads "
-                         f"{CUSTOM_FORMAT_VERSION}")
+                         f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     if device_map is not None and not isinstance(device_map, (str, dict)):  # before any weight is read
         raise ValueError(f"device_map={device_map!r}; allowed: 'auto', a device name, or a module -> device dict")
     files = sorted((directory / custom.get("weights", WEIGHTS_DIR)).glob("*.safetensors"))
@@ -114,8 +139,9 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     with _without_random_initialisation(), torch.device(device if device and device_map is None else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(model)
-    for k in custom["mlp_output_linear_layers"]:
+    for k in custom.get("mlp_output_linear_layers", []):
         adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
+    adapter.remove_units(custom.get("removed_sub_blocks", []))
     loaded, unexpected = _stream_weights(model, files)
     model.tie_weights()
     # a key may be absent only where its parameter is shared with (tied to) a loaded one

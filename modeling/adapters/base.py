@@ -1,18 +1,24 @@
-"""The adapter interface: where a family keeps its decoder layers, MLPs and norms, and layer surgery.
+"""The adapter interface: where a family keeps its decoder layers, MLPs and norms, layer surgery,
+and units (whole layers, attention / MLP sub-blocks) skipped without surgery or removed.
 
 Methods (pruners, calibration hooks, folding) talk to a `ModelAdapter`, never to
-``model.model.layers`` directly, so supporting a new architecture is one adapter file and a test.
+``model.model.layers`` directly, so supporting a new architecture is one adapter file and a test:
+a family implements `stored_layers`, `mlp`, the projections and norms, `sub_block_stand_ins` and
+`layer_forward`; skipping, removal and observation are generic.
 """
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
+from depthbench.modeling.units import Unit, UnitLike, normalize_units
 from depthbench.registry import Registry
 
 
@@ -29,8 +35,20 @@ class ModelAdapter(ABC):
 
     # -- structure -------------------------------------------------------------------------
     @abstractmethod
+    def stored_layers(self) -> nn.ModuleList:
+        """The model's own list of decoder layers (what a family implements)."""
+
     def decoder_layers(self) -> nn.ModuleList:
-        """The decoder layers in order; layer k maps h_k to h_{k+1}."""
+        """The decoder layers that run, in order; layer k maps h_k to h_{k+1}. Outside `skipping`, the
+        model's own list; inside, the layers not skipped, numbered as in the model without the skipped
+        layers (so `num_layers`, `layer`, the observers and every index refer to that model)."""
+        views = _SKIP_VIEWS.get(self.model)
+        return views[-1] if views else self.stored_layers()
+
+    def _refuse_while_skipping(self, what: str) -> None:
+        if _SKIP_VIEWS.get(self.model):
+            raise RuntimeError(f"cannot {what} inside adapter.skipping (indices there refer to the model with "
+                               f"units skipped); leave the context first")
 
     @abstractmethod
     def mlp(self, layer: nn.Module) -> nn.Module:
@@ -106,7 +124,8 @@ class ModelAdapter(ABC):
         Updates ``num_hidden_layers`` and every per-layer config list, renumbers ``layer_idx``
         (KV-cache indexing depends on it) and checks that tied embeddings stay tied.
         """
-        remove = sorted(set(int(i) for i in indices))
+        self._refuse_while_skipping("remove layers")
+        remove = sorted({int(i) for i in indices})
         n = self.num_layers
         bad = [i for i in remove if not 0 <= i < n]
         if bad:
@@ -153,6 +172,7 @@ class ModelAdapter(ABC):
         The module must be a decoder layer of the model's own class so that the saved model still
         loads with plain ``from_pretrained``; its ``layer_idx`` is set to ``index``.
         """
+        self._refuse_while_skipping("replace a layer")
         layers = self.decoder_layers()
         if not 0 <= index < len(layers):
             raise ConfigError(f"cannot replace layer {index}: the model has layers 0..{len(layers) - 1}")
@@ -168,6 +188,157 @@ class ModelAdapter(ABC):
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """Parameters of the attention sub-block, its pre-norm included."""
         raise NotImplementedError(f"{self.family}: no attention sub-block known")
+
+    @torch.no_grad()
+    def zero_attention_output(self, layer: nn.Module) -> None:
+        """Make ``layer``'s attention sub-block add zero to the residual stream by zeroing its output
+        projection (weight and bias) in place: the layer keeps its class and parameters, so it still
+        saves and loads as a plain decoder layer (LLM-Streamline's FFN replacement)."""
+        projection = self.attention_output_projection(layer)
+        projection.weight.zero_()
+        if getattr(projection, "bias", None) is not None:
+            projection.bias.zero_()
+
+    def set_attention_trainable(self, layer: nn.Module, trainable: bool) -> None:
+        """Switch gradients of ``layer``'s attention sub-block (its own pre-norm included) on or off."""
+        for p in self.attention_block_parameters(layer):
+            p.requires_grad_(trainable)
+
+    # -- observing activations -------------------------------------------------------------
+    def observe_residual(self, k: int, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn(h_k)`` ([B, T, d]) on every forward: ``h_0`` is the input of layer 0, ``h_k`` the
+        output of layer k - 1 (``h_L`` before the final norm). Returns a handle with ``remove()``."""
+        layers = self.decoder_layers()
+        if not 0 <= k <= len(layers):
+            raise ConfigError(f"h_{k}: the model has residual points 0..{len(layers)}")
+        if k == 0:
+            def before_first(module, args, kwargs):
+                fn(args[0] if args else kwargs["hidden_states"])
+            return layers[0].register_forward_pre_hook(before_first, with_kwargs=True)
+        return layers[k - 1].register_forward_hook(lambda module, args, output: fn(_first(output)))
+
+    def observe_mlp_output(self, k: int, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn(M_k)`` ([B, T, d]: what layer k's MLP adds to the residual stream; zeros where that
+        MLP is skipped) on every forward."""
+        return self.mlp(self.layer(k)).register_forward_hook(lambda module, args, output: fn(_first(output)))
+
+    def after_layer(self, k: int, fn: Callable[[], None]):
+        """Call ``fn()`` after layer k's forward (e.g. to raise and end a pass early)."""
+        return self.layer(k).register_forward_hook(lambda module, args, output: fn())
+
+    # -- units: skipping without surgery, sub-block removal ---------------------------------
+    #: Whether a decoder layer's forward returns a tuple whose first item is the hidden states (Falcon)
+    #: rather than the hidden states alone.
+    layer_returns_tuple: bool = False
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """The attributes of ``layer`` that make up sub-block ``part`` ("attention" or "mlp"), each with a
+        parameter-free module that stands in for it when the sub-block is skipped or removed: the module
+        whose output is the sub-block's residual update returns zeros (`ZeroOutput`), the sub-block's
+        own norms become the identity; a norm shared with the other sub-block is not listed.
+        Raises `ConfigError` where sub-blocks cannot be units."""
+        raise ConfigError(f"{self.family}: attention / MLP sub-blocks are not supported as units")
+
+    def check_units(self, units: Iterable[UnitLike]) -> list[Unit]:
+        """``units`` normalised (`depthbench.modeling.units.normalize_units`) and validated against the
+        model as it is now: indices in range, not every layer, sub-blocks supported by the family."""
+        units = normalize_units(units)
+        n = self.num_layers
+        bad = [str(u) for u in units if u.layer >= n]
+        if bad:
+            raise ConfigError(f"units {bad}: the model has layers 0..{n - 1}")
+        if sum(u.is_layer for u in units) >= n:
+            raise ConfigError(f"cannot skip or remove all {n} decoder layers")
+        for u in units:
+            if not u.is_layer:
+                self.sub_block_stand_ins(self.layer(u.layer), u.part)
+        return units
+
+    @contextmanager
+    def skipping(self, units: Iterable[UnitLike]) -> Iterator[list[Unit]]:
+        """Inside the block, a forward pass of the model computes what the model with ``units`` removed
+        computes, without changing any weight: a skipped layer passes its input through (it runs
+        nothing), a skipped sub-block adds zero to the residual stream (its own norm is not run).
+
+        Only the ``forward`` of the affected modules is replaced, on the instance (hooks registered on
+        them still fire); everything is restored on exit, also after an exception. Inside, every
+        adapter of this model numbers layers as the model without the skipped layers does
+        (`decoder_layers`: ``h_k`` from `observe_residual` is that model's ``h_k``), and surgery is
+        refused. Passes run without a KV cache: ``use_cache`` is forced to False, and a pass given a
+        cache or ``use_cache=True`` (e.g. ``generate``) is refused, since skipped layers would leave
+        gaps in it. ``units`` use the numbering current on entry; yields them normalised."""
+        units = self.check_units(units)
+        layers = self.decoder_layers()
+        skipped = {u.layer for u in units if u.is_layer}
+        undo: list = []
+        try:
+            for u in units:
+                if u.is_layer:
+                    undo.append(_ForwardPatch(layers[u.layer], PassThrough(self.layer_returns_tuple)))
+                    continue
+                for name, stand_in in self.sub_block_stand_ins(layers[u.layer], u.part).items():
+                    undo.append(_ForwardPatch(layers[u.layer].get_submodule(name), stand_in))
+            undo.append(_SkipView(self.model, [layer for k, layer in enumerate(layers) if k not in skipped]))
+            undo.append(self.model.register_forward_pre_hook(_without_cache, with_kwargs=True))
+            yield units
+        finally:
+            for item in reversed(undo):
+                item.remove()
+
+    def remove_units(self, units: Iterable[UnitLike]) -> list[Unit]:
+        """Remove ``units`` (current numbering) for good: whole layers through `remove_layers`, a sub-block
+        by putting its parameter-free stand-ins in place (the layer keeps the other sub-block). Returns
+        the normalised units. A model with removed sub-blocks saves and reloads through
+        `depthbench.modeling.saving` (transformers cannot express a layer without one of its sub-blocks)."""
+        self._refuse_while_skipping("remove units")
+        units = self.check_units(units)
+        layers = [u.layer for u in units if u.is_layer]
+        if layers:
+            self.remove_layers(layers)
+        for u in units:
+            if u.is_layer:
+                continue
+            new_index = u.layer - sum(1 for k in layers if k < u.layer)
+            layer = self.layer(new_index)
+            for name, stand_in in self.sub_block_stand_ins(layer, u.part).items():
+                parent_name, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, stand_in)
+        return units
+
+    def removed_sub_blocks(self) -> list[Unit]:
+        """Sub-blocks removed by `remove_units` (current numbering): those whose parts are all stand-ins."""
+        out = []
+        for k, layer in enumerate(self.decoder_layers()):
+            for part in ("attention", "mlp"):
+                try:
+                    names = self.sub_block_stand_ins(layer, part)
+                except ConfigError:
+                    return []
+                if all(isinstance(layer.get_submodule(name), StandIn) for name in names):
+                    out.append(Unit(k, part))
+        return out
+
+    def unit_parameter_count(self, unit: UnitLike) -> int:
+        """Parameters a unit holds now (a layer: all of it; a sub-block: its modules, own norms included)."""
+        (u,) = normalize_units([unit])
+        layer = self.layer(u.layer)
+        if u.is_layer:
+            return _unique_total(layer.parameters())
+        names = self.sub_block_stand_ins(layer, u.part)
+        return _unique_total([p for name in names for p in layer.get_submodule(name).parameters()])
+
+    def custom_modules(self) -> dict[str, list]:
+        """What transformers' ``from_pretrained`` cannot rebuild from ``config.json`` (empty where nothing):
+        ``mlp_output_linear_layers`` (Gemma's inserted linear modules) and ``removed_sub_blocks``."""
+        out: dict[str, list] = {}
+        if self.mlp_output_linear_layers():
+            out["mlp_output_linear_layers"] = self.mlp_output_linear_layers()
+        if self.removed_sub_blocks():
+            out["removed_sub_blocks"] = [str(u) for u in self.removed_sub_blocks()]
+        return out
+
+    #: What `insert_mlp_output_linear` adds, in words and state-dict keys (for saved directories).
+    mlp_output_linear_description: str = ""
 
     # -- running single layers -------------------------------------------------------------
     def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
@@ -209,6 +380,100 @@ class ModelAdapter(ABC):
         if getattr(proj, "bias", None) is not None:
             b = proj.bias.data
             proj.bias.data = (t.T @ b.to(torch.float64)).to(b.dtype)
+
+
+class StandIn(nn.Module):
+    """A parameter-free module put in place of part of a removed or skipped sub-block."""
+
+
+class ZeroOutput(StandIn):
+    """Returns zeros shaped like its input, with last dimension ``width`` (default: the input's), as
+    ``(zeros, None)`` where the module it stands in for returns a pair (attention modules)."""
+
+    def __init__(self, width: int | None = None, returns_pair: bool = False):
+        super().__init__()
+        self.width, self.returns_pair = width, returns_pair
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        zeros = x.new_zeros(*x.shape[:-1], x.shape[-1] if self.width is None else self.width)
+        return (zeros, None) if self.returns_pair else zeros
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, returns_pair={self.returns_pair}"
+
+
+class IdentityStandIn(StandIn):
+    """Passes its input through (a removed sub-block's own norm)."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class PassThrough(StandIn):
+    """A skipped decoder layer: returns its input hidden states, as ``(h, None)`` for families whose
+    layers return a tuple."""
+
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, None) if self.returns_tuple else h
+
+
+class _ForwardPatch:
+    """Replaces ``module.forward`` on the instance by ``stand_in.forward`` until `remove`, which puts
+    back exactly what was there (an instance attribute set by someone else, e.g. accelerate, included)."""
+
+    _MISSING = object()
+
+    def __init__(self, module: nn.Module, stand_in: nn.Module):
+        self.module = module
+        self.previous = module.__dict__.get("forward", self._MISSING)
+        module.forward = stand_in.forward
+
+    def remove(self) -> None:
+        if self.previous is self._MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.previous
+
+
+#: For each model inside `ModelAdapter.skipping`: the stack of layer views (innermost last).
+_SKIP_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SkipView:
+    """Pushes the kept layers as the model's current view until `remove`."""
+
+    def __init__(self, model: nn.Module, kept: list[nn.Module]):
+        self.model = model
+        _SKIP_VIEWS.setdefault(model, []).append(nn.ModuleList(kept))
+
+    def remove(self) -> None:
+        views = _SKIP_VIEWS[self.model]
+        views.pop()
+        if not views:
+            del _SKIP_VIEWS[self.model]
+
+
+_CACHE_KEYS = ("cache", "past_key_values", "layer_past")
+
+
+def _without_cache(module, args, kwargs):
+    """Forward pre-hook of the model while units are skipped: no KV cache in, none built."""
+    given = [k for k in _CACHE_KEYS if kwargs.get(k) is not None]
+    if given or kwargs.get("use_cache"):
+        raise ValueError(f"a forward pass with units skipped runs without a KV cache (skipped layers would leave "
+                         f"gaps in it); got {given or 'use_cache=True'}: pass use_cache=False (generate() is not "
+                         f"supported inside adapter.skipping)")
+    return args, {**kwargs, "use_cache": False}
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 class OutputHookPoint:

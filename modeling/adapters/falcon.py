@@ -16,16 +16,17 @@ import math
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, adapter_registry, standalone_causal_mask,
-                                    standalone_position_ids)
+from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, OutputHookPoint, ZeroOutput,
+                                               adapter_registry, standalone_causal_mask, standalone_position_ids)
 
 
 @adapter_registry.register("falcon")
 class FalconAdapter(ModelAdapter):
     family = "falcon"
     model_types = ("falcon",)
+    layer_returns_tuple = True  # (hidden states, attention weights)
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def stored_layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
@@ -42,6 +43,20 @@ class FalconAdapter(ModelAdapter):
 
     def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
         return layer.self_attention.dense
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """A skipped branch adds zero: in the parallel forms the layer becomes ``h + mlp(ln(h))`` or
+        ``h + attention(ln(h))``. Own norms go with their branch (``ln_attn`` / ``ln_mlp``; sequential:
+        ``input_layernorm`` / ``post_attention_layernorm``); one input norm shared by both branches stays.
+        The MLP stand-in returns a fresh tensor, which Falcon's in-place ``mlp_output += attention``
+        may change freely."""
+        attention = part == "attention"
+        out = {"self_attention": ZeroOutput(returns_pair=True)} if attention else {"mlp": ZeroOutput()}
+        if hasattr(layer, "ln_attn"):
+            out["ln_attn" if attention else "ln_mlp"] = IdentityStandIn()
+        elif not self.config.parallel_attn:
+            out["input_layernorm" if attention else "post_attention_layernorm"] = IdentityStandIn()
+        return out
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """The attention and its own pre-norm; a norm shared with the MLP (parallel attention with

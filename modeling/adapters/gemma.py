@@ -30,7 +30,8 @@ import inspect
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import adapter_registry, standalone_causal_mask, standalone_position_ids
+from depthbench.modeling.adapters.base import (IdentityStandIn, ZeroOutput, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
 from depthbench.modeling.adapters.llama import LlamaFamilyAdapter
 
 
@@ -116,6 +117,17 @@ class GemmaAdapter(LlamaFamilyAdapter):
         self.transform_mlp_output_projection(layer_index, down)
         self._set_output_norm_gain(layer_index, gain)
 
+    mlp_output_linear_description = ("Linear(hidden, hidden, bias=False) after post_feedforward_layernorm "
+                                     "(keys ...post_feedforward_layernorm.norm.weight / .linear.weight)")
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """Gemma's sub-blocks carry a norm before and after (the one after may hold ReplaceMe's linear)."""
+        if part == "attention":
+            return {"input_layernorm": IdentityStandIn(), "self_attn": ZeroOutput(returns_pair=True),
+                    "post_attention_layernorm": IdentityStandIn()}
+        return {"pre_feedforward_layernorm": IdentityStandIn(), "mlp": ZeroOutput(),
+                "post_feedforward_layernorm": IdentityStandIn()}
+
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return (list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
                 + list(layer.post_attention_layernorm.parameters()))
@@ -139,7 +151,8 @@ class GemmaAdapter(LlamaFamilyAdapter):
 class NormThenLinear(nn.Module):
     """The post-FFN norm followed by an explicit ``Linear(d, d, bias=False)`` (weight ``T^T``): outputs
     ``M T``. Keys ``post_feedforward_layernorm.norm.weight`` and ``post_feedforward_layernorm.linear.weight``;
-    plain ``from_pretrained`` does not know them, so such a model is saved and loaded by `depthbench.modeling.saving`."""
+    plain ``from_pretrained`` does not know them, so such a model is saved and loaded by
+    `depthbench.modeling.saving`."""
 
     def __init__(self, norm: nn.Module, linear: nn.Linear):
         super().__init__()

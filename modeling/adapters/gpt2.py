@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
-from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
-                                    standalone_position_ids)
+from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry,
+                                               standalone_causal_mask, standalone_position_ids)
 
 
 @adapter_registry.register("gpt2")
@@ -27,7 +27,7 @@ class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def stored_layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
@@ -41,6 +41,11 @@ class GPT2Adapter(ModelAdapter):
 
     def attention_output_projection(self, layer: nn.Module) -> nn.Module:
         return layer.attn.c_proj
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        if part == "attention":
+            return {"ln_1": IdentityStandIn(), "attn": ZeroOutput(returns_pair=True)}
+        return {"ln_2": IdentityStandIn(), "mlp": ZeroOutput()}
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return list(layer.attn.parameters()) + list(layer.ln_1.parameters())

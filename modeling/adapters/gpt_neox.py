@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
-                                    standalone_position_ids)
+from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry,
+                                               standalone_causal_mask, standalone_position_ids)
 
 
 @adapter_registry.register("gpt_neox")
@@ -20,7 +20,7 @@ class GPTNeoXAdapter(ModelAdapter):
     family = "gpt_neox"
     model_types = ("gpt_neox",)
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def stored_layers(self) -> nn.ModuleList:
         return self.model.gpt_neox.layers
 
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
@@ -34,6 +34,13 @@ class GPTNeoXAdapter(ModelAdapter):
 
     def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
         return layer.attention.dense
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """Each branch has its own norm, parallel or not; a skipped branch adds zero (with
+        ``use_parallel_residual`` the layer becomes ``h + mlp(ln2(h))`` or ``h + attention(ln1(h))``)."""
+        if part == "attention":
+            return {"input_layernorm": IdentityStandIn(), "attention": ZeroOutput(returns_pair=True)}
+        return {"post_attention_layernorm": IdentityStandIn(), "mlp": ZeroOutput()}
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return list(layer.attention.parameters()) + list(layer.input_layernorm.parameters())

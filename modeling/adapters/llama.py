@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from depthbench.modeling.adapters.base import (
-    ModelAdapter, adapter_registry, standalone_causal_mask, standalone_position_ids,
+    IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry, standalone_causal_mask, standalone_position_ids,
 )
 
 
@@ -19,7 +19,7 @@ class LlamaFamilyAdapter(ModelAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def stored_layers(self) -> nn.ModuleList:
         return self.model.model.layers
 
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
@@ -36,6 +36,11 @@ class LlamaFamilyAdapter(ModelAdapter):
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        if part == "attention":
+            return {"input_layernorm": IdentityStandIn(), "self_attn": ZeroOutput(returns_pair=True)}
+        return {"post_attention_layernorm": IdentityStandIn(), "mlp": ZeroOutput()}
 
     def final_norm(self) -> nn.Module:
         return self.model.model.norm

@@ -2,12 +2,12 @@
 
 OPT has no MLP module: ``fc1 -> activation -> fc2`` live on the decoder layer, on tokens flattened
 to [B*T, d]. ``M_k`` is the output of ``fc2`` (then a dropout, the identity in eval mode), given
-back to hooks as [B, T, d], and ReplaceMe folds into ``fc2`` (weight and bias). Positions are added to the embeddings before layer 0, so a layer run standalone
-needs only the causal mask.
+back to hooks as [B, T, d], and ReplaceMe folds into ``fc2`` (weight and bias). Positions are added
+to the embeddings before layer 0, so a layer run standalone needs only the causal mask.
 
 OPT-350m style configs (``do_layer_norm_before: false``) normalise AFTER each residual add
 (``h_{k+1} = LN(Y_k + M_k)``): the layers can still be removed, but a fold into ``fc2`` is not
-exact there, and the adapter says so.
+exact there, and attention / MLP sub-blocks cannot be units there; the adapter says so.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, RemovableHandles, adapter_registry, standalone_causal_mask,
-                                    standalone_position_ids)
+from depthbench.errors import ConfigError
+from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, OutputHookPoint, RemovableHandles,
+                                               ZeroOutput, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
 
 
 @adapter_registry.register("opt")
@@ -34,7 +36,7 @@ class OPTAdapter(ModelAdapter):
     def _decoder(self) -> nn.Module:
         return self.model.model.decoder
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def stored_layers(self) -> nn.ModuleList:
         return self._decoder().layers
 
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
@@ -61,6 +63,18 @@ class OPTAdapter(ModelAdapter):
 
     def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
         return layer.self_attn.out_proj
+
+    def sub_block_stand_ins(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """The MLP is ``final_layer_norm -> fc1 -> activation -> fc2`` on the layer itself: ``fc1`` stands
+        in as a zero-width output (nothing computed), ``fc2`` as zeros of the hidden size."""
+        if not getattr(self.config, "do_layer_norm_before", True):
+            raise ConfigError("opt: this config (do_layer_norm_before: false, post-norm like OPT-350m) normalises "
+                              "after each residual add, so an attention or MLP sub-block cannot be removed alone "
+                              "(its norm also normalises the other sub-block's stream); remove whole layers")
+        if part == "attention":
+            return {"self_attn_layer_norm": IdentityStandIn(), "self_attn": ZeroOutput(returns_pair=True)}
+        return {"final_layer_norm": IdentityStandIn(), "fc1": ZeroOutput(width=0),
+                "fc2": ZeroOutput(width=self.hidden_size)}
 
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return list(layer.self_attn.parameters()) + list(layer.self_attn_layer_norm.parameters())

@@ -66,7 +66,8 @@ def _config(family: str):
 # whose output is what the MLP adds to the residual stream (the fold's target for exact families).
 LAYERS = {
     "mistral": lambda m: m.model.layers, "qwen2": lambda m: m.model.layers,
-    "mistral_sliding": lambda m: m.model.layers, "qwen2_sliding": lambda m: m.model.layers, "qwen3": lambda m: m.model.layers,
+    "mistral_sliding": lambda m: m.model.layers, "qwen2_sliding": lambda m: m.model.layers,
+    "qwen3": lambda m: m.model.layers,
     "phi3": lambda m: m.model.layers, "gemma2": lambda m: m.model.layers, "gemma3": lambda m: m.model.layers,
     "opt": lambda m: m.model.decoder.layers, "gpt2": lambda m: m.transformer.h,
     "gpt_neox": lambda m: m.gpt_neox.layers, "falcon": lambda m: m.transformer.h,
@@ -74,12 +75,12 @@ LAYERS = {
     "falcon_sequential": lambda m: m.transformer.h, "falcon_new_arch": lambda m: m.transformer.h,
 }
 MLP_OUTPUT_MODULE = {
-    "mistral": lambda l: l.mlp.down_proj, "qwen2": lambda l: l.mlp.down_proj, "qwen3": lambda l: l.mlp.down_proj,
-    "phi3": lambda l: l.mlp.down_proj, "opt": lambda l: l.fc2, "gpt2": lambda l: l.mlp.c_proj,
-    "gpt_neox": lambda l: l.mlp.dense_4h_to_h, "falcon": lambda l: l.mlp.dense_4h_to_h,
-    "falcon_alibi": lambda l: l.mlp.dense_4h_to_h, "gpt_neox_sequential": lambda l: l.mlp.dense_4h_to_h,
-    "falcon_sequential": lambda l: l.mlp.dense_4h_to_h, "falcon_new_arch": lambda l: l.mlp.dense_4h_to_h,
-    "gemma2": lambda l: l.post_feedforward_layernorm, "gemma3": lambda l: l.post_feedforward_layernorm,
+    "mistral": lambda b: b.mlp.down_proj, "qwen2": lambda b: b.mlp.down_proj, "qwen3": lambda b: b.mlp.down_proj,
+    "phi3": lambda b: b.mlp.down_proj, "opt": lambda b: b.fc2, "gpt2": lambda b: b.mlp.c_proj,
+    "gpt_neox": lambda b: b.mlp.dense_4h_to_h, "falcon": lambda b: b.mlp.dense_4h_to_h,
+    "falcon_alibi": lambda b: b.mlp.dense_4h_to_h, "gpt_neox_sequential": lambda b: b.mlp.dense_4h_to_h,
+    "falcon_sequential": lambda b: b.mlp.dense_4h_to_h, "falcon_new_arch": lambda b: b.mlp.dense_4h_to_h,
+    "gemma2": lambda b: b.post_feedforward_layernorm, "gemma3": lambda b: b.post_feedforward_layernorm,
 }
 FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox", "falcon"]
 EXACT_FOLD = [f for f in FAMILIES if not f.startswith("gemma")]

@@ -90,3 +90,28 @@ def test_parameter_counts_are_explicit_sums(tiny_llama):
     assert counts["per_layer"] == per_layer
     assert counts["total"] == v * d + L * per_layer + d  # tied head counted once, final norm
     assert counts["without_embeddings"] == L * per_layer + d
+
+
+def test_custom_layout_versions_1_and_2_load_and_others_are_refused(tmp_path):
+    """Version 1 directories (Gemma's linear modules only, no ``removed_sub_blocks`` key) still load;
+    an unknown version is refused by name."""
+    from transformers import Gemma2Config
+
+    from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned
+
+    model = build_tiny_model(Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0))
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+    adapter.insert_mlp_output_linear(1, torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g))
+    save_pruned(model, None, tmp_path / "pruned", {})
+    sidecar = tmp_path / "pruned" / CUSTOM_MODULES_FILE
+    written = json.loads(sidecar.read_text())
+    assert written["format_version"] == 2 and written["removed_sub_blocks"] == []
+    batch = random_batches(n_batches=1)[0]
+    version1 = {k: v for k, v in written.items() if k != "removed_sub_blocks"} | {"format_version": 1}
+    sidecar.write_text(json.dumps(version1))
+    torch.testing.assert_close(_logits(load_pruned(tmp_path / "pruned"), batch), _logits(model, batch), rtol=0, atol=0)
+    sidecar.write_text(json.dumps(written | {"format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3; this depthbench reads 1, 2"):
+        load_pruned(tmp_path / "pruned")
