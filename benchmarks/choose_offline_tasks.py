@@ -2,10 +2,10 @@
 
 Runs lm-eval's own ``bigbench_<task>_multiple_choice`` definitions on data converted from the
 ``bigbench`` package (see `depthbench.evaluation.bigbench_offline`), with the embedded SmolLM2 in the project's
-default dtype, and writes ``docs/BENCHMARKS.md``: every candidate with its score, standard error,
-examples evaluated, chance level and guessing baseline, and which were chosen. A task is chosen when
-its accuracy exceeds the guessing baseline (chance, or always giving the most common correct answer
-of the examples scored, whichever is higher) by at least ``--min-z`` standard errors and
+default dtype, and writes ``docs/BENCHMARKS_BIGBENCH.md`` (the ``benchmark=bigbench`` preset): every
+candidate with its score, standard error, examples evaluated, chance level and guessing baseline,
+and which were chosen. A task is chosen when its accuracy exceeds the guessing baseline (chance, or always giving
+the most common correct answer of the examples scored, whichever is higher) by at least ``--min-z`` standard errors and
 ``--min-margin`` absolute.
 
 Results are appended to a JSON file task by task, so an interrupted run resumes; ``--report-only``
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-margin", type=float, default=0.05, help="chosen: acc - chance at least this")
     p.add_argument("--max-chosen", type=int, default=10)
     p.add_argument("--results", type=Path, default=REPO / "docs" / "offline_task_scores.json")
-    p.add_argument("--output", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    p.add_argument("--output", type=Path, default=REPO / "docs" / "BENCHMARKS_BIGBENCH.md")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     p.add_argument("--final-run", default=None, help="run key the suite is chosen from (default: the last)")
@@ -124,6 +124,9 @@ def measure(args, store: dict) -> None:
     from depthbench.evaluation.lm_eval_runner import evaluate_benchmark
     from depthbench.modeling.loading import default_cache_dir, load_model
 
+    from depthbench.config_store import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model.dtype={args.dtype}"])
     cache_dir = args.cache_dir or default_cache_dir()
@@ -141,7 +144,8 @@ def measure(args, store: dict) -> None:
 
     run["environment"] = {"model": loaded.name, "dtype": args.dtype, "lm_eval": lm_eval.__version__ if hasattr(
         lm_eval, "__version__") else None, "torch": torch.__version__, "bigbench_data": bigbench_offline.data_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads", "date": str(date.today())}
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
+        "date": str(date.today())}
     for task in todo:
         started = time.time()
         bench = {"name": f"choose:{task}", "offline": True, "limit": args.limit, "batch_size": args.batch_size,
@@ -215,14 +219,14 @@ def beyond_screen(row: dict, screen_row: dict | None) -> tuple[float, float, int
 def offline_suite() -> list[str]:
     import yaml
 
-    cfg = yaml.safe_load((REPO / "conf" / "benchmark" / "offline.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "conf" / "benchmark" / "bigbench.yaml").read_text())
     return [t["name"] if isinstance(t, dict) else t for t in cfg["tasks"]]
 
 
 def offline_limit():
     import yaml
 
-    return yaml.safe_load((REPO / "conf" / "benchmark" / "offline.yaml").read_text()).get("limit")
+    return yaml.safe_load((REPO / "conf" / "benchmark" / "bigbench.yaml").read_text()).get("limit")
 
 
 def _chosen(run: dict, args) -> list[str]:
@@ -253,12 +257,12 @@ def report(store: dict, args) -> str:
                       "run: "
                       f"{', '.join(extra) or 'none'}; clearing it but not in the suite: {', '.join(left) or 'none'}.")
     lines = [
-        "# Benchmarks",
+        "# BIG-bench preset (`benchmark=bigbench`)",
         "",
         "Produced by `benchmarks/choose_offline_tasks.py` (rerun it to refresh; `--report-only` rewrites this",
         "file from `docs/offline_task_scores.json`).",
         "",
-        "## Offline suite (`conf/benchmark/offline.yaml`)",
+        "## BIG-bench suite (`conf/benchmark/bigbench.yaml`; the offline default before the standard suite)",
         "",
         "lm-eval's own `bigbench_<task>_multiple_choice` task definitions (template A: zero-shot,",
         "`acc` = the choice with the highest log-likelihood; these definitions report no `acc_norm`), run",
@@ -316,7 +320,7 @@ def report(store: dict, args) -> str:
                                        else " (screen)" if key == screen_key else ""), ""]
         if env:
             lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-        head = ("| task (lm-eval) | clears the bar | in offline.yaml | acc | stderr | chance | most common answer "
+        head = ("| task (lm-eval) | clears the bar | in bigbench.yaml | acc | stderr | chance | most common answer "
                 "| baseline | acc - baseline | z | n | task version | seconds |")
         if is_final:
             head += " beyond the screen: acc +- stderr (n) | its acc - baseline |"

@@ -143,7 +143,8 @@ def _check_supported(task: str, data: dict) -> None:
         if not scores:
             raise ConfigError(f"BIG-bench task {task!r}: example {i} has no target_scores (not multiple choice)")
         if any(float(v) != int(v) for v in scores.values()):
-            raise ConfigError(f"BIG-bench task {task!r}: example {i} has non-integer scores, which the Hub dataset truncates")
+            raise ConfigError(f"BIG-bench task {task!r}: example {i} has non-integer scores, "
+                              "which the Hub dataset truncates")
 
 
 def format_example(ex: dict, data: dict, row: int) -> dict:

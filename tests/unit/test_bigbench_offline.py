@@ -23,7 +23,7 @@ from depthbench.errors import ConfigError
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bigbench") is None, reason="needs the bigbench package")
 
 REPO = Path(__file__).resolve().parents[2]
-OFFLINE = yaml.safe_load((REPO / "conf" / "benchmark" / "offline.yaml").read_text())
+OFFLINE = yaml.safe_load((REPO / "conf" / "benchmark" / "bigbench.yaml").read_text())  # the BIG-bench preset
 TASKS = [t["name"] if isinstance(t, dict) else t for t in OFFLINE["tasks"]]
 BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent
 

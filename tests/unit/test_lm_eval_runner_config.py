@@ -41,8 +41,41 @@ def test_per_task_overrides_and_defaults():
     ({"name": "x", "tasks": [{"name": "a", "num_fewshot": -1}]}, "num_fewshot=-1"),
     ({"name": "x", "tasks": [{"name": "a", "shots": 1}]}, "allowed keys"),
     ({"name": "x", "tasks": ["a", "a"]}, "twice"),
-    ({"name": "x", "offline": True, "tasks": ["hellaswag"]}, "not a BIG-bench multiple-choice task"),
+    ({"name": "x", "offline": True, "tasks": ["race"]}, "'race' has no offline copy; offline tasks: arc_easy@val"),
+    ({"name": "x", "offline": True, "tasks": ["arc_easy"]}, "'arc_easy' has no offline copy"),
+    ({"name": "x", "offline": True, "tasks": ["bigbench_emoji_movie"]}, "not a BIG-bench multiple-choice task"),
+    ({"name": "x", "offline": True, "tasks": [{"name": "piqa", "num_fewshot": 5}]},
+     "'piqa': num_fewshot=5 is not available offline.*training split"),
 ])
 def test_bad_configs_fail_with_one_line(cfg, message):
     with pytest.raises(ConfigError, match=message):
         parse_benchmark(cfg)
+
+
+def test_group_samples_concatenate_leaves_and_average_to_the_size_weighted_score():
+    """task_samples on lm-eval's output layout for a group (mmlu -> subgroups -> subjects)."""
+    from depthbench.evaluation.lm_eval_runner import task_samples
+
+    logs = {"sub_a": [{"doc_id": 1, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}],
+            "sub_b": [{"doc_id": 0, "acc": 1.0}, {"doc_id": 1, "acc": 1.0}, {"doc_id": 2, "acc": 0.0}]}
+    out = {"samples": logs, "group_subtasks": {"g": ["g_stem"], "g_stem": ["sub_a", "sub_b"]}}
+    samples = task_samples(out, "g", "acc")
+    assert samples == {"doc_id": [0, 1, 0, 1, 2], "correct": [0, 1, 1, 1, 0],
+                       "subtask": ["sub_a", "sub_a", "sub_b", "sub_b", "sub_b"]}
+    weighted = (2 * 0.5 + 3 * (2 / 3)) / 5  # lm-eval's weight_by_size aggregation of the two subjects
+    assert sum(samples["correct"]) / 5 == weighted
+    assert task_samples({"samples": {"t": [{"doc_id": 0, "perplexity": 3.2}]}}, "t", "perplexity") is None
+
+
+def test_lm_eval_git_probe_is_silent_outside_a_checkout(tmp_path, monkeypatch, capfd):
+    """lm-eval's own probe prints git's "fatal: not a git repository"; ours returns None quietly."""
+    import lm_eval.evaluator
+
+    from depthbench.evaluation.lm_eval_runner import _git_hash_quietly, _lean_lm_eval_metadata
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert _git_hash_quietly() is None
+    with _lean_lm_eval_metadata():
+        assert lm_eval.evaluator.get_git_commit_hash() is None
+    assert "fatal" not in capfd.readouterr().err
