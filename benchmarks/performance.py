@@ -170,7 +170,8 @@ def render_sweep(part: dict, verdicts: list) -> list[str]:
              f"| one sweep, shared statistics cache | {shared:.1f} | {shared / single:.2f}x | {shared / mean:.2f}x |",
              "",
              f"(One ReplaceMe-LS run: {single:.1f} s, the median of {len(ls_runs)} measured here "
-             f"({', '.join(f'{v:.1f}' for v in ls_runs)}); the mean of the 15 independent runs: {mean:.1f} s; the sweep's "
+             f"({', '.join(f'{v:.1f}' for v in ls_runs)}); the mean of the 15 independent runs: {mean:.1f} s; "
+             f"the sweep's "
              f"whole wall time incl. model loads: {part['sweep_wall_s']:.0f} s.)", "",
              "The sweep's pruning seconds by method (3 ratios each; its first cell, ReplaceMe-LS at the first",
              "ratio, makes the one forward pass): "
@@ -187,7 +188,8 @@ def render_sweep(part: dict, verdicts: list) -> list[str]:
 def render_memory(part: dict, verdicts: list) -> list[str]:
     lines = ["## ReplaceMe-cosine peak RSS vs calibration size", "", provenance(part), "",
              "Both ways the fit can get its token rows, each at 1x, 2x and 4x the calibration set: replayed",
-             f"from stored activations (budget raised to {STORE_BUDGET_GB} GiB so that every size is stored), and read by the",
+             f"from stored activations (budget raised to {STORE_BUDGET_GB} GiB so that every size is stored), "
+             "and read by the",
              "fit's own forward pass (`cache.activations_gb=0`, what a model whose store exceeds the budget",
              "gets). cosine with 1 epoch: memory does not depend on the number of epochs.", "",
              "| path | calibration | token rows | store on disk | peak RSS | vs 1x |", "|---|---|---|---|---|---|"]
@@ -204,14 +206,22 @@ def render_memory(part: dict, verdicts: list) -> list[str]:
 
 
 RENDER = {"methods": render_methods, "sweep": render_sweep, "memory": render_memory}
+# Parts measured by their own scripts (they store them in the same JSON): part -> module in benchmarks/.
+OTHER_PARTS = {"eval_throughput": "eval_throughput"}
 
 
 def render(results: dict) -> str:
+    import importlib
+
     verdicts: list = []
     sections = []
     for name in PARTS:
         if name in results:
             sections += ["", *RENDER[name](results[name], verdicts)]
+    for name, module in OTHER_PARTS.items():
+        if name in results:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            sections += ["", *importlib.import_module(module).render_part(results[name], verdicts)]
     head = ["# Performance", "",
             "Produced by `benchmarks/performance.py` (measurements in `docs/performance.json`; each part below",
             "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct",
@@ -225,9 +235,10 @@ def render(results: dict) -> str:
 def environment(argv: list[str]) -> dict:
     import torch
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
     return {"date": time.strftime("%Y-%m-%d"), "commit": f"{sha}{'+changes' if dirty else ''}" or "unknown",
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -242,7 +253,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument("--results", default=str(ROOT / "docs" / "performance.json"))
     parser.add_argument("--output", default=str(ROOT / "docs" / "PERFORMANCE.md"))
-    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON, measure nothing")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the Markdown from the JSON, measure nothing")
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))

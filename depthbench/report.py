@@ -37,12 +37,23 @@ def summary_table(record: dict) -> str:
         if "average" in m["base"]:
             rows.append(("benchmark average", f"{m['base']['average']:.3f}", f"{m['pruned']['average']:.3f}"))
         if m.get("retention", {}).get("average_percent") is not None:
-            rows.append(("retention (avg of task ratios)", "100%", f"{m['retention']['average_percent']:.1f}%"))
+            interval = (m["retention"].get("intervals") or {}).get("retention_average_percent")
+            rows.append(("retention (avg of task ratios)", "100%", f"{m['retention']['average_percent']:.1f}%"
+                         + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")))
+        if m.get("fidelity"):
+            f = m["fidelity"]
+            rows.append(("KL(dense||pruned) per token", "0", f"{f['kl_mean']:.3f} (p99 {f['kl_p99']:.2f})"))
+            rows.append(("top-1 agreement", "100%", f"{f['top1_agreement_percent']:.1f}%"))
         if "speed" in m:
             for kind in ("prefill", "decode"):
+                s = m["speedup"]
+                interval = s.get(f"{kind}_interval")
+                text = f"x{s[kind]:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+                if s.get(f"{kind}_analytic"):
+                    flag = "" if s.get(f"{kind}_consistent", True) else " (!)"
+                    text += f", FLOPs x{s[f'{kind}_analytic']:.2f}{flag}"
                 rows.append((f"{kind} tokens/s", f"{m['speed']['base'][f'{kind}_tokens_per_s']:.0f}",
-                             f"{m['speed']['pruned'][f'{kind}_tokens_per_s']:.0f} "
-                             f"(x{m['speedup'][kind]:.2f})"))
+                             f"{m['speed']['pruned'][f'{kind}_tokens_per_s']:.0f} ({text})"))
     width = max(len(r[0]) for r in rows) + 2
     col = max(12, max(len(r[2]) for r in rows) + 2)
     lines = [

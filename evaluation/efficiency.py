@@ -1,15 +1,26 @@
 """Efficiency: model size and generation speed, so every result shows what depth pruning buys.
 
 `measure_speed` times a prefill (the prompt in one forward pass, filling the KV cache) and a greedy
-decode (one token per step from that cache) on a fixed prompt. Call it on the base model and on the
-pruned model in the same process with the same settings; `speedup` then compares the two.
+decode (one token per step from that cache) on a fixed prompt, on one model.
+
+`measure_speedup` is what a run reports: it times the base and the pruned model interleaved in one
+process (base, pruned, pruned, base, base, pruned, ...: the order alternates each round, so a slow
+drift of the machine's load hits both alike), one speed-up ratio per round, until the 95% interval
+of the speed-up is narrower than ``rel_width`` (relative: hi / lo - 1) for prefill and decode, or
+``max_rounds`` or ``budget_s`` is reached. The interval is a t interval on the mean log-ratio
+(geometric mean of the per-round ratios). Beside it, `analytic_speedup` gives the ratio of FLOPs per
+token of the two models at the measured prompt length; a measured interval that lies entirely
+outside [1, analytic] (a smaller model measured slower than the dense one, or faster than its FLOPs
+allow) is flagged ``consistent: false``.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -75,6 +86,12 @@ def _one_run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float
     return prefill, time.perf_counter() - start
 
 
+def _check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"efficiency.{name}={value!r} is not allowed; use an integer >= 1")
+
+
 def measure_speed(model, tokenizer, prompt_len: int = 256, new_tokens: int = 32, batch_size: int = 1,
                   repeats: int = 3) -> dict:
     """Prefill and decode throughput in tokens per second (medians over ``repeats``, after a warm-up).
@@ -82,10 +99,7 @@ def measure_speed(model, tokenizer, prompt_len: int = 256, new_tokens: int = 32,
     prefill tokens/s = batch_size * prompt_len / prefill time;
     decode tokens/s = batch_size * new_tokens / time of the ``new_tokens`` single-token steps.
     """
-    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("batch_size", batch_size),
-                        ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"efficiency.{name}={value!r} is not allowed; use an integer >= 1")
+    _check_positive_ints(prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size, repeats=repeats)
     device = next(model.parameters()).device
     prompt = _prompt_ids(tokenizer, prompt_len, batch_size).to(device)
     was_training = model.training
@@ -97,6 +111,12 @@ def measure_speed(model, tokenizer, prompt_len: int = 256, new_tokens: int = 32,
         model.train(was_training)
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
+    return _speed_record(model, prefill, decode, prompt_len, new_tokens, batch_size, repeats)
+
+
+def _speed_record(model, prefill: float, decode: float, prompt_len: int, new_tokens: int, batch_size: int,
+                  repeats: int) -> dict:
+    device = next(model.parameters()).device
     return {
         "prefill_tokens_per_s": batch_size * prompt_len / prefill,
         "decode_tokens_per_s": batch_size * new_tokens / decode,
@@ -122,3 +142,155 @@ def speedup(base: dict, pruned: dict) -> dict:
         "prefill": pruned["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
         "decode": pruned["decode_tokens_per_s"] / base["decode_tokens_per_s"],
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaved measurement with an interval, and the analytic (FLOPs) speed-up.
+
+def _t_quantile(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def log_ratio_interval(ratios: list[float]) -> dict:
+    """Geometric mean of the ratios and its 95% t interval (computed on the logs)."""
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = statistics.fmean(logs)
+    if n < 2:
+        return {"value": math.exp(mean), "interval": None, "relative_width": math.inf, "rounds": n}
+    half = _t_quantile(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    lo, hi = math.exp(mean - half), math.exp(mean + half)
+    return {"value": math.exp(mean), "interval": [lo, hi], "relative_width": hi / lo - 1, "rounds": n}
+
+
+def interleaved_speedup(run_base: Callable[[], tuple[float, float]], run_pruned: Callable[[], tuple[float, float]],
+                        min_rounds: int = 3, max_rounds: int = 50, rel_width: float = 0.05, budget_s: float = 60.0,
+                        clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Alternate ``run_base`` / ``run_pruned`` (each returns (prefill s, decode s)) for at least ``min_rounds``
+    rounds, then until both speed-up intervals are narrower than ``rel_width``, ``max_rounds`` rounds ran,
+    or ``budget_s`` seconds passed."""
+    start = clock()
+    times: dict[str, list[tuple[float, float]]] = {"base": [], "pruned": []}
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    stop = "max_rounds"
+    for r in range(max_rounds):
+        order = (("base", run_base), ("pruned", run_pruned))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            times[name].append(fn())
+        (bp, bd), (pp, pd) = times["base"][-1], times["pruned"][-1]
+        ratios["prefill"].append(bp / pp)
+        ratios["decode"].append(bd / pd)
+        summary = {kind: log_ratio_interval(v) for kind, v in ratios.items()}
+        if r + 1 < min_rounds:
+            continue  # the minimum is run whatever the budget
+        if all(s["relative_width"] <= rel_width for s in summary.values()):
+            stop = "interval"
+            break
+        if clock() - start >= budget_s:
+            stop = "budget"
+            break
+    return {"times": times, "speedup": summary, "stopped_by": stop, "seconds": clock() - start}
+
+
+def check_speed_settings(prompt_len, new_tokens, batch_size, min_rounds, max_rounds, rel_width, budget_s) -> None:
+    """The ``efficiency`` settings, checked before any model is loaded (``repeats`` is ``min_rounds``)."""
+    _check_positive_ints(prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size, repeats=min_rounds,
+                         max_rounds=max_rounds)
+    if isinstance(rel_width, bool) or not isinstance(rel_width, (int, float)) or not rel_width > 0:
+        raise ConfigError(f"efficiency.rel_width={rel_width!r} is not allowed; use a number > 0 (e.g. 0.05)")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        raise ConfigError(f"efficiency.budget_s={budget_s!r} is not allowed; use a number of seconds > 0")
+    if max_rounds < min_rounds:
+        raise ConfigError(f"efficiency.max_rounds={max_rounds} is below efficiency.repeats={min_rounds} (the minimum)")
+
+
+def measure_speedup(base_model, pruned_model, tokenizer, prompt_len: int = 256, new_tokens: int = 32,
+                    batch_size: int = 1, min_rounds: int = 3, max_rounds: int = 50, rel_width: float = 0.05,
+                    budget_s: float = 60.0) -> dict:
+    """Speed of both models and the speed-up with its interval, timed interleaved (see the module doc).
+
+    Returns ``{"base": speed, "pruned": speed, "speedup": {...}}`` where ``speed`` is as `measure_speed`
+    (medians over the rounds) and ``speedup`` holds prefill / decode ratios, intervals and the analytic ratio."""
+    check_speed_settings(prompt_len, new_tokens, batch_size, min_rounds, max_rounds, rel_width, budget_s)
+    device = next(base_model.parameters()).device
+    prompt = _prompt_ids(tokenizer, prompt_len, batch_size).to(device)
+    models = (base_model, pruned_model)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        for m in models:
+            _one_run(m, prompt, min(new_tokens, 4))  # warm-up
+        out = interleaved_speedup(lambda: _one_run(base_model, prompt, new_tokens),
+                                  lambda: _one_run(pruned_model, prompt, new_tokens),
+                                  min_rounds=min_rounds, max_rounds=max_rounds, rel_width=rel_width, budget_s=budget_s)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    speeds = {}
+    for name, model in zip(("base", "pruned"), models):
+        runs = out["times"][name]
+        prefill, decode = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        speeds[name] = _speed_record(model, prefill, decode, prompt_len, new_tokens, batch_size, len(runs))
+    analytic = analytic_speedup(base_model, pruned_model, prompt_len, new_tokens)
+    result = {"method": "interleaved rounds (order alternating), geometric mean of per-round ratios, 95% t interval "
+                        "on log ratios", "stopped_by": out["stopped_by"], "seconds": out["seconds"],
+              "rel_width_target": rel_width}
+    for kind in ("prefill", "decode"):
+        s = out["speedup"][kind]
+        allowed = [1.0, analytic[kind]]
+        consistent = s["interval"] is None or (s["interval"][1] >= allowed[0] and s["interval"][0] <= allowed[1])
+        result[kind] = s["value"]
+        result[f"{kind}_interval"] = s["interval"]
+        result[f"{kind}_relative_width"] = s["relative_width"] if math.isfinite(s["relative_width"]) else None
+        result[f"{kind}_analytic"] = analytic[kind]
+        result[f"{kind}_consistent"] = consistent
+    result["rounds"] = len(out["times"]["base"])
+    result["flops_per_token"] = analytic["flops_per_token"]
+    return {"base": speeds["base"], "pruned": speeds["pruned"], "speedup": result}
+
+
+def _linear_macs(module: torch.nn.Module) -> int:
+    """Multiply-accumulates per token of every matrix multiply with a weight inside ``module``
+    (``nn.Linear`` and transformers' ``Conv1D``): one per weight element."""
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D":
+            total += sub.weight.numel()
+    return total
+
+
+def _attention_width(config) -> int:
+    """n_heads x head_dim: the width of the query-key and attention-value products."""
+    config = getattr(config, "text_config", None) or config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim
+
+
+def flops_per_token(model, context: float) -> float:
+    """Forward FLOPs per token at an average attended ``context`` length: 2 x (weight matmuls of every
+    decoder layer + the LM head) + per layer 2 x 2 x n_heads x head_dim x context (QK^T and AV).
+
+    Element-wise work (norms, activations, softmax, rotary) is left out: O(d) per token."""
+    from depthbench.modeling.adapters import adapter_for
+
+    layers = adapter_for(model).decoder_layers()
+    width = _attention_width(model.config)
+    per_layer = sum(2 * _linear_macs(layer) + 4 * width * context for layer in layers)
+    head = model.get_output_embeddings()
+    return float(per_layer + (2 * head.weight.numel() if head is not None else 0))
+
+
+def analytic_speedup(base_model, pruned_model, prompt_len: int, new_tokens: int) -> dict:
+    """FLOPs-per-token ratio base / pruned for the prefill (a token of an n-token prompt attends on average
+    to (n + 1) / 2 positions) and the decode (steps n+1 .. n+new_tokens attend to n + (new_tokens + 1) / 2)."""
+    contexts = {"prefill": (prompt_len + 1) / 2, "decode": prompt_len + (new_tokens + 1) / 2}
+    out: dict = {"flops_per_token": {}}
+    for kind, context in contexts.items():
+        base, pruned = flops_per_token(base_model, context), flops_per_token(pruned_model, context)
+        out[kind] = base / pruned
+        out["flops_per_token"][kind] = {"base": base, "pruned": pruned, "context": context}
+    return out

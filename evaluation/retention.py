@@ -53,3 +53,26 @@ def retention(base_metrics: Mapping, pruned_metrics: Mapping) -> dict:
         "pruned_average": pruned_avg,
         "tasks": len(base),
     }
+
+
+def benchmark_intervals(base_benchmark: Mapping | None, pruned_benchmark: Mapping | None, seed: int = 0) -> dict | None:
+    """95% paired-bootstrap intervals (`depthbench.evaluation.stats.bootstrap_intervals`) of the averages,
+    their difference and the average retention, from the tasks' per-example results; None without them."""
+    from depthbench.evaluation.stats import bootstrap_intervals
+
+    if not base_benchmark or not pruned_benchmark:
+        return None
+    base_tasks, pruned_tasks = base_benchmark.get("tasks") or {}, pruned_benchmark.get("tasks") or {}
+    if set(base_tasks) != set(pruned_tasks) or not base_tasks:
+        return None
+    if not all(t.get("samples") for t in list(base_tasks.values()) + list(pruned_tasks.values())):
+        return None
+    return bootstrap_intervals({k: v["samples"] for k, v in base_tasks.items()},
+                               {k: v["samples"] for k, v in pruned_tasks.items()}, seed=seed)
+
+
+def retention_report(base_quality: Mapping, pruned_quality: Mapping) -> dict:
+    """`retention` of the task scores plus ``intervals`` (None when per-example results are missing)."""
+    out = retention(base_quality["tasks"], pruned_quality["tasks"])
+    out["intervals"] = benchmark_intervals(base_quality.get("benchmark"), pruned_quality.get("benchmark"))
+    return out

@@ -1,18 +1,47 @@
 """Everything measured on one model: held-out perplexity and the lm-eval benchmark (cacheable for
-the base model), plus speed (never cached: base and pruned are timed in the same process)."""
+the base model), fidelity of the pruned model to the dense one (the dense side cached), plus speed
+(never cached: base and pruned are timed interleaved in the same process)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from depthbench.evaluation.efficiency import measure_speed
+from depthbench.errors import ConfigError
+from depthbench.evaluation.efficiency import check_speed_settings, measure_speedup
 from depthbench.evaluation.perplexity import perplexity
 
 
 def has_benchmark(benchmark_cfg) -> bool:
     return bool(benchmark_cfg is not None and benchmark_cfg.get("tasks"))
+
+
+def check_evaluation(evaluation_cfg: DictConfig, efficiency_cfg: DictConfig | None = None) -> None:
+    """Cheap checks before any weights: the held-out text, fidelity and speed options."""
+    from depthbench.calibration.sources import build_source
+    from depthbench.evaluation.fidelity import check_top_k
+
+    if "path" in evaluation_cfg.keys() and OmegaConf.is_missing(evaluation_cfg, "path"):
+        raise ConfigError("evaluation=local needs evaluation.path=FILE (.txt, .jsonl or .parquet)")
+    build_source(evaluation_cfg.perplexity).check()
+    fid = evaluation_cfg.get("fidelity")
+    if fid is not None and fid.get("enabled", True):
+        check_top_k(fid.get("top_k", 64))
+    if efficiency_cfg is not None and efficiency_cfg.get("enabled", True):
+        check_speed_settings(**speed_settings(efficiency_cfg))
+
+
+def speed_settings(cfg: DictConfig) -> dict:
+    return {"prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "batch_size": cfg.batch_size,
+            "min_rounds": cfg.repeats, "max_rounds": cfg.max_rounds, "rel_width": cfg.rel_width,
+            "budget_s": cfg.budget_s}
+
+
+def fidelity_enabled(evaluation_cfg: DictConfig) -> bool:
+    fid = evaluation_cfg.get("fidelity")
+    return bool(fid is not None and fid.get("enabled", True))
 
 
 def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: bool, label: str) -> dict:
@@ -28,8 +57,42 @@ def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: 
     return out
 
 
-def speed(model, tokenizer, cfg: DictConfig) -> dict | None:
+def fidelity_reference(model, windows, evaluation_cfg: DictConfig, cache_dir: Path | None, material: dict,
+                       progress: bool, stale_after_s: float | None = None):
+    """The dense model's top-k reference on the held-out windows: from the cache when ``cache_dir`` is
+    given (computed and stored on a miss), else computed. ``(reference, from_cache)``."""
+    from depthbench.evaluation.fidelity import cached_reference, dense_reference
+
+    top_k = int(evaluation_cfg.fidelity.get("top_k", 64))
+
+    def compute():
+        return dense_reference(model, windows.batches, top_k, progress)
+
+    if cache_dir is None:
+        return compute(), False
+    return cached_reference(cache_dir, {**material, "fidelity_top_k": top_k}, compute, stale_after_s=stale_after_s)
+
+
+def fidelity(model, windows, reference, base_quality: dict, pruned_quality: dict, progress: bool) -> dict:
+    """``metrics.fidelity``: token-level fidelity on the held-out windows and flips per benchmark task."""
+    from depthbench.evaluation.fidelity import compare_to_reference, task_flips
+
+    out = compare_to_reference(model, windows.batches, reference, progress)
+    if "benchmark" in base_quality and "benchmark" in pruned_quality:
+        out["flips"] = task_flips(base_quality["benchmark"], pruned_quality["benchmark"])
+    return out
+
+
+def dense_copy(model):
+    """A copy of the dense model kept for the interleaved speed measurement (pruning edits the model in
+    place); ``(copy, bytes of its parameters and buffers)``."""
+    clone = copy.deepcopy(model)
+    size = sum(t.numel() * t.element_size() for t in list(clone.parameters()) + list(clone.buffers()))
+    return clone, size
+
+
+def speed(base_model, pruned_model, tokenizer, cfg: DictConfig) -> dict | None:
+    """``{"base", "pruned", "speedup"}`` from `measure_speedup` with the ``efficiency`` settings."""
     if not cfg.get("enabled", True):
         return None
-    return measure_speed(model, tokenizer, prompt_len=int(cfg.prompt_len), new_tokens=int(cfg.new_tokens),
-                         batch_size=int(cfg.batch_size), repeats=int(cfg.repeats))
+    return measure_speedup(base_model, pruned_model, tokenizer, **speed_settings(cfg))

@@ -1,7 +1,9 @@
-"""Leaderboard plots: retention (or perplexity) vs compression ratio per method, per-task heatmap."""
+"""Leaderboard plots: retention (or perplexity) vs compression ratio per method, per-task heatmap, and
+quality against measured speed-up with the Pareto front of method x ratio."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -31,13 +33,49 @@ def _line_plot(frame: pd.DataFrame, column: str, ylabel: str, path: Path, log: b
     pruned = frame[frame["layers_removed"] > 0]
     for (model, method), group in pruned.dropna(subset=[column]).groupby(["model", "method"]):
         g = group.sort_values("ratio")
-        ax.plot(g["ratio"], g[column], marker="o", label=f"{method} ({model})" if frame["model"].nunique() > 1 else method)
+        label = f"{method} ({model})" if frame["model"].nunique() > 1 else method
+        ax.plot(g["ratio"], g[column], marker="o", label=label)
     ax.set_xlabel("compression ratio (fraction of layers removed)")
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (higher is better on both),
+    ordered by the first coordinate."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _pareto_plot(frame: pd.DataFrame, quality: str, ylabel: str, path: Path) -> Path:
+    plt = _pyplot()
+    data = frame.dropna(subset=[quality, "speedup_prefill"]).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for _, r in data.iterrows():
+        lo, hi = r.get("speedup_prefill_lo"), r.get("speedup_prefill_hi")
+        xerr = [[r.speedup_prefill - lo], [hi - r.speedup_prefill]] if pd.notna(lo) and pd.notna(hi) else None
+        ylo, yhi = r.get(f"{quality}_lo"), r.get(f"{quality}_hi")
+        yerr = [[r[quality] - ylo], [yhi - r[quality]]] if pd.notna(ylo) and pd.notna(yhi) else None
+        ax.errorbar(r.speedup_prefill, r[quality], xerr=xerr, yerr=yerr, fmt="o", ms=5, capsize=2, alpha=0.8)
+        label = r.method if r.layers_removed == 0 else f"{r.method} r={r.ratio:g}"
+        ax.annotate(label, (r.speedup_prefill, r[quality]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front(list(zip(data["speedup_prefill"], data[quality])))
+    if front:
+        ax.plot(data["speedup_prefill"].iloc[front], data[quality].iloc[front], "k--", lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("measured prefill speed-up (x dense; 95% interval)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -52,6 +90,14 @@ def write_plots(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     if "retention_%" in frame and frame["retention_%"].notna().any():
         paths["retention_plot"] = _line_plot(frame, "retention_%", "average retention (%)",
                                              out_dir / "retention_vs_ratio.png")
+    if "speedup_prefill" in frame and frame["speedup_prefill"].notna().sum() > 1:
+        if "average" in frame and frame["average"].notna().any():
+            paths["pareto_plot"] = _pareto_plot(frame, "average", "average task accuracy (95% interval)",
+                                                out_dir / "quality_vs_speedup.png")
+        elif frame["ppl_pruned"].notna().any():
+            inv = frame.assign(neg_log_ppl=-frame["ppl_pruned"].astype(float).apply(math.log))
+            paths["pareto_plot"] = _pareto_plot(inv, "neg_log_ppl", "-log held-out perplexity",
+                                                out_dir / "quality_vs_speedup.png")
     task_columns = [c for c in frame.columns if c.startswith("task:")]
     if task_columns:
         plt = _pyplot()

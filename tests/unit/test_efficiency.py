@@ -2,6 +2,7 @@
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,99 @@ def test_speedup_and_bad_settings():
         speedup(base, {**pruned, "batch_size": 4})
     with pytest.raises(ConfigError, match="prompt_len=0"):
         measure_speed(None, _Tok(), prompt_len=0)
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_runs(clock, calls, base_times, pruned_times):
+    """run functions that advance the fake clock by their (prefill, decode) times and log their order."""
+    def make(name, times):
+        it = iter(times)
+
+        def run():
+            t = next(it)
+            clock.now += sum(t)
+            calls.append(name)
+            return t
+        return run
+    return make("base", base_times), make("pruned", pruned_times)
+
+
+def test_interleaved_timing_alternates_and_stops_when_the_interval_is_tight():
+    from depthbench.evaluation.efficiency import interleaved_speedup
+
+    clock, calls = _FakeClock(), []
+    base, pruned = _fake_runs(clock, calls, [(2.0, 4.0)] * 50, [(1.0, 2.0)] * 50)
+    out = interleaved_speedup(base, pruned, min_rounds=3, max_rounds=50, rel_width=0.05, budget_s=1e9, clock=clock)
+    assert calls == ["base", "pruned", "pruned", "base", "base", "pruned"]
+    assert out["stopped_by"] == "interval" and out["speedup"]["prefill"]["value"] == pytest.approx(2.0)
+    assert out["speedup"]["decode"]["interval"] == pytest.approx([2.0, 2.0])
+    assert out["seconds"] == pytest.approx(3 * (6.0 + 3.0))
+
+
+def test_interleaved_timing_stops_at_the_budget_and_reports_the_t_interval():
+    from scipy.stats import t
+
+    from depthbench.evaluation.efficiency import interleaved_speedup
+
+    clock, calls = _FakeClock(), []
+    noisy = [(1.0 * (1.5 if i % 2 else 0.7), 1.0) for i in range(100)]
+    base, pruned = _fake_runs(clock, calls, [(1.2, 1.0)] * 100, noisy)
+    out = interleaved_speedup(base, pruned, min_rounds=2, max_rounds=100, rel_width=0.01, budget_s=10.0, clock=clock)
+    assert out["stopped_by"] == "budget"
+    rounds = out["speedup"]["prefill"]["rounds"]
+    assert clock.now >= 10.0 and rounds == len(calls) // 2
+    varying = [(100.0 if i % 2 else 130.0, 1.0) for i in range(9)]
+    slow = interleaved_speedup(*_fake_runs(clock, [], varying, [(90.0, 1.0)] * 9), min_rounds=4,
+                               max_rounds=9, rel_width=0.01, budget_s=1.0, clock=clock)
+    assert slow["speedup"]["prefill"]["rounds"] == 4 and slow["stopped_by"] == "budget"  # the minimum is kept
+    logs = np.log([1.2 / p for p, _ in noisy[:rounds]])
+    half = t.ppf(0.975, rounds - 1) * logs.std(ddof=1) / np.sqrt(rounds)
+    assert out["speedup"]["prefill"]["interval"] == pytest.approx([np.exp(logs.mean() - half),
+                                                                   np.exp(logs.mean() + half)])
+
+
+def test_analytic_flops_equal_a_hand_count():
+    from depthbench.evaluation.efficiency import analytic_speedup, flops_per_token
+    from tests.conftest import build_tiny_model, tiny_llama_config
+
+    base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
+    pruned = build_tiny_model(tiny_llama_config())
+    adapter_for(pruned).remove_layers([1, 2])
+    d, ff, kv, V, ctx = 32, 64, 16, 101, 10.0
+    layer = 2 * (d * d + d * kv + d * kv + d * d + 3 * d * ff) + 2 * 2 * 32 * ctx
+    assert flops_per_token(base, ctx) == 6 * layer + 2 * V * d
+    assert flops_per_token(pruned, ctx) == 4 * layer + 2 * V * d
+    n, new = 19, 4
+    got = analytic_speedup(base, pruned, prompt_len=n, new_tokens=new)
+    pre = 2 * (d * d * 2 + 2 * d * kv + 3 * d * ff) + 4 * 32 * (n + 1) / 2
+    dec = 2 * (d * d * 2 + 2 * d * kv + 3 * d * ff) + 4 * 32 * (n + (new + 1) / 2)
+    assert got["prefill"] == pytest.approx((6 * pre + 2 * V * d) / (4 * pre + 2 * V * d))
+    assert got["decode"] == pytest.approx((6 * dec + 2 * V * d) / (4 * dec + 2 * V * d))
+
+
+def test_measure_speedup_on_tiny_models_reports_intervals_and_analytic_ratio():
+    import copy
+
+    from depthbench.evaluation.efficiency import measure_speedup
+    from tests.conftest import build_tiny_model, tiny_llama_config
+
+    base = build_tiny_model(tiny_llama_config())
+    pruned = copy.deepcopy(base)
+    adapter_for(pruned).remove_layers([1, 2, 3])
+    out = measure_speedup(base, pruned, _Tok(), prompt_len=8, new_tokens=3, min_rounds=3, max_rounds=4,
+                          rel_width=0.05, budget_s=30)
+    s = out["speedup"]
+    assert 3 <= s["rounds"] <= 4 and out["base"]["repeats"] == s["rounds"]
+    for kind in ("prefill", "decode"):
+        lo, hi = s[f"{kind}_interval"]
+        assert lo <= s[kind] <= hi and s[f"{kind}_analytic"] > 1
+        assert s[f"{kind}_consistent"] == (hi >= 1 and lo <= s[f"{kind}_analytic"])
+    with pytest.raises(ConfigError, match="max_rounds"):
+        measure_speedup(base, pruned, _Tok(), min_rounds=5, max_rounds=2)
