@@ -13,7 +13,8 @@ forward pass, so a statistic cannot tell the two apart.
   ``numpy.fromfile``: they sit in the page cache, not in the process's resident memory.
 - A store is complete only once its manifest (shapes, dtype and a CRC-32 per file) is in place:
   it is written to a temporary directory and renamed, so a killed pass leaves no half store (and
-  the next writer deletes temporary stores whose writing process is gone).
+  the next writer deletes temporary stores whose writing process is gone: on this host by its pid,
+  on any host once it takes over the dead writer's stale lock, see `depthbench.calibration.cache`).
   Files are checked against their CRC before replay; a damaged store is deleted and recomputed.
 - Size: (2L + 1) x tokens x hidden x bytes per element (2.3 GB for SmolLM2-135M on 128 x 256
   bfloat16 tokens). `ActivationSlot.budget_bytes` caps it; above the cap nothing is stored and
@@ -57,6 +58,23 @@ def _file_name(point: HookPoint) -> str:
     return f"{point[0]}_{point[1]}.bin"
 
 
+#: ``cache.activations_gb: auto``: this share of the free space of the file system holding the store,
+#: at least `AUTO_FLOOR_BYTES`, never more than `AUTO_MAX_SHARE` of the free space.
+AUTO_SHARE = 0.5
+AUTO_FLOOR_BYTES = 4 * 1024**3
+AUTO_MAX_SHARE = 0.9
+
+
+def auto_budget(directory: str | os.PathLike) -> int:
+    """The ``auto`` store budget for a store written under ``directory`` (which need not exist yet):
+    half the free space of its file system, at least 4 GiB unless that is over 90% of the free space."""
+    path = Path(directory).absolute()
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return int(min(max(AUTO_SHARE * free, AUTO_FLOOR_BYTES), AUTO_MAX_SHARE * free))
+
+
 def store_bytes(num_layers: int, hidden_size: int, dtype: torch.dtype, batches: list[dict]) -> int:
     """Bytes a store of this model and calibration data occupies on disk."""
     positions = sum(int(b["input_ids"].numel()) for b in batches)
@@ -81,6 +99,10 @@ class ActivationSlot:
             log.warning("stored activations in %s are unusable (%s); recomputing", self.directory, err)
             self.discard()
             return None
+
+    def complete(self) -> bool:
+        """Whether a finished store is in place (renamed in with its manifest: never a partial one)."""
+        return (self.directory / _MANIFEST).is_file()
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -122,6 +144,16 @@ def remove_abandoned_writes(directory: Path) -> list[Path]:
         pid = candidate.name[len(host_prefix):].split(".", 1)[0]
         if not pid.isdigit() or _process_alive(int(pid)):
             continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
+
+
+def remove_writes_of(directory: Path, host: str, pid: int) -> list[Path]:
+    """Delete the temporary stores for ``directory`` written by ``host:pid``, a writer whose stale lock
+    was taken over (it may run on another host: its process table is not consulted)."""
+    removed = []
+    for candidate in Path(directory).parent.glob(f".{Path(directory).name}.{host}.{pid}.*"):
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)
     return removed

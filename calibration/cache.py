@@ -7,6 +7,15 @@ a corrupted or truncated file is detected, deleted and recomputed, never used. W
 `gather` is what the pruners call: it answers every requested statistic from the cache where it
 can, computes the rest in ONE forward pass, stores them, and serves per-gap similarity requests
 from a table of all layer pairs so that any block size reuses the same pass.
+
+Cells of a sweep that run at the same time (joblib workers, SLURM jobs on other nodes) share the
+cache: a forward pass for one (model, calibration data) runs under a `depthbench.locking.EntryLock`
+in the cache directory, so the first cell computes the statistics and stores the activations while
+the others wait and then read them (the lock's docstring states the primitive and its limits).
+Replaying a complete activation store needs no lock: a store is immutable once renamed into place.
+
+``DEPTHBENCH_COUNT_FORWARD_PASSES=FILE`` appends one line per calibration forward pass to FILE
+(across processes; ``O_APPEND``), which is how tests and benchmarks count passes of a parallel sweep.
 """
 
 from __future__ import annotations
@@ -15,19 +24,25 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 import depthbench
-from depthbench.calibration.activations import STORE_PREFIX, ActivationSlot
+from depthbench.calibration.activations import STORE_PREFIX, ActivationSlot, remove_writes_of
+from depthbench.locking import STALE_AFTER_S, EntryLock
 from depthbench.calibration.statistics import (
     STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
 )
 
 log = logging.getLogger(__name__)
+
+#: Environment variable naming a file that gets one line per calibration forward pass.
+PASS_COUNTER_ENV = "DEPTHBENCH_COUNT_FORWARD_PASSES"
 
 
 def data_fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
@@ -51,9 +66,17 @@ def _tensor_checksum(state: dict[str, torch.Tensor]) -> str:
 
 
 class StatisticsCache:
-    def __init__(self, directory: str | Path, model_fingerprint: str):
+    def __init__(self, directory: str | Path, model_fingerprint: str, stale_after_s: float = STALE_AFTER_S):
         self.directory = Path(directory)
         self.model_fingerprint = model_fingerprint
+        self.stale_after_s = stale_after_s
+
+    def lock(self, data_hash: str) -> EntryLock:
+        """The lock under which this model's forward pass on the data with ``data_hash`` runs (the
+        statistics it fills and the activations it stores)."""
+        key = json.dumps([self.model_fingerprint, data_hash])
+        return EntryLock(self.directory / f".pass-{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock",
+                         what="the calibration pass of this model and data", stale_after_s=self.stale_after_s)
 
     def path_for(self, stat: Statistic, data_hash: str) -> Path:
         key = json.dumps([self.model_fingerprint, data_hash, STATISTICS_VERSION, depthbench.__version__,
@@ -94,7 +117,8 @@ class StatisticsCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(state, tmp, metadata={"sha256": _tensor_checksum(state), "key": json.dumps(list(map(str, stat.key)))})
+            save_file(state, tmp, metadata={"sha256": _tensor_checksum(state),
+                                            "key": json.dumps(list(map(str, stat.key)))})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -121,15 +145,47 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
     sources = list(tables.values()) + [s for s in requested if not isinstance(s, PairwiseSimilarity)]
     data_hash = data_fingerprint(batches) if cache is not None else ""
     missing = [s for s in sources if not (cache is not None and s.cacheable and cache.load(s, data_hash))]
-    if missing:
-        compute(adapter, batches, missing, activations, progress, description)
-        if cache is not None:
-            for stat in missing:
-                if stat.cacheable:
-                    cache.save(stat, data_hash)
+    if missing and cache is not None and not (activations is not None and activations.complete()):
+        with cache.lock(data_hash) as lock:
+            if lock.took_over is not None and activations is not None:
+                remove_writes_of(activations.directory, lock.took_over.host, lock.took_over.pid)
+            # another cell may have finished this entry while we waited
+            missing = [s for s in missing if not (s.cacheable and cache.load(s, data_hash))]
+            _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description)
+    else:
+        _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description)
     for stat in pairwise:
         stat.fill_from(tables[stat.tokens])
     return requested
+
+
+def _compute_and_save(adapter, batches, missing: list[Statistic], cache: StatisticsCache | None, data_hash: str,
+                      activations: ActivationSlot | None, progress: bool, description: str) -> None:
+    if not missing:
+        return
+    compute(adapter, batches, missing, activations, progress, description)
+    if cache is not None:
+        for stat in missing:
+            if stat.cacheable:
+                cache.save(stat, data_hash)
+
+
+def _count_forward_pass(description: str) -> None:
+    target = os.environ.get(PASS_COUNTER_ENV)
+    if not target:
+        return
+    line = f"{socket.gethostname()} {os.getpid()} {time.time():.3f} {description}\n".encode()
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def forward_pass(adapter, batches, statistics: list[Statistic], progress: bool, description: str) -> list[Statistic]:
+    """`collect` (one forward pass over the calibration batches), counted when the counter is on."""
+    _count_forward_pass(description)
+    return collect(adapter, batches, statistics, progress=progress, description=description)
 
 
 def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[Statistic],
@@ -149,10 +205,10 @@ def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[St
         writer = activations.writer(adapter, batches)
         if writer is not None:
             try:
-                collect(adapter, batches, [*statistics, writer], progress=progress, description=description)
+                forward_pass(adapter, batches, [*statistics, writer], progress, description)
             except BaseException:
                 writer.abort()
                 raise
             writer.commit()
             return
-    collect(adapter, batches, statistics, progress=progress, description=description)
+    forward_pass(adapter, batches, statistics, progress, description)

@@ -139,23 +139,32 @@ def _bucket(text: str) -> int:
 class LocalFile(TextSource):
     """The user's own text: ``.txt`` (documents separated by blank lines), ``.jsonl`` or ``.parquet``."""
 
-    OPTIONS = ("path", "text_field")
+    OPTIONS = ("path", "text_field", "where")
     SUFFIXES = (".txt", ".jsonl", ".parquet")
 
-    def __init__(self, path: str | None = None, text_field: str = "text"):
+    def __init__(self, path: str | None = None, text_field: str = "text", where: str = "calibration"):
+        # ``where``: the config group the user set the file in, named in error messages
+        self.where = where
         if not path:
-            raise ConfigError("calibration=local needs calibration.path=FILE (.txt, .jsonl or .parquet)")
+            raise ConfigError(f"{where}=local needs {where}.path=FILE (.txt, .jsonl or .parquet)")
         self.path = Path(path).expanduser()
         self.text_field = text_field
 
     def check(self) -> None:
+        """Cheap checks (no tokenizer, no model): a file, of a supported type, not empty."""
+        if self.path.is_dir():
+            raise ConfigError(f"{self.where}.path={str(self.path)!r} is a directory; give one file "
+                              f"({', '.join(self.SUFFIXES)})")
         if self.path.suffix not in self.SUFFIXES:
             raise ConfigError(
-                f"calibration.path={str(self.path)!r}: unsupported file type {self.path.suffix!r}; "
+                f"{self.where}.path={str(self.path)!r}: unsupported file type {self.path.suffix!r}; "
                 f"allowed: {', '.join(self.SUFFIXES)}"
             )
         if not self.path.is_file():
-            raise ConfigError(f"calibration.path={str(self.path)!r}: no such file")
+            raise ConfigError(f"{self.where}.path={str(self.path)!r}: no such file")
+        if self.path.stat().st_size == 0:
+            raise ConfigError(f"{self.where}.path={str(self.path)!r} is empty: it has no documents (it needs "
+                              f"text for at least one sequence of {self.where}.seq_len tokens)")
 
     def documents(self, split: str = "calibration") -> list[str]:
         _check_split(split)
@@ -164,13 +173,20 @@ class LocalFile(TextSource):
             try:
                 text = self.path.read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
-                raise ConfigError(f"calibration.path={str(self.path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+                raise self._not_utf8(err) from err
             docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
         elif self.path.suffix == ".jsonl":
-            docs = self._jsonl()
+            try:
+                docs = self._jsonl()
+            except UnicodeDecodeError as err:
+                raise self._not_utf8(err) from err
         else:
             docs = self._parquet()
         return [d for d in docs if d and d.strip()]
+
+    def _not_utf8(self, err: UnicodeDecodeError) -> ConfigError:
+        return ConfigError(f"{self.where}.path={str(self.path)!r} is not UTF-8 text ({err.reason} at byte "
+                           f"{err.start}); save it as UTF-8")
 
     def _jsonl(self) -> list[str]:
         docs = []
@@ -191,7 +207,7 @@ class LocalFile(TextSource):
         frame = pd.read_parquet(self.path)
         if self.text_field not in frame.columns:
             raise ConfigError(
-                f"calibration.text_field={self.text_field!r} is not a column of {self.path}; "
+                f"{self.where}.text_field={self.text_field!r} is not a column of {self.path}; "
                 f"columns: {', '.join(map(str, frame.columns))}"
             )
         return [str(x) for x in frame[self.text_field].tolist() if x is not None]
@@ -199,7 +215,7 @@ class LocalFile(TextSource):
     def _field(self, record: dict, where: str) -> str:
         if not isinstance(record, dict) or self.text_field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise ConfigError(f"{where}: no field calibration.text_field={self.text_field!r}; found: {keys}")
+            raise ConfigError(f"{where}: no field {self.where}.text_field={self.text_field!r}; found: {keys}")
         return str(record[self.text_field])
 
     @property
@@ -229,7 +245,8 @@ class HubDataset(TextSource):
         if not self.chat:
             return documents
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ConfigError(f"calibration source {self.path!r} is a chat dataset but the tokenizer has no chat template")
+            raise ConfigError(f"calibration source {self.path!r} is a chat dataset but the tokenizer has no chat "
+                              "template")
         rendered = []
         for doc in documents:
             turns = [{"role": self._ROLES.get(t["from"], t["from"]), "content": t["value"]} for t in json.loads(doc)]

@@ -3,7 +3,8 @@
 The key is a SHA-256 of everything that determines the numbers: the model's source, revision and
 dtype, the benchmark config, the data version (for the offline suite), the lm-eval version and the
 depthbench version. Entries are JSON files written atomically; a file that cannot be read, or whose
-stored key does not match, is treated as absent and recomputed.
+stored key does not match, is treated as absent and recomputed. Concurrent cells compute an entry
+once (`depthbench.locking.EntryLock`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import depthbench
 from depthbench import atomic
+from depthbench.locking import STALE_AFTER_S, EntryLock
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,14 @@ def _plain(obj):
 def key_material(model_source: str, revision: str | None, dtype: str, benchmark_cfg: Mapping,
                  extra: Mapping | None = None) -> dict:
     """What the base result depends on (stored next to the result, so a hit can be verified)."""
-    from depthbench.evaluation.bigbench_offline import data_version
-    from depthbench.evaluation.lm_eval_runner import lm_eval_version
+    from depthbench.evaluation.lm_eval_runner import lm_eval_version, offline_data_version
 
     bench = _plain(benchmark_cfg)
     return {
         "format": FORMAT,
         "model": {"source": str(model_source), "revision": revision, "dtype": str(dtype)},
         "benchmark": bench,
-        "data": data_version() if bench.get("offline") else "hub",
+        "data": offline_data_version() if bench.get("offline") else "hub",
         "lm_eval": lm_eval_version(),
         "depthbench": depthbench.__version__,
         "extra": _plain(dict(extra)) if extra else None,
@@ -84,11 +85,19 @@ def store(cache_dir: str | Path, material: Mapping, result: dict) -> Path:
     return path
 
 
-def cached_base_result(cache_dir: str | Path, material: Mapping, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """``(result, hit)``: the cached base result, or ``compute()`` stored for the next run."""
+def cached_base_result(cache_dir: str | Path, material: Mapping, compute: Callable[[], dict],
+                       stale_after_s: float = STALE_AFTER_S) -> tuple[dict, bool]:
+    """``(result, hit)``: the cached base result, or ``compute()`` stored for the next run. Cells running
+    at the same time compute it once: the first takes the entry's `EntryLock`, the others wait and read."""
     result = load(cache_dir, material)
     if result is not None:
         return result, True
-    result = compute()
-    store(cache_dir, material, result)
+    path = cache_path(cache_dir, cache_key(material))
+    with EntryLock(path.with_name(f".{path.stem}.lock"), what="the base model's evaluation",
+                   stale_after_s=stale_after_s):
+        result = load(cache_dir, material)
+        if result is not None:
+            return result, True
+        result = compute()
+        store(cache_dir, material, result)
     return result, False

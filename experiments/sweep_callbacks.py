@@ -6,6 +6,11 @@ fits need no forward pass. Once the multirun has ended they serve nothing but a 
 the sweep, so they are deleted (the statistics, KBs to MBs, stay). A sweep killed before its end keeps
 them for its resume. ``cache.keep_activations=true`` keeps them; an explicit ``cache.dir`` is the
 user's own cache and is never touched.
+
+With parallel launchers (joblib, submitit/SLURM) Hydra calls ``on_multirun_end`` once, in the
+launching process, after every job of the sweep has returned, so no cell of this sweep still reads a
+store. A calibration pass lock still held in the directory (another multirun on the same sweep
+directory, still computing) keeps the stores for this time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from depthbench.calibration.activations import remove_stores
+from depthbench.locking import STALE_AFTER_S, EntryLock
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,13 @@ class DropStoredActivations(Callback):
 
         statistics = statistics_dir(config, Path(str(config.hydra.sweep.dir)))
         if not statistics.is_dir():
+            return
+        stale_after = float(settings.get("lock_stale_s") or STALE_AFTER_S)
+        busy = [lock for lock in statistics.glob(".pass-*.lock")
+                if EntryLock(lock, stale_after_s=stale_after).held()]
+        if busy:
+            log.info("kept the stored calibration activations in %s: a calibration pass is still running there "
+                     "(%s)", statistics, busy[0].name)
             return
         freed = remove_stores(statistics)
         if freed:

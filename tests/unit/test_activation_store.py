@@ -111,7 +111,9 @@ def test_fit_needs_no_second_pass_and_equals_the_two_pass_result(method, options
     build_pruner(method, options).prune(adapter_for(stored), data, 2, progress=False)
     assert len(counting_collect) == 1
     fallback = copy.deepcopy(base)
-    build_pruner(method, options).prune(adapter_for(fallback), data, 2, progress=False, activation_budget_bytes=0)
+    pruner, adapter = build_pruner(method, options), adapter_for(fallback)
+    with pruner.service(adapter, data, activation_budget_bytes=0, progress=False) as service:
+        pruner.prune(adapter, service, 2)
     assert len(counting_collect) == 3, "without the store: the score pass and the fit's own pass"
     with torch.no_grad():
         for batch in data.batches:
@@ -129,7 +131,9 @@ def test_a_sweep_shares_one_pass(tmp_path, counting_collect):
                                                    ("uidl", {}), ("llm_streamline", {"max_steps": 1}),
                                                    ("shortgpt", {})]]
     for method, options, n in cells:
-        build_pruner(method, options).prune(adapter_for(copy.deepcopy(base)), data, n, progress=False, cache=cache)
+        pruner, adapter = build_pruner(method, options), adapter_for(copy.deepcopy(base))
+        with pruner.service(adapter, data, cache=cache, progress=False) as service:
+            pruner.prune(adapter, service, n)
     assert len(counting_collect) == 1
 
 

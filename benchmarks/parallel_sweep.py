@@ -1,0 +1,85 @@
+"""A 2-cell sweep run in parallel (two jobs sharing the sweep's cache) against the same sweep run
+sequentially: calibration forward passes in total (counted across processes through
+``DEPTHBENCH_COUNT_FORWARD_PASSES``, as tests/integration/test_parallel_sweeps.py counts them), wall
+time of each and their ratio, and whether both give the same layers and perplexities.
+
+The embedded GGUF is converted first (outside both timings). Each sweep gets a fresh sweep directory,
+so each makes its own calibration pass; one run of each (the machine's other load makes timings
+noisy: quote the ratio, with the machine).
+
+    .venv/bin/python benchmarks/parallel_sweep.py [--launcher joblib|submitit_local] [--scale fast] \\
+        [--output docs/parallel_sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ["pruner=replaceme_ls", "ratio=0.1,0.2"]
+QUIET = ["benchmark=none", "logger=none", "save_model=false", "efficiency.enabled=false",
+         "evaluation.fidelity.enabled=false", "progress=false"]
+LAUNCHERS = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+             "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=120"]}
+
+
+def sweep(directory: Path, scale: str, launcher: list[str]) -> dict:
+    counter = directory.with_suffix(".passes")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "DEPTHBENCH_COUNT_FORWARD_PASSES": str(counter)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "depthbench.cli", "-m", *CELLS, f"scale={scale}", *QUIET, *launcher,
+                           f"hydra.sweep.dir={directory}"], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(p.read_text()) for p in directory.rglob("result.json")]
+    return {"seconds": round(seconds, 1),
+            "calibration_passes": len(counter.read_text().splitlines()) if counter.exists() else 0,
+            "cells": {str(r["ratio"]): {"removed_layers": r["pruning"]["removed_layers"],
+                                        "ppl": r["metrics"]["pruned"]["heldout_perplexity"]["perplexity"]}
+                      for r in records}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launcher", choices=sorted(LAUNCHERS), default="joblib")
+    parser.add_argument("--scale", default="fast", help="scale preset of both sweeps (default: fast)")
+    parser.add_argument("--output", type=Path, help="also write the record here (JSON)")
+    args = parser.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from depthbench.modeling.loading import _plain_copy_of_gguf
+
+    model = OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml")
+    _plain_copy_of_gguf(model.gguf.package, model.gguf.file)  # converted once, before either timing
+    with tempfile.TemporaryDirectory(prefix="depthbench-parallel-sweep-") as tmp:
+        sequential = sweep(Path(tmp) / "sequential", args.scale, [])
+        parallel = sweep(Path(tmp) / "parallel", args.scale, LAUNCHERS[args.launcher])
+    record = {
+        "what": f"2-cell sweep ({' '.join(CELLS)}, scale={args.scale}) sequential vs 2 parallel jobs "
+                f"({args.launcher}) sharing the sweep cache",
+        "sequential": sequential, "parallel": parallel,
+        "wall_time_ratio_parallel_over_sequential": round(parallel["seconds"] / sequential["seconds"], 3),
+        "same_results": sequential["cells"] == parallel["cells"],
+        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.output:
+        from depthbench import atomic
+
+        atomic.write_text(args.output, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
