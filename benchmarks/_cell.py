@@ -44,8 +44,8 @@ def main(overrides: list[str]) -> None:
     pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
     cache = StatisticsCache(cfg.cache.dir, model_fingerprint(loaded, cfg.model)) if cfg.cache.get("dir") else None
     budget = activation_budget(cfg)
-    result = pruner.prune(adapter, data, layers_to_remove(cfg.ratio, adapter.num_layers), progress=False, cache=cache,
-                          activation_budget_bytes=budget)
+    with pruner.service(adapter, data, cache=cache, activation_budget_bytes=budget, progress=False) as service:
+        result = pruner.prune(adapter, service, layers_to_remove(cfg.ratio, adapter.num_layers))
     slot = ActivationSlot(Path("unused"), budget)  # the writer's own size and budget decision
     size = slot.store_size(adapter, data.batches)
     print(json.dumps({"method": pruner.name, "ratio": cfg.ratio, "bare_forward_s": bare,

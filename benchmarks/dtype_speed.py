@@ -40,7 +40,8 @@ def main() -> None:
                 model(input_ids=ids, use_cache=False)
                 times[dtype].append(time.perf_counter() - start)
     med = {d: statistics.median(t) for d, t in times.items()}
-    print(f"forward {args.batch} x {args.seq_len} tokens, median of {args.repeats} (torch threads: {torch.get_num_threads()})")
+    print(f"forward {args.batch} x {args.seq_len} tokens, median of {args.repeats} "
+          f"(torch threads: {torch.get_num_threads()})")
     for dtype, seconds in med.items():
         print(f"  {dtype:9s} {seconds:.3f} s")
     print(f"  bfloat16 speed-up over float32: {med['float32'] / med['bfloat16']:.2f}x")

@@ -1,13 +1,13 @@
 """How ReplaceMe's transform is best applied on Gemma-2, where a norm follows the MLP (issue #8).
 
 No pretrained Gemma is available offline, so this trains a tiny Gemma-2 (8 layers, hidden 128, the
-SmolLM2 tokenizer cut to its 4,095 most frequent ids) for a few hundred steps on BIG-bench English Wikipedia, removes one block of 2
-layers chosen by ReplaceMe's selection, and compares on held-out articles:
+SmolLM2 tokenizer cut to its 4,095 most frequent ids) for a few hundred steps on BIG-bench English Wikipedia,
+removes one block of 2 layers chosen by ReplaceMe's selection, and compares on held-out articles:
 
 - UIDL: the block removed, nothing in its place;
 - LS diagonal T folded exactly into the post-FFN norm (``replaceme_ls diag=true``);
 - LS full T as an explicit linear module after the norm (``replaceme_ls norm_fold=linear``, the
-  default and METHODS.md's route: exact, d x d new parameters, reloads with depthbench's
+  default and docs/METHODS.md's route: exact, d x d new parameters, reloads with depthbench's
   ``depthbench.modeling.saving.load_pruned``);
 - LS full T realised through the norm (``replaceme_ls norm_fold=through_norm``: zero new parameters,
   plain ``from_pretrained``);
@@ -178,7 +178,8 @@ def main() -> None:
     run("cosine, full T fitted through the norm (`norm_fold=through_norm`)", "replaceme_cosine",
         {"epochs": 10, "norm_fold": "through_norm"})
 
-    table = [f"Tiny Gemma-2 (8 layers, hidden 128, SmolLM2 tokenizer cut to 4,096 ids) trained {args.steps} steps on BIG-bench "
+    table = [f"Tiny Gemma-2 (8 layers, hidden 128, SmolLM2 tokenizer cut to 4,096 ids) trained {args.steps} steps "
+             f"on BIG-bench "
              f"English Wikipedia; {args.calibration} x 128 calibration tokens; 2 of 8 layers removed; held-out "
              f"32 x 128 tokens. Dense held-out perplexity {dense_ppl:.1f}. Command: "
              f"`OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gemma_replaceme_fold.py --steps {args.steps} "

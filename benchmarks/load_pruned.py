@@ -125,8 +125,10 @@ def main() -> None:
     print(f"Gemma-2 shape: hidden {args.hidden}, {args.layers} layers, {runs[ways[0]][0]['parameters'] / 1e6:.0f}M "
           f"parameters, float32; medians of {args.repeats} loads each, each in its own process")
     for w in ways:
-        print(f"  {w:16s} {median[w]['seconds']:7.2f} s   peak anonymous memory {median[w]['peak_anon_bytes'] / 2**20:8.0f} MiB")
-    print(f"  load_pruned / straightforward: time {median['load_pruned']['seconds'] / median['straightforward']['seconds']:.2f}x, "
+        print(f"  {w:16s} {median[w]['seconds']:7.2f} s   "
+              f"peak anonymous memory {median[w]['peak_anon_bytes'] / 2**20:8.0f} MiB")
+    print(f"  load_pruned / straightforward: "
+          f"time {median['load_pruned']['seconds'] / median['straightforward']['seconds']:.2f}x, "
           f"peak memory {median['load_pruned']['peak_anon_bytes'] / median['straightforward']['peak_anon_bytes']:.2f}x")
 
 

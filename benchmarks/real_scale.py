@@ -89,8 +89,8 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
     result = {}
 
     def prune():
-        result["r"] = pruner.prune(adapter, data, n_remove, progress=True,
-                                   activation_budget_bytes=int(args.activations_gb * 2**30))
+        with pruner.service(adapter, data, activation_budget_bytes=int(args.activations_gb * 2**30)) as service:
+            result["r"] = pruner.prune(adapter, service, n_remove)
 
     prune_s = synchronised_seconds(prune, args.device)
     return {"method": method, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,

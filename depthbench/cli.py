@@ -17,10 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from depthbench.config_store import register_configs
 from depthbench.errors import DepthbenchError
 from depthbench.report import summary_table
 
 log = logging.getLogger("depthbench")
+
+# The pruner config entries (structured configs) must exist wherever Hydra composes: here, and in the
+# worker processes of the joblib / submitit launchers, which import this module to run `app`.
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://depthbench.conf", config_name="config")
@@ -82,7 +87,23 @@ def _unwritable_output_dir(argv: list[str]) -> str | None:
     return None
 
 
+def methods_help() -> str:
+    """Every registered pruner with its paper and options (type, default, documentation)."""
+    from depthbench.pruners import pruner_registry
+    from depthbench.pruners.options import option_help
+
+    lines = ["== Methods (pruner=NAME; options as pruner.options.KEY=VALUE) =="]
+    for name in pruner_registry.names():
+        pruner = pruner_registry.get(name)
+        lines.append(f"{name}: {pruner.paper}" if pruner.paper else name)
+        for key, kind, default, text in option_help(pruner.Options):
+            lines.append(f"    {key} ({kind}, default {default!r}): {text}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(methods_help())
     problem = _unwritable_output_dir(sys.argv[1:])
     if problem:
         print(f"depthbench: error: output directory {problem}", file=sys.stderr)

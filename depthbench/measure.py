@@ -70,7 +70,8 @@ class StageTimer:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             previous = self.stages.get(name)
-            measurement = StageMeasurement(seconds, peak_rss_bytes(), torch.cuda.max_memory_allocated() if gpu else None)
+            measurement = StageMeasurement(seconds, peak_rss_bytes(),
+                                           torch.cuda.max_memory_allocated() if gpu else None)
             if previous is not None:  # a stage entered twice accumulates time and keeps the larger peak
                 measurement = StageMeasurement(
                     previous.seconds + measurement.seconds,

@@ -8,28 +8,33 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from depthbench.calibration.activations import auto_budget
 from depthbench.calibration.batches import load_calibration, validate_sizes
 from depthbench.calibration.cache import StatisticsCache
 from depthbench.calibration.sources import build_source
 from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.locking import STALE_AFTER_S
 from depthbench.measure import StageTimer
 from depthbench.provenance import provenance
 from depthbench.evaluation.base_cache import cached_base_result, key_material
-from depthbench.evaluation.efficiency import speedup
 from depthbench.evaluation.perplexity import heldout_windows
-from depthbench.evaluation.retention import retention
-from depthbench.evaluation.suite import has_benchmark, quality, speed
+from depthbench.evaluation.retention import retention_report
+from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity, fidelity_enabled, fidelity_reference,
+                                         has_benchmark, quality, speed)
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
 from depthbench.modeling.adapters import adapter_for
-from depthbench.modeling.loading import check_model_reference, default_cache_dir, load_model, model_fingerprint
+from depthbench.modeling.loading import (
+    check_model_reference, default_cache_dir, load_model, load_tokenizer, model_fingerprint, num_layers_of,
+)
 from depthbench.modeling.saving import save_pruned
 from depthbench.pruners import build_pruner
 from depthbench.pruners.base import DEFAULT_ACTIVATION_BUDGET
@@ -44,9 +49,11 @@ def layers_to_remove(ratio: float, num_layers: int) -> int:
     """``round(r * L)``, rounding halves up; must leave at least one layer and remove at least one."""
     n = int(math.floor(ratio * num_layers + 0.5))
     if n < 1:
-        raise ConfigError(f"ratio={ratio} removes no layer of {num_layers}; the smallest useful ratio is {0.5 / num_layers:.4g}")
+        raise ConfigError(f"ratio={ratio} removes no layer of {num_layers}; the smallest useful ratio is "
+                          f"{0.5 / num_layers:.4g}")
     if n >= num_layers:
-        raise ConfigError(f"ratio={ratio} removes all {num_layers} layers; use a ratio below {(num_layers - 0.5) / num_layers:.4g}")
+        raise ConfigError(f"ratio={ratio} removes all {num_layers} layers; use a ratio below "
+                          f"{(num_layers - 0.5) / num_layers:.4g}")
     return n
 
 
@@ -69,8 +76,11 @@ def validate(cfg: DictConfig, output_dir: Path):
     validate_sizes(c.n_samples, c.seq_len, c.batch_size)
     build_source(c).check()
     if cfg.evaluate:
-        build_source(cfg.evaluation.perplexity).check()
+        check_evaluation(cfg.evaluation, cfg.efficiency)
     check_model_reference(cfg.model)
+    num_layers = num_layers_of(cfg.model)  # config.json or the GGUF header: no weights
+    if num_layers is not None:
+        pruner.check_feasible(num_layers, layers_to_remove(ratio, num_layers))
     if cfg.evaluate and has_benchmark(cfg.benchmark):
         from depthbench.evaluation.lm_eval_runner import check_tasks, parse_benchmark
 
@@ -78,19 +88,31 @@ def validate(cfg: DictConfig, output_dir: Path):
         if not cfg.benchmark.get("offline"):
             check_tasks(cfg.benchmark)  # builds lm-eval's task index: seconds, still before any weights
     activation_budget(cfg)
+    lock_stale_after(cfg)
     tracker = build_tracker(cfg.logger)
     _check_writable(output_dir)
     return ratio, pruner, tracker
 
 
-def activation_budget(cfg: DictConfig) -> int:
+def activation_budget(cfg: DictConfig, store_dir: Path | None = None) -> int:
     """``cache.activations_gb`` in bytes: the disk space one model's stored calibration activations
-    may take (0 = never store them)."""
+    may take (0 = never store them; ``auto`` = `auto_budget` of the file system of ``store_dir``,
+    default the temporary directory that single runs use)."""
     value = (cfg.get("cache") or {}).get("activations_gb", DEFAULT_ACTIVATION_BUDGET / 1024**3)
+    if value == "auto":
+        return auto_budget(store_dir if store_dir is not None else tempfile.gettempdir())
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ConfigError(f"cache.activations_gb={value!r}; allowed: a number of GiB >= 0 (0 = do not store "
-                          f"activations)")
+        raise ConfigError(f"cache.activations_gb={value!r}; allowed: auto, or a number of GiB >= 0 (0 = do not "
+                          f"store activations)")
     return int(value * 1024**3)
+
+
+def lock_stale_after(cfg: DictConfig) -> float:
+    """``cache.lock_stale_s``: seconds without a heartbeat after which a cache lock is taken over."""
+    value = (cfg.get("cache") or {}).get("lock_stale_s", STALE_AFTER_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"cache.lock_stale_s={value!r}; allowed: a number of seconds > 0")
+    return float(value)
 
 
 def _check_writable(directory: Path) -> None:
@@ -124,14 +146,14 @@ def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
                         extra={"perplexity": OmegaConf.to_container(cfg.evaluation.perplexity, resolve=True)})
 
 
-def compare(base: dict, pruned: dict, base_speed: dict | None, pruned_speed: dict | None) -> dict:
-    """Retention (pruned / base per task, average in %) and speed-up, from measured numbers."""
+def compare(base: dict, pruned: dict, speeds: dict | None) -> dict:
+    """Retention (pruned / base per task, average in %, 95% intervals) and speed-up, from measured numbers."""
     out: dict = {}
     if "tasks" in base and "tasks" in pruned:
-        out["retention"] = retention(base["tasks"], pruned["tasks"])
-    if base_speed and pruned_speed:
-        out["speed"] = {"base": base_speed, "pruned": pruned_speed}
-        out["speedup"] = speedup(base_speed, pruned_speed)
+        out["retention"] = retention_report(base, pruned)
+    if speeds:
+        out["speed"] = {k: v for k, v in speeds.items() if k != "speedup"}
+        out["speedup"] = speeds["speedup"]
     return out
 
 
@@ -167,17 +189,21 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
     timer = StageTimer()
     started = time.time()
 
+    # The tokenizer alone first: calibration text that is empty, too short or not UTF-8 fails before
+    # any weights are read (or the packaged GGUF is converted).
+    with timer.stage("calibration_data"):
+        tokenizer = load_tokenizer(cfg.model)
+        calibration = load_calibration(cfg.calibration, tokenizer)
+    for note in calibration.notes:
+        log.warning(note)
+
     with timer.stage("load"):
-        loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device))
+        loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device),
+                            tokenizer=tokenizer)
     adapter = adapter_for(loaded.model)
     pruner.check_model(adapter)
     n_remove = layers_to_remove(ratio, adapter.num_layers)
     pruner.check_feasible(adapter.num_layers, n_remove)
-
-    with timer.stage("calibration_data"):
-        calibration = load_calibration(cfg.calibration, loaded.tokenizer)
-    for note in calibration.notes:
-        log.warning(note)
 
     caches = cache_root(cfg, sweep_dir)
     settings = cfg.get("cache") or {}
@@ -187,31 +213,52 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
         with timer.stage("evaluation_data"):
             windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
         with timer.stage("evaluate_base"):
-            compute = lambda: quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(),
-                                      progress, "base")  # noqa: E731
+            def compute():
+                return quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(), progress,
+                               "base")
+
             if settings.get("base_results", True):
-                metrics["base"], hit = cached_base_result(caches, base_result_material(cfg, fingerprint), compute)
+                metrics["base"], hit = cached_base_result(caches, base_result_material(cfg, fingerprint), compute,
+                                                          stale_after_s=lock_stale_after(cfg))
                 metrics["base_from_cache"] = hit
             else:
                 metrics["base"] = compute()
-        with timer.stage("speed_base"):
-            base_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
+        reference = dense = None
+        if fidelity_enabled(cfg.evaluation):
+            with timer.stage("fidelity_reference"):
+                reference, _ = fidelity_reference(
+                    loaded.model, windows, cfg.evaluation, caches if settings.get("base_results", True) else None,
+                    base_result_material(cfg, fingerprint), progress, stale_after_s=lock_stale_after(cfg))
+        if cfg.efficiency.get("enabled", True):
+            with timer.stage("dense_copy"):  # pruning edits the model in place; speed times both interleaved
+                dense, dense_bytes = dense_copy(loaded.model)
 
-    stats_cache = StatisticsCache(statistics_dir(cfg, sweep_dir), fingerprint) if settings.get("statistics", True) else None
+    stats_cache = (StatisticsCache(statistics_dir(cfg, sweep_dir), fingerprint, lock_stale_after(cfg))
+                   if settings.get("statistics", True) else None)
     # Stored activations (GBs) persist where the caches are the user's own choice: a sweep's
     # directory or an explicit cache.dir; a single run keeps them in a temporary directory.
     keep = sweep_dir is not None or bool((cfg.get("cache") or {}).get("dir"))
-    result = pruner.prune(adapter, calibration, n_remove, progress=progress, cache=stats_cache,
-                          activation_budget_bytes=activation_budget(cfg), keep_activations=keep)
+    store_dir = statistics_dir(cfg, sweep_dir) if keep and stats_cache is not None else None
+    with pruner.service(adapter, calibration, cache=stats_cache, keep_activations=keep, progress=progress,
+                        activation_budget_bytes=activation_budget(cfg, store_dir)) as service:
+        result = pruner.prune(adapter, service, n_remove)
     timer.add(result.stages, prefix="prune.")
 
     if cfg.evaluate:
         with timer.stage("evaluate_pruned"):
             metrics["pruned"] = quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(),
                                         progress, "pruned")
-        with timer.stage("speed_pruned"):
-            pruned_speed = speed(loaded.model, loaded.tokenizer, cfg.efficiency)
-        metrics.update(compare(metrics["base"], metrics["pruned"], base_speed, pruned_speed))
+        if reference is not None:
+            with timer.stage("fidelity"):
+                metrics["fidelity"] = fidelity(loaded.model, windows, reference, metrics["base"], metrics["pruned"],
+                                               progress)
+        speeds = None
+        if dense is not None:
+            with timer.stage("speed"):
+                speeds = speed(dense, loaded.model, loaded.tokenizer, cfg.efficiency)
+                speeds["dense_copy_bytes"] = dense_bytes
+            del dense
+        metrics.update(compare(metrics["base"], metrics["pruned"], speeds))
 
     check_finite_parameters(loaded.model)
     if after_prune is not None:

@@ -1,10 +1,12 @@
 """Depth-pruning methods, each a plugin in `pruner_registry` behind the `Pruner` interface."""
 
+from depthbench.calibration.service import CalibrationService
 from depthbench.pruners.base import PruneResult, Pruner, Selection, build_pruner, pruner_registry
+from depthbench.pruners.options import option
 
 # Built-in methods register themselves on import; third parties use the `depthbench.pruners`
 # entry-point group instead (see README).
 from depthbench.pruners import uidl  # noqa: E402,F401
 from depthbench.pruners import replaceme, shortgpt, llm_streamline  # noqa: E402,F401
 
-__all__ = ["PruneResult", "Pruner", "Selection", "build_pruner", "pruner_registry"]
+__all__ = ["CalibrationService", "PruneResult", "Pruner", "Selection", "build_pruner", "option", "pruner_registry"]

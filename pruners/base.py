@@ -1,36 +1,35 @@
 """The `Pruner` interface: explicit stages (score, select, fit a replacement, apply) and a result.
 
-A method says which calibration statistics it needs (`statistics`), turns them into a `Selection`
-(`select`), optionally fits something that stands in for the removed layers (`fit`), and changes the
-model through its adapter (`apply`). `Pruner.prune` runs those stages with timing and peak memory
-and returns a `PruneResult`. The calibration pass itself is shared: several methods' statistics can
-be collected in one forward pass (`depthbench.calibration.statistics.collect`), and methods whose fit reads
-activations (`fit_reads_activations`) store every layer's activations during that pass and replay
-them in `fit` (`depthbench.calibration.activations`): one forward pass per prune, and per sweep.
+A method says which calibration statistics of the original model it needs (`statistics`), turns
+them into a `Selection` (`select`), optionally fits something that stands in for the removed layers
+(`fit`), and changes the model through its adapter (`apply`). `Pruner.prune` runs those stages with
+timing and peak memory and returns a `PruneResult`.
+
+A pruner is stateless: its options are fixed at construction and every stage receives what it needs,
+the adapter and a `depthbench.calibration.service.CalibrationService` that answers "statistics of the
+original model" (cached, one pass per sweep), "statistics / NLL of the current model with these units
+skipped" and "a scratch directory". Caching and activation storage are the service's business,
+wrapped around the pruner by whoever builds the service (the pipeline, a benchmark, a test).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-from depthbench.calibration.activations import ActivationSlot
 from depthbench.calibration.batches import CalibrationData
-from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.service import DEFAULT_ACTIVATION_BUDGET, CalibrationService, open_service
 from depthbench.calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
-from depthbench.registry import Registry
 from depthbench.modeling.adapters import ModelAdapter
+from depthbench.pruners.options import parse_options
+from depthbench.registry import Registry
 from depthbench.selection.blocks import Block
 
-
-#: Default cap on the disk space of one model's stored calibration activations.
-DEFAULT_ACTIVATION_BUDGET = 4 * 1024**3
+__all__ = ["DEFAULT_ACTIVATION_BUDGET", "Pruner", "PruneResult", "Selection", "build_pruner", "pruner_registry"]
 
 
 @dataclass
@@ -60,6 +59,9 @@ class PruneResult:
     parameters_before: dict
     parameters_after: dict
     stages: dict
+    #: ``calibration_tokens``, ``training_tokens``, ``optimizer_steps``, ``epochs`` of this prune (0 where
+    #: nothing is trained), from the replacement's ``budget`` where it has one.
+    budget: dict = field(default_factory=dict)
 
     @property
     def removed_layers(self) -> list[int]:
@@ -81,15 +83,17 @@ class PruneResult:
             "fraction_parameters_removed_without_embeddings":
                 removed_body / self.parameters_before["without_embeddings"],
             "stages": self.stages,
+            "budget": self.budget,
         }
 
 
 class Pruner(ABC):
     """Base class of every depth-pruning method.
 
-    Subclasses set ``name``, define their options as a dataclass ``Options`` (so unknown or mistyped
-    options fail loudly) and implement `statistics` and `select`; methods that replace the removed
-    layers also implement `fit` and `apply`.
+    Subclasses set ``name`` and ``paper``, declare their options once as a dataclass ``Options`` whose
+    fields carry type, default and documentation (`depthbench.pruners.options.option`; it is also the
+    Hydra config entry ``pruner=<name>``), and implement `statistics` and `select`; methods that replace
+    the removed layers also implement `fit` and `apply`. A pruner holds its options and nothing else.
     """
 
     name: ClassVar[str] = ""
@@ -100,14 +104,7 @@ class Pruner(ABC):
         pass
 
     def __init__(self, **options: Any):
-        known = {f.name for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} for pruner {self.name!r}; "
-                f"allowed: {', '.join(sorted(known)) or '(none)'}"
-            )
-        self.options = self.Options(**options)
+        self.options = parse_options(self.name, self.Options, options)
         self.validate_options()
 
     def validate_options(self) -> None:
@@ -119,22 +116,9 @@ class Pruner(ABC):
             raise ConfigError(f"cannot remove {n_remove} of {num_layers} layers: allowed 1..{num_layers - 1}")
 
     #: Whether `fit` reads calibration activations of the unmodified model (moments, token rows,
-    #: training pairs). Such methods store every layer's activations during the score pass and
-    #: replay them in `fit` instead of running a second forward pass.
+    #: training pairs). For such methods the service stores every layer's activations during the score
+    #: pass and replays them in `fit` instead of running a second forward pass.
     fit_reads_activations: ClassVar[bool] = False
-
-    #: Set by `prune`: where statistics of the unmodified model may be read from and stored, and
-    #: where its activations are (or would be) stored.
-    statistics_cache: StatisticsCache | None = None
-    activations: ActivationSlot | None = None
-
-    def gather(self, adapter: ModelAdapter, calibration: CalibrationData, statistics: list[Statistic],
-               progress: bool = True, what: str = "calibration") -> list[Statistic]:
-        """Statistics of the model as it is now, from the shared cache or the stored activations where
-        possible, else one forward pass. Only for statistics of the ORIGINAL model (neither the cache
-        key nor the stored activations see in-place changes)."""
-        return gather(adapter, calibration.batches, statistics, cache=self.statistics_cache, progress=progress,
-                      description=f"{self.name}: {what}", activations=self.activations)
 
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
@@ -142,60 +126,57 @@ class Pruner(ABC):
     # -- stages ----------------------------------------------------------------------------
     @abstractmethod
     def statistics(self, adapter: ModelAdapter, n_remove: int) -> list[Statistic]:
-        """The calibration statistics the score stage needs (collected in one shared pass)."""
+        """The calibration statistics of the original model the score stage needs (one shared pass)."""
 
     @abstractmethod
-    def select(self, statistics: list[Statistic], adapter: ModelAdapter, n_remove: int) -> Selection:
-        ...
+    def select(self, statistics: list[Statistic], adapter: ModelAdapter, n_remove: int,
+               service: CalibrationService) -> Selection:
+        """Which layers go, from the statistics (``service`` answers further questions, e.g. the NLL of
+        the model with candidate units skipped, for iterative methods)."""
 
-    def fit(self, adapter: ModelAdapter, selection: Selection, calibration: CalibrationData,
-            progress: bool = True) -> Any:
+    def fit(self, adapter: ModelAdapter, selection: Selection, service: CalibrationService) -> Any:
         """Fit whatever replaces the removed layers; ``None`` when the method only removes."""
         return None
 
-    def apply(self, adapter: ModelAdapter, selection: Selection, replacement: Any) -> dict | None:
+    def apply(self, adapter: ModelAdapter, selection: Selection, replacement: Any,
+              service: CalibrationService) -> dict | None:
         """Change the model; return a JSON-able description of the replacement (or ``None``)."""
         adapter.remove_layers(selection.removed_layers)
         return None
 
     # -- orchestration ---------------------------------------------------------------------
-    def prune(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
-              progress: bool = True, cache: StatisticsCache | None = None,
-              activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET, keep_activations: bool = True) -> PruneResult:
-        """Run the stages. With a ``cache``, score statistics already computed for this model and
-        calibration data (by any run, any method, any ratio) are read instead of recomputed, and so
-        are the stored activations that fits read (with ``keep_activations``); otherwise those
-        activations live in a temporary directory for this call only. ``activation_budget_bytes``
-        caps their size on disk (0: never store them; fits then run their own forward pass)."""
+    def prune(self, adapter: ModelAdapter, calibration: CalibrationService | CalibrationData, n_remove: int,
+              progress: bool = True) -> PruneResult:
+        """Run the stages. ``calibration`` is a service (built by the caller with the caching it wants,
+        e.g. `depthbench.calibration.service.open_service` with a statistics cache) or plain calibration
+        data, for which a service without a cache is built for this call (stored activations in a
+        temporary directory)."""
         self.check_model(adapter)
         self.check_feasible(adapter.num_layers, n_remove)
-        self.statistics_cache = cache
-        with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
-            if not self.fit_reads_activations:
-                self.activations = None
-            elif cache is not None and keep_activations:
-                self.activations = cache.activation_slot(data_fingerprint(calibration.batches),
-                                                         activation_budget_bytes)
-            else:
-                self.activations = ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
-            try:
-                return self._run_stages(adapter, calibration, n_remove, progress)
-            finally:
-                self.activations = None
+        if isinstance(calibration, CalibrationService):
+            return self._run_stages(adapter, calibration, n_remove)
+        with self.service(adapter, calibration, progress=progress) as service:
+            return self._run_stages(adapter, service, n_remove)
 
-    def _run_stages(self, adapter: ModelAdapter, calibration: CalibrationData, n_remove: int,
-                    progress: bool) -> PruneResult:
+    def service(self, adapter: ModelAdapter, calibration: CalibrationData, **caching):
+        """The calibration service this method needs (every layer's activations stored for the fit iff it
+        reads them), with the caller's caching: ``cache``, ``activation_budget_bytes``,
+        ``keep_activations``, ``progress`` (see `depthbench.calibration.service.open_service`)."""
+        return open_service(adapter, calibration, store_activations=self.fit_reads_activations, label=self.name,
+                            **caching)
+
+    def _run_stages(self, adapter: ModelAdapter, service: CalibrationService, n_remove: int) -> PruneResult:
         num_layers = adapter.num_layers
         timer = StageTimer()
         params_before = adapter.parameter_counts()
         with timer.stage("score"):
-            stats = self.gather(adapter, calibration, self.statistics(adapter, n_remove), progress, "calibration")
+            stats = service.original(self.statistics(adapter, n_remove), "calibration")
         with timer.stage("select"):
-            selection = self.select(stats, adapter, n_remove)
+            selection = self.select(stats, adapter, n_remove, service)
         with timer.stage("fit"):
-            replacement = self.fit(adapter, selection, calibration, progress=progress)
+            replacement = self.fit(adapter, selection, service)
         with timer.stage("apply"):
-            replacement_info = self.apply(adapter, selection, replacement)
+            replacement_info = self.apply(adapter, selection, replacement, service)
         return PruneResult(
             method=self.name,
             options=dataclasses.asdict(self.options),
@@ -206,7 +187,18 @@ class Pruner(ABC):
             parameters_before=params_before,
             parameters_after=adapter.parameter_counts(),
             stages=timer.to_dict(),
+            budget=prune_budget(service.calibration.n_tokens, replacement_info),
         )
+
+
+def prune_budget(calibration_tokens: int, replacement_info: dict | None) -> dict:
+    """The ``budget`` of a prune: the calibration data's real tokens, and what the replacement trained
+    (``replacement_info["budget"]``: training tokens, optimiser steps, epochs), zeros where nothing trains."""
+    trained = (replacement_info or {}).get("budget") or {}
+    return {"calibration_tokens": int(calibration_tokens),
+            "training_tokens": int(trained.get("training_tokens", 0)),
+            "optimizer_steps": int(trained.get("optimizer_steps", 0)),
+            "epochs": float(trained.get("epochs", 0.0))}
 
 
 pruner_registry: Registry[type[Pruner]] = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")

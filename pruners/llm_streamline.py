@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import contextlib
 import math
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +44,8 @@ from depthbench.calibration.spill import ResidualPairSequences
 from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.convergence import ConvergenceLog, check_holdout, holdout_split, training_budget
+from depthbench.pruners.options import option
 from depthbench.selection.blocks import Block, best_block
 
 
@@ -111,33 +112,37 @@ class LLMStreamlinePruner(Pruner):
 
     @dataclass
     class Options:
-        # Module replacing layers [j*, j*+n+1): layer = a copy of layer j* (paper default),
-        # ffn = h + mlp(norm(h)) from layer j*, stored as a layer whose attention output is zero.
-        replacement: str = "layer"
-        # Training loss: mse = ||module(h_j*) - h_{j*+n+1}||^2 (paper default); lm = next-token loss
-        # through the rest of the frozen model.
-        loss: str = "mse"
-        # AdamW peak learning rate, weight decay, and the floor of the cosine decay (reference values).
-        lr: float = 2e-4
-        weight_decay: float = 1e-3
-        min_lr: float = 5e-5
-        # Linear warm-up steps before the cosine decay.
-        warmup_steps: int = 5
-        # Gradient clipping (max global L2 norm; reference 5).
-        max_grad_norm: float = 5.0
-        # Passes over the calibration sequences (the reference does 1 epoch over a far larger corpus).
-        epochs: int = 4
-        # Exactly this many optimiser steps, overriding epochs (null = epochs decide).
-        max_steps: int | None = None
-        # Sequences per optimiser step.
-        batch_size: int = 8
-        # Seed of the sequence shuffling.
-        seed: int = 0
-        # Arithmetic of the training: float32, bf16-mixed (bfloat16 autocast, float32 master weights),
-        # auto = bf16-mixed for a bfloat16 model, float32 otherwise.
-        precision: str = "auto"
-        # Directory for the temporary spill files of training pairs; null = the system temp dir.
-        spill_dir: str | None = None
+        replacement: str = option("layer", "Module replacing layers [j*, j*+n+1): layer = a copy of layer j* (paper "
+                                           "default); ffn = h + mlp(norm(h)) from layer j*, stored as a layer whose "
+                                           "attention output is zero.")
+        loss: str = option("mse", "Training loss: mse = ||module(h_j*) - h_{j*+n+1}||^2 over real tokens (paper "
+                                  "default); lm = next-token loss through the rest of the frozen model.")
+        lr: float = option(2e-4, "AdamW peak learning rate (reference 2e-4).")
+        weight_decay: float = option(1e-3, "AdamW weight decay (reference 1e-3).")
+        min_lr: float = option(5e-5, "Floor of the cosine decay (reference 5e-5).")
+        warmup_steps: int = option(5, "Linear warm-up steps before the cosine decay.")
+        max_grad_norm: float = option(5.0, "Gradient clipping: max global L2 norm (reference 5).")
+        epochs: int = option(1, "Passes over the training sequences (reference: 1 epoch; this code used 4 before "
+                                "issue 15). The reference's sequences are packed 2048-token windows: set "
+                                "calibration.packing=true (and calibration.seq_len) for that; the default "
+                                "calibration is per-document, shared with the other methods' one pass.")
+        max_steps: int | None = option(None, "Exactly this many optimiser steps, overriding epochs (null = epochs "
+                                             "decide).")
+        batch_size: int = option(8, "Sequences per optimiser step.")
+        seed: int = option(0, "Seed of the sequence shuffling and of the held-out split.")
+        holdout: float = option(0.1, "Fraction of the calibration sequences held out of training (seeded, "
+                                     "disjoint) for the held-out objective curve and the best-state choice; 0 = "
+                                     "train on all (then keep_best must be false).")
+        eval_every: int = option(0, "Optimiser steps between two held-out evaluations (0 = 10 evaluations over the "
+                                    "training).")
+        keep_best: bool = option(True, "Keep the state with the lowest held-out objective (the initial copy "
+                                       "included), as the reference keeps its best checkpoint; false = the last "
+                                       "state (this code before issue 15).")
+        precision: str = option("auto", "Arithmetic of the training: float32; bf16-mixed (bfloat16 autocast, "
+                                        "float32 master weights, loss and AdamW state); auto = bf16-mixed for a "
+                                        "bfloat16 model, float32 otherwise.")
+        spill_dir: str | None = option(None, "Directory for the temporary spill files of training pairs; null = the "
+                                             "system temp dir.")
 
     def validate_options(self) -> None:
         o = self.options
@@ -149,19 +154,22 @@ class LLMStreamlinePruner(Pruner):
             raise ConfigError(f"llm_streamline loss={o.loss!r}; allowed: mse, lm")
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
             v = getattr(o, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"llm_streamline {name}={v!r}; allowed: a finite number >= 0")
         if not o.lr > 0 or o.min_lr > o.lr:
             raise ConfigError(f"llm_streamline lr={o.lr!r}, min_lr={o.min_lr!r}; allowed: 0 < lr and min_lr <= lr")
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0)):
-            v = getattr(o, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"llm_streamline {name}={v!r}; allowed: an integer >= {low}")
-        if o.max_steps is not None and (isinstance(o.max_steps, bool) or not isinstance(o.max_steps, int)
-                                        or o.max_steps < 1):
+            if getattr(o, name) < low:
+                raise ConfigError(f"llm_streamline {name}={getattr(o, name)!r}; allowed: an integer >= {low}")
+        if o.max_steps is not None and o.max_steps < 1:
             raise ConfigError(f"llm_streamline max_steps={o.max_steps!r}; allowed: null or a positive integer")
-        if isinstance(o.seed, bool) or not isinstance(o.seed, int):
-            raise ConfigError(f"llm_streamline seed={o.seed!r}; allowed: an integer")
+        check_holdout(self.name, o.holdout)
+        if o.eval_every < 0:
+            raise ConfigError(f"llm_streamline eval_every={o.eval_every!r}; allowed: an integer >= 0 (0 = 10 "
+                              f"evaluations over the training)")
+        if o.keep_best and o.holdout == 0:
+            raise ConfigError("llm_streamline keep_best=true needs held-out sequences to choose by; allowed: "
+                              "holdout > 0 or keep_best=false")
 
     def check_model(self, adapter) -> None:
         """bf16-mixed needs bfloat16 autocast on the model's device: checked before calibration."""
@@ -178,7 +186,7 @@ class LLMStreamlinePruner(Pruner):
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=n_remove + 1, tokens="all")]
 
-    def select(self, statistics, adapter, n_remove) -> Selection:
+    def select(self, statistics, adapter, n_remove, service) -> Selection:
         starts, s = streamline_scores(statistics, n_remove)
         replaced = best_block([-v for v in s], starts, n_remove + 1)  # argmax s(j), first on ties
         removed = Block(replaced.start + 1, replaced.end)
@@ -197,28 +205,30 @@ class LLMStreamlinePruner(Pruner):
         for p in module.parameters():
             p.requires_grad_(True)
         if self.options.replacement == "ffn":
-            projection = adapter.attention_output_projection(module)
-            with torch.no_grad():
-                projection.weight.zero_()
-                if getattr(projection, "bias", None) is not None:
-                    projection.bias.zero_()
-            for p in adapter.attention_block_parameters(module):
-                p.requires_grad_(False)
+            adapter.zero_attention_output(module)
+            adapter.set_attention_trainable(module, False)
         module.train()
         return module
 
     # -- fit -------------------------------------------------------------------------------
-    def fit(self, adapter, selection, calibration, progress=True) -> dict:
+    @staticmethod
+    def replaced_range(selection: Selection) -> tuple[int, int]:
+        """``[j*, j*+n+1)``: the removed block [j*+1, j*+n+1) and layer j*, where the trained module goes."""
+        (removed,) = selection.blocks
+        return removed.start - 1, removed.end
+
+    def fit(self, adapter, selection, service) -> dict:
         o = self.options
-        j, end = selection.scores["replaced_range"]
+        j, end = self.replaced_range(selection)
+        calibration, progress = service.calibration, service.progress
         device = adapter.embeddings().weight.device
         precision = resolve_precision(o.precision, adapter.embeddings().weight.dtype)
         width = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
         module = self.initial_module(adapter, j).to(device)
         trainable = _trainable_parameters(module)
-        with tempfile.TemporaryDirectory(prefix="depthbench-streamline-", dir=o.spill_dir) as tmp:
+        with service.scratch("depthbench-streamline-", o.spill_dir) as tmp:
             spill = ResidualPairSequences(j, end, adapter.hidden_size, width, tmp)
-            self.gather(adapter, calibration, [spill], progress, "training pairs")
+            service.original([spill], "training pairs")
             data = spill.open()
             input_ids = _padded_ids(calibration.batches, width) if o.loss == "lm" else None
             loss_fn = self._mse_loss if o.loss == "mse" else self._lm_loss(adapter, end, input_ids)
@@ -226,7 +236,8 @@ class LLMStreamlinePruner(Pruner):
             for p in frozen:  # nothing of the model itself trains (and no gradients pile up there)
                 p.requires_grad_(False)
             try:
-                history = self._train(adapter, module, trainable, data, loss_fn, device, precision, progress)
+                history = self._train(adapter, module, trainable, data, loss_fn, device, precision, progress,
+                                      calibration.n_tokens)
                 mse_before = history.pop("mse_initial")
                 mse_after = _mean_mse(adapter, module, data, o.batch_size, device, precision)
             finally:
@@ -259,21 +270,61 @@ class LLMStreamlinePruner(Pruner):
 
         return loss
 
-    def _train(self, adapter, module, trainable, data, loss_fn, device, precision, progress) -> dict:
+    def _held_out(self, adapter, module, data, index, loss_fn, device, precision) -> float | None:
+        """The training objective on the held-out sequences ``index`` (per real token for mse, per predicted
+        token for lm; float64 sums), None where nothing is held out."""
+        if not len(index):
+            return None
+        was_training = module.training
+        module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(index), self.options.batch_size):
+                rows = index[start:start + self.options.batch_size]
+                x, target, mask = _load(data, rows, device)
+                with training_arithmetic(precision, device):
+                    loss = loss_fn(adapter, module, x, target, mask, rows)
+                weight = int(mask.sum()) if self.options.loss == "mse" else int((mask[:, 1:] * mask[:, :-1]).sum())
+                total += float(loss.to(torch.float64)) * weight
+                count += weight
+        module.train(was_training)
+        return total / max(count, 1)
+
+    def _train(self, adapter, module, trainable, data, loss_fn, device, precision, progress,
+               calibration_tokens: int) -> dict:
         o = self.options
-        n_seq = data["input"].shape[0]
+        n_all = data["input"].shape[0]
+        train_rows, held_rows = holdout_split(n_all, o.holdout, o.seed)
+        n_seq = len(train_rows)
         steps_per_epoch = math.ceil(n_seq / o.batch_size)
         total = o.epochs * steps_per_epoch if o.max_steps is None else o.max_steps
+        interval = o.eval_every if o.eval_every > 0 else max(1, math.ceil(total / 10))
         # The fused kernel (CPU and CUDA): the same AdamW update in one kernel per step instead of ~10
         # per parameter tensor; 2.5x faster steps on 2 CPU cores for a SmolLM2 layer.
         fused = all(p.device.type in ("cpu", "cuda") for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
         generator = torch.Generator().manual_seed(o.seed)
         mse_initial = _mean_mse(adapter, module, data, o.batch_size, device, precision)
-        losses, step = [], 0
+        curve = ConvergenceLog(self.name)
+
+        def state():
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+        def held_out():
+            return self._held_out(adapter, module, data, held_rows, loss_fn, device, precision)
+
+        # The exact training objective (a forward pass over the training sequences) only where nothing is
+        # held out and it is what worse_than_initial is judged on; the curve's later training entries are
+        # the mean mini-batch losses since the previous record.
+        def exact_train():
+            return None if len(held_rows) else self._held_out(adapter, module, data, train_rows, loss_fn, device,
+                                                              precision)
+
+        curve.record(0, exact_train(), held_out(), state)
+        losses, step, training_tokens, running, running_n = [], 0, 0, 0.0, 0
         bar = tqdm(total=total, desc=f"{self.name}: training", unit="step", disable=not progress, leave=False)
         while step < total:
-            order = torch.randperm(n_seq, generator=generator).numpy()
+            order = train_rows[torch.randperm(n_seq, generator=generator).numpy()]
             for start in range(0, n_seq, o.batch_size):
                 if step >= total:
                     break
@@ -291,14 +342,25 @@ class LLMStreamlinePruner(Pruner):
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 step += 1
+                training_tokens += int(mask.sum())
+                running, running_n = running + losses[-1], running_n + 1
+                if step % interval == 0 or step == total:
+                    curve.record(step, running / running_n, held_out(), state)
+                    running, running_n = 0.0, 0
                 bar.update(1)
         bar.close()
+        convergence = curve.summary(o.keep_best, final_train=exact_train())
+        if o.keep_best:
+            module.load_state_dict(curve.best_state)
         module.eval()
-        return {"mse_initial": mse_initial, "steps": step, "sequences": n_seq, "loss_first_step": losses[0],
-                "loss_last_step": losses[-1]}
+        held_out_tokens = int(np.asarray(data["mask"][held_rows]).sum()) if len(held_rows) else 0
+        return {"mse_initial": mse_initial, "steps": step, "sequences": n_seq, "held_out_sequences": len(held_rows),
+                "loss_first_step": losses[0], "loss_last_step": losses[-1], "convergence": convergence,
+                "budget": training_budget(calibration_tokens, training_tokens, step, step / steps_per_epoch,
+                                          held_out_tokens)}
 
     # -- apply -----------------------------------------------------------------------------
-    def apply(self, adapter, selection, replacement) -> dict:
+    def apply(self, adapter, selection, replacement, service) -> dict:
         j, end = replacement["replaced_range"]
         reference = adapter.layer(j)
         dtype = next(reference.parameters()).dtype
@@ -330,6 +392,9 @@ class LLMStreamlinePruner(Pruner):
             "sequences": replacement["sequences"],
             "loss_first_step": replacement["loss_first_step"],
             "loss_last_step": replacement["loss_last_step"],
+            "held_out_sequences": replacement["held_out_sequences"],
+            "convergence": replacement["convergence"],
+            "budget": replacement["budget"],
         }
 
 

@@ -8,7 +8,7 @@ output, ``Y_i`` the residual stream after its attention sub-block), and T is fol
 MLP output projection (``W <- T^T W``): zero new parameters.
 
 Where a norm sits after the MLP (Gemma-2/3), a diagonal T folds exactly into the norm's gain; a full T
-is applied as option ``norm_fold`` says: ``linear`` (default, METHODS.md) inserts an explicit
+is applied as option ``norm_fold`` says: ``linear`` (default, docs/METHODS.md) inserts an explicit
 ``Linear(d, d)`` holding ``T^T`` after the norm (exact; d x d new parameters per kept layer; the saved
 model needs ``depthbench.modeling.saving.load_pruned``), ``through_norm`` refits ``down_proj`` and the norm's gain
 to approximate ``M T`` (zero new parameters; `depthbench.pruners.replaceme_norm`). ``pruning.json`` says which.
@@ -23,7 +23,6 @@ to approximate ``M T`` (zero new parameters; `depthbench.pruners.replaceme_norm`
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from depthbench.calibration.spill import LinearMapRows
-from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
+from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.modeling.saving import LOAD_INSTRUCTIONS
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.convergence import (SCHEDULES, ConvergenceLog, check_holdout, eval_interval, holdout_split,
+                                            sum_budgets, training_budget)
+from depthbench.pruners.options import option
 from depthbench.pruners.replaceme_norm import ThroughNormFit
 from depthbench.pruners.uidl import last_token_angular_distances
 from depthbench.selection.blocks import Block, greedy_blocks, merge_touching
@@ -110,19 +112,44 @@ def _relative_residuals(stat: _MomentsWithTargetNorm, T: torch.Tensor) -> dict:
             "tokens": stat.count}
 
 
+# -- folding T into the model -------------------------------------------------------------------
+@dataclass
+class _Fold:
+    """Makes a kept layer's MLP output M become ``M T``: exactly where the adapter can (no norm after the
+    MLP, a diagonal T, a linear module already there), else as ``route`` (option ``norm_fold``) says."""
+
+    route: str | None
+    through_norm: ThroughNormFit | None = None
+
+    def __call__(self, adapter, layer_index: int, T: torch.Tensor) -> None:
+        try:
+            adapter.fold_into_mlp_output(layer_index, T)
+            return
+        except NotImplementedError:
+            if self.route is None:
+                raise
+        if self.route == "linear":  # docs/METHODS.md: an explicit linear module after the norm
+            adapter.insert_mlp_output_linear(layer_index, T)
+        else:
+            down, gain = self.through_norm(adapter, layer_index, T.to(torch.float64))
+            adapter.fold_through_output_norm(layer_index, down, gain)
+
+
 # -- shared selection -------------------------------------------------------------------------
 @dataclass
 class _BlockOptions:
-    # Number of n-layer blocks (n = layers to remove / num_blocks), chosen greedily by distance.
-    num_blocks: int = 1
-    # Join blocks that touch into one block with one transform.
-    merge_consecutive: bool = True
-    # First candidate block start; must be >= 1 (the transform folds into layer s - 1).
-    min_start: int = 1
-    # Only where a norm follows the MLP (Gemma-2/3) and T is full: linear = an explicit Linear(d, d)
-    # after the norm (exact, d x d new parameters, custom code to load); through_norm = down_proj and
-    # the norm's gain refitted to approximate M T (zero new parameters, plain from_pretrained).
-    norm_fold: str = "linear"
+    num_blocks: int = option(1, "Number of n-layer blocks (n = layers to remove / num_blocks), taken greedily by "
+                                "distance without overlap; 1 = the reference default (num_A: 1).")
+    merge_consecutive: bool = option(True, "Join blocks that touch into one block with one T (reference configs: "
+                                           "true); false fits touching blocks in turn, composing their transforms "
+                                           "in the same kept layer.")
+    min_start: int = option(1, "First candidate block start; >= 1 because T folds into the kept layer s-1 "
+                               "(1 = reference).")
+    norm_fold: str = option("linear", "Only where a norm follows the MLP (Gemma-2/3) and T is full: linear = an "
+                                      "explicit Linear(d, d) holding T^T after the norm (exact, d x d new "
+                                      "parameters, the saved model needs depthbench.modeling.saving.load_pruned); "
+                                      "through_norm = down_proj and the norm's gain refitted to approximate M T (zero "
+                                      "new parameters, plain from_pretrained). Ignored elsewhere.")
 
 
 #: Values of option ``norm_fold`` (how a full T is applied after a norm; ignored without one).
@@ -140,11 +167,9 @@ class _ReplaceMe(Pruner):
 
     def validate_options(self) -> None:
         o = self.options
-        if isinstance(o.num_blocks, bool) or not isinstance(o.num_blocks, int) or o.num_blocks < 1:
+        if o.num_blocks < 1:
             raise ConfigError(f"{self.name} num_blocks={o.num_blocks!r}; allowed: a positive integer")
-        if not isinstance(o.merge_consecutive, bool):
-            raise ConfigError(f"{self.name} merge_consecutive={o.merge_consecutive!r}; allowed: true or false")
-        if isinstance(o.min_start, bool) or not isinstance(o.min_start, int) or o.min_start < 1:
+        if o.min_start < 1:
             raise ConfigError(
                 f"{self.name} min_start={o.min_start!r}; allowed: an integer >= 1 (the transform folds into the "
                 f"kept layer s - 1 before the block, so a block cannot start at layer 0)")
@@ -172,45 +197,25 @@ class _ReplaceMe(Pruner):
         except NotImplementedError as err:
             raise ConfigError(f"pruner {self.name!r} cannot prune this model: {err}") from err
 
-    #: Set by `prune` on models with a norm after the MLP and ``norm_fold: through_norm``.
-    through_norm: ThroughNormFit | None = None
-    #: Set by `prune`: ``norm_fold`` where a norm follows the MLP, else None; and the hidden size.
-    norm_route: str | None = None
-    hidden_size: int = 0
+    def norm_route(self, adapter) -> str | None:
+        """How a full T is applied on this model: ``norm_fold`` where a norm follows the MLP (Gemma-2/3),
+        else None (T folds into the MLP output projection)."""
+        return self.options.norm_fold if adapter.mlp_output_norm(adapter.layer(0)) is not None else None
 
-    def prune(self, adapter, calibration, n_remove, progress=True, **kwargs):
-        """`Pruner.prune`, recording how a full T will be applied on a model with a norm after the MLP
-        (Gemma-2/3); the through-norm fit needs the calibration batches at fold time, which neither
-        `fit` nor `apply` of ReplaceMe-LS receives."""
-        self.hidden_size = adapter.hidden_size
-        has_norm = adapter.mlp_output_norm(adapter.layer(0)) is not None
-        self.norm_route = self.options.norm_fold if has_norm else None
-        self.through_norm = None
-        if self.norm_route == "through_norm":
-            self.through_norm = ThroughNormFit(calibration.batches, progress, self.name,
-                                               seed=getattr(self.options, "seed", 0),
-                                               spill_dir=getattr(self.options, "spill_dir", None))
-        return super().prune(adapter, calibration, n_remove, progress, **kwargs)
-
-    def fold(self, adapter, layer_index: int, T: torch.Tensor) -> None:
-        """Make layer ``layer_index``'s MLP output M become ``M T``: exactly where the adapter can (no
-        norm after the MLP, a diagonal T, a linear module already there), else by ``norm_fold``."""
-        try:
-            adapter.fold_into_mlp_output(layer_index, T)
-            return
-        except NotImplementedError:
-            if self.norm_route is None:
-                raise
-        if self.norm_route == "linear":  # METHODS.md: an explicit linear module after the norm
-            adapter.insert_mlp_output_linear(layer_index, T)
-        else:
-            down, gain = self.through_norm(adapter, layer_index, T.to(torch.float64))
-            adapter.fold_through_output_norm(layer_index, down, gain)
+    def folder(self, adapter, service) -> "_Fold":
+        """What folds this prune's transforms into the model (it keeps the through-norm fits' log)."""
+        route = self.norm_route(adapter)
+        through_norm = None
+        if route == "through_norm":
+            through_norm = ThroughNormFit(service.batches, service.progress, self.name,
+                                          seed=getattr(self.options, "seed", 0),
+                                          spill_dir=getattr(self.options, "spill_dir", None))
+        return _Fold(route, through_norm)
 
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=self.block_length(n_remove), tokens="last")]
 
-    def select(self, statistics, adapter, n_remove) -> Selection:
+    def select(self, statistics, adapter, n_remove, service) -> Selection:
         n = self.block_length(n_remove)
         starts, d = last_token_angular_distances(statistics, n, self.options.min_start)
         chosen = greedy_blocks(d, starts, n, self.options.num_blocks)
@@ -232,10 +237,10 @@ class _ReplaceMe(Pruner):
     def check_blocks(self, blocks: list[Block]) -> None:
         """Variant-specific restrictions on the chosen blocks."""
 
-    def describe(self, fits: list[dict], diagonal: bool = False) -> dict:
+    def describe(self, adapter, fold: "_Fold", fits: list[dict], diagonal: bool = False) -> dict:
         """The ``replacement`` entry of pruning.json: how T was applied, per block, and whether the saved
         model needs custom code (only for explicit linear modules after a norm)."""
-        if self.norm_route is None:
+        if fold.route is None:
             return {"kind": "linear transform T folded into the MLP output projection of the kept layer before "
                             "each block (W_down <- T^T W_down)",
                     "new_parameters": 0, "custom_code_needed": False,
@@ -244,8 +249,8 @@ class _ReplaceMe(Pruner):
             kind = ("diagonal T folded exactly into the post-FFN norm of the kept layer before each block "
                     "(post_feedforward_layernorm: 1 + weight <- (1 + weight) * diag(T))")
             fits = [{**fit, "applied": "exact, into the post-FFN norm's gain"} for fit in fits]
-        elif self.norm_route == "linear":
-            d, layers = self.hidden_size, {fit["folded_into_layer"] for fit in fits}
+        elif fold.route == "linear":
+            d, layers = adapter.hidden_size, {fit["folded_into_layer"] for fit in fits}
             return {"kind": ("full T as an explicit Linear(d, d, bias=False) holding T^T after the post-FFN norm of "
                              "the kept layer before each block (M' = M T, exact up to the model dtype)"),
                     "new_parameters": d * d * len(layers), "custom_code_needed": True,
@@ -253,11 +258,12 @@ class _ReplaceMe(Pruner):
                     "blocks": [{**fit, "applied": "explicit linear module after the post-FFN norm (exact)"}
                                for fit in fits]}
         else:
-            kind = ("full T realised through the post-FFN norm of the kept layer before each block: W_down <- P^T W_down "
+            kind = ("full T realised through the post-FFN norm of the kept layer before each block: "
+                    "W_down <- P^T W_down "
                     "and the norm's gain g' fitted so that RMSNorm(u P) * g' ~ M T on calibration tokens (approximate; "
                     "through_norm_relative_error per block)")
             fits = [{**fit, "applied": "fitted through the post-FFN norm (down_proj and norm gain)", **log}
-                    for fit, log in zip(fits, self.through_norm.log, strict=True)]
+                    for fit, log in zip(fits, fold.through_norm.log, strict=True)]
         return {"kind": kind, "new_parameters": 0, "custom_code_needed": False, "blocks": fits}
 
 
@@ -270,18 +276,15 @@ class ReplaceMeLSPruner(_ReplaceMe):
 
     @dataclass
     class Options(_BlockOptions):
-        # Ridge: T = (A + alpha I)^-1 B. 0 = the reference (plain least squares).
-        alpha: float = 0.0
-        # Diagonal T (T_jj = B_jj / (A_jj + alpha)) instead of a full d x d matrix.
-        diag: bool = False
+        alpha: float = option(0.0, "Ridge: T = (A + alpha I)^-1 B; 0 = the reference (plain least squares). On the "
+                                   "scale of the activations' second moments.")
+        diag: bool = option(False, "Diagonal T (T_jj = B_jj / (A_jj + alpha)) instead of a full d x d matrix.")
 
     def validate_options(self) -> None:
         super().validate_options()
         a = self.options.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
+        if not math.isfinite(a) or a < 0:
             raise ConfigError(f"replaceme_ls alpha={a!r}; allowed: a finite number >= 0")
-        if not isinstance(self.options.diag, bool):
-            raise ConfigError(f"replaceme_ls diag={self.options.diag!r}; allowed: true or false")
 
     def check_blocks(self, blocks: list[Block]) -> None:
         for a, b in zip(blocks, blocks[1:]):
@@ -290,12 +293,12 @@ class ReplaceMeLSPruner(_ReplaceMe):
                     f"replaceme_ls: blocks [{a.start}, {a.end}) and [{b.start}, {b.end}) touch, so the second has "
                     f"no kept layer of the original model before it; set merge_consecutive: true")
 
-    def fit(self, adapter, selection, calibration, progress=True) -> list[tuple[Block, torch.Tensor, dict]]:
+    def fit(self, adapter, selection, service) -> list[tuple[Block, torch.Tensor, dict]]:
         device = adapter.embeddings().weight.device
         stats = [_MomentsWithTargetNorm(b.start - 1, b.end, adapter.hidden_size, device) for b in selection.blocks]
         # All blocks' moments in one pass over the original model (cached: an alpha/diag ablation on
         # the same block and data does no pass at all).
-        stats = self.gather(adapter, calibration, stats, progress, "moments")
+        stats = service.original(stats, "moments")
         fits = []
         for block, stat in zip(selection.blocks, stats):
             if stat.count == 0:
@@ -305,15 +308,16 @@ class ReplaceMeLSPruner(_ReplaceMe):
             fits.append((block, T, _relative_residuals(stat, T)))
         return fits
 
-    def apply(self, adapter, selection, replacement) -> dict:
+    def apply(self, adapter, selection, replacement, service) -> dict:
         info = []
+        fold = self.folder(adapter, service)
         for block, T, diagnostics in replacement:
-            self.fold(adapter, block.start - 1, T)
+            fold(adapter, block.start - 1, T)
             info.append({"block": [block.start, block.end], "folded_into_layer": block.start - 1,
                          "solver": "diagonal" if self.options.diag else "cholesky",
                          "alpha": float(self.options.alpha), **diagnostics})
         adapter.remove_layers(selection.removed_layers)
-        return self.describe(info, diagonal=self.options.diag)
+        return self.describe(adapter, fold, info, diagonal=self.options.diag)
 
 
 # -- ReplaceMe-cosine -------------------------------------------------------------------------
@@ -338,42 +342,119 @@ def _rows(arrays: dict[str, np.ndarray], index: np.ndarray, device) -> tuple[tor
 
 
 @torch.no_grad()
-def _mean_objective(arrays, T, loss, accurate, chunk, device) -> float:
-    total, count = 0.0, arrays["mlp_out"].shape[0]
-    for start in range(0, count, chunk):
-        m, y, h = _rows(arrays, np.arange(start, min(start + chunk, count)), device)
-        total += float(transform_objective(m, y, h, T, loss, accurate).to(torch.float64).sum())
-    return total / count
+def _mean_objective(arrays, T, loss, accurate, chunk, device, index: np.ndarray | None = None) -> float:
+    """Mean per-row objective of T over the rows ``index`` (all rows where None), in float64."""
+    index = np.arange(arrays["mlp_out"].shape[0]) if index is None else index
+    total, T = 0.0, T.to(torch.float64)
+    for start in range(0, len(index), chunk):
+        m, y, h = (t.to(torch.float64) for t in _rows(arrays, index[start:start + chunk], device))
+        total += float(transform_objective(m, y, h, T, loss, accurate).sum())
+    return total / len(index)
+
+
+@torch.no_grad()
+def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
+    """The closed-form optimum of the MSE objective on the rows ``index``: ``T = A^-1 B`` with
+    ``A = sum M^T M``, ``B = sum M^T (h_e - Y)`` accumulated in float64 and solved by `solve_linear_map`."""
+    d = arrays["mlp_out"].shape[1]
+    A = torch.zeros(d, d, dtype=torch.float64, device=device)
+    B = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for start in range(0, len(index), chunk):
+        m, y, h = (t.to(torch.float64) for t in _rows(arrays, index[start:start + chunk], device))
+        A += m.T @ m
+        B += m.T @ (h - y)
+    return solve_linear_map(A, B, what=f"{what}: least-squares T on the training rows")
+
+
+#: Values of option ``init`` of ReplaceMe-cosine.
+INITS = ("identity", "ls")
 
 
 def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr: float, epochs: int,
-                    batch_size: int, seed: int, device, progress: bool = True, what: str = "") -> tuple[torch.Tensor, dict]:
-    """Adam on T (float32, from the identity) over shuffled mini-batches of spilled token rows."""
+                    batch_size: int, seed: int, device, progress: bool = True, what: str = "", *,
+                    holdout: float = 0.0, eval_every: int = 0, keep_best: bool = False, init: str = "identity",
+                    schedule: str = "constant") -> tuple[torch.Tensor, dict]:
+    """Adam on T (float32) over shuffled mini-batches of the spilled token rows' training part.
+
+    ``holdout``: fraction of the rows (seeded by ``seed``, disjoint from the training rows) on which the
+    objective is measured every ``eval_every`` steps (0 = once per epoch) and never trained on;
+    ``keep_best``: return the T with the lowest held-out objective (the initial T included) instead of the
+    last; ``init``: identity (reference) or the least-squares T of the training rows; ``schedule``: constant
+    learning rate (reference) or cosine decay to 0 over the steps. With ``loss=mse`` the closed-form optimum
+    of the same objective on the same training rows is computed and the relative gap to it recorded.
+    """
     rows, d = arrays["mlp_out"].shape
-    T = torch.eye(d, dtype=torch.float32, device=device, requires_grad=True)
+    train_rows, held_rows = holdout_split(rows, holdout, seed)
+    chunk = max(batch_size, 4096)
+    T_ls, no_optimum = None, None
+    if init == "ls":
+        T_ls = least_squares_transform(arrays, train_rows, chunk, device, what)
+    elif loss == "mse":  # only for the diagnostic gap: a singular system (fewer rows than dimensions) is no error
+        try:
+            T_ls = least_squares_transform(arrays, train_rows, chunk, device, what)
+        except NumericalError as err:
+            no_optimum = str(err)
+    start_T = T_ls.to(torch.float32) if init == "ls" else torch.eye(d, dtype=torch.float32, device=device)
+    T = start_T.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([T], lr=lr)
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps) if schedule == "cosine"
+                 else None)
+    interval = eval_interval(eval_every, total_steps, steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    before = _mean_objective(arrays, T.detach(), loss, accurate, max(batch_size, 4096), device)
-    steps, epoch_losses = 0, []
+
+    def held_out(t) -> float | None:
+        return _mean_objective(arrays, t, loss, accurate, chunk, device, held_rows) if len(held_rows) else None
+
+    before = _mean_objective(arrays, start_T, loss, accurate, chunk, device)
+    train_before = _mean_objective(arrays, start_T, loss, accurate, chunk, device, train_rows)
+    curve = ConvergenceLog(what)
+    curve.record(0, train_before, held_out(start_T), lambda: T.detach().clone())
+    steps, epoch_losses, running, running_rows = 0, [], 0.0, 0
     for _ in tqdm(range(epochs), desc=f"{what}: training T", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(rows, generator=generator).numpy()
+        order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
         total = 0.0
-        for start in range(0, rows, batch_size):
+        for start in range(0, len(order), batch_size):
             index = np.sort(order[start:start + batch_size])  # sorted: sequential reads from the spill file
             m, y, h = _rows(arrays, index, device)
             batch_loss = transform_objective(m, y, h, T, loss, accurate).mean()
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(batch_loss.detach()) * len(index)
+            running, running_rows = running + float(batch_loss.detach()) * len(index), running_rows + len(index)
             steps += 1
-        epoch_losses.append(total / rows)
+            if steps % interval == 0 or steps == total_steps:
+                curve.record(steps, running / running_rows, held_out(T.detach()), lambda: T.detach().clone())
+                running, running_rows = 0.0, 0
+        epoch_losses.append(total / len(train_rows))
     T = T.detach()
     if not torch.isfinite(T).all():
         raise NumericalError(f"{what}: training diverged (T is not finite); lower pruner.options.lr")
-    after = _mean_objective(arrays, T, loss, accurate, max(batch_size, 4096), device)
-    return T, {"objective_at_identity": before, "objective_after": after, "epoch_losses": epoch_losses,
-               "steps": steps, "tokens": rows}
+    if keep_best:
+        T = curve.best_state
+    after = _mean_objective(arrays, T, loss, accurate, chunk, device)
+    train_after = _mean_objective(arrays, T, loss, accurate, chunk, device, train_rows)
+    convergence = curve.summary(keep_best, final_train=train_after)
+    diagnostics = {"objective_at_identity" if init == "identity" else "objective_at_init": before,
+                   "objective_after": after, "objective_train_before": train_before,
+                   "objective_train_after": train_after, "epoch_losses": epoch_losses, "steps": steps,
+                   "tokens": rows, "training_rows": len(train_rows), "held_out_rows": len(held_rows),
+                   "init": init, "schedule": schedule, "convergence": convergence,
+                   "budget": training_budget(rows, len(train_rows) * epochs, steps, epochs, len(held_rows))}
+    if loss == "mse" and T_ls is None:
+        diagnostics["ls_optimum"] = {"objective": None, "relative_gap": None, "about": no_optimum}
+    elif loss == "mse":
+        optimum = _mean_objective(arrays, T_ls, loss, accurate, chunk, device, train_rows)
+        diagnostics["ls_optimum"] = {
+            "objective": optimum,
+            "relative_gap": (train_after - optimum) / max(optimum, torch.finfo(torch.float64).tiny),
+            "about": "training-rows MSE of the returned T minus that of the float64 least-squares T on the same "
+                     "rows, relative to the latter"}
+    return T, diagnostics
 
 
 @pruner_registry.register("replaceme_cosine")
@@ -384,62 +465,85 @@ class ReplaceMeCosinePruner(_ReplaceMe):
 
     @dataclass
     class Options(_BlockOptions):
-        # Objective: cosine = 1 - mean cos (reference), mse = mean squared error.
-        loss: str = "cosine"
-        # false: cos(M T, h_e - Y) (reference); true: cos(M T + Y, h_e) (the faithful objective).
-        accurate: bool = False
-        # Adam learning rate (reference 1e-4).
-        lr: float = 1e-4
-        # Passes over all calibration token rows (reference 10).
-        epochs: int = 10
-        # Token rows per Adam step (reference 1024).
-        batch_size: int = 1024
-        # Seed of the row shuffling.
-        seed: int = 0
-        # Directory for the temporary spill files of token rows; null = the system temp dir.
-        spill_dir: str | None = None
+        loss: str = option("cosine", "Objective: cosine = 1 - mean cos (reference); mse = mean squared error of "
+                                     "M_i T + Y_i against h_e.")
+        accurate: bool = option(False, "false: cos(M_i T, h_e - Y_i) (reference default); true: cos(M_i T + Y_i, "
+                                       "h_e) (the faithful objective).")
+        lr: float = option(1e-4, "Adam learning rate (reference 1e-4).")
+        epochs: int = option(10, "Passes over all calibration token rows (reference 10).")
+        batch_size: int = option(1024, "Token rows per Adam step (reference 1024).")
+        seed: int = option(0, "Seed of the row shuffling and of the held-out split.")
+        holdout: float = option(0.1, "Fraction of the token rows held out of training (seeded, disjoint) to "
+                                     "measure convergence: held-out objective curve, best state, "
+                                     "worse_than_initial. 0 = train on every row as the reference does.")
+        eval_every: int = option(0, "Optimiser steps between two objective measurements (0 = once per epoch).")
+        keep_best: bool = option(False, "Return the T with the lowest held-out objective (the initial T "
+                                        "included) instead of the last one (false = reference). Needs holdout > 0.")
+        init: str = option("identity", "Start of T: identity (reference) or ls = the least-squares T of the "
+                                       "training rows (an improvement beyond the reference).")
+        schedule: str = option("constant", "Learning rate: constant (reference) or cosine = cosine decay to 0 "
+                                           "over all steps (beyond the reference).")
+        spill_dir: str | None = option(None, "Directory for the temporary spill files of token rows (3 x tokens x "
+                                             "hidden x 4 bytes, deleted afterwards); null = the system temp dir.")
 
     def validate_options(self) -> None:
         super().validate_options()
         o = self.options
         if o.loss not in ("cosine", "mse"):
             raise ConfigError(f"replaceme_cosine loss={o.loss!r}; allowed: cosine, mse")
-        if not isinstance(o.accurate, bool):
-            raise ConfigError(f"replaceme_cosine accurate={o.accurate!r}; allowed: true or false")
-        if isinstance(o.lr, bool) or not isinstance(o.lr, (int, float)) or not o.lr > 0 or not math.isfinite(o.lr):
+        if not o.lr > 0 or not math.isfinite(o.lr):
             raise ConfigError(f"replaceme_cosine lr={o.lr!r}; allowed: a positive number")
         for name in ("epochs", "batch_size"):
-            v = getattr(o, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"replaceme_cosine {name}={v!r}; allowed: a positive integer")
-        if isinstance(o.seed, bool) or not isinstance(o.seed, int):
-            raise ConfigError(f"replaceme_cosine seed={o.seed!r}; allowed: an integer")
+            if getattr(o, name) < 1:
+                raise ConfigError(f"replaceme_cosine {name}={getattr(o, name)!r}; allowed: a positive integer")
+        check_holdout(self.name, o.holdout)
+        if o.eval_every < 0:
+            raise ConfigError(f"replaceme_cosine eval_every={o.eval_every!r}; allowed: an integer >= 0 (0 = per epoch)")
+        if o.keep_best and o.holdout == 0:
+            raise ConfigError("replaceme_cosine keep_best=true needs held-out rows to choose by; allowed: holdout > 0 "
+                              "or keep_best=false")
+        if o.init not in INITS:
+            raise ConfigError(f"replaceme_cosine init={o.init!r}; allowed: {', '.join(INITS)}")
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"replaceme_cosine schedule={o.schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
-    def fit(self, adapter, selection, calibration, progress=True) -> list[dict]:
-        """Fit, fold and remove block after block (the model is changed here, not in `apply`).
-
-        The reference recalibrates the already-pruned model before each next block, so block k's
-        rows come from the model with blocks < k already replaced: the surgery has to happen
-        between fits.
-        """
+    def train(self, adapter, service, kept: int, end: int, rows_from, what: str) -> tuple[torch.Tensor, dict]:
+        """T for the block ending at ``end`` (current numbering) after the kept layer ``kept``, trained on
+        token rows from ``rows_from`` (``service.original`` or ``service.current``)."""
         o = self.options
-        device = adapter.embeddings().weight.device
+        with service.scratch("depthbench-replaceme-", o.spill_dir) as tmp:
+            spill = LinearMapRows(kept, end, adapter.hidden_size, tmp)
+            rows_from([spill], f"{what}: rows")
+            arrays = spill.open()
+            T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
+                                             o.seed, adapter.embeddings().weight.device, service.progress, what,
+                                             holdout=float(o.holdout), eval_every=o.eval_every,
+                                             keep_best=o.keep_best, init=o.init, schedule=o.schedule)
+            del arrays
+        return T, diagnostics
+
+    def fit(self, adapter, selection, service) -> tuple[torch.Tensor, dict]:
+        """T of the first block, on the original model's token rows (cached / stored activations)."""
+        first = min(selection.blocks)
+        return self.train(adapter, service, first.start - 1, first.end, service.original,
+                          f"{self.name} block [{first.start}, {first.end})")
+
+    def apply(self, adapter, selection, replacement, service) -> dict:
+        """Fold and remove block after block. The reference recalibrates the already-pruned model before
+        each next block, so every block after the first is trained here, on a fresh pass over the model
+        as pruned so far (with one block, the default, all training happens in `fit`)."""
+        o = self.options
+        fold = self.folder(adapter, service)
         fits, removed_so_far = [], 0
         alive = list(range(adapter.num_layers))  # original index of each current layer
         for block in sorted(selection.blocks):
             s, e = block.start - removed_so_far, block.end - removed_so_far  # current numbering
-            what = f"{self.name} block [{block.start}, {block.end})"
-            with tempfile.TemporaryDirectory(prefix="depthbench-replaceme-", dir=o.spill_dir) as tmp:
-                spill = LinearMapRows(s - 1, e, adapter.hidden_size, tmp)
-                if removed_so_far == 0:  # the original model: rows from its stored activations
-                    self.gather(adapter, calibration, [spill], progress, f"block [{block.start}, {block.end}) rows")
-                else:  # the model as pruned so far: a fresh pass
-                    collect(adapter, calibration.batches, [spill], progress=progress, description=f"{what}: rows")
-                arrays = spill.open()
-                T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
-                                                 o.seed, device, progress, what)
-                del arrays
-            self.fold(adapter, s - 1, T)
+            if removed_so_far == 0:
+                T, diagnostics = replacement
+            else:
+                T, diagnostics = self.train(adapter, service, s - 1, e, service.current,
+                                            f"{self.name} block [{block.start}, {block.end})")
+            fold(adapter, s - 1, T)
             adapter.remove_layers(range(s, e))
             # with unmerged touching blocks, the kept layer is the one before the previous block
             fits.append({"block": [block.start, block.end], "folded_into_layer": alive[s - 1],
@@ -447,7 +551,6 @@ class ReplaceMeCosinePruner(_ReplaceMe):
                          **diagnostics})
             removed_so_far += len(block)
             del alive[s:e]
-        return fits
-
-    def apply(self, adapter, selection, replacement) -> dict:
-        return self.describe(replacement)
+        described = self.describe(adapter, fold, fits)
+        described["budget"] = sum_budgets([fit["budget"] for fit in fits])
+        return described

@@ -34,7 +34,7 @@ class ShortGPTPruner(Pruner):
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=1, tokens="all")]
 
-    def select(self, statistics, adapter, n_remove) -> Selection:
+    def select(self, statistics, adapter, n_remove, service) -> Selection:
         bi = block_influence(statistics)
         return Selection(
             removed_layers=lowest_layers(bi, n_remove),

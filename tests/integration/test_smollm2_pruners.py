@@ -29,8 +29,9 @@ def runs(tmp_path_factory):
         return keep_logits
 
     for method in METHODS:
-        cfg = compose(f"pruner={method}", "ratio=0.25", "calibration.n_samples=32", "evaluation.perplexity.max_windows=8",
-                      "benchmark=none", "efficiency.enabled=false", "logger=none", "progress=false", f"cache.dir={root / 'cache'}")
+        cfg = compose(f"pruner={method}", "ratio=0.25", "calibration.n_samples=32",
+                      "evaluation.perplexity.max_windows=8", "benchmark=none", "efficiency.enabled=false",
+                      "logger=none", "progress=false", f"cache.dir={root / 'cache'}")
         records[method] = run(cfg, root / method, after_prune=probe(method))
     yield root, records, in_memory
     shutil.rmtree(root, ignore_errors=True)  # five saved models: ~1 GB

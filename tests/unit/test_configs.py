@@ -3,21 +3,46 @@
 from pathlib import Path
 
 import pytest
+import dataclasses
+
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from depthbench.config_store import register_configs
+from depthbench.pruners import build_pruner, pruner_registry
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _compose(*overrides, hydra_cfg=False):
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_cfg)
 
 
-@pytest.mark.parametrize("group", ["model", "pruner", "calibration", "logger", "scale"])
+@pytest.mark.parametrize("group", ["model", "calibration", "logger", "scale"])
 def test_every_group_entry_composes(group):
     for entry in sorted((CONF / group).glob("*.yaml")):
         cfg = _compose(f"{group}={entry.stem}")
         assert group == "scale" or cfg[group] is not None
+
+
+@pytest.mark.parametrize("name", pruner_registry.names())
+def test_every_pruner_entry_composes_and_builds(name):
+    """``pruner=<name>`` is the method's Options dataclass: its defaults compose, and build the pruner."""
+    cfg = _compose(f"pruner={name}")
+    assert cfg.pruner.name == name
+    options = OmegaConf.to_container(cfg.pruner.options)
+    assert options == dataclasses.asdict(pruner_registry.get(name).Options())
+    assert build_pruner(name, options).name == name
+
+
+def test_hydra_refuses_a_mistyped_or_unknown_pruner_option():
+    with pytest.raises(ConfigCompositionException, match="lr=abc"):
+        _compose("pruner=replaceme_cosine", "pruner.options.lr=abc")
+    with pytest.raises(ConfigCompositionException, match="bogus"):
+        _compose("pruner=uidl", "pruner.options.bogus=1")
 
 
 def test_launchers_compose():

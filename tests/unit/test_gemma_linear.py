@@ -49,9 +49,10 @@ def _transform(family, model, calibration):
     """(selection, T) from the pruner's own stages on an untouched copy (what the fold must apply)."""
     pruner = build_pruner("replaceme_ls")
     adapter = adapter_for(copy.deepcopy(model))
-    stats = pruner.gather(adapter, calibration, pruner.statistics(adapter, 2), False)
-    selection = pruner.select(stats, adapter, 2)
-    ((block, T, _),) = pruner.fit(adapter, selection, calibration, progress=False)
+    with pruner.service(adapter, calibration, progress=False) as service:
+        stats = service.original(pruner.statistics(adapter, 2))
+        selection = pruner.select(stats, adapter, 2, service)
+        ((block, T, _),) = pruner.fit(adapter, selection, service)
     return selection, block, T
 
 
@@ -184,7 +185,8 @@ def _rewrite_weights(directory, change):
     (lambda s: s.update({"model.layers.1.extra.weight": torch.zeros(2)}), r"unexpected \['model.layers.1.extra"),
     (lambda s: s.pop(next(k for k in s if k.endswith("post_feedforward_layernorm.linear.weight"))),
      r"missing \[.*post_feedforward_layernorm.linear.weight"),
-    (lambda s: s.update({k: v[:, :-1].contiguous() for k, v in s.items() if k.endswith("layers.0.mlp.down_proj.weight")}),
+    (lambda s: s.update({k: v[:, :-1].contiguous() for k, v in s.items()
+                         if k.endswith("layers.0.mlp.down_proj.weight")}),
      r"down_proj.weight has shape \(32, 63\); the architecture expects \(32, 64\)"),
 ])
 def test_loader_refuses_weights_that_do_not_match(corrupt, message, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.service import CalibrationService
 from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.modeling.adapters import adapter_for
@@ -39,13 +40,13 @@ def token_rows(model, batches, i: int, e: int):
 
 
 def stages(name, options, model, batches, n_remove):
-    """Run the pruner's stages one by one: (pruner, adapter, selection, fitted replacement)."""
+    """Run the pruner's stages one by one: (pruner, adapter, selection, calibration service)."""
     pruner = build_pruner(name, options)
     adapter = adapter_for(model)
-    calibration = CalibrationData(batches, 16)
+    service = CalibrationService(adapter, CalibrationData(batches, 16), progress=False)
     stats = collect(adapter, batches, pruner.statistics(adapter, n_remove), progress=False)
-    selection = pruner.select(stats, adapter, n_remove)
-    return pruner, adapter, selection, calibration
+    selection = pruner.select(stats, adapter, n_remove, service)
+    return pruner, adapter, selection, service
 
 
 @pytest.mark.parametrize("ridge", [0.0, 0.3])
@@ -57,7 +58,7 @@ def test_ls_transform_equals_numpy_lstsq(tiny_llama64, ridge):
     d = m.shape[1]
     alpha = ridge * float((m * m).sum()) / d  # a ridge on the scale of A's diagonal
     pruner, adapter, selection, calibration = stages("replaceme_ls", {"alpha": alpha}, tiny_llama64, batches, n)
-    ((block, T, info),) = pruner.fit(adapter, selection, calibration, progress=False)
+    ((block, T, info),) = pruner.fit(adapter, selection, calibration)
     assert (block.start, block.end) == (s, s + n)
     target = h - y
     design = np.vstack([m, np.sqrt(alpha) * np.eye(d)])  # ridge as an augmented least-squares system
@@ -77,7 +78,7 @@ def test_ls_diagonal_transform_equals_elementwise_formula(tiny_llama64):
     pruner, adapter, selection, calibration = stages("replaceme_ls", {"diag": True, "alpha": alpha},
                                                      tiny_llama64, batches, 2)
     s, e = selection.blocks[0].start, selection.blocks[0].end
-    ((_, T, _),) = pruner.fit(adapter, selection, calibration, progress=False)
+    ((_, T, _),) = pruner.fit(adapter, selection, calibration)
     m, y, h = token_rows(tiny_llama64, batches, s - 1, e)
     expected = (m * (h - y)).sum(0) / ((m * m).sum(0) + alpha)
     np.testing.assert_allclose(np.diag(T.numpy()), expected, rtol=1e-9)
@@ -87,16 +88,16 @@ def test_ls_diagonal_transform_equals_elementwise_formula(tiny_llama64):
 def test_folded_model_equals_explicit_linear_on_mlp_output(tiny_llama64):
     batches = random_batches(n_batches=2, batch_size=4, seq_len=16, seed=1)
     pruner, adapter, selection, calibration = stages("replaceme_ls", {"alpha": 1e-3}, tiny_llama64, batches, 2)
-    fits = pruner.fit(adapter, selection, calibration, progress=False)
+    fits = pruner.fit(adapter, selection, calibration)
     ((block, T, _),) = fits
     reference = copy.deepcopy(tiny_llama64)
     linear = torch.nn.Linear(T.shape[0], T.shape[0], bias=False, dtype=torch.float64)
     linear.weight.data = T.T.clone()  # linear(x) = x @ T
     layers = reference.model.layers
     layers[block.start - 1].mlp.register_forward_hook(lambda mod, args, out: linear(out))
-    reference.model.layers = torch.nn.ModuleList([l for k, l in enumerate(layers) if k not in block.layers])
+    reference.model.layers = torch.nn.ModuleList([layer for k, layer in enumerate(layers) if k not in block.layers])
     reference.config.num_hidden_layers = len(reference.model.layers)
-    info = pruner.apply(adapter, selection, fits)
+    info = pruner.apply(adapter, selection, fits, calibration)
     assert info["new_parameters"] == 0 and info["blocks"][0]["folded_into_layer"] == block.start - 1
     for b in batches:
         with torch.no_grad():
@@ -206,7 +207,7 @@ def test_ls_several_blocks_from_one_pass_each_equal_lstsq():
     model = build_tiny_model(tiny_llama_config(num_layers=8), seed=9).to(torch.float64)
     batches = random_batches(n_batches=3, batch_size=4, seq_len=16, seed=9)
     pruner, adapter, selection, calibration = stages("replaceme_ls", {"num_blocks": 2}, model, batches, 2)
-    fits = pruner.fit(adapter, selection, calibration, progress=False)
+    fits = pruner.fit(adapter, selection, calibration)
     assert [b for b, _, _ in fits] == selection.blocks
     for block, T, _ in fits:
         m, y, h = token_rows(model, batches, block.start - 1, block.end) if block.end < 8 else (None,) * 3
@@ -214,6 +215,6 @@ def test_ls_several_blocks_from_one_pass_each_equal_lstsq():
             continue
         expected = np.linalg.lstsq(m, h - y, rcond=None)[0]
         np.testing.assert_allclose(T.numpy(), expected, rtol=1e-9, atol=1e-11 * np.abs(expected).max())
-    result = pruner.apply(adapter, selection, fits)
+    result = pruner.apply(adapter, selection, fits, calibration)
     assert [b["folded_into_layer"] for b in result["blocks"]] == [b.start - 1 for b in selection.blocks]
     assert model.config.num_hidden_layers == 6

@@ -48,5 +48,5 @@ def test_removed_layers_need_not_be_contiguous():
     stat = PairwiseSimilarity(6, gap=1, tokens="all")
     stat.sum_cos = torch.tensor([0.1, 0.9, 0.2, 0.95, 0.3, 0.5], dtype=torch.float64)
     stat.count = 1
-    selection = ShortGPTPruner().select([stat], None, 2)
+    selection = ShortGPTPruner().select([stat], None, 2, None)
     assert selection.removed_layers == [1, 3]

@@ -1,7 +1,14 @@
 import numpy as np
 import torch
 
-from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, LinearMapMoments, PairwiseSimilarity, Statistic, collect
+from depthbench.calibration.statistics import (
+    MLP_OUT,
+    RESIDUAL,
+    LinearMapMoments,
+    PairwiseSimilarity,
+    Statistic,
+    collect,
+)
 from depthbench.modeling.adapters import adapter_for
 from tests.conftest import random_batches
 from tests.reference import manual_llama_forward
@@ -50,7 +57,8 @@ def test_early_stop_captures_same_points(tiny_llama64):
 
 def _stats(adapter, batches):
     L = adapter.num_layers
-    stats = [PairwiseSimilarity(L, 2, "last"), PairwiseSimilarity(L, 1, "all"), LinearMapMoments(1, 3, adapter.hidden_size)]
+    stats = [PairwiseSimilarity(L, 2, "last"), PairwiseSimilarity(L, 1, "all"),
+             LinearMapMoments(1, 3, adapter.hidden_size)]
     return collect(adapter, batches, stats, progress=False)
 
 
@@ -62,7 +70,8 @@ def test_padding_never_changes_a_statistic(tiny_llama64):
     for b in padded:
         for row in range(b["input_ids"].shape[0]):
             n = int(b["attention_mask"][row].sum())
-            singles.append({"input_ids": b["input_ids"][row:row + 1, :n], "attention_mask": b["attention_mask"][row:row + 1, :n]})
+            singles.append({"input_ids": b["input_ids"][row:row + 1, :n],
+                            "attention_mask": b["attention_mask"][row:row + 1, :n]})
     # extra padding on top: widen every padded batch by 5 pad tokens
     wider = [{"input_ids": torch.nn.functional.pad(b["input_ids"], (0, 5)),
               "attention_mask": torch.nn.functional.pad(b["attention_mask"], (0, 5))} for b in padded]
@@ -94,7 +103,8 @@ def test_pairwise_and_moments_equal_numpy_reference(tiny_llama64):
         return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
     flat = [x[real] for x in h]
-    np.testing.assert_allclose(all_.mean_cosine().numpy(), [cos(flat[s], flat[s + 1]).mean() for s in range(L)], rtol=1e-12)
+    np.testing.assert_allclose(all_.mean_cosine().numpy(), [cos(flat[s], flat[s + 1]).mean() for s in range(L)],
+                               rtol=1e-12)
     rows = np.arange(len(lengths))
     lastrows = [x[rows, lengths - 1] for x in h]
     expected = [np.mean(np.arccos(np.clip(cos(lastrows[s], lastrows[s + 2]), -1, 1)) / np.pi) for s in range(L - 1)]

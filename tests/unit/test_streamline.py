@@ -38,7 +38,8 @@ def test_scores_and_choice_equal_brute_force(n):
     pruner = build_pruner("llm_streamline", {"max_steps": 1})
     from depthbench.calibration.statistics import collect
     adapter = adapter_for(model)
-    selection = pruner.select(collect(adapter, batches, pruner.statistics(adapter, n), progress=False), adapter, n)
+    selection = pruner.select(collect(adapter, batches, pruner.statistics(adapter, n), progress=False),
+                              adapter, n, None)
     np.testing.assert_allclose(selection.scores["values"], expected, rtol=1e-10)
     assert selection.scores["starts"] == list(range(L - n))
     assert selection.scores["replaced_range"] == [j, j + n + 1]
@@ -63,7 +64,7 @@ def capture_inputs(model, batches):
     for b in batches:
         states = []
         modules = list(model.model.layers) + [model.model.norm]
-        handles = [m.register_forward_pre_hook(lambda mod, args, kw: states.append(
+        handles = [m.register_forward_pre_hook(lambda mod, args, kw, states=states: states.append(
             (args[0] if args else kw["hidden_states"]).detach()), with_kwargs=True) for m in modules]
         try:
             with torch.no_grad():
@@ -83,7 +84,9 @@ def test_training_reduces_mse_and_saved_model_reloads(replacement, tmp_path):
     model = build_tiny_model(tiny_llama_config(num_layers=L), seed=11)
     original = copy.deepcopy(model)
     batches = random_batches(n_batches=4, batch_size=4, seed=11)
+    # every sequence trained on, last state kept: the training itself is under test here
     options = {"replacement": replacement, "lr": 3e-3, "min_lr": 1e-4, "max_steps": 40, "warmup_steps": 2,
+               "holdout": 0.0, "keep_best": False,
                "batch_size": 4, "spill_dir": str(tmp_path)}
     result = build_pruner("llm_streamline", options).prune(adapter_for(model), CalibrationData(batches, 16), n,
                                                            progress=False)
@@ -136,7 +139,8 @@ def test_bfloat16_model_trains_in_mixed_precision():
     L, n = 6, 2
     model = build_tiny_model(tiny_llama_config(num_layers=L), seed=12, dtype=torch.bfloat16)
     batches = random_batches(n_batches=4, batch_size=4, seed=12)
-    options = {"lr": 3e-3, "min_lr": 1e-4, "max_steps": 30, "warmup_steps": 2, "batch_size": 4}
+    options = {"lr": 3e-3, "min_lr": 1e-4, "max_steps": 30, "warmup_steps": 2, "batch_size": 4, "holdout": 0.0,
+               "keep_best": False}
     runs = {}
     for precision in ("auto", "float32"):
         pruned = copy.deepcopy(model)
@@ -175,10 +179,13 @@ def test_a_device_without_bfloat16_autocast_is_refused_before_calibration(monkey
     model = build_tiny_model(tiny_llama_config(num_layers=5), seed=1, dtype=torch.bfloat16)
     batches = random_batches(n_batches=2, seed=1)
     pruner, gathered = build_pruner("llm_streamline", {"max_steps": 1}), []
-    monkeypatch.setattr(pruner, "gather", lambda *a, **k: gathered.append(a))
-    with pytest.raises(ConfigError, match=r"precision='auto' trains with bfloat16 autocast, which cpu does not support "
-                                          r"\(Current CUDA Device does not support bfloat16.*use "
-                                          r"pruner.options.precision=float32"):
+    from depthbench.calibration.service import CalibrationService
+
+    with monkeypatch.context() as spy, pytest.raises(
+            ConfigError, match=r"precision='auto' trains with bfloat16 autocast, which cpu does not support "
+                               r"\(Current CUDA Device does not support bfloat16"
+                               r".*use pruner.options.precision=float32"):
+        spy.setattr(CalibrationService, "original", lambda *a, **k: gathered.append(a))
         pruner.prune(adapter_for(model), CalibrationData(batches, 16), 1, progress=False)
     assert gathered == []  # refused before any calibration pass
     # float32 training needs no autocast: the same model prunes

@@ -1,0 +1,132 @@
+"""Same runs before and after a refactor: every method's chosen layers, replacement and perplexity.
+
+    python benchmarks/method_results.py --output docs/method_results.json          # record
+    python benchmarks/method_results.py --compare docs/method_results.json         # rerun and compare
+
+Each method prunes SmolLM2 (bfloat16, the embedded default) at 25% with the same calibration data and
+is evaluated on the same held-out windows (no lm-eval tasks, no speed: only what the method decides).
+A record keeps, per method, the removed layers, the held-out perplexity of the pruned model and the
+replacement's own diagnostics (fit residuals, training objectives). ``--compare`` reruns the same
+cells with the checked-out code and exits 1 when a layer set differs or a number moves by more than
+``--rtol``; the record names the commit it was measured at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["uidl", "shortgpt", "replaceme_ls", "replaceme_cosine", "llm_streamline"]
+DIAGNOSTICS = ("relative_residual", "relative_residual_without_transform", "objective_at_identity",
+               "objective_after", "mse_before_training", "mse_after_training")
+
+
+def _numbers(replacement) -> dict:
+    """The replacement's numeric diagnostics, flattened (block by block)."""
+    out: dict = {}
+    if not replacement:
+        return out
+    for key in DIAGNOSTICS:
+        if isinstance(replacement.get(key), (int, float)):
+            out[key] = replacement[key]
+    for i, block in enumerate(replacement.get("blocks") or []):
+        for key in DIAGNOSTICS:
+            if isinstance(block.get(key), (int, float)):
+                out[f"block{i}.{key}"] = block[key]
+    return out
+
+
+def measure(methods: list[str], samples: int, windows: int, extra: dict[str, list[str]] | None = None) -> dict:
+    sys.path.insert(0, str(REPO))
+    from depthbench.experiments.pipeline import run
+    from depthbench.provenance import provenance
+    from tests.integration.conftest import compose
+
+    root = Path(tempfile.mkdtemp(prefix="depthbench-method-results-"))
+    cells = {}
+    try:
+        for method in methods:
+            cfg = compose(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={samples}",
+                          f"evaluation.perplexity.max_windows={windows}", "benchmark=none", "efficiency.enabled=false",
+                          "logger=none", "progress=false", "save_model=false", f"cache.dir={root / 'cache'}",
+                          "cache.base_results=false", *(extra or {}).get(method, []))
+            record = run(cfg, root / method)
+            cells[method] = {
+                "removed_layers": record["pruning"]["removed_layers"],
+                "perplexity": record["metrics"]["pruned"]["heldout_perplexity"]["perplexity"],
+                "base_perplexity": record["metrics"]["base"]["heldout_perplexity"]["perplexity"],
+                "replacement": _numbers(record["pruning"].get("replacement")),
+            }
+            print(f"{method}: layers {cells[method]['removed_layers']} ppl {cells[method]['perplexity']:.6g}",
+                  flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    prov = provenance()
+    return {"settings": {"model": "smollm2_135m (bfloat16)", "ratio": 0.25, "calibration_samples": samples,
+                         "heldout_windows": windows, "extra_overrides": extra or {}},
+            "commit": prov.get("depthbench_git_sha"),
+            "provenance": prov, "cells": cells}
+
+
+def differences(old: dict, new: dict, rtol: float) -> list[str]:
+    problems = []
+    for method, before in old["cells"].items():
+        after = new["cells"].get(method)
+        if after is None:
+            continue
+        if before["removed_layers"] != after["removed_layers"]:
+            problems.append(f"{method}: layers {before['removed_layers']} -> {after['removed_layers']}")
+        pairs = [("perplexity", before["perplexity"], after["perplexity"])]
+        pairs += [(k, v, after["replacement"].get(k)) for k, v in before["replacement"].items()]
+        for key, a, b in pairs:
+            if b is None or not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
+                problems.append(f"{method}: {key} {a!r} -> {b!r}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 256 tokens")
+    parser.add_argument("--windows", type=int, default=8, help="held-out perplexity windows")
+    parser.add_argument("--output", type=Path, help="write the record here (JSON, atomically)")
+    parser.add_argument("--compare", type=Path, help="a record to compare against (same settings are used)")
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:OVERRIDE",
+                        help="an extra override for one method's cell, e.g. to pin an option whose default changed "
+                             "since the record (llm_streamline:pruner.options.epochs=4); repeatable")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        method, _, override = item.partition(":")
+        extra.setdefault(method, []).append(override)
+    if args.compare:
+        old = json.loads(args.compare.read_text())
+        settings = old["settings"]
+        methods = [m for m in methods if m in old["cells"]]
+        new = measure(methods, settings["calibration_samples"], settings["heldout_windows"], extra)
+    else:
+        new = measure(methods, args.samples, args.windows, extra)
+    if args.output:
+        from depthbench import atomic
+
+        atomic.write_json(args.output, new)
+    if args.compare:
+        problems = differences(old, new, args.rtol)
+        print(f"compared with {args.compare} (commit {old.get('commit')}): "
+              + ("identical within rtol" if not problems else f"{len(problems)} difference(s)"))
+        for line in problems:
+            print("  " + line)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

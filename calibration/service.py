@@ -1,0 +1,132 @@
+"""The calibration service: everything a pruner asks of the calibration data, behind one object.
+
+A pruner holds no caching or storage state. Its stages receive a `CalibrationService` and ask it:
+
+- `original(statistics)`: statistics of the ORIGINAL model (before any change made by this prune):
+  answered from the shared statistics cache, from stored activations, or by one forward pass that
+  also stores every layer's activations for the later fits of this run and of other runs of a sweep.
+  Refused once the model's layer count has changed (neither the cache key nor the stored
+  activations see in-place changes);
+- `current(statistics, skip=...)`: statistics of the model as it is NOW, optionally with some units
+  skipped (`depthbench.modeling.adapters.ModelAdapter.skipping`): always a fresh pass, never cached;
+- `nll(skip=...)`: mean next-token NLL of the calibration tokens under the current model with some
+  units skipped (what SLEB / BlockPruner-style methods re-score after each removal);
+- `scratch()`: a temporary directory for the method's own spill files, deleted afterwards.
+
+Caching and storage are wrapped around pruners from outside: `open_service` builds a service with or
+without a statistics cache and decides where stored activations live (the cache's slot, a temporary
+directory for this prune only, or nowhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from depthbench.calibration.activations import ActivationSlot
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.statistics import Statistic, collect
+
+#: Default cap on the disk space of one model's stored calibration activations.
+DEFAULT_ACTIVATION_BUDGET = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class CalibrationService:
+    """Answers a pruner's questions about the calibration data (see the module docstring)."""
+
+    adapter: object
+    calibration: CalibrationData
+    cache: StatisticsCache | None = None
+    activations: ActivationSlot | None = None
+    progress: bool = True
+    label: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "_original_depth", self.adapter.num_layers)
+
+    @property
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        return self.calibration.batches
+
+    def _describe(self, what: str) -> str:
+        return f"{self.label}: {what}" if self.label else what
+
+    def original(self, statistics: Iterable[Statistic], what: str = "calibration") -> list[Statistic]:
+        """Statistics of the original model: cache, stored activations, else one (storing) pass."""
+        if self.adapter.num_layers != self._original_depth:
+            raise RuntimeError(
+                f"statistics of the original model requested after it was changed ({self._original_depth} -> "
+                f"{self.adapter.num_layers} layers); ask `current` for the model as it is now")
+        return gather(self.adapter, self.batches, statistics, cache=self.cache, progress=self.progress,
+                      description=self._describe(what), activations=self.activations)
+
+    def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
+        """Statistics of the model as it is now (``skip``: units left out of the pass); a fresh pass."""
+        with self._skipping(skip):
+            return collect(self.adapter, self.batches, statistics, progress=self.progress,
+                           description=self._describe(what))
+
+    @torch.no_grad()
+    def nll(self, skip=(), what: str = "calibration NLL") -> float:
+        """Mean next-token NLL per real token (float64 sum) of the current model with ``skip`` left out."""
+        from tqdm.auto import tqdm
+
+        model = self.adapter.model
+        device = self.adapter.embeddings().weight.device
+        total, count = 0.0, 0
+        with self._skipping(skip):
+            for batch in tqdm(self.batches, desc=self._describe(what), unit="batch", disable=not self.progress,
+                              leave=False):
+                ids = batch["input_ids"].to(device)
+                mask = batch["attention_mask"].to(device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                keep = mask[:, 1:].bool() & mask[:, :-1].bool()
+                # log-softmax in float32 at least (float64 models keep float64)
+                scores = logits[:, :-1][keep].to(torch.promote_types(logits.dtype, torch.float32))
+                nll = F.cross_entropy(scores, ids[:, 1:][keep], reduction="none")
+                total += float(nll.to(torch.float64).sum())
+                count += int(keep.sum())
+        if count == 0:
+            raise ValueError("the calibration data has no predicted token (sequences of one token?)")
+        mean = total / count
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"non-finite calibration NLL with units {list(skip)} skipped")
+        return mean
+
+    def _skipping(self, skip):
+        skip = list(skip)
+        return self.adapter.skipping(skip) if skip else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str = "depthbench-", directory: str | None = None) -> Iterator[Path]:
+        """A temporary directory (under ``directory`` when given, else the system's), deleted when the
+        block ends."""
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=directory) as tmp:
+            yield Path(tmp)
+
+
+@contextlib.contextmanager
+def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCache | None = None,
+                 store_activations: bool = True, activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET,
+                 keep_activations: bool = True, progress: bool = True, label: str = "") -> Iterator[CalibrationService]:
+    """A service for one prune. ``store_activations`` (the method's fit replays activations): with a
+    ``cache`` and ``keep_activations`` they live in the cache's slot (shared with later runs), otherwise
+    in a temporary directory deleted when the block ends; ``activation_budget_bytes`` caps their size
+    (0: never stored, fits then run their own pass)."""
+    with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
+        if not store_activations:
+            slot = None
+        elif cache is not None and keep_activations:
+            slot = cache.activation_slot(data_fingerprint(calibration.batches), activation_budget_bytes)
+        else:
+            slot = ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
+        yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress, label=label)

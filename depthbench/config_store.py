@@ -1,0 +1,22 @@
+"""Structured config entries that Hydra composes beside the YAML tree in `depthbench.conf`.
+
+Every registered pruner (built-in or installed through the ``depthbench.pruners`` entry point) becomes
+the config group entry ``pruner=<name>``: ``{name, options}`` with ``options`` typed by the method's
+``Options`` dataclass, so Hydra itself refuses an unknown option or a value of the wrong type when it
+composes, and the options are declared in one place (the dataclass, with its documentation).
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+
+def register_configs() -> None:
+    """Store ``pruner/<name>`` for every pruner in the registry (idempotent)."""
+    from depthbench.pruners import pruner_registry
+
+    store = ConfigStore.instance()
+    for name in pruner_registry.names():
+        pruner = pruner_registry.get(name)
+        store.store(group="pruner", name=name, node={"name": name, "options": pruner.Options},
+                    provider="depthbench")
