@@ -34,6 +34,7 @@ from depthbench.experiments.tracking import build_tracker
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.loading import (
     check_model_reference, default_cache_dir, load_model, load_tokenizer, model_fingerprint, num_layers_of,
+    resolve_dtype,
 )
 from depthbench.modeling.saving import save_pruned
 from depthbench.pruners import build_pruner
@@ -178,6 +179,10 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
     ``after_prune(model, tokenizer)``, if given, sees the pruned model in memory before it is saved."""
     output_dir = Path(output_dir)
     ratio, pruner, tracker = validate(cfg, output_dir)
+    # model.dtype=auto becomes the dtype it means on this machine before anything keys on the config
+    # (resume hash, caches, the record), so runs in different dtypes are never mixed up
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, "cuda" if cfg.model.get("device_map") else
+                                    resolve_device(cfg.device))
     digest = config_hash(cfg)
     if cfg.get("resume", True):
         finished = find_finished(output_dir, digest, Path(sweep_dir) if sweep_dir else None)

@@ -38,10 +38,28 @@ class LoadedModel:
     source: str  # the directory or Hub id the weights came from
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not supported; allowed: {', '.join(DTYPES)}")
-    return DTYPES[name]
+def resolve_dtype(name: str, device: str | None = None) -> str:
+    """``auto``: ``bfloat16`` where bfloat16 arithmetic is native, else a dtype that is: on CUDA,
+    bfloat16 if the GPU supports it, else float16; on a CPU, bfloat16 where oneDNN has bfloat16 kernels
+    (AVX512 / AMX), else float32 (an AVX2-only CPU emulates bfloat16 matmuls, far slower than float32;
+    benchmarks/dtype_speed.py measures both). Any other name is returned as it is."""
+    if name != "auto":
+        return name
+    if (device or "cpu").startswith("cuda") and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bfloat16_kernels() else "float32"
+
+
+def cpu_has_bfloat16_kernels() -> bool:
+    """Whether torch's oneDNN has native bfloat16 kernels on this CPU (AVX512-BW/VL/DQ or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """The torch dtype of ``model.dtype`` (``auto`` resolved by `resolve_dtype`)."""
+    if name != "auto" and name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[resolve_dtype(name, device)]
 
 
 def default_cache_dir() -> Path:
@@ -203,7 +221,7 @@ def load_model(cfg, device: str | None = None, tokenizer=None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_reference(cfg)
-    dtype = parse_dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype, device)
     if cfg.get("name_or_path"):
         source = str(Path(cfg.name_or_path).expanduser()) if os.path.exists(cfg.name_or_path) else cfg.name_or_path
     else:

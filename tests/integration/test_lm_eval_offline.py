@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task, offline_task_config
 from depthbench.evaluation.retention import retention
 from depthbench.modeling.adapters import adapter_for
-from depthbench.modeling.loading import load_model
+from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
 from tests.integration.conftest import CONF, compose, needs_offline_packages
 
@@ -105,7 +105,7 @@ def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
     for spec in bench["tasks"]:
         out = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(saved), "dtype": "bfloat16", "device": "cpu"},
+            model_args={"pretrained": str(saved), "dtype": resolve_dtype(cfg.model.dtype, "cpu"), "device": "cpu"},
             tasks=[offline_task_config(spec["name"], tmp_path, tm)], num_fewshot=0, limit=CHECK_LIMIT,
             batch_size=bench["batch_size"], task_manager=tm, bootstrap_iters=1000, log_samples=False,
         )

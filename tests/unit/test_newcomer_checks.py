@@ -127,3 +127,19 @@ def test_calibration_path_that_is_a_directory_says_so(tmp_path):
     cfg = _compose("calibration=local", f"calibration.path={tmp_path}")
     with pytest.raises(ConfigError, match="is a directory"):
         build_source(cfg.calibration).check()
+
+
+def test_dtype_auto_is_bfloat16_only_where_its_arithmetic_is_native(monkeypatch):
+    """An AVX2-only CPU emulates bfloat16 matmuls: auto must pick float32 there, bfloat16 with the kernels."""
+    import torch
+
+    from depthbench.modeling import loading
+
+    monkeypatch.setattr(loading, "cpu_has_bfloat16_kernels", lambda: False)
+    assert loading.resolve_dtype("auto", "cpu") == "float32"
+    assert loading.parse_dtype("auto") is torch.float32
+    monkeypatch.setattr(loading, "cpu_has_bfloat16_kernels", lambda: True)
+    assert loading.resolve_dtype("auto", "cpu") == "bfloat16"
+    assert loading.resolve_dtype("float16", "cpu") == "float16"  # an explicit dtype is kept
+    with pytest.raises(ConfigError, match=r"model.dtype='int8' is not supported; allowed: auto, float32"):
+        loading.parse_dtype("int8")
