@@ -80,3 +80,12 @@ def counting_collect(monkeypatch):
     monkeypatch.setattr(cache_module, "collect", counted)
     return calls
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (tiny models: thread start-up costs more than it saves)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -43,12 +43,7 @@ MLP_OUTPUT = {"llama": lambda b: b.mlp.down_proj, "gemma": lambda b: b.mlp.down_
               "falcon": lambda b: b.mlp.dense_4h_to_h}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(family, dtype=torch.float64):
