@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from depthbench.calibration.batches import CalibrationData
@@ -25,6 +26,7 @@ from depthbench.calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.modeling.adapters import ModelAdapter
+from depthbench.modeling.units import Unit, UnitLike, normalize_units
 from depthbench.pruners.options import parse_options
 from depthbench.registry import Registry
 from depthbench.selection.blocks import Block
@@ -34,15 +36,32 @@ __all__ = ["DEFAULT_ACTIVATION_BUDGET", "Pruner", "PruneResult", "Selection", "b
 
 @dataclass
 class Selection:
-    """What to remove and why: the removed layers (original 0-based indices) and the scores."""
+    """What to remove and why: the removed layers and sub-blocks (original 0-based numbering) and the scores.
+
+    Layer methods fill ``removed_layers``; sub-block methods build it with `Selection.from_units`, which
+    puts whole layers (both sub-blocks of a layer included) in ``removed_layers`` and the rest, as
+    ``"K.attn"`` / ``"K.mlp"``, in ``removed_sub_blocks``.
+    """
 
     removed_layers: list[int]
     blocks: list[Block] = field(default_factory=list)
     scores: dict[str, Any] = field(default_factory=dict)
+    removed_sub_blocks: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_units(cls, units: Iterable[UnitLike], **fields: Any) -> "Selection":
+        units = normalize_units(units)
+        return cls(removed_layers=[u.layer for u in units if u.is_layer],
+                   removed_sub_blocks=[str(u) for u in units if not u.is_layer], **fields)
+
+    def units(self) -> list[Unit]:
+        """Everything removed, as normalised units (original numbering)."""
+        return normalize_units([*self.removed_layers, *self.removed_sub_blocks])
 
     def to_dict(self) -> dict:
         return {
             "removed_layers": list(self.removed_layers),
+            "removed_sub_blocks": list(self.removed_sub_blocks),
             "blocks": [[b.start, b.end] for b in self.blocks],
             "scores": self.scores,
         }
@@ -67,6 +86,18 @@ class PruneResult:
     def removed_layers(self) -> list[int]:
         return self.selection.removed_layers
 
+    def removed_modules(self) -> dict:
+        """Attention and MLP modules removed (a whole layer counts once in each), layer-equivalents
+        (removed decoder parameters / parameters of one original layer) and the fraction of the KV cache
+        removed (attention modules removed / layers before)."""
+        units = self.selection.units()
+        attention = sum(1 for u in units if u.part in ("layer", "attention"))
+        mlp = sum(1 for u in units if u.part in ("layer", "mlp"))
+        removed_body = self.parameters_before["without_embeddings"] - self.parameters_after["without_embeddings"]
+        return {"removed_attention_modules": attention, "removed_mlp_modules": mlp,
+                "layer_equivalents_removed": removed_body / self.parameters_before["per_layer"],
+                "kv_cache_fraction_removed": attention / self.num_layers_before}
+
     def to_dict(self) -> dict:
         removed_total = self.parameters_before["total"] - self.parameters_after["total"]
         removed_body = self.parameters_before["without_embeddings"] - self.parameters_after["without_embeddings"]
@@ -76,6 +107,7 @@ class PruneResult:
             "num_layers_before": self.num_layers_before,
             "num_layers_after": self.num_layers_after,
             **self.selection.to_dict(),
+            **self.removed_modules(),
             "replacement": self.replacement,
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
@@ -141,7 +173,7 @@ class Pruner(ABC):
     def apply(self, adapter: ModelAdapter, selection: Selection, replacement: Any,
               service: CalibrationService) -> dict | None:
         """Change the model; return a JSON-able description of the replacement (or ``None``)."""
-        adapter.remove_layers(selection.removed_layers)
+        adapter.remove_units(selection.units())
         return None
 
     # -- orchestration ---------------------------------------------------------------------
