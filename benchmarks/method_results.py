@@ -9,6 +9,19 @@ A record keeps, per method, the removed layers, the held-out perplexity of the p
 replacement's own diagnostics (fit residuals, training objectives). ``--compare`` reruns the same
 cells with the checked-out code and exits 1 when a layer set differs or a number moves by more than
 ``--rtol``; the record names the commit it was measured at.
+
+The "before" side must run the OLD code as a whole: install that commit beside the checkout and run this
+script with the installed copy first on the path::
+
+    git worktree add /tmp/base <commit>
+    (cd /tmp/base && pip install --no-deps --no-build-isolation --target /tmp/base-site .)
+    PYTHONPATH=/tmp/base-site python benchmarks/method_results.py --output old.json --commit <commit>
+
+The config is composed from the config tree of the depthbench that is imported. Putting an older checkout's
+folder on ``sys.path`` instead is refused (`code_root`): its ``depthbench/`` would be imported, but the
+editable install's finder serves ``depthbench.pruners``, ``depthbench.experiments``, ... from THIS checkout,
+so "old" cells would run the new methods with the old YAML defaults (the first record of this script, labelled
+f85af1b, was made that way and compared the new code with itself).
 """
 
 from __future__ import annotations
@@ -17,11 +30,9 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ["uidl", "shortgpt", "replaceme_ls", "replaceme_cosine", "llm_streamline"]
 DIAGNOSTICS = ("relative_residual", "relative_residual_without_transform", "objective_at_identity",
                "objective_after", "mse_before_training", "mse_after_training")
@@ -42,11 +53,43 @@ def _numbers(replacement) -> dict:
     return out
 
 
-def measure(methods: list[str], samples: int, windows: int, extra: dict[str, list[str]] | None = None) -> dict:
-    sys.path.insert(0, str(REPO))
+def code_root() -> Path:
+    """The one code tree the measured depthbench comes from (a checkout with an editable install, or an
+    installed copy); raises SystemExit when ``depthbench`` and ``depthbench.pruners`` come from two trees."""
+    import depthbench
+    import depthbench.pruners
+
+    root = Path(depthbench.__file__).resolve().parent.parent
+    pruners = Path(depthbench.pruners.__file__).resolve().parent
+    if not pruners.is_relative_to(root):
+        raise SystemExit(f"depthbench is imported from {root} but depthbench.pruners from {pruners}: two code trees "
+                         f"mixed (an older checkout on sys.path over an editable install?); install the old commit "
+                         f"with pip --target and run with PYTHONPATH=<that directory>")
+    return root
+
+
+def compose(*overrides: str):
+    """The run config from the config tree of the imported depthbench (never from this checkout's files)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import depthbench.conf
+
+    root = code_root()
+    try:  # the options' schema: absent in older commits (the editable finder may then serve this checkout's)
+        from depthbench import config_store
+    except ImportError:
+        config_store = None
+    if config_store is not None and Path(config_store.__file__).resolve().is_relative_to(root):
+        config_store.register_configs()
+    with initialize_config_dir(config_dir=str(Path(depthbench.conf.__file__).resolve().parent), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def measure(methods: list[str], samples: int, windows: int, extra: dict[str, list[str]] | None = None,
+            commit: str | None = None) -> dict:
+    root_of_code = code_root()
     from depthbench.experiments.pipeline import run
     from depthbench.provenance import provenance
-    from tests.integration.conftest import compose
 
     root = Path(tempfile.mkdtemp(prefix="depthbench-method-results-"))
     cells = {}
@@ -70,7 +113,7 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
     prov = provenance()
     return {"settings": {"model": "smollm2_135m (bfloat16)", "ratio": 0.25, "calibration_samples": samples,
                          "heldout_windows": windows, "extra_overrides": extra or {}},
-            "commit": prov.get("depthbench_git_sha"),
+            "commit": prov.get("depthbench_git_sha") or commit, "code": str(root_of_code),
             "provenance": prov, "cells": cells}
 
 
@@ -98,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the record here (JSON, atomically)")
     parser.add_argument("--compare", type=Path, help="a record to compare against (same settings are used)")
     parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--commit", help="the commit an installed (non-checkout) copy was built from, for the record")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:OVERRIDE",
                         help="an extra override for one method's cell, e.g. to pin an option whose default changed "
                              "since the record (llm_streamline:pruner.options.epochs=4); repeatable")
@@ -111,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(args.compare.read_text())
         settings = old["settings"]
         methods = [m for m in methods if m in old["cells"]]
-        new = measure(methods, settings["calibration_samples"], settings["heldout_windows"], extra)
+        new = measure(methods, settings["calibration_samples"], settings["heldout_windows"], extra, args.commit)
     else:
-        new = measure(methods, args.samples, args.windows, extra)
+        new = measure(methods, args.samples, args.windows, extra, args.commit)
     if args.output:
         from depthbench import atomic
 

@@ -11,6 +11,8 @@ A pruner holds no caching or storage state. Its stages receive a `CalibrationSer
   skipped (`depthbench.modeling.adapters.ModelAdapter.skipping`): always a fresh pass, never cached;
 - `nll(skip=...)`: mean next-token NLL of the calibration tokens under the current model with some
   units skipped (what SLEB / BlockPruner-style methods re-score after each removal);
+- `masked_nll(candidates, skip=...)`: the same NLL for many candidates, each with one more unit skipped,
+  running only the layers from each candidate up;
 - `scratch()`: a temporary directory for the method's own spill files, deleted afterwards.
 
 Caching and storage are wrapped around pruners from outside: `open_service` builds a service with or
@@ -21,18 +23,17 @@ directory for this prune only, or nowhere).
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from depthbench.calibration.activations import ActivationSlot
 from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.masked_nll import checked_mean, masked_nlls, runs_single_layers, token_nll_sum
 from depthbench.calibration.statistics import Statistic, collect
 
 #: Default cap on the disk space of one model's stored calibration activations.
@@ -89,18 +90,21 @@ class CalibrationService:
                 ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"].to(device)
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                keep = mask[:, 1:].bool() & mask[:, :-1].bool()
-                # log-softmax in float32 at least (float64 models keep float64)
-                scores = logits[:, :-1][keep].to(torch.promote_types(logits.dtype, torch.float32))
-                nll = F.cross_entropy(scores, ids[:, 1:][keep], reduction="none")
-                total += float(nll.to(torch.float64).sum())
-                count += int(keep.sum())
-        if count == 0:
-            raise ValueError("the calibration data has no predicted token (sequences of one token?)")
-        mean = total / count
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"non-finite calibration NLL with units {list(skip)} skipped")
-        return mean
+                batch_total, batch_count = token_nll_sum(logits, ids.to(logits.device), mask.to(logits.device))
+                total += batch_total
+                count += batch_count
+        return checked_mean(total, count, skip)
+
+    def masked_nll(self, candidates, skip=(), what: str = "calibration NLL per candidate") -> dict:
+        """``{c: nll(skip=[*skip, c])}`` for every candidate unit c (layers ``K`` or sub-blocks ``"K.attn"``,
+        ``"K.mlp"``; keys as given), without re-running the layers below each candidate: per batch the
+        model with ``skip`` is walked up once and each candidate's tail runs from its layer
+        (`depthbench.calibration.masked_nll`). Equal to `nll` up to floating-point summation order."""
+        if not runs_single_layers(self.adapter):  # a plugin adapter without `layer_forward`: whole passes
+            skip = list(skip)
+            return {c: self.nll(skip=[*skip, c], what=what) for c in dict.fromkeys(candidates)}
+        return masked_nlls(self.adapter, self.batches, candidates, skip=skip, progress=self.progress,
+                           description=self._describe(what))
 
     def _skipping(self, skip):
         skip = list(skip)

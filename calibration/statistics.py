@@ -1,10 +1,10 @@
 """Streaming activation statistics, all served by one forward pass over the calibration data.
 
 Every statistic declares the hook points it needs (``h_k``: the residual stream entering layer k;
-``M_k``: layer k's MLP output before the residual add). `collect` hooks exactly those points, runs
-each batch once and hands the activations of that batch to every statistic, which folds them into
-float64 running sums. Nothing grows with the number of calibration samples, and padding positions
-(attention mask 0) never enter a sum.
+``M_k``: layer k's MLP output before the residual add; ``Y_k``: the stream after layer k's attention
+residual add). `collect` hooks exactly those points, runs each batch once and hands the activations of
+that batch to every statistic, which folds them into float64 running sums. Nothing grows with the number
+of calibration samples, and padding positions (attention mask 0) never enter a sum.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from depthbench.errors import NumericalError
 
 RESIDUAL = "residual"  # h_k
 MLP_OUT = "mlp_out"  # M_k
+ATTN_RESIDUAL = "attn_residual"  # Y_k: the stream after layer k's attention residual add
+#: A sub-block seen from inside (LLM-Drop ``drop_norm: false``): its pre-norm's output, its module's output.
+SUB_BLOCK_POINTS = {"attn_normed": ("attention", "normed_input"), "attn_module_out": ("attention", "output"),
+                    "mlp_normed": ("mlp", "normed_input"), "mlp_module_out": ("mlp", "output")}
 HookPoint = tuple[str, int]
 TokenSet = Literal["all", "last"]
 
@@ -37,6 +41,9 @@ class BatchActivations:
 
     def mlp_out(self, k: int) -> torch.Tensor:
         return self.points[(MLP_OUT, k)]
+
+    def attn_residual(self, k: int) -> torch.Tensor:
+        return self.points[(ATTN_RESIDUAL, k)]
 
     def tokens(self, x: torch.Tensor, which: TokenSet) -> torch.Tensor:
         """Rows of ``x`` [B, T, d] at the chosen tokens, as float64 [N, d]."""
@@ -246,6 +253,51 @@ class LinearMapMoments(Statistic):
         self.count += m.shape[0]
 
 
+class SubBlockSimilarity(Statistic):
+    """LLM-Drop's per-layer sums of cos between what goes into and what comes out of each sub-block,
+    over every real token (float64).
+
+    ``drop_norm=True`` (reference default): attention ``cos(h_k, Y_k)``, MLP ``cos(Y_k, h_{k+1})`` (the
+    stream before and after each residual add). ``drop_norm=False``: ``cos(norm(x), module(norm(x)))``, the
+    sub-block's normalised input against its module's raw output.
+    """
+
+    def __init__(self, num_layers: int, drop_norm: bool = True):
+        self.num_layers, self.drop_norm = num_layers, bool(drop_norm)
+        self.sum_cos_attention = torch.zeros(num_layers, dtype=torch.float64)
+        self.sum_cos_mlp = torch.zeros(num_layers, dtype=torch.float64)
+        self.count = 0
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__, self.num_layers, self.drop_norm)
+
+    def hook_points(self) -> set[HookPoint]:
+        layers = range(self.num_layers)
+        if self.drop_norm:
+            return ({(RESIDUAL, k) for k in range(self.num_layers + 1)} | {(ATTN_RESIDUAL, k) for k in layers})
+        return {(kind, k) for kind in SUB_BLOCK_POINTS for k in layers}
+
+    def _pairs(self, batch: BatchActivations, k: int) -> tuple[tuple, tuple]:
+        p = batch.points
+        if self.drop_norm:
+            h, y, h_next = batch.residual(k), batch.attn_residual(k), batch.residual(k + 1)
+            return (h, y), (y, h_next)
+        return ((p[("attn_normed", k)], p[("attn_module_out", k)]),
+                (p[("mlp_normed", k)], p[("mlp_module_out", k)]))
+
+    def update(self, batch: BatchActivations) -> None:
+        for k in range(self.num_layers):
+            (a_in, a_out), (m_in, m_out) = self._pairs(batch, k)
+            self.sum_cos_attention[k] += cosine_rows(batch.tokens(a_in, "all"), batch.tokens(a_out, "all")).sum().cpu()
+            self.sum_cos_mlp[k] += cosine_rows(batch.tokens(m_in, "all"), batch.tokens(m_out, "all")).sum().cpu()
+        self.count += int(batch.mask.sum())
+
+    def mean_cosine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cos per layer: (attention [L], MLP [L])."""
+        return self.sum_cos_attention / self.count, self.sum_cos_mlp / self.count
+
+
 # --------------------------------------------------------------------------------------------
 #: Bump when a statistic's definition changes, so cached values from older code are not reused.
 STATISTICS_VERSION = 2
@@ -313,6 +365,12 @@ def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
             handles.append(adapter.observe_residual(k, keep((RESIDUAL, k))))
         elif kind == MLP_OUT:
             handles.append(adapter.observe_mlp_output(k, keep((MLP_OUT, k))))
+        elif kind == ATTN_RESIDUAL:
+            handles.append(adapter.observe_attention_residual(k, keep((ATTN_RESIDUAL, k))))
+        elif kind in SUB_BLOCK_POINTS:
+            handles.append(adapter.observe_sub_block(k, *SUB_BLOCK_POINTS[kind], keep((kind, k))))
+        else:
+            raise ValueError(f"unknown hook point {kind!r}")
     num_layers = adapter.num_layers
     last_needed = max([k - 1 if kind == RESIDUAL else k for kind, k in needed], default=num_layers - 1)
     if last_needed < num_layers - 1:  # nothing later is needed: skip the rest of the network
@@ -330,5 +388,6 @@ def check_finite(acts: BatchActivations) -> None:
         if bool(torch.isfinite(x.sum())):
             continue
         if not torch.isfinite(x[acts.mask.to(x.device)]).all():
-            what = f"h_{k} (input of layer {k})" if kind == RESIDUAL else f"M_{k} (MLP output of layer {k})"
+            what = {RESIDUAL: f"h_{k} (input of layer {k})", MLP_OUT: f"M_{k} (MLP output of layer {k})",
+                    ATTN_RESIDUAL: f"Y_{k} (after the attention of layer {k})"}.get(kind, f"{kind} of layer {k}")
             raise NumericalError(f"non-finite activations in {what} during calibration; check the data and model.dtype")

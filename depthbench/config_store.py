@@ -1,7 +1,8 @@
 """Structured config entries that Hydra composes beside the YAML tree in `depthbench.conf`.
 
 Every registered pruner (built-in or installed through the ``depthbench.pruners`` entry point) becomes
-the config group entry ``pruner=<name>``: ``{name, options}`` with ``options`` typed by the method's
+the config group entry ``pruner=<name>``: ``{name, options}`` (plus the pruner-level Prune&Comp keys
+``compensate``, ``compensate_mode``, ``compensate_fold``) with ``options`` typed by the method's
 ``Options`` dataclass, so Hydra itself refuses an unknown option or a value of the wrong type when it
 composes, and the options are declared in one place (the dataclass, with its documentation).
 """
@@ -18,5 +19,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for name in pruner_registry.names():
         pruner = pruner_registry.get(name)
-        store.store(group="pruner", name=name, node={"name": name, "options": pruner.Options},
+        # compensate*: the pruner-level Prune&Comp setting (`depthbench.pruners.compensation`), any method
+        store.store(group="pruner", name=name, node={"name": name, "options": pruner.Options, "compensate": "none",
+                                                     "compensate_mode": "iterative", "compensate_fold": "after"},
                     provider="depthbench")

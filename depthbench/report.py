@@ -22,6 +22,38 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(parts) or "-"
 
 
+def sub_block_lines(pruning: dict) -> list[str]:
+    """A line naming the removed attention / MLP sub-blocks (none for whole-layer methods and older records)."""
+    sub_blocks = pruning.get("removed_sub_blocks") or []
+    if not sub_blocks:
+        return []
+    return [f"removed sub-blocks {', '.join(sub_blocks)}: {pruning['removed_attention_modules']} attention and "
+            f"{pruning['removed_mlp_modules']} MLP modules in all (whole layers included), "
+            f"{pruning['layer_equivalents_removed']:.2f} layer-equivalents, "
+            f"{100 * pruning['kv_cache_fraction_removed']:.1f}% of the KV cache"]
+
+
+def healed_rows(healed: dict | None, base: dict) -> list[tuple[str, str]]:
+    """The healed model's numbers (``metrics.healed``, healing=lora), shown under the pruned column."""
+    if not healed:
+        return []
+    rows = [("healed: held-out perplexity", f"{healed['heldout_perplexity']['perplexity']:.2f}")]
+    if "average" in healed and "average" in base:
+        rows.append(("healed: benchmark average", f"{healed['average']:.3f}"))
+    if healed.get("fidelity"):
+        f = healed["fidelity"]
+        rows += [("healed: KL(dense||healed)", f"{f['kl_mean']:.3f} (p99 {f['kl_p99']:.2f})"),
+                 ("healed: top-1 agreement", f"{f['top1_agreement_percent']:.1f}%")]
+    return rows
+
+
+def healing_lines(healing: dict | None) -> list[str]:
+    if not healing or not healing.get("steps"):
+        return []
+    return [f"healed with LoRA after pruning: {healing['steps']} steps, {healing['tokens']:,} tokens, "
+            f"{healing['seconds']:.0f} s, training loss {healing['loss_first']:.3f} -> {healing['loss_last']:.3f}"]
+
+
 def summary_table(record: dict) -> str:
     p = record["pruning"]
     m = record.get("metrics", {})
@@ -44,6 +76,8 @@ def summary_table(record: dict) -> str:
             f = m["fidelity"]
             rows.append(("KL(dense||pruned) per token", "0", f"{f['kl_mean']:.3f} (p99 {f['kl_p99']:.2f})"))
             rows.append(("top-1 agreement", "100%", f"{f['top1_agreement_percent']:.1f}%"))
+        for name, value in healed_rows(m.get("healed"), m["base"]):
+            rows.append((name, "", value))
         if "speed" in m:
             for kind in ("prefill", "decode"):
                 s = m["speedup"]
@@ -61,6 +95,8 @@ def summary_table(record: dict) -> str:
         f"{_ranges(p['removed_layers'])} ({len(p['removed_layers'])} of {p['num_layers_before']}; "
         f"{100 * p['fraction_parameters_removed']:.1f}% of parameters, "
         f"{100 * p['fraction_parameters_removed_without_embeddings']:.1f}% without embeddings)",
+        *sub_block_lines(p),
+        *healing_lines(record.get("healing")),
         "",
         f"{'':<{width}}{'base':>12}{'pruned':>{col}}",
         *(f"{name:<{width}}{a:>12}{b:>{col}}" for name, a, b in rows),

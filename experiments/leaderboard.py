@@ -11,6 +11,13 @@ methods is compared on the average-task accuracy with a paired randomisation tes
 (`depthbench.evaluation.stats`), p-values Holm-corrected within the group; a method's ``rank`` is 1 +
 the number of methods significantly better (adjusted p < 0.05), ``=`` marks a shared rank. The
 Markdown lists every pair under the table. Rows without per-example results get no rank.
+
+Seeds: runs whose configs differ only in their seeds (``pruner.options.seed``, e.g. ``random_layers``'s draw or
+a trained method's shuffling, and the run-level ``seed``) form one seed group (``seed_group``, the config
+hash without the seeds). A group of two or more runs gets one more row, ``row_kind`` = ``seed mean``: the mean
+of every numeric column over its runs, the sample standard deviation (ddof 1) of the quality columns
+(``*_std``, ``std:<task>``), ``n_seeds`` and ``seeds``; its rank is the range of its runs' ranks. The CSV keeps
+the per-seed rows (``row_kind`` = ``seed``) beside it; the Markdown and the plots show the mean row only.
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ from pathlib import Path
 import pandas as pd
 
 from depthbench import atomic
-from depthbench.experiments.resume import RESULT_FILE, read_record
+from depthbench.experiments.resume import RESULT_FILE, config_hash, read_record
 
-ID_COLUMNS = ["model", "method", "ratio", "rank", "layers_removed", "removed_layers"]
+ID_COLUMNS = ["model", "method", "ratio", "rank", "n_seeds", "layers_removed", "removed_layers", "removed_sub_blocks"]
 ALPHA = 0.05
+#: Columns whose spread over seeds is reported (``<column>_std``; task scores as ``std:<task>``).
+SPREAD_COLUMNS = ("average", "retention_%", "ppl_pruned", "kl", "top1_agree_%", "rms_dp_correct", "speedup_prefill",
+                  "speedup_decode")
+#: Columns a mean over seeds does not average: identity, or the seeds themselves.
+NOT_AVERAGED = ("model", "method", "ratio", "layers_removed", "seed", "pruner_seed", "n_seeds")
+SEED_MEAN = "seed mean"
 
 
 def load_records(directories: list[Path]) -> list[dict]:
@@ -57,7 +70,7 @@ def base_row(record: dict) -> dict:
     """The unpruned model's row (its numbers are shared by every record of that model and benchmark)."""
     base = record.get("metrics", {}).get("base", {})
     row = {"model": record["model"]["name"], "method": "base (dense)", "ratio": 0.0, "layers_removed": 0,
-           "removed_layers": "", "params_removed_%": 0.0, "params_removed_no_emb_%": 0.0,
+           "row_kind": "base", "removed_layers": "", "params_removed_%": 0.0, "params_removed_no_emb_%": 0.0,
            "ppl_base": _metric(base, "heldout_perplexity", "perplexity"),
            "ppl_pruned": _metric(base, "heldout_perplexity", "perplexity")}
     for task, value in (base.get("tasks") or {}).items():
@@ -88,9 +101,56 @@ def fidelity_columns(fidelity: dict | None) -> dict:
     return row
 
 
+def healing_columns(record: dict) -> dict:
+    """The healing after pruning (``none``: the pruned model as it is) with its budget, and the healed model's
+    perplexity, KL to the dense model, top-1 agreement, task average and retention (``metrics.healed``)."""
+    h, healed = record.get("healing") or {}, _metric(record, "metrics", "healed") or {}
+    return {"healing": h.get("method", "none"), "healing_steps": h.get("steps"), "healing_tokens": h.get("tokens"),
+            "healing_seconds": h.get("seconds"), "ppl_healed": _metric(healed, "heldout_perplexity", "perplexity"),
+            "kl_healed": _metric(healed, "fidelity", "kl_mean"),
+            "top1_agree_healed_%": _metric(healed, "fidelity", "top1_agreement_percent"),
+            "average_healed": _metric(healed, "average"),
+            "retention_healed_%": _metric(healed, "retention", "average_percent")}
+
+
 def _benchmark_key(record: dict) -> str:
     tasks = sorted((record.get("metrics", {}).get("base", {}).get("tasks") or {}))
     return ",".join(short_task_name(t) for t in tasks) or "perplexity"
+
+
+def module_columns(pruning: dict) -> dict:
+    """Removed sub-blocks (``"K.attn"`` / ``"K.mlp"``), attention and MLP modules removed (a whole layer counts
+    in both), layer-equivalents (removed decoder parameters / parameters of one layer) and the % of the KV cache
+    removed. Records written before sub-blocks existed removed whole layers only: their counts are derived from
+    ``removed_layers`` and the parameter counts (None where those are missing too)."""
+    layers = len(pruning["removed_layers"])
+    before = pruning.get("num_layers_before")
+    params_before, params_after = pruning.get("parameters_before") or {}, pruning.get("parameters_after") or {}
+    equivalents = pruning.get("layer_equivalents_removed")
+    if equivalents is None and params_before.get("per_layer") and "without_embeddings" in params_after:
+        equivalents = (params_before["without_embeddings"] - params_after["without_embeddings"]) / params_before[
+            "per_layer"]
+    kv = pruning.get("kv_cache_fraction_removed")
+    if kv is None and "removed_attention_modules" not in pruning and before:
+        kv = layers / before
+    return {"removed_sub_blocks": " ".join(pruning.get("removed_sub_blocks") or []),
+            "attn_removed": pruning.get("removed_attention_modules", layers),
+            "mlp_removed": pruning.get("removed_mlp_modules", layers),
+            "layer_equivalents": None if equivalents is None else round(equivalents, 3),
+            "kv_removed_%": None if kv is None else round(100 * kv, 2)}
+
+
+def seed_group(record: dict) -> str:
+    """The config hash without the seeds (``seed``, ``pruner.options.seed``): runs that share it differ only
+    in their seeds. A record without its config is a group of its own."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return record["config_hash"]
+    config = {**config, "seed": None}
+    pruner = config.get("pruner")
+    if isinstance(pruner, dict) and isinstance(pruner.get("options"), dict):
+        config["pruner"] = {**pruner, "options": {k: v for k, v in pruner["options"].items() if k != "seed"}}
+    return config_hash(config)
 
 
 def record_row(record: dict) -> dict:
@@ -101,6 +161,7 @@ def record_row(record: dict) -> dict:
         "ratio": record["ratio"],
         "layers_removed": len(p["removed_layers"]),
         "removed_layers": " ".join(map(str, p["removed_layers"])),
+        **module_columns(p),
         "params_removed_%": round(100 * p["fraction_parameters_removed"], 2),
         "params_removed_no_emb_%": round(100 * p["fraction_parameters_removed_without_embeddings"], 2),
         "ppl_base": _metric(m, "base", "heldout_perplexity", "perplexity"),
@@ -117,6 +178,7 @@ def record_row(record: dict) -> dict:
     row["retention_%"] = _metric(m, "retention", "average_percent")
     row["retention_lo"], row["retention_hi"] = intervals.get("retention_average_percent") or (None, None)
     row.update(fidelity_columns(m.get("fidelity")))
+    row.update(healing_columns(record))
     for kind in ("prefill", "decode"):
         row[f"speedup_{kind}"] = _metric(m, "speedup", kind)
         row[f"speedup_{kind}_lo"], row[f"speedup_{kind}_hi"] = _metric(m, "speedup", f"{kind}_interval") or (None, None)
@@ -127,6 +189,9 @@ def record_row(record: dict) -> dict:
     for key in ("calibration_tokens", "training_tokens", "optimizer_steps"):
         row[key] = budget.get(key)
     row["seed"] = record.get("seed")
+    row["pruner_seed"] = (p.get("options") or {}).get("seed")
+    row["row_kind"] = "run"
+    row["seed_group"] = seed_group(record)
     row["config_hash"] = record["config_hash"]
     row["run_dir"] = record.get("_path")
     return row
@@ -153,9 +218,7 @@ def rank_groups(records: list[dict]) -> tuple[dict[str, str], list[dict]]:
     for (model, ratio, bench), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(members) < 2:
             continue
-        methods = [r["method"] for r in members]
-        labels = {r["config_hash"]: r["method"] if methods.count(r["method"]) == 1
-                  else f"{r['method']}#{r['config_hash'][:6]}" for r in members}
+        labels = _rank_labels(members)
         scores = {labels[r["config_hash"]]: r["metrics"]["pruned"]["average"] for r in members}
         samples = {labels[r["config_hash"]]: _per_example(r) for r in members}
         group_ranks, group_pairs = rank_methods(scores, samples, alpha=ALPHA)
@@ -163,6 +226,72 @@ def rank_groups(records: list[dict]) -> tuple[dict[str, str], list[dict]]:
             ranks[r["config_hash"]] = group_ranks[labels[r["config_hash"]]]
         pairs += [{"model": model, "ratio": ratio, "benchmark": bench, **p} for p in group_pairs]
     return ranks, pairs
+
+
+def _rank_labels(members: list[dict]) -> dict[str, str]:
+    """config hash -> the name a row has in the pairwise table: the method; ``method[seed=S]`` for runs of
+    one method that differ in the pruner's seed, ``method[run seed=S]`` in the run-level seed; ``method#<hash>``
+    where that is still ambiguous."""
+    def names(r):
+        seed = (r["pruning"].get("options") or {}).get("seed")
+        return (r["method"], f"{r['method']}[seed={seed}]" if seed is not None else r["method"],
+                f"{r['method']}[run seed={r.get('seed')}]")
+
+    labels = {}
+    for r in members:
+        for label in names(r):
+            if sum(1 for other in members if label in names(other)) == 1:
+                labels[r["config_hash"]] = label
+                break
+        else:
+            labels[r["config_hash"]] = f"{r['method']}#{r['config_hash'][:6]}"
+    return labels
+
+
+def _rank_span(ranks: pd.Series) -> str | None:
+    """The ranks of a seed group's runs as one text: ``2=`` when they agree, ``2..4`` otherwise."""
+    ranks = [r for r in ranks if isinstance(r, str)]
+    if not ranks:
+        return None
+    if len(set(ranks)) == 1:
+        return ranks[0]
+    values = [int(r.rstrip("=")) for r in ranks]
+    return f"{min(values)}..{max(values)}"
+
+
+def _seed_list(values: pd.Series) -> str:
+    return ",".join(str(int(v)) if float(v).is_integer() else str(v) for v in values)
+
+
+def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
+    """One ``seed mean`` row per seed group of two or more runs (see the module docstring); marks those runs
+    ``row_kind`` = ``seed``. Means propagate a missing value (a seed without a number makes the mean None)."""
+    runs = frame[frame["row_kind"] == "run"]
+    rows = []
+    for group_key, group in runs.groupby("seed_group", sort=False):
+        if len(group) < 2:
+            continue
+        frame.loc[group.index, "row_kind"] = "seed"
+        first = group.iloc[0]
+        row = {c: first[c] for c in ("model", "method", "ratio", "layers_removed", "seed_group")}
+        numeric = [c for c in group.columns if pd.api.types.is_numeric_dtype(group[c])
+                   and not pd.api.types.is_bool_dtype(group[c]) and c not in NOT_AVERAGED
+                   and not c.startswith("stderr:") and not c.endswith(("_lo", "_hi"))]
+        for column in numeric:
+            row[column] = group[column].astype(float).mean(skipna=False)
+        for column in [c for c in SPREAD_COLUMNS if c in numeric] + [c for c in numeric if c.startswith("task:")]:
+            std = group[column].astype(float).std(ddof=1, skipna=False)
+            row["std:" + column[5:] if column.startswith("task:") else f"{column}_std"] = std
+        row["removed_layers"] = row["removed_sub_blocks"] = ""
+        seeds = []
+        if group["pruner_seed"].nunique(dropna=False) > 1:
+            seeds.append(f"pruner.options.seed={_seed_list(group['pruner_seed'])}")
+        if group["seed"].nunique(dropna=False) > 1:
+            seeds.append(f"seed={_seed_list(group['seed'])}")
+        row.update({"n_seeds": len(group), "seeds": "; ".join(seeds), "rank": _rank_span(group["rank"]),
+                    "row_kind": SEED_MEAN, "config_hash": f"seeds-{group_key}", "run_dir": None})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def build_frame(records: list[dict]) -> pd.DataFrame:
@@ -173,12 +302,17 @@ def build_frame(records: list[dict]) -> pd.DataFrame:
         return frame
     ranks, pairs = rank_groups(records)
     frame["rank"] = frame["config_hash"].map(ranks)
+    means = seed_aggregates(frame)
+    if not means.empty:
+        frame = pd.concat([frame, means], ignore_index=True)
     frame.attrs["pairs"] = pairs
     task_columns = sorted(c for c in frame.columns if c.startswith("task:"))
     order = ID_COLUMNS + [c for c in frame.columns if c not in ID_COLUMNS and not c.startswith("task:")]
     order = order[:len(ID_COLUMNS)] + task_columns + order[len(ID_COLUMNS):]
     frame = frame[[c for c in order if c in frame.columns]]
-    frame = frame.sort_values(["model", "ratio", "method", "config_hash"]).reset_index(drop=True)
+    frame["_mean_last"] = frame["row_kind"] == SEED_MEAN  # a seed group's mean row right after its runs
+    frame = (frame.sort_values(["model", "ratio", "method", "seed_group", "_mean_last", "config_hash"])
+             .drop(columns="_mean_last").reset_index(drop=True))
     frame.attrs["pairs"] = pairs
     return frame
 
@@ -192,10 +326,26 @@ def _interval_text(value, lo, hi, fmt: str) -> str:
     return text
 
 
+def table_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows a table or plot shows: every row but the per-seed runs of a seed group (their mean stands for them)."""
+    if "row_kind" not in frame:
+        return frame
+    return frame[frame["row_kind"] != "seed"].reset_index(drop=True)
+
+
+def _spread_text(value, std, fmt: str) -> str:
+    return "" if value is None or pd.isna(value) else format(value, fmt) + (
+        "" if std is None or pd.isna(std) else f" ± {format(std, fmt)}")
+
+
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The Markdown view: task scores as ``value ± stderr``, average / retention / speed-up with their 95%
-    intervals in brackets, a speed-up outside [1, analytic] marked ``(!)``; CSV-only columns dropped."""
+    intervals in brackets, a speed-up outside [1, analytic] marked ``(!)``; a seed group as its mean row with
+    ``mean ± std`` over seeds (per-seed rows dropped); sub-block columns only when some row removed a sub-block;
+    CSV-only columns dropped."""
+    frame = table_rows(frame)
     out = frame.copy()
+    means = (frame["row_kind"] == SEED_MEAN) if "row_kind" in frame else pd.Series(False, index=frame.index)
     for col in [c for c in frame.columns if c.startswith("task:")]:
         se_col = "stderr:" + col[5:]
         out[col] = [("" if pd.isna(v) else f"{v:.3f}") + (f" ± {se:.3f}" if se_col in frame and not pd.isna(se) else "")
@@ -205,6 +355,17 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         if col in frame:
             out[col] = [_interval_text(v, a, b, fmt) for v, a, b in
                         zip(frame[col], frame.get(lo, [None] * len(frame)), frame.get(hi, [None] * len(frame)))]
+    spread = [(c, "std:" + c[5:], ".3f") for c in frame.columns if c.startswith("task:")] + [
+        (c, f"{c}_std", fmt) for c, fmt in (("average", ".3f"), ("retention_%", ".1f"), ("ppl_pruned", ".4g"),
+                                            ("kl", ".3f")) if c in frame]
+    for col, std_col, fmt in spread:
+        if std_col in frame:
+            if not col.startswith("task:") and col not in ("average", "retention_%"):  # numbers so far: as text
+                out[col] = [_spread_text(v, None, fmt) for v in frame[col]]
+            out.loc[means, col] = [_spread_text(v, sd, fmt) for v, sd in zip(frame.loc[means, col],
+                                                                             frame.loc[means, std_col])]
+    if "n_seeds" in frame:
+        out["n_seeds"] = ["" if pd.isna(n) else str(int(n)) for n in frame["n_seeds"]]
     for kind in ("prefill", "decode"):
         col = f"speedup_{kind}"
         if col in frame:
@@ -212,13 +373,31 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
             for i, v in enumerate(frame[col]):
                 lo, hi = (frame[f"{col}_{e}"].iloc[i] if f"{col}_{e}" in frame else None for e in ("lo", "hi"))
                 t = _interval_text(v, lo, hi, ".2f")
+                if means.iloc[i] and f"{col}_std" in frame:  # a mean over seeds: +- std, not one run's interval
+                    t = _spread_text(v, frame[f"{col}_std"].iloc[i], ".2f")
                 consistent = frame[f"{col}_consistent"].iloc[i] if f"{col}_consistent" in frame else None
                 if consistent is False or (isinstance(consistent, float) and consistent == 0.0):
                     t += " (!)"
                 texts.append(t)
             out[col] = texts
-    drop = [c for c in frame.columns if c.startswith("stderr:") or c.endswith(("_lo", "_hi", "_consistent"))]
-    return out.drop(columns=drop + ["run_dir"], errors="ignore")
+    drop = [c for c in frame.columns if c.startswith(("stderr:", "std:")) or c.endswith(("_lo", "_hi", "_consistent",
+                                                                                           "_std"))]
+    drop += ["run_dir", "row_kind", "seed_group", "pruner_seed"]
+    if not means.any():
+        drop += ["n_seeds", "seeds"]
+    if "removed_sub_blocks" in frame and not frame["removed_sub_blocks"].fillna("").astype(bool).any():
+        drop += ["removed_sub_blocks", "attn_removed", "mlp_removed", "kv_removed_%"]
+    return out.drop(columns=drop, errors="ignore")
+
+
+def seeds_note(frame: pd.DataFrame) -> str:
+    """The sentence under the table that says how rows with ``n_seeds`` were made (empty when there are none)."""
+    if "row_kind" not in frame or not (frame["row_kind"] == SEED_MEAN).any():
+        return ""
+    return ("\nRows with `n_seeds`: mean ± sample standard deviation (ddof 1) over that many runs that differ only "
+            "in their seeds (column `seeds`); task scores, average, retention, perplexity and KL as mean ± std, other "
+            "columns as means; rank = the range of the seeds' ranks. The per-seed rows, with their intervals, are "
+            "in leaderboard.csv (`row_kind` = seed).\n")
 
 
 def pairwise_markdown(pairs: list[dict]) -> str:
@@ -239,7 +418,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths = {"csv": out_dir / "leaderboard.csv", "md": out_dir / "leaderboard.md"}
     atomic.write_text(paths["csv"], frame.to_csv(index=False))
     shown = display_frame(frame)
-    atomic.write_text(paths["md"], shown.to_markdown(index=False, floatfmt=".4g") + "\n"
+    atomic.write_text(paths["md"], shown.to_markdown(index=False, floatfmt=".4g") + "\n" + seeds_note(frame)
                       + pairwise_markdown(frame.attrs.get("pairs", [])))
     from depthbench.experiments.plots import write_plots
 

@@ -10,7 +10,9 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +25,7 @@ from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.locking import STALE_AFTER_S
 from depthbench.measure import StageTimer
+from depthbench.paths import RunPaths, run_paths
 from depthbench.provenance import provenance
 from depthbench.evaluation.base_cache import cached_base_result, key_material
 from depthbench.evaluation.perplexity import heldout_windows
@@ -31,9 +34,12 @@ from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity,
                                          has_benchmark, quality, speed)
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
+from depthbench.healing.pruned_cache import cached_pruned_metrics
+from depthbench.healing.settings import check_healing
+from depthbench.healing.step import NO_HEALING, heal_model, healed_metrics, prepare as prepare_healing
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.loading import (
-    check_model_reference, default_cache_dir, load_model, load_tokenizer, model_fingerprint, num_layers_of,
+    check_model_reference, load_model, load_tokenizer, model_fingerprint, num_layers_of,
     resolve_dtype,
 )
 from depthbench.modeling.saving import save_pruned
@@ -72,14 +78,16 @@ def validate(cfg: DictConfig, output_dir: Path):
     if cfg.pruner.get("name") is None:
         raise ConfigError("pruner.name is not set")
     options = cfg.pruner.get("options")
-    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
+    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {},
+                          **{key: cfg.pruner.get(key) for key in ("compensate", "compensate_mode", "compensate_fold")
+                             if cfg.pruner.get(key) is not None})
     c = cfg.calibration
     validate_sizes(c.n_samples, c.seq_len, c.batch_size)
     build_source(c).check()
     if cfg.evaluate:
         check_evaluation(cfg.evaluation, cfg.efficiency)
     check_model_reference(cfg.model)
-    num_layers = num_layers_of(cfg.model)  # config.json or the GGUF header: no weights
+    num_layers = num_layers_of(cfg.model, run_paths(cfg).models_dir)  # config.json or the GGUF header: no weights
     if num_layers is not None:
         pruner.check_feasible(num_layers, layers_to_remove(ratio, num_layers))
     if cfg.evaluate and has_benchmark(cfg.benchmark):
@@ -88,6 +96,7 @@ def validate(cfg: DictConfig, output_dir: Path):
         parse_benchmark(cfg.benchmark)
         if not cfg.benchmark.get("offline"):
             check_tasks(cfg.benchmark)  # builds lm-eval's task index: seconds, still before any weights
+    check_healing(cfg)  # options, and target modules against the family from config.json / the GGUF header
     activation_budget(cfg)
     lock_stale_after(cfg)
     tracker = build_tracker(cfg.logger)
@@ -126,18 +135,9 @@ def _check_writable(directory: Path) -> None:
         raise ConfigError(f"output directory {str(directory)!r} is not writable: {err.strerror}") from err
 
 
-def cache_root(cfg: DictConfig, sweep_dir: Path | None) -> Path:
-    """Shared caches (calibration statistics, base-model results): ``cache.dir``, else the sweep's
-    ``.cache`` (shared by its cells), else the user cache (``$DEPTHBENCH_CACHE`` or ``~/.cache/depthbench``)."""
-    settings = cfg.get("cache") or {}
-    if settings.get("dir"):
-        return Path(settings["dir"])
-    return Path(sweep_dir) / ".cache" if sweep_dir else default_cache_dir()
-
-
 def statistics_dir(cfg: DictConfig, sweep_dir: Path | None) -> Path:
-    """Where calibration statistics and stored activations are cached (under `cache_root`)."""
-    return cache_root(cfg, sweep_dir) / "statistics"
+    """Where calibration statistics and stored activations are cached (`depthbench.paths.RunPaths`)."""
+    return run_paths(cfg).statistics_dir(sweep_dir)
 
 
 def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
@@ -172,139 +172,280 @@ def resolve_device(name: str) -> str:
     return name
 
 
+@dataclass
+class Cell:
+    """One grid cell as its steps see it: the config, where it writes, and what earlier steps produced."""
+
+    cfg: DictConfig
+    output_dir: Path
+    sweep_dir: Path | None = None
+    group: str = "single"
+    name: str | None = None
+    timer: StageTimer = field(default_factory=StageTimer)
+    started: float = field(default_factory=time.time)
+    ratio: float = 0.0
+    pruner: Any = None
+    tracker: Any = None
+    digest: str = ""
+    tokenizer: Any = None
+    calibration: Any = None
+    loaded: Any = None
+    adapter: Any = None
+    n_remove: int = 0
+    fingerprint: str = ""
+    windows: Any = None
+    metrics: dict = field(default_factory=dict)
+    reference: Any = None
+    dense: Any = None
+    dense_bytes: int = 0
+    result: Any = None
+    model_dir: Path | None = None
+    healing_plan: Any = None  # depthbench.healing.step.HealingPlan, None for healing=none
+    healing: dict = field(default_factory=lambda: dict(NO_HEALING))
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.cfg.progress)
+
+    @property
+    def settings(self):
+        return self.cfg.get("cache") or {}
+
+    @property
+    def paths(self) -> RunPaths:
+        return run_paths(self.cfg)
+
+    @property
+    def caches(self) -> Path:
+        """Calibration statistics and base-model results shared with other cells."""
+        return self.paths.shared_cache(self.sweep_dir)
+
+    @property
+    def shares_base_results(self) -> bool:
+        return bool(self.settings.get("base_results", True))
+
+
 def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = None,
         group: str = "single", name: str | None = None, after_prune=None) -> dict:
-    """Run one cell. With ``resume``, a finished record with the same config hash in ``output_dir``
-    or anywhere under ``sweep_dir`` is returned as it is (marked ``resumed``) and nothing is redone.
-    ``after_prune(model, tokenizer)``, if given, sees the pruned model in memory before it is saved."""
-    output_dir = Path(output_dir)
-    ratio, pruner, tracker = validate(cfg, output_dir)
-    # model.dtype=auto becomes the dtype it means on this machine before anything keys on the config
-    # (resume hash, caches, the record), so runs in different dtypes are never mixed up
+    """Run one cell as a sequence of named steps. With ``resume``, a finished record with the same config
+    hash in ``output_dir`` or anywhere under ``sweep_dir`` is returned as it is (marked ``resumed``) and
+    nothing is redone. ``after_prune(model, tokenizer)``, if given, sees the pruned model in memory
+    before it is saved."""
+    cell = Cell(cfg, Path(output_dir), Path(sweep_dir) if sweep_dir else None, group, name)
+    check_config(cell)
+    finished = finished_record(cell)
+    if finished is not None:
+        return finished
+    remove_stale_temporaries(cell.output_dir)
+    load_calibration_data(cell)
+    load_weights(cell)
+    if cfg.evaluate:
+        evaluate_base(cell)
+    prune(cell)
+    if cfg.evaluate:
+        evaluate_pruned(cell)
+    heal(cell)
+    check_finite_parameters(cell.loaded.model)
+    if after_prune is not None:
+        after_prune(cell.loaded.model, cell.loaded.tokenizer)
+    if cfg.save_model:
+        save_model(cell)
+    return write_record(cell)
+
+
+def check_config(cell: Cell) -> None:
+    """Every check that needs no weights (`validate`), then ``model.dtype=auto`` made concrete and the
+    config hash taken: the dtype is resolved before anything keys on the config (resume hash, caches, the
+    record), so runs in different dtypes are never mixed up."""
+    cfg = cell.cfg
+    cell.ratio, cell.pruner, cell.tracker = validate(cfg, cell.output_dir)
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, "cuda" if cfg.model.get("device_map") else
                                     resolve_device(cfg.device))
-    digest = config_hash(cfg)
-    if cfg.get("resume", True):
-        finished = find_finished(output_dir, digest, Path(sweep_dir) if sweep_dir else None)
-        if finished is not None:
-            log.info("cell %s already finished; nothing to do", digest)
-            return {**finished, "resumed": True}
-    remove_stale_temporaries(output_dir)
-    progress = bool(cfg.progress)
-    timer = StageTimer()
-    started = time.time()
+    cell.digest = config_hash(cfg)
 
-    # The tokenizer alone first: calibration text that is empty, too short or not UTF-8 fails before
-    # any weights are read (or the packaged GGUF is converted).
-    with timer.stage("calibration_data"):
-        tokenizer = load_tokenizer(cfg.model)
-        calibration = load_calibration(cfg.calibration, tokenizer)
-    for note in calibration.notes:
+
+def finished_record(cell: Cell) -> dict | None:
+    """The finished record of this cell (``resume``), marked ``resumed``; ``None`` when it must run."""
+    if not cell.cfg.get("resume", True):
+        return None
+    finished = find_finished(cell.output_dir, cell.digest, cell.sweep_dir)
+    if finished is None:
+        return None
+    log.info("cell %s already finished; nothing to do", cell.digest)
+    return {**finished, "resumed": True}
+
+
+def load_calibration_data(cell: Cell) -> None:
+    """The tokenizer alone, then the calibration text: text that is empty, too short or not UTF-8 fails
+    before any weights are read (or the packaged GGUF is converted)."""
+    with cell.timer.stage("calibration_data"):
+        cell.tokenizer = load_tokenizer(cell.cfg.model, cell.paths.models_dir)
+        cell.calibration = load_calibration(cell.cfg.calibration, cell.tokenizer)
+    for note in cell.calibration.notes:
         log.warning(note)
+    if (cell.cfg.get("healing") or {}).get("name", "none") != "none":
+        with cell.timer.stage("healing_data"):  # a budget larger than the text fails here, before weights
+            cell.healing_plan = prepare_healing(cell.cfg, cell.tokenizer)
 
-    with timer.stage("load"):
-        loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device),
-                            tokenizer=tokenizer)
-    adapter = adapter_for(loaded.model)
-    pruner.check_model(adapter)
-    n_remove = layers_to_remove(ratio, adapter.num_layers)
-    pruner.check_feasible(adapter.num_layers, n_remove)
 
-    caches = cache_root(cfg, sweep_dir)
-    settings = cfg.get("cache") or {}
-    fingerprint = model_fingerprint(loaded, cfg.model)
-    metrics: dict = {}
-    if cfg.evaluate:
-        with timer.stage("evaluation_data"):
-            windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
-        with timer.stage("evaluate_base"):
-            def compute():
-                return quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(), progress,
-                               "base")
+def load_weights(cell: Cell) -> None:
+    """The model, its adapter, and the number of layers to remove (checked against the real depth)."""
+    cfg = cell.cfg
+    with cell.timer.stage("load"):
+        cell.loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device),
+                                 tokenizer=cell.tokenizer, models_dir=cell.paths.models_dir)
+    cell.adapter = adapter_for(cell.loaded.model)
+    cell.pruner.check_model(cell.adapter)
+    cell.n_remove = layers_to_remove(cell.ratio, cell.adapter.num_layers)
+    cell.pruner.check_feasible(cell.adapter.num_layers, cell.n_remove)
+    cell.fingerprint = model_fingerprint(cell.loaded, cfg.model)
 
-            if settings.get("base_results", True):
-                metrics["base"], hit = cached_base_result(caches, base_result_material(cfg, fingerprint), compute,
-                                                          stale_after_s=lock_stale_after(cfg))
-                metrics["base_from_cache"] = hit
-            else:
-                metrics["base"] = compute()
-        reference = dense = None
-        if fidelity_enabled(cfg.evaluation):
-            with timer.stage("fidelity_reference"):
-                reference, _ = fidelity_reference(
-                    loaded.model, windows, cfg.evaluation, caches if settings.get("base_results", True) else None,
-                    base_result_material(cfg, fingerprint), progress, stale_after_s=lock_stale_after(cfg))
-        if cfg.efficiency.get("enabled", True):
-            with timer.stage("dense_copy"):  # pruning edits the model in place; speed times both interleaved
-                dense, dense_bytes = dense_copy(loaded.model)
 
-    stats_cache = (StatisticsCache(statistics_dir(cfg, sweep_dir), fingerprint, lock_stale_after(cfg))
-                   if settings.get("statistics", True) else None)
-    # Stored activations (GBs) persist where the caches are the user's own choice: a sweep's
-    # directory or an explicit cache.dir; a single run keeps them in a temporary directory.
-    keep = sweep_dir is not None or bool((cfg.get("cache") or {}).get("dir"))
-    store_dir = statistics_dir(cfg, sweep_dir) if keep and stats_cache is not None else None
-    with pruner.service(adapter, calibration, cache=stats_cache, keep_activations=keep, progress=progress,
-                        activation_budget_bytes=activation_budget(cfg, store_dir)) as service:
-        result = pruner.prune(adapter, service, n_remove)
-    timer.add(result.stages, prefix="prune.")
+def evaluate_base(cell: Cell) -> None:
+    """The dense model's quality (shared across a sweep's cells through the base-result cache), its
+    fidelity reference, and a copy of it for the interleaved speed measurement (pruning edits in place)."""
+    cfg, loaded, timer = cell.cfg, cell.loaded, cell.timer
+    material = base_result_material(cfg, cell.fingerprint)
+    with timer.stage("evaluation_data"):
+        cell.windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
+    with timer.stage("evaluate_base"):
+        def compute():
+            return quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark, cell.paths.data_dir,
+                           cell.progress, "base")
 
-    if cfg.evaluate:
+        if cell.shares_base_results:
+            cell.metrics["base"], hit = cached_base_result(cell.caches, material, compute,
+                                                           stale_after_s=lock_stale_after(cfg))
+            cell.metrics["base_from_cache"] = hit
+        else:
+            cell.metrics["base"] = compute()
+    if fidelity_enabled(cfg.evaluation):
+        with timer.stage("fidelity_reference"):
+            cell.reference, _ = fidelity_reference(
+                loaded.model, cell.windows, cfg.evaluation, cell.caches if cell.shares_base_results else None,
+                material, cell.progress, stale_after_s=lock_stale_after(cfg))
+    if cfg.efficiency.get("enabled", True) or needs_teacher(cell):
+        with timer.stage("dense_copy"):
+            cell.dense, cell.dense_bytes = dense_copy(loaded.model)
+
+
+def prune(cell: Cell) -> None:
+    """The method's stages over a calibration service with the run's caching: statistics cached per
+    model x calibration data; stored activations kept where the caches are the user's own choice (a
+    sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run."""
+    cfg = cell.cfg
+    if needs_teacher(cell) and cell.dense is None:  # the distillation teacher (evaluate=false made none)
+        with cell.timer.stage("dense_copy"):
+            cell.dense, cell.dense_bytes = dense_copy(cell.loaded.model)
+    statistics = cell.paths.statistics_dir(cell.sweep_dir)
+    stats_cache = (StatisticsCache(statistics, cell.fingerprint, lock_stale_after(cfg))
+                   if cell.settings.get("statistics", True) else None)
+    keep = cell.sweep_dir is not None or bool(cell.settings.get("dir"))
+    store_dir = statistics if keep and stats_cache is not None else None
+    budget = activation_budget(cfg, store_dir)
+    with cell.pruner.service(cell.adapter, cell.calibration, cache=stats_cache, keep_activations=keep,
+                             progress=cell.progress, activation_budget_bytes=budget) as service:
+        cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
+    cell.timer.add(cell.result.stages, prefix="prune.")
+
+
+def evaluate_pruned(cell: Cell) -> None:
+    """The pruned model's quality, its fidelity to the dense model, the interleaved speed-up, and the
+    comparison with the base numbers."""
+    cfg, loaded, timer, metrics = cell.cfg, cell.loaded, cell.timer, cell.metrics
+
+    def compute() -> dict:
         with timer.stage("evaluate_pruned"):
-            metrics["pruned"] = quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, default_cache_dir(),
-                                        progress, "pruned")
-        if reference is not None:
+            out = {"pruned": quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
+                                     cell.paths.data_dir, cell.progress, "pruned")}
+        if cell.reference is not None:
             with timer.stage("fidelity"):
-                metrics["fidelity"] = fidelity(loaded.model, windows, reference, metrics["base"], metrics["pruned"],
-                                               progress)
-        speeds = None
-        if dense is not None:
-            with timer.stage("speed"):
-                speeds = speed(dense, loaded.model, loaded.tokenizer, cfg.efficiency)
-                speeds["dense_copy_bytes"] = dense_bytes
-            del dense
-        metrics.update(compare(metrics["base"], metrics["pruned"], speeds))
+                out["fidelity"] = fidelity(loaded.model, cell.windows, cell.reference, metrics["base"], out["pruned"],
+                                           cell.progress)
+        return out
 
-    check_finite_parameters(loaded.model)
-    if after_prune is not None:
-        after_prune(loaded.model, loaded.tokenizer)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    prov = provenance()
-    pruning = result.to_dict()
-    model_dir = None
-    if cfg.save_model:
-        with timer.stage("save"):
-            metadata = {
-                "schema_version": SCHEMA_VERSION,
-                "config_hash": digest,
-                "base_model": {"name": loaded.name, "source": loaded.source},
-                "ratio": ratio,
-                **pruning,
-                "calibration": {"description": calibration.description, "n_samples": calibration.n_samples,
-                                "n_tokens": calibration.n_tokens, "seq_len": calibration.seq_len},
-                "seed": cfg.seed,
-                "config": config,
-                "provenance": prov,
-            }
-            model_dir = save_pruned(loaded.model, loaded.tokenizer, output_dir / MODEL_DIR, metadata)
+    # once per pruned model: every healing budget of a sweep reuses it (keyed by the config without healing)
+    pruned_only, metrics["pruned_from_cache"] = cached_pruned_metrics(
+        cell.caches if cell.shares_base_results else None, cfg, loaded.model, compute,
+        stale_after_s=lock_stale_after(cfg))
+    metrics.update(pruned_only)
+    speeds = None
+    if cell.dense is not None and cfg.efficiency.get("enabled", True):
+        with timer.stage("speed"):
+            speeds = speed(cell.dense, loaded.model, loaded.tokenizer, cfg.efficiency)
+            speeds["dense_copy_bytes"] = cell.dense_bytes
+    if not needs_teacher(cell):
+        cell.dense = None
+    metrics.update(compare(metrics["base"], metrics["pruned"], speeds))
 
+
+def needs_teacher(cell: Cell) -> bool:
+    """LoRA healing with distillation needs the dense model's logits: the dense copy is kept for it."""
+    return cell.healing_plan is not None and cell.healing_plan.needs_dense_model
+
+
+def heal(cell: Cell) -> None:
+    """``healing=lora``: LoRA on the kept layers, trained and merged in place (the pruned-only numbers are
+    already in ``metrics.pruned``); the healed model's numbers go to ``metrics.healed``."""
+    if cell.healing_plan is None:
+        return
+    cfg, loaded = cell.cfg, cell.loaded
+    with cell.timer.stage("heal"):
+        cell.healing = heal_model(cell.healing_plan, loaded.model, cell.adapter, cell.dense, cell.dense_bytes,
+                                  cell.progress)
+    cell.dense = None
+    if cfg.evaluate:
+        with cell.timer.stage("evaluate_healed"):
+            cell.metrics["healed"] = healed_metrics(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
+                                                    cell.paths.data_dir, cell.reference, cell.metrics["base"],
+                                                    cell.progress)
+
+
+def calibration_summary(cell: Cell) -> dict:
+    c = cell.calibration
+    return {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens, "seq_len": c.seq_len}
+
+
+def save_model(cell: Cell) -> None:
+    """``pruned_model/`` with its ``pruning.json`` (written atomically)."""
+    loaded = cell.loaded
+    with cell.timer.stage("save"):
+        metadata = {
+            "schema_version": SCHEMA_VERSION,
+            "config_hash": cell.digest,
+            "base_model": {"name": loaded.name, "source": loaded.source},
+            "ratio": cell.ratio,
+            **cell.result.to_dict(),
+            "healing": cell.healing,
+            "calibration": calibration_summary(cell),
+            "seed": cell.cfg.seed,
+            "config": OmegaConf.to_container(cell.cfg, resolve=True),
+            "provenance": provenance(),
+        }
+        cell.model_dir = save_pruned(loaded.model, loaded.tokenizer, cell.output_dir / MODEL_DIR, metadata)
+
+
+def write_record(cell: Cell) -> dict:
+    """``result.json`` (atomically), then the tracker (W&B); returns the record."""
+    cfg, loaded = cell.cfg, cell.loaded
     record = {
         "schema_version": SCHEMA_VERSION,
-        "config_hash": digest,
+        "config_hash": cell.digest,
         "model": {"name": loaded.name, "source": loaded.source, "dtype": cfg.model.dtype},
-        "method": pruner.name,
-        "ratio": ratio,
+        "method": cell.pruner.name,
+        "ratio": cell.ratio,
         "seed": cfg.seed,
-        "pruning": pruning,
-        "calibration": {"description": calibration.description, "n_samples": calibration.n_samples,
-                        "n_tokens": calibration.n_tokens, "seq_len": calibration.seq_len},
-        "metrics": metrics,
-        "stages": timer.to_dict(),
-        "wall_seconds": round(time.time() - started, 3),
-        "pruned_model_dir": str(model_dir) if model_dir else None,
-        "config": config,
-        "provenance": prov,
+        "pruning": cell.result.to_dict(),
+        "healing": cell.healing,
+        "calibration": calibration_summary(cell),
+        "metrics": cell.metrics,
+        "stages": cell.timer.to_dict(),
+        "wall_seconds": round(time.time() - cell.started, 3),
+        "pruned_model_dir": str(cell.model_dir) if cell.model_dir else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance(),
     }
-    atomic.write_json(output_dir / RESULT_FILE, record)
-    tracker.log_run(record, output_dir, group=group, name=name or f"{pruner.name}-r{ratio}-{digest[:6]}")
+    atomic.write_json(cell.output_dir / RESULT_FILE, record)
+    cell.tracker.log_run(record, cell.output_dir, group=cell.group,
+                         name=cell.name or f"{cell.pruner.name}-r{cell.ratio}-{cell.digest[:6]}")
     return record

@@ -15,13 +15,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that do not influence what a run computes.
-NON_SEMANTIC_KEYS = ("progress", "debug", "logger", "resume", "hydra", "cache")
+NON_SEMANTIC_KEYS = ("progress", "debug", "logger", "resume", "hydra", "cache", "paths")
 RESULT_FILE = "result.json"
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     data = {k: v for k, v in data.items() if k not in NON_SEMANTIC_KEYS}
+    if data.get("healing") == {"name": "none"}:  # the default: runs from before the healing group keep their hash
+        del data["healing"]
+    pruner = data.get("pruner")
+    if isinstance(pruner, dict) and pruner.get("compensate", "none") == "none":
+        # Prune&Comp off (the default): runs from before the setting existed keep their hash
+        data["pruner"] = {k: v for k, v in pruner.items() if not k.startswith("compensate")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

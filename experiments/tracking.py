@@ -66,6 +66,8 @@ class WandbTracker(Tracker):
         run = self._init(run_dir, group, name, record.get("config", {}), job_type="prune")
         try:
             scalars = flatten({k: v for k, v in record.items() if k not in ("config", "provenance")})
+            for step, loss in enumerate((record.get("healing") or {}).get("loss_curve") or [], 1):
+                run.log({"healing/step": step, "healing/loss": loss})  # the curve, one point per optimiser step
             run.log(scalars)
             run.summary.update(scalars)
             import wandb

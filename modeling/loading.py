@@ -23,6 +23,7 @@ import torch
 from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.locking import EntryLock
+from depthbench.paths import user_cache_dir
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEPTHBENCH_CACHE", Path.home() / ".cache" / "depthbench"))
+    """The user cache when no config says otherwise (`depthbench.paths.user_cache_dir`)."""
+    return user_cache_dir()
+
+
+def default_models_dir() -> Path:
+    return user_cache_dir() / "models"
 
 
 def check_model_reference(cfg) -> None:
@@ -117,23 +123,23 @@ def model_name(cfg) -> str:
     return str(gguf.get("name") or Path(str(gguf.get("file", "model"))).name.split(".")[0])
 
 
-def _local_source(cfg) -> Path | None:
+def _local_source(cfg, models_dir: Path | None = None) -> Path | None:
     """The local directory holding ``cfg``'s config.json and tokenizer, if there is one yet (a local
     ``name_or_path``, or the GGUF's converted copy once made); None for a Hub id or an unconverted GGUF."""
     if cfg.get("name_or_path"):
         path = Path(str(cfg.name_or_path)).expanduser()
         return path if path.is_dir() else None
-    target = converted_copy_dir(_gguf_path(cfg.gguf.package, cfg.gguf.file))
+    target = converted_copy_dir(_gguf_path(cfg.gguf.package, cfg.gguf.file), models_dir)
     return target if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file() else None
 
 
-def num_layers_of(cfg) -> int | None:
+def num_layers_of(cfg, models_dir: Path | None = None) -> int | None:
     """The decoder layer count, read without any weights: config.json of a directory or the Hub (the
     small file only), or the packaged GGUF's header metadata. None if it cannot be read cheaply (the
     load itself then reports the problem)."""
     from transformers import AutoConfig
 
-    local = _local_source(cfg)
+    local = _local_source(cfg, models_dir)
     try:
         if local is not None:
             return int(AutoConfig.from_pretrained(str(local)).num_hidden_layers)
@@ -191,12 +197,12 @@ def gguf_metadata(path: Path, key: str):
     return None
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg, models_dir: Path | None = None):
     """The tokenizer alone (no weights), with a pad token: from the local directory or converted copy,
     the Hub, or, before the GGUF's first conversion, the GGUF itself (then reused by the conversion)."""
     from transformers import AutoTokenizer
 
-    local = _local_source(cfg)
+    local = _local_source(cfg, models_dir)
     try:
         if local is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(local))
@@ -215,9 +221,10 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_model(cfg, device: str | None = None, tokenizer=None) -> LoadedModel:
-    """Load ``cfg`` (a ``conf/model`` entry): ``name_or_path`` wins; else the packaged GGUF. A
-    ``tokenizer`` from `load_tokenizer` is used as it is instead of loading it again."""
+def load_model(cfg, device: str | None = None, tokenizer=None, models_dir: Path | None = None) -> LoadedModel:
+    """Load ``cfg`` (a ``conf/model`` entry): ``name_or_path`` wins; else the packaged GGUF (converted once
+    into ``models_dir``, default the user cache's ``models/``). A ``tokenizer`` from `load_tokenizer` is
+    used as it is instead of loading it again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_reference(cfg)
@@ -225,7 +232,7 @@ def load_model(cfg, device: str | None = None, tokenizer=None) -> LoadedModel:
     if cfg.get("name_or_path"):
         source = str(Path(cfg.name_or_path).expanduser()) if os.path.exists(cfg.name_or_path) else cfg.name_or_path
     else:
-        source = str(_plain_copy_of_gguf(cfg.gguf.package, cfg.gguf.file, tokenizer))
+        source = str(_plain_copy_of_gguf(cfg.gguf.package, cfg.gguf.file, tokenizer, models_dir))
     kwargs = {"dtype": dtype, "revision": cfg.get("revision") or None}
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
@@ -285,20 +292,21 @@ def _gguf_path(package: str, file: str) -> Path:
     return path
 
 
-def converted_copy_dir(gguf: Path) -> Path:
-    """Where the plain copy of ``gguf`` lives: named after a hash of the file's bytes."""
+def converted_copy_dir(gguf: Path, models_dir: Path | None = None) -> Path:
+    """Where the plain copy of ``gguf`` lives (under ``models_dir``, default the user cache's ``models/``):
+    named after a hash of the file's bytes."""
     import hashlib
 
     with gguf.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
-    return default_cache_dir() / "models" / f"{gguf.stem}-{digest}"
+    return (models_dir or default_models_dir()) / f"{gguf.stem}-{digest}"
 
 
-def _plain_copy_of_gguf(package: str, file: str, tokenizer=None) -> Path:
+def _plain_copy_of_gguf(package: str, file: str, tokenizer=None, models_dir: Path | None = None) -> Path:
     """A ``save_pretrained`` directory equivalent to the GGUF model, converted once and cached (with
     ``tokenizer`` if given: the GGUF's, already built by `load_tokenizer`)."""
     gguf = _gguf_path(package, file)
-    target = converted_copy_dir(gguf)
+    target = converted_copy_dir(gguf, models_dir)
     if not _converted(target):
         # cells of a parallel sweep starting at once convert it once (the others wait, then load it):
         # a second conversion would replace the copy under a reader and change its fingerprint

@@ -1,9 +1,21 @@
 """Save a pruned model as a ``save_pretrained`` directory plus its ``pruning.json``, and load it back.
 
 Normally the directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no custom code.
+
+Removed attention / MLP sub-blocks (`ModelAdapter.remove_units`: parameter-free stand-ins in memory) are
+saved by default (``sub_blocks="zeroed"``) as the full architecture with every parameter of each removed
+sub-block set to 0, its output projection (``o_proj`` / ``down_proj``, weight and bias) included: the
+sub-block then adds exactly 0 to the residual stream (an RMSNorm after it, Gemma's, maps 0 to 0), so
+plain ``from_pretrained`` computes the same function; ``pruning.json`` lists them under
+``zeroed_sub_blocks``, and `load_pruned` puts the stand-ins back (the in-memory pruned model, with its
+speed-up; the plain checkpoint runs the zeroed sub-blocks and realises no speed-up or KV-cache saving).
+A family whose zeroed sub-block would not add exactly 0 (``ModelAdapter.sub_blocks_save_zeroed`` False),
+``sub_blocks="removed"``, or a model that also carries linear modules uses the layout below.
+
 The exception is a model whose structure ``config.json`` cannot express (`ModelAdapter.custom_modules`):
-explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with ``norm_fold: linear``) or removed
-attention / MLP sub-blocks (`ModelAdapter.remove_units`). transformers would load it with weights
+explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with ``norm_fold: linear``), LinearPatch's
+``residual_patch`` after a decoder layer (``placement: interface``), or removed
+attention / MLP sub-blocks saved with ``sub_blocks="removed"``. transformers would load it with weights
 dropped or randomly initialised and only a warning, so such a directory is laid out so that plain
 ``from_pretrained`` fails loudly (no weights at the top level: ``OSError ... no file named
 model.safetensors``), with the weights in ``depthbench_weights/``, the changes listed in
@@ -45,12 +57,30 @@ def _custom_modules(model) -> tuple[dict[str, list], str]:
     return adapter.custom_modules(), adapter.mlp_output_linear_description
 
 
-def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path:
+#: How `save_pruned` writes removed sub-blocks (see the module docstring).
+SUB_BLOCK_FORMATS = ("zeroed", "removed")
+#: The ``pruning.json`` key listing sub-blocks saved as zeros (current numbering, ``K.attn`` / ``K.mlp``).
+ZEROED_KEY = "zeroed_sub_blocks"
+
+
+def save_pruned(model, tokenizer, directory: str | Path, metadata: dict, sub_blocks: str = "zeroed") -> Path:
+    if sub_blocks not in SUB_BLOCK_FORMATS:
+        raise ValueError(f"sub_blocks={sub_blocks!r}; allowed: {', '.join(SUB_BLOCK_FORMATS)}")
     directory = Path(directory)
     changes, linear_description = _custom_modules(model)
+    state_dict = None
+    if sub_blocks == "zeroed" and changes.get("removed_sub_blocks") and not changes.get("mlp_output_linear_layers"):
+        zeroed = _zeroed_state_dict(model)
+        if zeroed is not None:
+            state_dict, names = zeroed
+            metadata = {**metadata, ZEROED_KEY: changes.pop("removed_sub_blocks"), "zeroed_parameters": names,
+                        "zeroed_note": ("every parameter of these sub-blocks is 0 (output projection included), so "
+                                        "plain from_pretrained computes the pruned function but still runs them: "
+                                        "speed-up and KV-cache saving are measured on the in-memory model; "
+                                        "depthbench.modeling.saving.load_pruned removes them again")}
     with atomic.directory(directory) as tmp:
         if not changes:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         else:
             weights = tmp / WEIGHTS_DIR
             model.save_pretrained(weights, **_in_memory_key_names(model))
@@ -60,6 +90,7 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path
             custom = {"format_version": CUSTOM_FORMAT_VERSION,
                       "mlp_output_linear_layers": changes.get("mlp_output_linear_layers", []),
                       "removed_sub_blocks": changes.get("removed_sub_blocks", []),
+                      "residual_patch_layers": changes.get("residual_patch_layers", []),
                       "weights": WEIGHTS_DIR, "load_with": "depthbench.modeling.saving.load_pruned(directory)"}
             if custom["mlp_output_linear_layers"]:
                 custom["module"] = linear_description
@@ -70,6 +101,37 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict) -> Path
             tokenizer.save_pretrained(tmp)
         atomic.write_json(tmp / METADATA_FILE, metadata)
     return directory
+
+
+def _zeroed_state_dict(model) -> tuple[dict, list[str]] | None:
+    """The model's state dict completed to the full architecture of its config: every parameter of a
+    removed sub-block as zeros (model dtype). Also returns the module prefixes zeroed. ``None`` where the
+    family does not allow it (`ModelAdapter.sub_blocks_save_zeroed`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from depthbench.modeling.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if not adapter.sub_blocks_save_zeroed:
+        return None
+    layer_names = {id(module): name for name, module in model.named_modules()}
+    prefixes = []
+    for unit in adapter.removed_sub_blocks():
+        layer = adapter.layer(unit.layer)
+        prefixes += [f"{layer_names[id(layer)]}.{name}." for name in adapter.sub_block_stand_ins(layer, unit.part)]
+    with _without_random_initialisation(), torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(model.config).state_dict()
+    state = model.state_dict()
+    missing = [k for k in full if k not in state]
+    stray = [k for k in missing if not k.startswith(tuple(prefixes))]
+    if stray or set(state) - set(full):
+        raise RuntimeError(f"zeroed sub-blocks: keys missing outside the removed sub-blocks {stray[:5]} or unknown "
+                           f"to the architecture {sorted(set(state) - set(full))[:5]}")
+    dtype = adapter.embeddings().weight.dtype
+    for key in missing:
+        state[key] = torch.zeros(full[key].shape, dtype=dtype)
+    return state, [p.rstrip(".") for p in prefixes]
 
 
 def _in_memory_key_names(model) -> dict:
@@ -90,6 +152,10 @@ def _readme(custom: dict) -> str:
     if custom["removed_sub_blocks"]:
         what.append(f"The sub-blocks {custom['removed_sub_blocks']} (K.attn: attention, K.mlp: MLP of decoder layer K, "
                     "current numbering) are removed: those layers keep only their other sub-block.")
+    if custom.get("residual_patch_layers"):
+        what.append(f"Decoder layers {custom['residual_patch_layers']} are followed by an explicit linear map of the "
+                    "residual stream (LinearPatch; key `...layers.K.residual_patch.weight`, applied by a forward "
+                    "hook).")
     return ("# Pruned by depthbench: needs depthbench to load\n\n" + " ".join(what) + " Plain "
             "`AutoModelForCausalLM.from_pretrained` cannot load this directory (it would drop or randomly "
             "initialise weights, so they are kept in `depthbench_weights/` where it does not look). Load it with:\n\n"
@@ -101,10 +167,11 @@ def _readme(custom: dict) -> str:
 def load_pruned(directory: str | Path, dtype=None, device: str | None = None, device_map=None):
     """Load a directory written by `save_pruned`, in eval mode, with identical logits.
 
-    Plain directories go to ``AutoModelForCausalLM.from_pretrained``. Where ``depthbench_modules.json``
-    exists: the base architecture is built from ``config.json`` (in its saved dtype unless ``dtype`` is
-    given) without random initialisation, directly on ``device``; the listed linear modules are
-    re-inserted through the adapter; every tensor is streamed from the safetensors files into its
+    Plain directories go to ``AutoModelForCausalLM.from_pretrained``; sub-blocks that ``pruning.json``
+    lists as ``zeroed_sub_blocks`` then get their stand-ins back (`ModelAdapter.remove_units`). Where
+    ``depthbench_modules.json`` exists: the base architecture is built from ``config.json`` (in its saved
+    dtype unless ``dtype`` is given) without random initialisation, directly on ``device``; the listed
+    linear modules are re-inserted through the adapter; every tensor is streamed from the safetensors files into its
     parameter (peak memory: the model plus one tensor), strictly (a missing, unknown or misshapen key
     raises; only tied copies of loaded weights may be absent). ``device_map`` (``"auto"``, one
     device, or a module -> device dict) spreads the loaded model with accelerate, as
@@ -120,6 +187,11 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        zeroed = _zeroed_sub_blocks(directory)
+        if zeroed:
+            from depthbench.modeling.adapters import adapter_for
+
+            adapter_for(model).remove_units(zeroed)
         return (model.to(device) if device and device_map is None else model).eval()
     custom = json.loads(sidecar.read_text(encoding="utf-8"))
     if custom.get("format_version") not in READABLE_FORMAT_VERSIONS:
@@ -142,6 +214,8 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     for k in custom.get("mlp_output_linear_layers", []):
         adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
     adapter.remove_units(custom.get("removed_sub_blocks", []))
+    for k in custom.get("residual_patch_layers", []):
+        adapter.insert_residual_patch(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
     loaded, unexpected = _stream_weights(model, files)
     model.tie_weights()
     # a key may be absent only where its parameter is shared with (tied to) a loaded one
@@ -157,6 +231,14 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     if device_map is not None:
         model = _dispatch(model, device_map, dtype)
     return model.eval()
+
+
+def _zeroed_sub_blocks(directory: Path) -> list[str]:
+    """The sub-blocks ``pruning.json`` says were saved as zeros (empty without that file or key)."""
+    metadata = directory / METADATA_FILE
+    if not metadata.is_file():
+        return []
+    return list(json.loads(metadata.read_text(encoding="utf-8")).get(ZEROED_KEY, []))
 
 
 def _without_random_initialisation():

@@ -8,5 +8,9 @@ from depthbench.pruners.options import option
 # entry-point group instead (see README).
 from depthbench.pruners import uidl  # noqa: E402,F401
 from depthbench.pruners import replaceme, shortgpt, llm_streamline  # noqa: E402,F401
+from depthbench.pruners import sleb, shortened_llama  # noqa: E402,F401
+from depthbench.pruners import llm_drop, blockpruner  # noqa: E402,F401
+from depthbench.pruners import baselines  # noqa: E402,F401
+from depthbench.pruners import laco, linearpatch  # noqa: E402,F401
 
 __all__ = ["CalibrationService", "PruneResult", "Pruner", "Selection", "build_pruner", "option", "pruner_registry"]

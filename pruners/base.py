@@ -27,6 +27,8 @@ from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.modeling.adapters import ModelAdapter
 from depthbench.modeling.units import Unit, UnitLike, normalize_units
+from depthbench.pruners.compensation import (CompensationSettings, compensate_iterative, compensate_post,
+                                             parse_compensation)
 from depthbench.pruners.options import parse_options
 from depthbench.registry import Registry
 from depthbench.selection.blocks import Block
@@ -81,6 +83,8 @@ class PruneResult:
     #: ``calibration_tokens``, ``training_tokens``, ``optimizer_steps``, ``epochs`` of this prune (0 where
     #: nothing is trained), from the replacement's ``budget`` where it has one.
     budget: dict = field(default_factory=dict)
+    #: Prune&Comp's record (settings, alpha per gap or round; `depthbench.pruners.compensation`), or None.
+    compensation: dict | None = None
 
     @property
     def removed_layers(self) -> list[int]:
@@ -116,6 +120,7 @@ class PruneResult:
                 removed_body / self.parameters_before["without_embeddings"],
             "stages": self.stages,
             "budget": self.budget,
+            "compensation": self.compensation,
         }
 
 
@@ -135,9 +140,38 @@ class Pruner(ABC):
     class Options:
         pass
 
+    #: The pruner-level setting ``compensate`` (Prune&Comp magnitude compensation after removal; see
+    #: `depthbench.pruners.compensation`), set by `with_compensation`; off by default.
+    compensation: CompensationSettings = CompensationSettings()
+
     def __init__(self, **options: Any):
         self.options = parse_options(self.name, self.Options, options)
         self.validate_options()
+
+    def removes_sub_blocks(self) -> bool:
+        """Whether this method (with its options) may remove attention / MLP sub-blocks rather than whole layers."""
+        return False
+
+    def with_compensation(self, settings: CompensationSettings) -> "Pruner":
+        """Turn on Prune&Comp for this pruner (returns it); one `ConfigError` where the method replaces
+        the removed layers (ReplaceMe, LLM-Streamline: `fit` / `apply` of its own) or removes sub-blocks."""
+        if settings.active:
+            own = [stage for stage in ("fit", "apply") if getattr(type(self), stage) is not getattr(Pruner, stage)]
+            if own or self.fit_reads_activations:
+                raise ConfigError(f"pruner.compensate={settings.method!r} is for methods that only remove layers; "
+                                  f"{self.name!r} puts something in their place (its own {', '.join(own) or 'fit'}), "
+                                  f"which already maps onto h_e; allowed for it: compensate=none")
+            if self.removes_sub_blocks():
+                raise ConfigError(f"pruner.compensate={settings.method!r} needs whole-layer gaps; {self.name!r} with "
+                                  f"these options removes attention / MLP sub-blocks; allowed for it: compensate=none")
+            if settings.mode == "iterative" and not self.uses_calibration:
+                raise ConfigError(f"pruner.compensate_mode=iterative re-scores {self.name!r} on the compensated model "
+                                  f"after every removal, but {self.name!r} chooses without looking at the model (so "
+                                  f"its rounds would not reproduce its own choice); allowed for it: "
+                                  f"compensate_mode=post")
+        if settings != type(self).compensation:  # the default stays a class attribute: options are the only state
+            self.compensation = settings
+        return self
 
     def validate_options(self) -> None:
         """Check option values; raise `ConfigError` naming the value and what is allowed."""
@@ -152,8 +186,18 @@ class Pruner(ABC):
     #: pass and replays them in `fit` instead of running a second forward pass.
     fit_reads_activations: ClassVar[bool] = False
 
+    #: False for methods that choose without the calibration data (position, a seeded draw): their
+    #: ``budget`` then records 0 calibration tokens (unless Prune&Comp, which reads them, is on).
+    uses_calibration: ClassVar[bool] = True
+
     def check_model(self, adapter: ModelAdapter) -> None:
-        """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
+        """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration).
+        The base checks that the Prune&Comp fold is exact here (`prune` checks it again, for overrides)."""
+        self._check_compensation(adapter)
+
+    def _check_compensation(self, adapter: ModelAdapter) -> None:
+        if self.compensation.active:
+            adapter.check_residual_scaling(scale_embeddings=self.compensation.fold == "before")
 
     # -- stages ----------------------------------------------------------------------------
     @abstractmethod
@@ -184,6 +228,7 @@ class Pruner(ABC):
         data, for which a service without a cache is built for this call (stored activations in a
         temporary directory)."""
         self.check_model(adapter)
+        self._check_compensation(adapter)
         self.check_feasible(adapter.num_layers, n_remove)
         if isinstance(calibration, CalibrationService):
             return self._run_stages(adapter, calibration, n_remove)
@@ -201,14 +246,29 @@ class Pruner(ABC):
         num_layers = adapter.num_layers
         timer = StageTimer()
         params_before = adapter.parameter_counts()
+        compensation = None
         with timer.stage("score"):
-            stats = service.original(self.statistics(adapter, n_remove), "calibration")
-        with timer.stage("select"):
-            selection = self.select(stats, adapter, n_remove, service)
-        with timer.stage("fit"):
-            replacement = self.fit(adapter, selection, service)
-        with timer.stage("apply"):
-            replacement_info = self.apply(adapter, selection, replacement, service)
+            first_round = 1 if self.compensation.active and self.compensation.mode == "iterative" else n_remove
+            stats = service.original(self.statistics(adapter, first_round), "calibration")
+        if self.compensation.active:  # removal and compensation together: `depthbench.pruners.compensation`
+            replacement_info = None
+            with timer.stage("compensate"):
+                if self.compensation.mode == "iterative":
+                    selection, compensation = compensate_iterative(self, adapter, stats, n_remove, service,
+                                                                   self.compensation)
+                else:
+                    selection = self.select(stats, adapter, n_remove, service)
+                    if selection.removed_sub_blocks:
+                        raise ConfigError(f"pruner.compensate: {self.name} selected sub-blocks "
+                                          f"{selection.removed_sub_blocks}; compensation needs whole layers")
+                    compensation = compensate_post(adapter, selection, service, self.compensation)
+        else:
+            with timer.stage("select"):
+                selection = self.select(stats, adapter, n_remove, service)
+            with timer.stage("fit"):
+                replacement = self.fit(adapter, selection, service)
+            with timer.stage("apply"):
+                replacement_info = self.apply(adapter, selection, replacement, service)
         return PruneResult(
             method=self.name,
             options=dataclasses.asdict(self.options),
@@ -219,7 +279,9 @@ class Pruner(ABC):
             parameters_before=params_before,
             parameters_after=adapter.parameter_counts(),
             stages=timer.to_dict(),
-            budget=prune_budget(service.calibration.n_tokens, replacement_info),
+            budget=prune_budget(service.calibration.n_tokens
+                                if self.uses_calibration or self.compensation.active else 0, replacement_info),
+            compensation=compensation,
         )
 
 
@@ -236,5 +298,8 @@ def prune_budget(calibration_tokens: int, replacement_info: dict | None) -> dict
 pruner_registry: Registry[type[Pruner]] = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
 
 
-def build_pruner(name: str, options: dict | None = None) -> Pruner:
-    return pruner_registry.get(name)(**(options or {}))
+def build_pruner(name: str, options: dict | None = None, compensate: str = "none", compensate_mode: str = "iterative",
+                 compensate_fold: str = "after") -> Pruner:
+    """The registered pruner ``name`` with ``options`` and the pruner-level Prune&Comp setting."""
+    settings = parse_compensation(compensate, compensate_mode, compensate_fold)
+    return pruner_registry.get(name)(**(options or {})).with_compensation(settings)

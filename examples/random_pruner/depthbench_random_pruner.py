@@ -1,7 +1,10 @@
-"""Example plugin: a seeded random-layer baseline behind depthbench's `Pruner` interface.
+"""Example plugin: a seeded random-layer pruner behind depthbench's `Pruner` interface.
 
     pip install ./examples/random_pruner
-    depthbench pruner=random_layers pruner.options.seed=1
+    depthbench pruner=example_random pruner.options.seed=1
+
+It draws the removed layers directly (``random.Random(seed).sample(range(L), R)``); depthbench's own
+baseline ``random_layers`` instead reproduces the reference draw of Lu et al. (it samples the kept layers).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from dataclasses import dataclass
 from depthbench.pruners import Pruner, Selection, option
 
 
-class RandomLayersPruner(Pruner):
-    name = "random_layers"
-    paper = "baseline: uniformly random layers"
+class ExampleRandomPruner(Pruner):
+    name = "example_random"
+    paper = "example plugin: uniformly random layers"
 
     @dataclass
     class Options:

@@ -226,6 +226,65 @@ class ModelAdapter(ABC):
         """Call ``fn()`` after layer k's forward (e.g. to raise and end a pass early)."""
         return self.layer(k).register_forward_hook(lambda module, args, output: fn())
 
+    def sequential_sub_blocks(self) -> bool:
+        """Whether the MLP sub-block reads ``Y_k`` (attention, then MLP); False where attention and MLP read
+        the layer input in parallel (GPT-NeoX ``use_parallel_residual``, Falcon's parallel forms)."""
+        return True
+
+    def observe_attention_residual(self, k: int, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn(Y_k)`` ([B, T, d]): the residual stream after layer k's attention residual add, i.e. the
+        input of its MLP sub-block's own pre-norm. Where attention and MLP run in parallel there is no such
+        tensor and ``Y_k = h_{k+1} - M_k`` is taken (float64). A skipped attention gives ``Y_k = h_k``."""
+        layer = self.layer(k)
+        if not self.sequential_sub_blocks():
+            kept: dict[str, torch.Tensor] = {}
+            return RemovableHandles(
+                self.observe_mlp_output(k, lambda m: kept.__setitem__("m", m.to(torch.float64))),
+                self.observe_residual(k + 1, lambda h: fn(h.to(torch.float64) - kept.pop("m"))))
+        norm, _ = self.sub_block_norm_and_module(layer, "mlp")
+        return self._observe_in_layer_shape(layer, layer.get_submodule(norm), fn, output=False)
+
+    def observe_sub_block(self, k: int, part: str, where: str, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn(x)`` ([B, T, d]) with sub-block ``part`` ("attention" / "mlp") of layer k seen from
+        inside: ``where="normed_input"`` is the output of its own pre-norm, ``"output"`` the output of its
+        module (attention / MLP), before any post-norm and the residual add (a copy: Falcon adds onto it in
+        place). `ConfigError` where the sub-block has no own pre-norm or no single module."""
+        if where not in ("normed_input", "output"):
+            raise ConfigError(f"sub-block point {where!r}; allowed: normed_input, output")
+        layer = self.layer(k)
+        norm, module = self.sub_block_norm_and_module(layer, part)
+        if norm is None or module is None:
+            raise ConfigError(f"{self.family}: the {part} sub-block has no own pre-norm and single module to observe")
+        target = layer.get_submodule(norm if where == "normed_input" else module)
+        return self._observe_in_layer_shape(layer, target, fn, output=True)
+
+    def sub_block_norm_and_module(self, layer: nn.Module, part: str) -> tuple[str | None, str | None]:
+        """The sub-block's own pre-norm (the first norm its stand-ins list) and its one module returning
+        zeros when skipped (``None`` where there are several, e.g. OPT's fc1 / fc2)."""
+        stand_ins = self.sub_block_stand_ins(layer, part)
+        norms = [name for name, s in stand_ins.items() if isinstance(s, IdentityStandIn)]
+        modules = [name for name, s in stand_ins.items() if isinstance(s, ZeroOutput)]
+        return (norms[0] if norms else None), (modules[0] if len(modules) == 1 else None)
+
+    @staticmethod
+    def _observe_in_layer_shape(layer: nn.Module, target: nn.Module, fn, output: bool):
+        """Hook ``target``'s input (or output) and hand it to ``fn`` as [B, T, d], the layer input's token
+        shape (OPT flattens tokens inside its layers)."""
+        shape: dict[str, torch.Size] = {}
+
+        def remember(module, args, kwargs):
+            shape["tokens"] = (args[0] if args else kwargs["hidden_states"]).shape[:-1]
+
+        def give(x):
+            fn(x.reshape(*shape["tokens"], x.shape[-1]))
+
+        if output:
+            handle = target.register_forward_hook(lambda module, args, out: give(_first(out).clone()))
+        else:
+            handle = target.register_forward_pre_hook(
+                lambda module, args, kwargs: give(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        return RemovableHandles(layer.register_forward_pre_hook(remember, with_kwargs=True), handle)
+
     # -- units: skipping without surgery, sub-block removal ---------------------------------
     #: Whether a decoder layer's forward returns a tuple whose first item is the hidden states (Falcon)
     #: rather than the hidden states alone.
@@ -305,6 +364,11 @@ class ModelAdapter(ABC):
                 setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, stand_in)
         return units
 
+    #: Whether a removed sub-block may be saved as the full architecture with all its parameters 0
+    #: (`depthbench.modeling.saving`): true where such a sub-block adds exactly 0 to the residual stream
+    #: (its output projection is 0, and whatever follows it maps 0 to 0, as Gemma's RMSNorm does).
+    sub_blocks_save_zeroed: bool = True
+
     def removed_sub_blocks(self) -> list[Unit]:
         """Sub-blocks removed by `remove_units` (current numbering): those whose parts are all stand-ins."""
         out = []
@@ -329,12 +393,15 @@ class ModelAdapter(ABC):
 
     def custom_modules(self) -> dict[str, list]:
         """What transformers' ``from_pretrained`` cannot rebuild from ``config.json`` (empty where nothing):
-        ``mlp_output_linear_layers`` (Gemma's inserted linear modules) and ``removed_sub_blocks``."""
+        ``mlp_output_linear_layers`` (Gemma's inserted linear modules), ``removed_sub_blocks`` and
+        ``residual_patch_layers`` (LinearPatch's `ResidualPatch` modules)."""
         out: dict[str, list] = {}
         if self.mlp_output_linear_layers():
             out["mlp_output_linear_layers"] = self.mlp_output_linear_layers()
         if self.removed_sub_blocks():
             out["removed_sub_blocks"] = [str(u) for u in self.removed_sub_blocks()]
+        if self.residual_patch_layers():
+            out["residual_patch_layers"] = self.residual_patch_layers()
         return out
 
     #: What `insert_mlp_output_linear` adds, in words and state-dict keys (for saved directories).
@@ -380,6 +447,102 @@ class ModelAdapter(ABC):
         if getattr(proj, "bias", None) is not None:
             b = proj.bias.data
             proj.bias.data = (t.T @ b.to(torch.float64)).to(b.dtype)
+
+
+    def linear_parameters(self, layer: nn.Module) -> dict[str, nn.Parameter]:
+        """Weights and biases of the layer's linear maps (attention and MLP projections, not its norms),
+        by name relative to the layer: what LaCo's layer merge adds up."""
+        out = {}
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D too
+                for key, p in module.named_parameters(recurse=False):
+                    out[f"{name}.{key}"] = p
+        return out
+
+    # -- scaling the residual stream (Prune&Comp) and patching it (LinearPatch) --------------
+    #: Whether every sub-block reads the residual stream through a norm that ignores its scale (pre-norm),
+    #: so that multiplying the stream by a constant changes nothing downstream but the scale (up to the
+    #: norms' epsilon). False for post-norm configs (OPT-350m).
+    pre_norm: bool = True
+    #: Whether ``h_0`` is the token embedding alone (times a constant), so that scaling the embedding
+    #: matrix scales ``h_0``; False where position embeddings are added (GPT-2, OPT).
+    embedding_is_residual_input: bool = True
+
+    def check_residual_scaling(self, scale_embeddings: bool = False) -> None:
+        """Raise `ConfigError` where scaling the residual stream by a constant is not exact here (a
+        post-norm model; with ``scale_embeddings``, also tied or position embeddings)."""
+        if not self.pre_norm:
+            raise ConfigError(f"{self.family}: this config normalises after the residual add (post-norm), so "
+                              f"scaling the residual stream changes what later layers compute")
+        if scale_embeddings and not self.embedding_is_residual_input:
+            raise ConfigError(f"{self.family}: h_0 adds position embeddings to the token embeddings, so scaling the "
+                              f"embedding matrix does not scale h_0; use pruner.compensate_fold=after")
+        if scale_embeddings and getattr(self.config, "tie_word_embeddings", False):
+            raise ConfigError(f"{self.family}: the input and output embeddings are tied, so scaling the embedding "
+                              f"matrix would also scale the logits; use pruner.compensate_fold=after")
+
+    @torch.no_grad()
+    def scale_residual_updates(self, layer_index: int, factor: float) -> None:
+        """Multiply everything layer ``layer_index`` adds to the residual stream by ``factor``: the
+        attention and MLP output projections, weights and biases (float64, cast back)."""
+        layer = self.layer(layer_index)
+        for proj in (self.attention_output_projection(layer), self.mlp_output_projection(layer)):
+            _scale_parameters(factor, proj.weight, getattr(proj, "bias", None))
+
+    @torch.no_grad()
+    def scale_embedding_output(self, factor: float) -> None:
+        """Multiply ``h_0`` by ``factor`` through the embedding matrix (see `check_residual_scaling`)."""
+        self.check_residual_scaling(scale_embeddings=True)
+        _scale_parameters(factor, self.embeddings().weight)
+
+    def insert_residual_patch(self, layer_index: int, transform: torch.Tensor) -> None:
+        """Follow decoder layer ``layer_index`` by an explicit linear map of the residual stream: its output
+        ``h`` becomes ``h @ transform`` (d x d; `ResidualPatch`). The map is a submodule
+        ``residual_patch`` of the layer applied by a forward hook; config.json cannot express it, so a
+        model carrying one saves and loads through `depthbench.modeling.saving`."""
+        self._refuse_while_skipping("insert a residual patch")
+        layer = self.layer(layer_index)
+        d = self.hidden_size
+        if tuple(transform.shape) != (d, d):
+            raise ValueError(f"transform of shape {tuple(transform.shape)}; expected ({d}, {d})")
+        if isinstance(getattr(layer, "residual_patch", None), ResidualPatch):
+            raise ValueError(f"decoder layer {layer_index} already carries a residual patch")
+        like = next(layer.parameters())
+        layer.residual_patch = ResidualPatch(transform.to(like.device), like.dtype)
+        layer.register_forward_hook(_apply_residual_patch)
+
+    def residual_patch_layers(self) -> list[int]:
+        """Layers carrying a `ResidualPatch` (current numbering)."""
+        return [k for k, layer in enumerate(self.decoder_layers())
+                if isinstance(getattr(layer, "residual_patch", None), ResidualPatch)]
+
+
+class ResidualPatch(nn.Module):
+    """``h -> h @ T`` on a decoder layer's output, T stored as ``weight = T^T`` (key
+    ``...layers.K.residual_patch.weight``) in float32 at least (float64 for a float64 model); the product
+    runs in that dtype and is cast back to ``h``'s."""
+
+    def __init__(self, transform: torch.Tensor, model_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        dtype = torch.promote_types(model_dtype, torch.float32)
+        self.weight = nn.Parameter(transform.detach().to(torch.float64).T.to(dtype).contiguous(), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return (hidden_states.to(self.weight.dtype) @ self.weight.T).to(hidden_states.dtype)
+
+
+def _apply_residual_patch(layer: nn.Module, args, output):
+    """Forward hook of a patched layer (looks the patch up on the layer, so a deep copy patches itself)."""
+    patch = layer.residual_patch
+    if isinstance(output, tuple):
+        return (patch(output[0]), *output[1:])
+    return patch(output)
+
+
+def _scale_parameters(factor: float, *params) -> None:
+    for p in params:
+        if p is not None:
+            p.data = (p.data.to(torch.float64) * float(factor)).to(p.dtype)
 
 
 class StandIn(nn.Module):

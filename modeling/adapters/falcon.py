@@ -32,6 +32,9 @@ class FalconAdapter(ModelAdapter):
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
         self.model.transformer.h = layers
 
+    def sequential_sub_blocks(self) -> bool:
+        return not (self.config.parallel_attn or self.config.new_decoder_architecture)
+
     def mlp(self, layer: nn.Module) -> OutputHookPoint:
         """M_k: the MLP's output, copied before Falcon adds the attention output onto it in place."""
         def register(hook):

@@ -117,6 +117,15 @@ class GemmaAdapter(LlamaFamilyAdapter):
         self.transform_mlp_output_projection(layer_index, down)
         self._set_output_norm_gain(layer_index, gain)
 
+    @torch.no_grad()
+    def scale_residual_updates(self, layer_index: int, factor: float) -> None:
+        """What a Gemma layer adds to the stream leaves a norm (post-attention, post-FFN), so the norms'
+        gains ``1 + weight`` are scaled (an inserted linear after the post-FFN norm is linear: unaffected)."""
+        layer = self.layer(layer_index)
+        for norm in (layer.post_attention_layernorm, self.mlp_output_norm(layer)):
+            gain = 1.0 + norm.weight.data.to(torch.float64)
+            norm.weight.data = (gain * float(factor) - 1.0).to(norm.weight.dtype)
+
     mlp_output_linear_description = ("Linear(hidden, hidden, bias=False) after post_feedforward_layernorm "
                                      "(keys ...post_feedforward_layernorm.norm.weight / .linear.weight)")
 

@@ -26,6 +26,7 @@ from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, Ze
 class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
+    embedding_is_residual_input = False  # h_0 = wte + wpe
 
     def stored_layers(self) -> nn.ModuleList:
         return self.model.transformer.h

@@ -26,6 +26,9 @@ class GPTNeoXAdapter(ModelAdapter):
     def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
         self.model.gpt_neox.layers = layers
 
+    def sequential_sub_blocks(self) -> bool:
+        return not getattr(self.config, "use_parallel_residual", True)
+
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 

@@ -25,11 +25,13 @@ from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, Ou
 class OPTAdapter(ModelAdapter):
     family = "opt"
     model_types = ("opt",)
+    embedding_is_residual_input = False  # h_0 = embed_tokens (projected) + embed_positions
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         if not getattr(self.config, "do_layer_norm_before", True):
             self.mlp_output_is_residual_update = False
+            self.pre_norm = False
             self.inexact_fold_reason = ("this OPT config (do_layer_norm_before: false, post-norm like OPT-350m) "
                                         "normalises after the residual add")
 

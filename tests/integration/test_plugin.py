@@ -25,13 +25,13 @@ def test_entry_point_plugin_runs_through_the_cli(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('the user module was imported')\n")
     run_dir = tmp_path / "run"
-    proc = run_cli("pruner=random_layers", "pruner.options.seed=1", "scale=fast",
+    proc = run_cli("pruner=example_random", "pruner.options.seed=1", "scale=fast",
                    "benchmark=none", "logger=none", "progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "result.json").read_text())
     import random
 
-    assert record["method"] == "random_layers"
+    assert record["method"] == "example_random"
     assert record["pruning"]["removed_layers"] == sorted(random.Random(1).sample(range(30), 8))
     assert (run_dir / "pruned_model" / "config.json").is_file()
 

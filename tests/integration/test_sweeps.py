@@ -75,12 +75,18 @@ def test_every_experiment_preset_runs_in_fast_mode(tmp_path, preset):
     sweep = tmp_path / "sweep"
     # lm-eval and saving are covered by the 2 x 2 sweep above; here every preset's cells run in fast mode.
     # no -m: a preset that is a grid sets Hydra's multirun mode itself
-    proc = run_cli(f"experiment={preset}", "scale=fast", "benchmark=none", "logger=none", "progress=false",
+    # The grids over every method (leaderboard, ratio_sweep) run here with two cheap methods in their place
+    # (the preset's own list is checked against the registry in tests/unit/test_configs.py); a command-line
+    # sweep over `pruner` replaces the preset's.
+    methods = ["pruner=uidl,last_layers"] if preset in ("leaderboard", "ratio_sweep") else []
+    proc = run_cli(f"experiment={preset}", *methods, "scale=fast", "benchmark=none", "logger=none", "progress=false",
                    "save_model=false",
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(sweep)
     assert len(records) > 1, "the preset ran one cell: it did not run as a multirun"
+    if methods:
+        assert {r["method"] for r in records.values()} == {"uidl", "last_layers"}
     assert not list(sweep.rglob("model.safetensors")), "save_model=false saved a model"
     for record in records.values():
         assert record["pruning"]["num_layers_after"] < record["pruning"]["num_layers_before"]

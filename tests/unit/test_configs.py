@@ -62,3 +62,50 @@ def test_variant_overrides_pruner():
 def test_fast_scale_shrinks_budgets():
     cfg = _compose("scale=fast")
     assert cfg.calibration.n_samples == 8 and cfg.evaluation.perplexity.max_windows == 2
+
+
+def test_paths_group_places_runs_sweeps_and_caches(tmp_path, monkeypatch):
+    """One `paths` group decides where runs, sweeps and caches go (no path derived elsewhere)."""
+    from depthbench.experiments.resume import config_hash
+    from depthbench.paths import run_paths
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = _compose(f"paths.output_dir={out}", f"paths.cache_dir={cache}", "experiment=leaderboard", hydra_cfg=True)
+    assert str(cfg.hydra.run.dir).startswith(f"{out}/runs/")
+    assert cfg.hydra.sweep.dir == f"{out}/sweeps/leaderboard"
+    paths = run_paths(cfg)
+    assert paths.models_dir == cache / "models" and paths.data_dir == cache
+    assert paths.shared_cache(None) == cache and paths.shared_cache(tmp_path / "sweep") == tmp_path / "sweep" / ".cache"
+    assert run_paths(_compose(f"cache.dir={tmp_path / 'shared'}")).statistics_dir(tmp_path) == \
+        tmp_path / "shared" / "statistics"
+    monkeypatch.setenv("DEPTHBENCH_CACHE", str(tmp_path / "env"))
+    assert run_paths(_compose()).cache_dir == tmp_path / "env"  # null: the environment's user cache
+    # where things are written is not what a result depends on: the resume hash ignores it
+    assert config_hash(_compose(f"paths.output_dir={out}")) == config_hash(_compose())
+
+
+def test_default_compensation_keeps_earlier_config_hashes():
+    """Prune&Comp off (the default) hashes as a config without the compensate keys (earlier sweeps resume);
+    turning it on changes the hash."""
+    from omegaconf import OmegaConf
+
+    from depthbench.experiments.resume import config_hash
+
+    cfg = _compose("pruner=shortgpt")
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["pruner"] = {k: v for k, v in data["pruner"].items() if not k.startswith("compensate")}
+    assert config_hash(cfg) == config_hash(data)
+    assert config_hash(_compose("pruner=shortgpt", "pruner.compensate=magnitude")) != config_hash(cfg)
+
+
+@pytest.mark.parametrize("preset", ["leaderboard", "ratio_sweep"])
+def test_method_grids_cover_every_builtin_method(preset):
+    """The leaderboard and ratio-sweep presets sweep every built-in method and baseline (not a hand-kept subset
+    that silently misses a new one)."""
+    from depthbench.pruners import pruner_registry
+
+    builtin = {name for name in pruner_registry.names()
+               if pruner_registry.get(name).__module__.startswith("depthbench.")}
+    swept = _compose(f"experiment={preset}", hydra_cfg=True).hydra.sweeper.params.pruner.split(",")
+    assert len(swept) == len(set(swept)) and set(swept) == builtin
+    assert len(builtin) == 14

@@ -279,7 +279,8 @@ def test_sub_block_removal_then_save_and_reload(family, tmp_path):
     assert not names & renamed and len(gone) >= 2
 
     model32 = model.to(torch.float32)
-    save_pruned(model32, None, tmp_path / "pruned", {"removed_units": [str(Unit.parse(str(u))) for u in units]})
+    save_pruned(model32, None, tmp_path / "pruned", {"removed_units": [str(Unit.parse(str(u))) for u in units]},
+                sub_blocks="removed")  # depthbench's own layout; the default zeroed form: test_surgery_and_saving
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert "removed_sub_blocks" in (tmp_path / "pruned" / CUSTOM_MODULES_FILE).read_text()

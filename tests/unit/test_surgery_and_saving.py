@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.saving import METADATA_FILE, save_pruned
-from tests.conftest import build_tiny_model, random_batches
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _logits(model, batch):
@@ -115,3 +115,48 @@ def test_custom_layout_versions_1_and_2_load_and_others_are_refused(tmp_path):
     sidecar.write_text(json.dumps(written | {"format_version": 3}))
     with pytest.raises(ValueError, match="format_version 3; this depthbench reads 1, 2"):
         load_pruned(tmp_path / "pruned")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(family, tmp_path):
+    """Default sub-block format: the full architecture with the removed sub-blocks' parameters 0 (output
+    projection included). Plain from_pretrained gives the in-memory pruned model's logits (float32) and
+    loads every key (nothing randomly initialised); load_pruned puts the stand-ins back; the old layout
+    stays available (``sub_blocks="removed"``)."""
+    from depthbench.modeling.saving import load_pruned
+    from tests.unit.test_architectures import _config
+
+    model = build_tiny_model(tiny_llama_config() if family == "llama" else _config(family))
+    adapter = adapter_for(model)
+    adapter.remove_units(["1.attn", "3.mlp", 2])  # layer 2 goes: 3.mlp becomes 2.mlp
+    batch = random_batches(n_batches=1)[0]
+    real = batch["attention_mask"].bool()
+    save_pruned(model, None, tmp_path / "pruned", {"method": "test"})
+    metadata = json.loads((tmp_path / "pruned" / METADATA_FILE).read_text())
+    assert metadata["zeroed_sub_blocks"] == ["1.attn", "2.mlp"] and metadata["method"] == "test"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
+    reloaded, info = plain[0].eval(), plain[1]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.config.num_hidden_layers == 5
+    torch.testing.assert_close(_logits(reloaded, batch)[real], _logits(model, batch)[real], rtol=1e-6, atol=1e-6)
+    layers = adapter_for(reloaded).decoder_layers()
+    out_proj = {"llama": lambda b: b.self_attn.o_proj, "gemma2": lambda b: b.self_attn.o_proj,
+                "gpt_neox": lambda b: b.attention.dense}[family](layers[1])
+    down_proj = {"llama": lambda b: b.mlp.down_proj, "gemma2": lambda b: b.mlp.down_proj,
+                 "gpt_neox": lambda b: b.mlp.dense_4h_to_h}[family](layers[2])
+    for projection in (out_proj, down_proj):
+        assert not projection.weight.any() and (projection.bias is None or not projection.bias.any())
+    assert any(p.any() for p in layers[1].parameters())  # the kept MLP of layer 1 is not zeroed
+    in_memory = load_pruned(tmp_path / "pruned")
+    assert [str(u) for u in adapter_for(in_memory).removed_sub_blocks()] == ["1.attn", "2.mlp"]
+    assert adapter_for(in_memory).parameter_counts() == adapter.parameter_counts()
+    torch.testing.assert_close(_logits(in_memory, batch)[real], _logits(model, batch)[real], rtol=0, atol=0)
+
+    save_pruned(model, None, tmp_path / "layout", {}, sub_blocks="removed")
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "layout")
+    torch.testing.assert_close(_logits(load_pruned(tmp_path / "layout"), batch)[real], _logits(model, batch)[real],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sub_blocks='identity'; allowed: zeroed, removed"):
+        save_pruned(model, None, tmp_path / "bad", {}, sub_blocks="identity")
+    assert not (tmp_path / "bad").exists()

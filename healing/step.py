@@ -1,0 +1,64 @@
+"""The healing step of a run, as the pipeline calls it.
+
+- `prepare` (with the tokenizer, before any weights): the settings and the training windows; a budget
+  larger than the text, or text shared with the held-out windows, stops the run here;
+- `heal_model` (after pruning and the pruned-only evaluation): LoRA trained and merged in place;
+- `healed_metrics`: the healed model's quality, fidelity to the dense model and retention, measured
+  exactly as the pruned-only ones (same windows, same benchmark, same dense reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from depthbench.healing.data import HealingText, healing_text
+from depthbench.healing.settings import LoraSettings, healing_settings
+
+NO_HEALING = {"method": "none"}
+
+
+@dataclass
+class HealingPlan:
+    settings: LoraSettings
+    text: HealingText
+
+    @property
+    def needs_dense_model(self) -> bool:
+        return self.settings.needs_dense_model
+
+
+def prepare(cfg, tokenizer) -> HealingPlan | None:
+    """None for ``healing=none``; else the checked settings and the tokenised training windows (checked
+    against the held-out text of ``evaluation.perplexity`` when the run evaluates)."""
+    settings = healing_settings(cfg.get("healing"))
+    if settings is None:
+        return None
+    heldout = cfg.evaluation.perplexity if cfg.get("evaluate", True) else None
+    return HealingPlan(settings, healing_text(cfg.calibration, tokenizer, settings, heldout))
+
+
+def heal_model(plan: HealingPlan, model, adapter, dense=None, dense_bytes: int | None = None,
+               progress: bool = True) -> dict:
+    """Train and merge (`depthbench.healing.lora.heal`); the report the record and ``pruning.json`` keep."""
+    from depthbench.healing.lora import heal
+
+    teacher = dense if plan.needs_dense_model else None
+    report = heal(model, adapter, plan.text.batches, plan.settings, teacher=teacher, progress=progress)
+    report["text"] = plan.text.to_dict()
+    report["dense_copy_bytes"] = dense_bytes if teacher is not None else 0
+    return report
+
+
+def healed_metrics(model, tokenizer, windows, benchmark_cfg, data_dir, reference, base: dict,
+                   progress: bool = True) -> dict:
+    """``metrics.healed``: held-out perplexity and benchmark scores, plus ``fidelity`` (against the same
+    dense reference as the pruned-only numbers) and ``retention`` (healed / base) where measured."""
+    from depthbench.evaluation.retention import retention_report
+    from depthbench.evaluation.suite import fidelity, quality
+
+    out = quality(model, tokenizer, windows, benchmark_cfg, data_dir, progress, "healed")
+    if reference is not None:
+        out["fidelity"] = fidelity(model, windows, reference, base, out, progress)
+    if "tasks" in base and "tasks" in out:
+        out["retention"] = retention_report(base, out)
+    return out

@@ -1,0 +1,135 @@
+"""Shortened LLaMA, both criteria, against independent computations (METHODS-MORE 2 (c)).
+
+- PPL: the order is the argsort of the float64 NLL of deep copies with each layer actually deleted.
+- Taylor: ``I_k = sum over layer k's weights of sum |sum_batches W * g|`` with g from `torch.autograd.grad` of a
+  float64 mean cross-entropy written out here (real targets with a real context token), per batch.
+- "+": the first 4 and last 2 layers are never removed; without it the first R of the full order go.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.service import CalibrationService
+from depthbench.errors import ConfigError
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.unit.test_sleb import nll_float64, without_layers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+L = 10
+
+
+def tiny_model(seed: int = 5):
+    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+
+
+def calibration():
+    return CalibrationData(random_batches(n_batches=2, batch_size=3, seq_len=12, seed=13), 12)
+
+
+def argsort(values: dict) -> list[int]:
+    return sorted(values, key=lambda k: (values[k], k))
+
+
+@pytest.mark.parametrize("evaluation", ["tail", "full"])
+def test_ppl_order_is_the_argsort_of_the_nll_with_each_layer_deleted(evaluation):
+    model, data = tiny_model(), calibration()
+    nll = {k: nll_float64(without_layers(model, [k]), data.batches) for k in range(L)}
+    order = argsort(nll)
+    pruner = build_pruner("shortened_ppl", {"plus": False, "evaluation": evaluation})
+    result = pruner.prune(adapter_for(model), data, 3, progress=False)
+    scores = result.selection.scores
+    assert scores["values"] == pytest.approx([math.exp(nll[k]) for k in range(L)], rel=1e-10)
+    assert scores["order"] == order
+    assert result.removed_layers == sorted(order[:3])
+
+
+def test_ppl_plus_rule_takes_the_first_r_eligible_layers_of_the_order():
+    model, data = tiny_model(seed=6), calibration()
+    nll = {k: nll_float64(without_layers(model, [k]), data.batches) for k in range(L)}
+    eligible = [k for k in argsort(nll) if k not in {0, 1, 2, 3, L - 2, L - 1}]
+    result = build_pruner("shortened_ppl").prune(adapter_for(model), data, 3, progress=False)
+    assert result.selection.scores["order"] == eligible
+    assert result.removed_layers == sorted(eligible[:3])
+
+
+def taylor_reference(model, batches) -> list[float]:
+    """Per layer: sum over its ``*weight`` tensors of sum |sum over batches of W * dCE/dW| (float64)."""
+    params = [[p for name, p in layer.named_parameters() if name.endswith("weight")] for layer in model.model.layers]
+    flat = [p for group in params for p in group]
+    sums = [torch.zeros_like(p) for p in flat]
+    for batch in batches:
+        logits = model(**batch, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+        picked = logp.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)[keep]
+        grads = torch.autograd.grad(-picked.mean(), flat)
+        for total, p, g in zip(sums, flat, grads):
+            total += (p * g).detach()
+    out, i = [], 0
+    for group in params:
+        out.append(float(sum(sums[i + j].abs().sum() for j in range(len(group)))))
+        i += len(group)
+    return out
+
+
+def test_taylor_importance_equals_autograd_and_leaves_parameters_as_they_were():
+    model, data = tiny_model(), calibration()
+    want = taylor_reference(copy.deepcopy(model), data.batches)
+    layer_norm = model.model.layers[3].input_layernorm.weight
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mixed state, to be kept as it was
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    adapter = adapter_for(model)
+    selection = build_pruner("shortened_taylor", {"plus": False}).select(
+        [], adapter, 2, CalibrationService(adapter, data, progress=False))
+    scores = selection.scores
+    # transformers' loss casts the logits to float32: agreement to ~1e-8, far below what a wrong mask,
+    # an absolute value taken per batch or a missing weight would change (percents)
+    assert scores["values"] == pytest.approx(want, rel=1e-6)
+    order = argsort(dict(enumerate(want)))
+    assert scores["order"] == order and selection.removed_layers == sorted(order[:2])
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters()) and layer_norm.grad is None
+    assert len(want) == L and min(want) > 0
+
+
+def test_taylor_plus_never_removes_the_first_four_and_last_two_layers():
+    model, data = tiny_model(seed=7), calibration()
+    want = taylor_reference(copy.deepcopy(model), data.batches)
+    eligible = [k for k in argsort(dict(enumerate(want))) if k not in {0, 1, 2, 3, L - 2, L - 1}]
+    result = build_pruner("shortened_taylor").prune(adapter_for(model), data, 2, progress=False)
+    assert result.removed_layers == sorted(eligible[:2])
+    assert sorted(eligible) == [4, 5, 6, 7]
+    assert result.selection.scores["order"] == eligible
+
+
+@pytest.mark.parametrize("name", ["shortened_ppl", "shortened_taylor"])
+def test_too_few_eligible_layers_fail_before_any_pass(monkeypatch, name):
+    passes = []
+    monkeypatch.setattr(CalibrationService, "masked_nll", lambda *a, **k: passes.append(1))
+    model = tiny_model()
+    with pytest.raises(ConfigError, match=rf"{name} cannot remove 5 of 10 layers with plus=true.*only 4 layers"):
+        build_pruner(name).prune(adapter_for(model), calibration(), 5, progress=False)
+    with pytest.raises(ConfigError, match=r"keep_first=-1; allowed: an integer >= 0"):
+        build_pruner(name, {"keep_first": -1})
+    assert passes == [] and model.config.num_hidden_layers == L
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_ppl_with_padding_in_the_data_equals_the_unpadded_windows():
+    """The padding is masked: appending pad tokens to every sequence changes no score."""
+    model = tiny_model()
+    batches = random_batches(n_batches=2, batch_size=3, seq_len=12, seed=13)
+    padded = [{key: torch.cat([value, torch.zeros(value.shape[0], 5, dtype=value.dtype)], dim=1)
+               for key, value in batch.items()} for batch in batches]
+    run = [build_pruner("shortened_ppl", {"plus": False}).select([], adapter_for(model), 2,
+                                                                 CalibrationService(adapter_for(model),
+                                                                                    CalibrationData(b, 17),
+                                                                                    progress=False))
+           for b in (batches, padded)]
+    assert run[1].scores["values"] == pytest.approx(run[0].scores["values"], rel=1e-10)
