@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,15 +94,9 @@ def main() -> None:
         "runs": runs,
         "auto_over_fixed_4gib": round(runs["auto"]["seconds"] / runs["4"]["seconds"], 3),
         "auto_over_bare_forward": round(runs["auto"]["seconds"] / bare, 2),
-        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **machine_fields(),
     }
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.output:
-        from depthbench import atomic
-
-        atomic.write_text(args.output, text + "\n")
+    emit(record, args.output)
 
 
 if __name__ == "__main__":

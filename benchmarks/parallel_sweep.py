@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["pruner=replaceme_ls", "ratio=0.1,0.2"]
 QUIET = ["benchmark=none", "logger=none", "save_model=false", "efficiency.enabled=false",
@@ -70,15 +72,9 @@ def main() -> None:
         "sequential": sequential, "parallel": parallel,
         "wall_time_ratio_parallel_over_sequential": round(parallel["seconds"] / sequential["seconds"], 3),
         "same_results": sequential["cells"] == parallel["cells"],
-        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **machine_fields(),
     }
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.output:
-        from depthbench import atomic
-
-        atomic.write_text(args.output, text + "\n")
+    emit(record, args.output)
 
 
 if __name__ == "__main__":

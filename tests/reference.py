@@ -91,3 +91,33 @@ def residual_states_np(model, batches) -> tuple[list[np.ndarray], np.ndarray]:
         padded = [np.pad(a, ((0, 0), (0, max_w - w), (0, 0))) for a, w in chunks]
         out_states.append(np.concatenate(padded, 0))
     return out_states, np.concatenate(lasts)
+
+
+def nll_float64(model, batches) -> float:
+    """Mean next-token NLL over real targets with a real context token, written out: float64 log-softmax of
+    the model's logits (the reference for the calibration NLL of SLEB, Shortened-PPL, BlockPruner)."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(**batch, use_cache=False).logits.to(torch.float64)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = batch["input_ids"][:, 1:]
+            keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+            total -= logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum()
+            count += int(keep.sum())
+    return float(total) / count
+
+
+def third_party_imports(path) -> set[str]:
+    """The modules a source file imports, standard library left out (read from its syntax tree, not run)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"__future__"}}

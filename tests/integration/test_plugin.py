@@ -37,14 +37,7 @@ def test_entry_point_plugin_runs_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_plugin_example_imports_only_depthbench():
-    import ast
+    from tests.reference import third_party_imports
 
-    source = (REPO / "examples" / "random_pruner" / "depthbench_random_pruner.py").read_text()
-    modules = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module)
-    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"__future__"}}
+    third_party = third_party_imports(REPO / "examples" / "random_pruner" / "depthbench_random_pruner.py")
     assert third_party and all(m == "depthbench" or m.startswith("depthbench.") for m in third_party), third_party

@@ -1,7 +1,6 @@
 """Baselines last_layers and random_layers: the reference's removed sets (test vectors and the reference's own
 global-``random`` call), a pruned model equal to one rebuilt without those layers, and no calibration pass."""
 
-import ast
 import random
 import re
 from pathlib import Path
@@ -129,16 +128,9 @@ def test_keep_last_at_the_largest_removal_keeps_only_the_final_layer():
 
 
 def test_baselines_use_only_the_public_pruner_interface():
-    source = (REPO_ROOT / "pruners" / "baselines.py").read_text()
-    modules = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module)
-    import sys
+    from tests.reference import third_party_imports
 
-    depthbench = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"__future__"}}
+    depthbench = third_party_imports(REPO_ROOT / "pruners" / "baselines.py")
     assert depthbench == {"depthbench.pruners"}, depthbench
 
 

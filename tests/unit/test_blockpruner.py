@@ -13,6 +13,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.reference import nll_float64
 
 L = 4
 CANDIDATES = [f"{k}.attn" for k in range(L)] + [f"{k}.mlp" for k in range(L)]
@@ -22,23 +23,10 @@ def _model():
     return build_tiny_model(tiny_llama_config(num_layers=L), seed=5, dtype=torch.float64)
 
 
-@torch.no_grad()
-def reference_nll(model, batches) -> float:
-    """Mean next-token NLL over real (context, target) pairs, float64 log-softmax."""
-    total, count = 0.0, 0
-    for b in batches:
-        logp = torch.log_softmax(model(**b, use_cache=False).logits.to(torch.float64), -1)
-        keep = b["attention_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()
-        picked = logp[:, :-1].gather(-1, b["input_ids"][:, 1:, None])[..., 0]
-        total -= float(picked[keep].sum())
-        count += int(keep.sum())
-    return total / count
-
-
 def nll_without(model, batches, units) -> float:
     pruned = copy.deepcopy(model)
     adapter_for(pruned).remove_units(units)
-    return reference_nll(pruned, batches)
+    return nll_float64(pruned, batches)
 
 
 class CountingService:

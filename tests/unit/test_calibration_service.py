@@ -12,21 +12,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner, pruner_registry
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-
-
-def _nll_float64(model, batches) -> float:
-    """Mean next-token NLL over real tokens, written out: float64 log-softmax of the logits."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(**batch, use_cache=False).logits.to(torch.float64)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            target = batch["input_ids"][:, 1:]
-            keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
-            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            total -= picked[keep].sum()
-            count += int(keep.sum())
-    return float(total) / count
+from tests.reference import nll_float64
 
 
 @pytest.fixture
@@ -42,10 +28,10 @@ def test_nll_with_units_skipped_equals_a_model_built_without_them(model64, skip)
     got = service.nll(skip=skip)
     rebuilt = copy.deepcopy(model64)
     adapter_for(rebuilt).remove_layers(skip)
-    assert got == pytest.approx(_nll_float64(rebuilt, batches), rel=1e-12, abs=0)
+    assert got == pytest.approx(nll_float64(rebuilt, batches), rel=1e-12, abs=0)
     after = model64.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "skipping changed a weight"
-    assert service.nll() == pytest.approx(_nll_float64(model64, batches), rel=1e-12, abs=0)
+    assert service.nll() == pytest.approx(nll_float64(model64, batches), rel=1e-12, abs=0)
 
 
 def test_current_statistics_with_skipped_units_equal_the_rebuilt_model(model64):

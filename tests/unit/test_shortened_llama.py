@@ -18,7 +18,8 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.unit.test_sleb import nll_float64, without_layers
+from tests.reference import nll_float64
+from tests.unit.test_sleb import without_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 10

@@ -17,24 +17,11 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.reference import nll_float64
 from tests.unit.test_architectures import _config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 6
-
-
-def nll_float64(model, batches) -> float:
-    """Mean next-token NLL over real targets with a real context token: float64 log-softmax of the logits."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(**batch, use_cache=False).logits.to(torch.float64)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            target = batch["input_ids"][:, 1:]
-            keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
-            total -= logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum()
-            count += int(keep.sum())
-    return float(total) / count
 
 
 def without_layers(model, removed: list[int]):
