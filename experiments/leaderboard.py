@@ -147,6 +147,8 @@ def seed_group(record: dict) -> str:
     if not isinstance(config, dict):
         return record["config_hash"]
     config = {**config, "seed": None}
+    if isinstance(config.get("healing"), dict):  # the healing seed follows the run seed by default
+        config["healing"] = {k: v for k, v in config["healing"].items() if k != "seed"}
     pruner = config.get("pruner")
     if isinstance(pruner, dict) and isinstance(pruner.get("options"), dict):
         config["pruner"] = {**pruner, "options": {k: v for k, v in pruner["options"].items() if k != "seed"}}
@@ -197,34 +199,50 @@ def record_row(record: dict) -> dict:
     return row
 
 
+def _healing_key(record: dict) -> str:
+    """What healing a run had: ``none``, or the method and its budget (runs are ranked among equals)."""
+    h = record.get("healing") or {}
+    method = h.get("method", "none")
+    return method if method == "none" else f"{method}:{h.get('steps')}:{h.get('tokens')}"
+
+
+def _final_metrics(record: dict) -> dict:
+    """The metrics of the model a run ends with: the healed model's where it was healed, else the pruned one's."""
+    metrics = record.get("metrics") or {}
+    if _healing_key(record) != "none" and metrics.get("healed"):
+        return metrics["healed"]
+    return metrics.get("pruned") or {}
+
+
 def _per_example(record: dict) -> dict | None:
-    """task -> per-example results of the pruned model, or None if a task has none."""
-    tasks = _metric(record, "metrics", "pruned", "benchmark", "tasks") or {}
+    """task -> per-example results of the model the run ends with (healed if healed), or None if a task has none."""
+    tasks = _metric(_final_metrics(record), "benchmark", "tasks") or {}
     if not tasks or not all(t.get("samples") for t in tasks.values()):
         return None
     return {task: t["samples"] for task, t in tasks.items()}
 
 
 def rank_groups(records: list[dict]) -> tuple[dict[str, str], list[dict]]:
-    """Ranks (config hash -> "1", "2=", ...) and pairwise tests within each (model, ratio, benchmark) group."""
+    """Ranks (config hash -> "1", "2=", ...) and pairwise tests within each (model, ratio, benchmark, healing)
+    group, on the numbers of the model each run ends with (healed runs on their healed scores)."""
     from depthbench.evaluation.stats import rank_methods
 
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if _per_example(r) is not None and _metric(r, "metrics", "pruned", "tasks"):
-            groups.setdefault((r["model"]["name"], r["ratio"], _benchmark_key(r)), []).append(r)
+        if _per_example(r) is not None and _metric(_final_metrics(r), "tasks"):
+            groups.setdefault((r["model"]["name"], r["ratio"], _benchmark_key(r), _healing_key(r)), []).append(r)
     ranks: dict[str, str] = {}
     pairs: list[dict] = []
-    for (model, ratio, bench), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (model, ratio, bench, healing), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(members) < 2:
             continue
         labels = _rank_labels(members)
-        scores = {labels[r["config_hash"]]: r["metrics"]["pruned"]["average"] for r in members}
+        scores = {labels[r["config_hash"]]: _final_metrics(r)["average"] for r in members}
         samples = {labels[r["config_hash"]]: _per_example(r) for r in members}
         group_ranks, group_pairs = rank_methods(scores, samples, alpha=ALPHA)
         for r in members:
             ranks[r["config_hash"]] = group_ranks[labels[r["config_hash"]]]
-        pairs += [{"model": model, "ratio": ratio, "benchmark": bench, **p} for p in group_pairs]
+        pairs += [{"model": model, "ratio": ratio, "benchmark": bench, "healing": healing, **p} for p in group_pairs]
     return ranks, pairs
 
 
@@ -407,9 +425,12 @@ def pairwise_markdown(pairs: list[dict]) -> str:
     table = pd.DataFrame([{"model": p["model"], "ratio": p["ratio"], "a": p["a"], "b": p["b"],
                            "a - b": p["difference"], "p": p["p_value"], "p (Holm)": p["p_holm"],
                            "significant": "yes" if p["significant"] else "no"} for p in pairs])
+    if any(p.get("healing", "none") != "none" for p in pairs):
+        table.insert(2, "healing", [p.get("healing", "none") for p in pairs])
     return ("\n## Pairwise comparisons\n\nPaired randomisation test over examples on the average-task accuracy "
             f"(sign flips, {pairs[0]['iterations']} draws), Holm-corrected within each model x ratio x benchmark "
-            f"group; significant at {ALPHA}. rank = 1 + methods significantly better.\n\n"
+            f"x healing group (healed runs compared on their healed scores); significant at {ALPHA}. "
+            "rank = 1 + methods significantly better.\n\n"
             + table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 

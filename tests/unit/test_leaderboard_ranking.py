@@ -84,3 +84,23 @@ def test_records_without_per_example_results_get_no_rank():
 def test_pareto_front_by_hand():
     points = [(1.0, 0.9), (1.2, 0.8), (1.1, 0.7), (1.5, 0.5), (1.4, 0.4)]
     assert pareto_front(points) == [0, 1, 3]
+
+
+def test_healed_runs_are_ranked_among_runs_with_the_same_healing_on_their_healed_scores():
+    """A healed run is compared with other runs healed the same way, on the healed model's per-example results
+    (the pruned-only numbers it also carries would rank the wrong model)."""
+    rng = np.random.default_rng(1)
+    base = {t: rng.random(300) < 0.7 for t in TASKS}
+    good = {t: rng.random(300) < 0.65 for t in TASKS}
+    weak = {t: rng.random(300) < 0.35 for t in TASKS}
+    plain_good, plain_weak = _record("a", good, base, "p1"), _record("b", weak, base, "p2")
+    # healed: the pruned-only numbers say a > b, the healed ones b > a
+    healed_a, healed_b = _record("a", good, base, "l1"), _record("b", weak, base, "l2")
+    for record, healed_correct in ((healed_a, weak), (healed_b, good)):
+        healed = _record("x", healed_correct, base, "x")["metrics"]["pruned"]
+        record["healing"] = {"method": "lora", "steps": 8, "tokens": 8192}
+        record["metrics"]["healed"] = healed
+    ranks, pairs = leaderboard.rank_groups([plain_good, plain_weak, healed_a, healed_b])
+    assert ranks == {"p1": "1", "p2": "2", "l2": "1", "l1": "2"}
+    assert {p["healing"] for p in pairs} == {"none", "lora:8:8192"} and len(pairs) == 2
+    assert "healing" in leaderboard.pairwise_markdown(pairs)
