@@ -83,19 +83,6 @@ def _embedding_output(adapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
     return seen[0]
 
 
-def _logits(adapter, h_last: torch.Tensor) -> torch.Tensor:
-    """The model's logits from ``h_L``: final norm, head, and Gemma-2/3's final logit soft-capping
-    (``config.final_logit_softcapping``), as the models' own forward applies it."""
-    norm, head = adapter.final_norm(), adapter.lm_head()
-    norm_params = list(norm.parameters())
-    x = norm(h_last.to(norm_params[0].device if norm_params else _device_of(head)))
-    logits = head(x.to(_device_of(head)))
-    cap = getattr(adapter.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 class _Candidate:
     """A candidate as given, its unit, and the whole skip set S + {c} (normalised, validated)."""
 
@@ -142,7 +129,7 @@ def masked_nlls(adapter, batches: list[dict[str, torch.Tensor]], candidates: Ite
                 at = cand.unit.layer
             with _skipping(adapter, cand.skip):
                 tail = _run_layers(adapter, layers, range(at, len(layers)), cand.skipped_layers, h, mask)
-                logits = _logits(adapter, tail)
+                logits = adapter.logits_from_residual(tail)
             total, count = token_nll_sum(logits, ids.to(logits.device), mask.to(logits.device))
             cand.total += total
             cand.count += count

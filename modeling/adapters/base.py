@@ -66,6 +66,19 @@ class ModelAdapter(ABC):
     def embeddings(self) -> nn.Embedding:
         ...
 
+    def logits_from_residual(self, h_last: torch.Tensor) -> torch.Tensor:
+        """The model's logits from ``h_L`` (the last layer's output): final norm, head, and the final logit
+        soft-capping of families that have it (Gemma-2/3's ``final_logit_softcapping``), as the model's own
+        forward computes them."""
+        norm, head = self.final_norm(), self.lm_head()
+        norm_params = list(norm.parameters())
+        x = norm(h_last.to(norm_params[0].device if norm_params else _device_of(head)))
+        logits = head(x.to(_device_of(head)))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     @abstractmethod
     def lm_head(self) -> nn.Module:
         ...
@@ -633,6 +646,10 @@ def _without_cache(module, args, kwargs):
                          f"gaps in it); got {given or 'use_cache=True'}: pass use_cache=False (generate() is not "
                          f"supported inside adapter.skipping)")
     return args, {**kwargs, "use_cache": False}
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _first(output):
