@@ -98,6 +98,13 @@ def methods_help() -> str:
         lines.append(f"{name}: {pruner.paper}" if pruner.paper else name)
         for key, kind, default, text in option_help(pruner.Options):
             lines.append(f"    {key} ({kind}, default {default!r}): {text}")
+    from depthbench.pruners.compensation import FOLDS, METHODS, MODES
+
+    lines += ["", "== Any layer-removal method: Prune&Comp magnitude compensation (docs/METHODS.md) ==",
+              f"pruner.compensate ({' | '.join(METHODS)}, default none), pruner.compensate_mode "
+              f"({' | '.join(MODES)}, default iterative), pruner.compensate_fold ({' | '.join(FOLDS)}, default after)",
+              "", "== After pruning: healing=none (default) | lora | lora_short | lora_long (LoRA, merged; "
+              "healing.* keys in conf/healing/lora.yaml) =="]
     return "\n".join(lines) + "\n"
 
 
