@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.integration, needs_offline_packages]
 
 def test_cli_prunes_evaluates_saves_and_prints_table(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("calibration.n_samples=16", "evaluation.perplexity.max_windows=4", "benchmark.limit=2",
-                   "efficiency.repeats=1", "progress=false",
+    proc = run_cli("calibration.n_samples=8", "evaluation.perplexity.max_windows=4", "benchmark.limit=2",
+                   "efficiency.repeats=1", "efficiency.max_rounds=2", "efficiency.budget_s=5", "progress=false",
                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out perplexity" in proc.stdout and "removed layers" in proc.stdout

@@ -57,6 +57,7 @@ def _direct_choice_loglikelihoods(model, tokenizer, context: str, choices: list[
     return out
 
 
+@pytest.mark.slow
 def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
     loaded = load_model(cfg.model, device="cpu")
     bench = _small(cfg, SUITE_LIMIT)
@@ -90,6 +91,7 @@ def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
     assert loaded.model.config.num_hidden_layers == 30 - len(REMOVE)
 
 
+@pytest.mark.slow
 def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
     import lm_eval
 

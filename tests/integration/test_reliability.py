@@ -17,6 +17,7 @@ from tests.integration.conftest import compose, needs_offline_packages, run_cli
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_results(tmp_path):
     overrides = ["pruner=shortgpt", "scale=fast", "logger=none", "cache.statistics=false", "cache.base_results=false",
                  "progress=false", "seed=3"]
@@ -32,6 +33,7 @@ def test_same_config_and_seed_give_identical_results(tmp_path):
     assert a["config_hash"] == b["config_hash"]
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_cell_resumes_without_duplicates(tmp_path):
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "depthbench.cli", "-m", "pruner=uidl,shortgpt", "ratio=0.1,0.2", "scale=fast",

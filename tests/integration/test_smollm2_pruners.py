@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.experiments.pipeline import run
 from tests.integration.conftest import compose, needs_offline_packages
 
-pytestmark = [pytest.mark.integration, needs_offline_packages]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_offline_packages]
 
 METHODS = ["uidl", "replaceme_ls", "replaceme_cosine", "shortgpt", "llm_streamline"]
 PROBE = torch.tensor([[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]])

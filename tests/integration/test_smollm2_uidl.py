@@ -14,7 +14,7 @@ from depthbench.modeling.loading import load_model
 from tests.integration.conftest import compose, needs_offline_packages
 from tests.reference import last_token_angular_distance_np, residual_states_np
 
-pytestmark = [pytest.mark.integration, needs_offline_packages]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_offline_packages]
 
 
 def test_uidl_25_percent_matches_direct_computation_and_reloads(tmp_path):

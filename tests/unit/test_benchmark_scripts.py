@@ -33,7 +33,7 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
 def test_real_scale_names_an_unknown_method_before_building_anything():
     proc = run("benchmarks/real_scale.py", "--device", "cpu", "--methods", "replaceme_lsq")
     assert proc.returncode == 2
-    assert "unknown pruner 'replaceme_lsq'; available: llm_streamline, replaceme_cosine, replaceme_ls" in proc.stderr
+    assert "unknown pruner 'replaceme_lsq'; available: " in proc.stderr and "replaceme_ls," in proc.stderr
 
 
 def test_load_pruned_benchmark_compares_two_loads_of_the_same_weights():
