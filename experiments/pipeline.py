@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,16 @@ class Cell:
     def shares_base_results(self) -> bool:
         return bool(self.settings.get("base_results", True))
 
+    @cached_property
+    def outcome(self) -> dict:
+        """What ``pruning.json`` and ``result.json`` both carry, computed once (after the prune): the
+        pruning record, the calibration summary, the resolved config and the provenance."""
+        c = self.calibration
+        return {"pruning": self.result.to_dict(),
+                "calibration": {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens,
+                                "seq_len": c.seq_len},
+                "config": OmegaConf.to_container(self.cfg, resolve=True), "provenance": provenance()}
+
 
 def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = None,
         group: str = "single", name: str | None = None, after_prune=None) -> dict:
@@ -401,11 +412,6 @@ def heal(cell: Cell) -> None:
                                                     cell.progress)
 
 
-def calibration_summary(cell: Cell) -> dict:
-    c = cell.calibration
-    return {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens, "seq_len": c.seq_len}
-
-
 def save_model(cell: Cell) -> None:
     """``pruned_model/`` with its ``pruning.json`` (written atomically)."""
     loaded = cell.loaded
@@ -415,12 +421,12 @@ def save_model(cell: Cell) -> None:
             "config_hash": cell.digest,
             "base_model": {"name": loaded.name, "source": loaded.source},
             "ratio": cell.ratio,
-            **cell.result.to_dict(),
+            **cell.outcome["pruning"],
             "healing": cell.healing,
-            "calibration": calibration_summary(cell),
+            "calibration": cell.outcome["calibration"],
             "seed": cell.cfg.seed,
-            "config": OmegaConf.to_container(cell.cfg, resolve=True),
-            "provenance": provenance(),
+            "config": cell.outcome["config"],
+            "provenance": cell.outcome["provenance"],
         }
         cell.model_dir = save_pruned(loaded.model, loaded.tokenizer, cell.output_dir / MODEL_DIR, metadata)
 
@@ -435,15 +441,15 @@ def write_record(cell: Cell) -> dict:
         "method": cell.pruner.name,
         "ratio": cell.ratio,
         "seed": cfg.seed,
-        "pruning": cell.result.to_dict(),
+        "pruning": cell.outcome["pruning"],
         "healing": cell.healing,
-        "calibration": calibration_summary(cell),
+        "calibration": cell.outcome["calibration"],
         "metrics": cell.metrics,
         "stages": cell.timer.to_dict(),
         "wall_seconds": round(time.time() - cell.started, 3),
         "pruned_model_dir": str(cell.model_dir) if cell.model_dir else None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "provenance": provenance(),
+        "config": cell.outcome["config"],
+        "provenance": cell.outcome["provenance"],
     }
     atomic.write_json(cell.output_dir / RESULT_FILE, record)
     cell.tracker.log_run(record, cell.output_dir, group=cell.group,
