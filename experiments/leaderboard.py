@@ -36,7 +36,7 @@ ID_COLUMNS = ["model", "method", "ratio", "rank", "n_seeds", "layers_removed", "
 ALPHA = 0.05
 #: Columns whose spread over seeds is reported (``<column>_std``; task scores as ``std:<task>``).
 SPREAD_COLUMNS = ("average", "retention_%", "ppl_pruned", "kl", "top1_agree_%", "rms_dp_correct", "speedup_prefill",
-                  "speedup_decode")
+                  "speedup_decode", "ppl_healed", "kl_healed", "average_healed", "retention_healed_%")
 #: Columns a mean over seeds does not average: identity, or the seeds themselves.
 NOT_AVERAGED = ("model", "method", "ratio", "layers_removed", "seed", "pruner_seed", "n_seeds")
 SEED_MEAN = "seed mean"
