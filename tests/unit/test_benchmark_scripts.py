@@ -41,3 +41,32 @@ def test_load_pruned_benchmark_compares_two_loads_of_the_same_weights():
     proc = run("benchmarks/load_pruned.py", "--hidden", "128", "--layers", "2", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "load_pruned / straightforward: time" in proc.stdout
+
+
+def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
+    """docs/DEMO.md's separation sentence: the KLs and standard errors of the records, z by hand."""
+    import math
+    import time
+
+    from depthbench.experiments import leaderboard
+    from tests.unit.test_leaderboard_seeds import _record
+
+    started = time.time() - 1
+    sweep = tmp_path / "sweep"
+    for i, (method, kl, se) in enumerate((("replaceme_ls", 1.20, 0.03), ("uidl", 1.50, 0.04))):
+        record = _record(method, method=method)
+        record["model"]["dtype"] = "float32"
+        record["metrics"]["fidelity"] = {"kl_mean": kl, "kl_stderr": se, "top1_agreement_percent": 60.0 - i}
+        (sweep / str(i)).mkdir(parents=True)
+        (sweep / str(i) / "result.json").write_text(json.dumps(record))
+    leaderboard.write_leaderboard(leaderboard.build_frame(leaderboard.load_records([sweep])), sweep)
+    out = tmp_path / "docs" / "DEMO.md"
+    out.parent.mkdir()
+    proc = run("benchmarks/demo_report.py", "--sweep", str(sweep), "--started", str(started), "--seconds", "90",
+               "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    z = (1.50 - 1.20) / math.sqrt(0.03**2 + 0.04**2)  # 6.0
+    assert "replaceme_ls 1.200 +- 0.030, uidl 1.500 +- 0.040" in text and f"{z:.1f} combined" in text
+    assert "**separated**" in text and "it ran 2 of the 2 cells" in text and "1.5 min" in text
+    assert (out.parent / "demo" / "quality_vs_speedup.png").is_file()

@@ -1,0 +1,121 @@
+"""docs/DEMO.md from a finished `make demo`: the command, its wall time and the machine, how many cells this
+invocation ran (a rerun finds finished cells by their config hash and runs none), the leaderboard as
+`depthbench-leaderboard` wrote it (ranks, intervals, fidelity, pairwise tests) with its plots, and whether the
+fidelity metrics separate ReplaceMe-LS from UIDL (KL(dense || pruned) per token, each with its standard error
+over tokens; a difference larger than 1.96 x the combined standard error counts as separated: conservative,
+since both models are scored on the same tokens and a paired error would be smaller).
+
+    .venv/bin/python benchmarks/demo_report.py --sweep outputs/sweeps/leaderboard --started EPOCH --seconds S \\
+        --command "make demo" [--output docs/DEMO.md]
+
+`make demo` calls it last. Nothing here is typed in: every number is read from the sweep's result records and
+leaderboard files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from _record import machine_fields  # sibling module (the script's folder is on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict | None:
+    """KL of ``first`` and ``second`` (same ratio, no healing) with their standard errors and the z of the
+    difference; None when either is missing."""
+    rows = frame[(frame["row_kind"] == "run") & (frame["healing"] == "none")]
+    picked = {}
+    for method in (first, second):
+        match = rows[(rows["method"] == method) & rows["kl"].notna()]
+        if match.empty:
+            return None
+        picked[method] = match.iloc[0]
+    a, b = picked[first], picked[second]
+    se = math.sqrt(float(a["kl_se"]) ** 2 + float(b["kl_se"]) ** 2)
+    z = (float(b["kl"]) - float(a["kl"])) / se if se > 0 else math.inf
+    top1 = (a.get("top1_agree_%"), b.get("top1_agree_%"))
+    return {"first": first, "second": second, "kl": (float(a["kl"]), float(b["kl"])),
+            "kl_se": (float(a["kl_se"]), float(b["kl_se"])), "z": z, "separated": abs(z) > 1.96,
+            "top1": top1, "ppl": (float(a["ppl_pruned"]), float(b["ppl_pruned"]))}
+
+
+def render(sweep: Path, started: float, seconds: float, command: str, docs: Path) -> str:
+    sys.path.insert(0, str(ROOT))
+    from depthbench.experiments.leaderboard import RESULT_FILE, build_frame, load_records
+    from depthbench.provenance import package_versions
+
+    records = load_records([sweep])
+    if not records:
+        raise SystemExit(f"demo_report: no {RESULT_FILE} under {sweep}")
+    fresh = sum(1 for r in records if (Path(r["_path"]) / RESULT_FILE).stat().st_mtime >= started)
+    frame = build_frame(records)
+    table = (sweep / "leaderboard.md").read_text()
+    images = docs / "demo"
+    images.mkdir(exist_ok=True)
+    plots = sorted((sweep / "plots").glob("*.png"))
+    for plot in plots:
+        shutil.copyfile(plot, images / plot.name)
+    config = records[0].get("config") or {}
+    bench, cal = config.get("benchmark") or {}, config.get("calibration") or {}
+    tasks = ", ".join(t["name"] for t in bench.get("tasks") or [])
+    versions = package_versions()
+    machine = machine_fields()
+    sep = separation(frame)
+    lines = [
+        "# The demo: `make demo` on the project's CPU machine", "",
+        f"Produced by `{command}` on {machine['date']}, {platform.machine()}, {machine['cpus']} CPU cores, "
+        f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, lm-eval "
+        f"{versions.get('lm_eval')}, model dtype {records[0]['model'].get('dtype')} (as the runs recorded it). "
+        f"Load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_end'])}.",
+        "",
+        f"Wall time of this invocation: **{seconds / 60:.1f} min** ({seconds:.0f} s, set-up excluded); it ran "
+        f"{fresh} of the {len(records)} cells in `{sweep}` (the others were found finished by their config hash).",
+        "",
+        f"Each method removes the same ratio of layers ({records[0]['ratio']:g}), calibrated on the same "
+        f"{cal.get('n_samples')} x {cal.get('seq_len')} tokens ({cal.get('name', cal.get('source', ''))}); "
+        f"held-out perplexity and the fidelity to the dense model (KL, top-1 agreement) are on held-out text that "
+        f"calibration never sees; tasks: {tasks or 'none'}, the first {bench.get('limit')} examples each "
+        f"(the demo's CPU budget: `DEMO_LIMIT` in the Makefile; the full standard suite is "
+        f"`depthbench experiment=leaderboard` with the default limit 200, or `benchmark.limit=null`).",
+        "",
+        "## Does fidelity separate ReplaceMe-LS from UIDL?", "",
+    ]
+    if sep is None:
+        lines.append("Not measured: the sweep has no KL for both replaceme_ls and uidl.")
+    else:
+        lines.append(
+            f"KL(dense || pruned) per token: {sep['first']} {sep['kl'][0]:.3f} +- {sep['kl_se'][0]:.3f}, "
+            f"{sep['second']} {sep['kl'][1]:.3f} +- {sep['kl_se'][1]:.3f} (standard errors over tokens); the "
+            f"difference is {abs(sep['z']):.1f} combined standard errors: "
+            + ("**separated**." if sep["separated"] else "**not separated** at 1.96.")
+            + f" Held-out perplexity {sep['ppl'][0]:.4g} vs {sep['ppl'][1]:.4g}; top-1 agreement "
+            f"{sep['top1'][0]:.1f}% vs {sep['top1'][1]:.1f}%.")
+    lines += ["", "## Leaderboard (`depthbench-leaderboard " + str(sweep) + "`)", "", table.strip(), "",
+              "## Plots", ""]
+    lines += [f"![{p.stem}](demo/{p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=Path("outputs/sweeps/leaderboard"))
+    parser.add_argument("--started", type=float, required=True, help="UNIX time the demo started")
+    parser.add_argument("--seconds", type=float, required=True, help="its wall time")
+    parser.add_argument("--command", default="make demo")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "DEMO.md")
+    args = parser.parse_args()
+    from depthbench import atomic
+
+    atomic.write_text(args.output, render(args.sweep, args.started, args.seconds, args.command, args.output.parent))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
