@@ -1,30 +1,42 @@
-"""The reproduction study of issue 15 (SKELETON: the grid runs, the study itself has not been run).
+"""The reproduction study of issue 15: do the trained replacements converge, and to what?
 
-    python benchmarks/faithfulness.py --output faithfulness.json                 # the grid (hours on a CPU)
+    python benchmarks/faithfulness.py --output docs/faithfulness.json            # the grid (resumes by cell)
+    python benchmarks/faithfulness.py --output docs/faithfulness.json --only 'replaceme'   # a subset (regex)
+    python benchmarks/faithfulness.py --render docs/faithfulness.json             # docs/FAITHFULNESS.md + plots
     python benchmarks/faithfulness.py --tiny --output /tmp/f.json                # every cell at a tiny budget
 
-On SmolLM2 (the embedded default) at ratio 0.25: held-out perplexity, KL to the dense model (where the
-evaluation computes it) and each fit's convergence record against the training budget, for
-ReplaceMe-cosine (cosine and mse objectives, two learning rates), ReplaceMe-LS (the closed-form optimum of the
-mse objective), LLM-Streamline (mse and lm losses, per-document and packed calibration) and UIDL (the block
-dropped with nothing in its place, the level every replacement should beat). Steps grow geometrically
-(``--epochs`` for ReplaceMe-cosine, ``--steps`` for LLM-Streamline). One JSON record, written atomically:
-per cell the overrides, removed layers, perplexity, KL, ``pruning.budget`` and the replacement's
-convergence summary. Writing docs/FAITHFULNESS.md from a record is for the session that runs the study.
+On SmolLM2 (the embedded default) at ratio 0.25: held-out perplexity, KL to the dense model and each fit's
+convergence record against the training budget, for ReplaceMe-cosine (cosine and mse objectives, two learning
+rates), ReplaceMe-LS (the closed-form optimum of the mse objective), LLM-Streamline (mse and lm losses,
+per-document and packed calibration) and UIDL (the block dropped with nothing in its place, the level every
+replacement should beat). Budgets grow geometrically (``--epochs`` for ReplaceMe-cosine, ``--steps`` for
+LLM-Streamline with the mse loss, ``--lm-steps`` with the lm loss, whose every step runs the whole pruned model
+forward and backward). The JSON record is rewritten atomically after every cell, and a rerun skips the cells it
+already holds (a killed study resumes; delete a cell's entry to remeasure it). Cells share one cache directory, so
+the calibration pass (and the activation store the fits read) is made once per calibration layout.
+
+``--render`` writes docs/FAITHFULNESS.md and docs/faithfulness/*.png from a record: every number on that page
+comes from the record, nothing is typed in.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FLAT_TOLERANCE = 0.01  # the held-out objective is flat: it moves < 1% over the last quarter of training
 
 
-def grid(epochs: list[int], steps: list[int], lrs: list[float]) -> list[tuple[str, list[str]]]:
+def grid(epochs: list[int], steps: list[int], lrs: list[float], lm_steps: list[int] | None = None
+         ) -> list[tuple[str, list[str]]]:
     """``(label, overrides)`` of every cell."""
     cells = [("uidl", ["pruner=uidl"]), ("replaceme_ls", ["pruner=replaceme_ls"])]
     for loss in ("cosine", "mse"):
@@ -35,7 +47,7 @@ def grid(epochs: list[int], steps: list[int], lrs: list[float]) -> list[tuple[st
                                f"pruner.options.epochs={e}"]))
     for loss in ("mse", "lm"):
         for packing in (False, True):
-            for s in steps:
+            for s in (steps if loss == "mse" or lm_steps is None else lm_steps):
                 cells.append((f"llm_streamline loss={loss} packing={str(packing).lower()} steps={s}",
                               ["pruner=llm_streamline", f"pruner.options.loss={loss}", f"pruner.options.max_steps={s}",
                                f"calibration.packing={str(packing).lower()}"]))
@@ -43,8 +55,8 @@ def grid(epochs: list[int], steps: list[int], lrs: list[float]) -> list[tuple[st
 
 
 def _convergence(replacement: dict | None) -> list[dict]:
-    """The convergence summaries of a replacement (one per ReplaceMe block, one for Streamline), curves dropped
-    to keep the record small, the least-squares gap kept."""
+    """The convergence records of a replacement (one per ReplaceMe block, one for Streamline) with the
+    least-squares gap where there is one."""
     if not replacement:
         return []
     fits = replacement.get("blocks") or [replacement]
@@ -52,63 +64,242 @@ def _convergence(replacement: dict | None) -> list[dict]:
     for fit in fits:
         if "convergence" not in fit:
             continue
-        summary = {k: v for k, v in fit["convergence"].items() if k != "curve"}
+        summary = dict(fit["convergence"])
         if "ls_optimum" in fit:
             summary["ls_relative_gap"] = fit["ls_optimum"]["relative_gap"]
         out.append(summary)
     return out
 
 
-def measure(cells: list[tuple[str, list[str]]], common: list[str]) -> dict:
-    sys.path.insert(0, str(REPO))
+def measure_cell(cfg, out_dir: Path) -> dict:
     from depthbench.experiments.pipeline import run
+
+    started = time.perf_counter()
+    record = run(cfg, out_dir)
+    metrics, pruning = record["metrics"], record["pruning"]
+    fidelity = metrics.get("fidelity") or {}
+    return {
+        "removed_layers": pruning["removed_layers"],
+        "perplexity": metrics["pruned"]["heldout_perplexity"]["perplexity"],
+        "base_perplexity": metrics["base"]["heldout_perplexity"]["perplexity"],
+        "kl": fidelity.get("kl_mean"), "kl_se": fidelity.get("kl_stderr"),
+        "top1_agreement_percent": fidelity.get("top1_agreement_percent"),
+        "budget": pruning.get("budget"),
+        "convergence": _convergence(pruning.get("replacement")),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def measure(cells: list[tuple[str, list[str]]], common: list[str], output: Path, cache_dir: Path | None) -> dict:
+    sys.path.insert(0, str(REPO))
+    from depthbench.atomic import write_json
+    from depthbench.provenance import package_versions
     from tests.integration.conftest import compose
 
+    record = json.loads(output.read_text()) if output.is_file() else {}
+    record.setdefault("cells", {})
+    record["settings"] = {"model": "smollm2_135m", "ratio": 0.25, "common_overrides": common,
+                          "versions": package_versions()}
     root = Path(tempfile.mkdtemp(prefix="depthbench-faithfulness-"))
-    out = {}
+    cache = cache_dir or root / "cache"
     try:
         for i, (label, overrides) in enumerate(cells):
-            cfg = compose(*overrides, *common, f"cache.dir={root / 'cache'}")
-            record = run(cfg, root / f"cell{i}")
-            metrics, pruning = record["metrics"], record["pruning"]
-            out[label] = {
-                "overrides": overrides,
-                "removed_layers": pruning["removed_layers"],
-                "perplexity": metrics["pruned"]["heldout_perplexity"]["perplexity"],
-                "kl": (metrics.get("fidelity") or {}).get("kl_mean"),
-                "budget": pruning.get("budget"),
-                "convergence": _convergence(pruning.get("replacement")),
-            }
-            print(f"{label}: ppl {out[label]['perplexity']:.6g} budget {out[label]['budget']}", flush=True)
+            if label in record["cells"]:
+                print(f"{label}: in the record already", flush=True)
+                continue
+            cfg = compose(*overrides, *common, f"cache.dir={cache}")
+            cell = {"overrides": overrides, **measure_cell(cfg, root / f"cell{i}")}
+            cell["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            record["cells"][label] = cell
+            write_json(output, record)
+            print(f"{label}: ppl {cell['perplexity']:.6g} kl {cell['kl']} {cell['seconds']} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return record
+
+
+# ---- rendering ------------------------------------------------------------------------------------------------
+
+def flat(curve: list[dict], tolerance: float = FLAT_TOLERANCE) -> bool | None:
+    """Whether the held-out objective moved less than ``tolerance`` (relative) over the last quarter of the
+    training steps; None without a held-out curve of at least two points in that quarter."""
+    points = [p for p in curve if p.get("held_out") is not None]
+    if len(points) < 2:
+        return None
+    last_step = points[-1]["step"]
+    quarter = [p for p in points if p["step"] >= 0.75 * last_step]
+    if len(quarter) < 2:
+        quarter = points[-2:]
+    values = [p["held_out"] for p in quarter]
+    return (max(values) - min(values)) <= tolerance * abs(values[-1])
+
+
+def _series(label: str) -> tuple[str, int] | None:
+    """``(series name, budget)`` of a grid label: the label without its epochs / steps, and that number."""
+    match = re.match(r"(.*) (epochs|steps)=(\d+)$", label)
+    return (match.group(1), int(match.group(3))) if match else None
+
+
+def _fit_summary(cell: dict) -> dict:
+    conv = cell.get("convergence") or []
+    if not conv:
+        return {}
+    c = conv[0]
+    return {"initial": c.get("initial"), "last": c.get("last"), "best": c.get("best_held_out"),
+            "worse": c.get("worse_than_initial"), "flat": flat(c.get("curve") or []), "kept": c.get("kept"),
+            "ls_gap": c.get("ls_relative_gap"), "judged_on": c.get("judged_on")}
+
+
+def _fmt(value, fmt: str = ".4g") -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _plot(cells: dict, out: Path) -> Path:
+    import os
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for label, cell in cells.items():
+        parsed = _series(label)
+        if parsed and cell.get("budget"):
+            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], cell))
+    panels = (("perplexity", "held-out perplexity"), ("kl", "KL(dense || pruned) per token"))
+    for ax, (key, ylabel) in zip(axes, panels):
+        for i, (name, points) in enumerate(sorted(series.items())):
+            points = sorted((s, c[key]) for s, c in points if c.get(key) is not None)
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name,
+                        color=f"C{i % 10}", linestyle="-" if "replaceme" in name else "--")
+        for name, style in (("uidl", "k:"), ("replaceme_ls", "k-.")):
+            if name in cells and cells[name].get(key) is not None:
+                ax.axhline(cells[name][key], color="k", linestyle=style[1:], lw=1,
+                           label=f"{name} (no training)" if name == "uidl" else f"{name} (closed form)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimiser steps")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return out
+
+
+def _orderings(cells: dict) -> list[str]:
+    """The papers' orderings, stated from the record: the best converged cell of each trained family against
+    ReplaceMe-LS and UIDL."""
+    lines = []
+    ls, uidl = cells.get("replaceme_ls"), cells.get("uidl")
+
+    def best(prefix: str) -> tuple[str, dict] | None:
+        found = [(k, c) for k, c in cells.items() if k.startswith(prefix) and c.get("perplexity") is not None]
+        return min(found, key=lambda kc: kc[1]["perplexity"]) if found else None
+
+    for prefix, other, other_name, claim in (
+            ("replaceme_cosine loss=cosine", ls, "replaceme_ls", "ReplaceMe-cosine >= ReplaceMe-LS"),
+            ("replaceme_cosine loss=mse", ls, "replaceme_ls", "Adam on the mse objective reaches the closed-form LS "
+                                                               "(within 10% of its perplexity)"),
+            ("llm_streamline loss=mse", uidl, "uidl", "LLM-Streamline (mse) better than dropping the block"),
+            ("llm_streamline loss=lm", uidl, "uidl", "LLM-Streamline (lm) better than dropping the block")):
+        found = best(prefix)
+        if found is None or other is None:
+            continue
+        label, cell = found
+        ppl, ref = cell["perplexity"], other["perplexity"]
+        holds = ppl <= 1.10 * ref if "within 10%" in claim else ppl < ref
+        fit = _fit_summary(cell)
+        lines.append(f"- **{claim}**: {'holds' if holds else 'does not hold'} here. Best cell `{label}`: perplexity "
+                     f"{ppl:.4g} (KL {_fmt(cell.get('kl'), '.3f')}) against {other_name} {ref:.4g} (KL "
+                     f"{_fmt(other.get('kl'), '.3f')}); its held-out objective {_fmt(fit.get('initial'))} -> "
+                     f"{_fmt(fit.get('last'))}, flat over the last quarter: {fit.get('flat')}"
+                     + (f", gap to the LS optimum {_fmt(fit.get('ls_gap'), '.3%')}" if fit.get("ls_gap") is not None
+                        else "") + ".")
+    return lines
+
+
+def render(record_path: Path, output: Path) -> str:
+    record = json.loads(record_path.read_text())
+    cells = record["cells"]
+    plot = _plot(cells, output.parent / "faithfulness" / "perplexity_kl_vs_steps.png")
+    rows = ["| cell | layers | steps | training tokens | perplexity | KL | held-out objective initial -> last "
+            "(best) | flat | worse than initial | LS gap | seconds |", "|" + "---|" * 11]
+    for label, cell in cells.items():
+        b, fit = cell.get("budget") or {}, _fit_summary(cell)
+        layers = cell["removed_layers"]
+        span = f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else " ".join(
+            map(str, layers))
+        objective = (f"{_fmt(fit.get('initial'))} -> {_fmt(fit.get('last'))} ({_fmt(fit.get('best'))})"
+                     if fit.get("initial") is not None else "")
+        rows.append(f"| {label} | {span} | {_fmt(b.get('optimizer_steps'), 'd')} | "
+                    f"{_fmt(b.get('training_tokens'), 'd')} | {cell['perplexity']:.4g} | "
+                    f"{_fmt(cell.get('kl'), '.3f')} | {objective} | "
+                    f"{_fmt(fit.get('flat'), '')} | {_fmt(fit.get('worse'), '')} | {_fmt(fit.get('ls_gap'), '.3%')} | "
+                    f"{cell.get('seconds', '')} |")
+    settings = record["settings"]
+    text = "\n".join([
+        "# Faithfulness: do the trained replacements converge, and to what?", "",
+        "Produced by `python benchmarks/faithfulness.py --output " + str(record_path) + "` (the study, resumable) and "
+        "`--render` (this page), on SmolLM2-135M-Instruct at ratio 0.25 with the overrides "
+        f"`{' '.join(settings['common_overrides'])}`; versions {settings.get('versions')}. Every cell is one "
+        "`depthbench` run (same code path as a user's); cells share one calibration pass per calibration layout.",
+        "",
+        "Columns: optimiser steps and training tokens (`pruning.budget`), held-out perplexity and KL(dense || pruned) "
+        "on the held-out text, the fit's held-out objective (10% of the calibration rows held out of training: "
+        "initial -> last state, best in brackets), `flat` = it moved < 1% over the last quarter of training, `worse "
+        "than initial` = the last state's held-out objective is above the untrained one's (LLM-Streamline then keeps "
+        "its best state, the initial copy included), LS gap = (objective - optimum) / optimum for Adam on the mse "
+        "objective against the closed-form least squares.", "",
+        "## The papers' orderings on SmolLM2", "", *(_orderings(cells) or ["(not enough cells in the record)"]), "",
+        f"![perplexity and KL against optimiser steps]({plot.relative_to(output.parent)})", "",
+        "## Every cell", "", *rows, ""])
+    from depthbench.atomic import write_text
+
+    write_text(output, text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", default="1,10,100", help="ReplaceMe-cosine epochs, comma-separated")
-    parser.add_argument("--steps", default="15,150,1500", help="LLM-Streamline optimiser steps, comma-separated")
+    parser.add_argument("--steps", default="15,150,1500", help="LLM-Streamline (mse) optimiser steps, comma-separated")
+    parser.add_argument("--lm-steps", default="15,150", help="LLM-Streamline (lm) optimiser steps, comma-separated")
     parser.add_argument("--lrs", default="1e-4,1e-3", help="ReplaceMe-cosine learning rates, comma-separated")
     parser.add_argument("--windows", type=int, default=16, help="held-out perplexity windows")
+    parser.add_argument("--only", default=None, help="run only the cells whose label matches this regex")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the cells' shared cache (default: a temporary one); keep it to resume without a pass")
     parser.add_argument("--tiny", action="store_true",
                         help="every cell at a tiny budget (scale=fast, 1 epoch / 1 step): a smoke test")
-    parser.add_argument("--output", type=Path, required=True, help="the JSON record (written atomically)")
+    parser.add_argument("--output", type=Path, help="the JSON record (rewritten atomically after every cell)")
+    parser.add_argument("--render", type=Path, default=None, help="render docs/FAITHFULNESS.md from this record")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "FAITHFULNESS.md")
     args = parser.parse_args(argv)
-    from depthbench.atomic import write_json
-
+    sys.path.insert(0, str(REPO))
+    if args.render:
+        render(args.render, args.doc)
+        print(f"wrote {args.doc}")
+        return 0
+    if args.output is None:
+        parser.error("--output is required (or --render RECORD)")
     common = ["ratio=0.25", "benchmark=none", "efficiency.enabled=false", "logger=none", "progress=false",
-              "save_model=false", "cache.base_results=false", f"evaluation.perplexity.max_windows={args.windows}"]
+              "save_model=false", f"evaluation.perplexity.max_windows={args.windows}"]
     if args.tiny:
-        epochs, steps, lrs = [1], [1], [1e-4]
+        epochs, steps, lm_steps, lrs = [1], [1], [1], [1e-4]
         common = [*common[:-1], "scale=fast"]
     else:
-        epochs = [int(x) for x in args.epochs.split(",")]
-        steps = [int(x) for x in args.steps.split(",")]
+        epochs, steps, lm_steps = ([int(x) for x in a.split(",")] for a in (args.epochs, args.steps, args.lm_steps))
         lrs = [float(x) for x in args.lrs.split(",")]
-    cells = measure(grid(epochs, steps, lrs), common)
-    write_json(args.output, {"settings": {"model": "smollm2_135m", "ratio": 0.25, "common_overrides": common},
-                             "cells": cells})
+    cells = grid(epochs, steps, lrs, lm_steps)
+    if args.only:
+        cells = [(label, o) for label, o in cells if re.search(args.only, label)]
+    measure(cells, common, args.output, args.cache_dir)
     return 0
 
 

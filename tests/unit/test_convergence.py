@@ -269,3 +269,40 @@ def test_leaderboard_has_the_budget_columns():
     assert (row["calibration_tokens"], row["training_tokens"], row["optimizer_steps"]) == (30000, 270000, 290)
     del record["pruning"]["budget"]  # a record written before the budget existed
     assert record_row(record)["training_tokens"] is None
+
+
+def test_faithfulness_render_states_the_orderings_from_the_record(tmp_path):
+    """docs/FAITHFULNESS.md is rendered from the study's record: flatness over the last quarter, and each ordering
+    decided by the numbers in the record (here made so that one holds and one does not)."""
+    import importlib.util
+    import json
+
+    from tests.unit.test_configs import CONF
+
+    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    curve = [{"step": s, "train": None, "held_out": v} for s, v in ((0, 10.0), (50, 5.0), (80, 4.02), (100, 4.0))]
+    assert module.flat(curve) is True  # 4.02 -> 4.0 over steps 75..100: 0.5%
+    assert module.flat(curve, tolerance=0.001) is False
+    assert module.flat(curve[:1]) is None
+
+    def cell(ppl, steps=None, conv=None):
+        return {"removed_layers": [11, 12, 13], "perplexity": ppl, "kl": ppl / 100, "seconds": 1.0,
+                "budget": None if steps is None else {"optimizer_steps": steps, "training_tokens": 1000 * steps},
+                "convergence": conv or []}
+
+    conv = [{"curve": curve, "initial": 10.0, "last": 4.0, "best_held_out": 4.0, "worse_than_initial": False,
+             "ls_relative_gap": 0.05}]
+    record = {"settings": {"common_overrides": ["ratio=0.25"], "versions": {}}, "cells": {
+        "uidl": cell(300.0), "replaceme_ls": cell(150.0),
+        "replaceme_cosine loss=mse lr=0.001 epochs=10": cell(160.0, 320, conv),   # within 10% of LS
+        "llm_streamline loss=mse packing=false steps=15": cell(400.0, 15, conv),  # worse than UIDL
+    }}
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(record))
+    text = module.render(path, tmp_path / "FAITHFULNESS.md")
+    assert "reaches the closed-form LS (within 10% of its perplexity)**: holds" in text
+    assert "better than dropping the block**: does not hold" in text
+    assert "gap to the LS optimum 5.000%" in text and "10 -> 4 (4)" in text
+    assert (tmp_path / "faithfulness" / "perplexity_kl_vs_steps.png").is_file()
