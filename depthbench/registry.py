@@ -8,12 +8,14 @@ fork. Lookups of unknown names raise a `ConfigError` that lists what is availabl
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib.metadata import entry_points
 from typing import Callable, Generic, TypeVar
 
 from depthbench.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
@@ -72,5 +74,11 @@ class Registry(Generic[T]):
             return
         self._entry_points_loaded = True
         for ep in entry_points(group=self.entry_point_group):
-            if ep.name not in self._entries:
+            existing = self._entries.get(ep.name)
+            if existing is None:
                 self._entries[ep.name] = ep.value
+            elif ep.value != existing and ep.value != getattr(existing, "__module__", "") + ":" + getattr(
+                    existing, "__name__", ""):
+                log.warning("%s %r: the installed plugin %s (entry point group %s) is ignored because %r is "
+                            "already a %s (%s); rename the plugin's entry point to use it", self.kind, ep.name,
+                            ep.value, self.entry_point_group, ep.name, self.kind, existing)

@@ -25,6 +25,27 @@ def test_entry_point_plugins_are_found(monkeypatch):
     assert "my_method" in reg.names()
 
 
+def test_a_plugin_reusing_a_builtin_name_is_named_in_a_warning(monkeypatch, caplog):
+    """The built-in keeps its name; the shadowed plugin is not silently dropped."""
+    import depthbench.registry as registry_module
+
+    class Clashing:
+        name, value = "uidl", "my_package.pruners:MyUIDL"
+
+    class SameObject:  # the built-in itself exposed as an entry point (e.g. an editable install): no warning
+        name, value = "shortgpt", "depthbench.pruners.uidl:UIDLPruner"
+
+    monkeypatch.setattr(registry_module, "entry_points",
+                        lambda group: [Clashing(), SameObject()] if group == "depthbench.pruners" else [])
+    reg = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
+    reg.add("uidl", UIDLPruner)
+    reg.add("shortgpt", UIDLPruner)
+    with caplog.at_level("WARNING", logger="depthbench.registry"):
+        assert reg.get("uidl") is UIDLPruner
+    assert len(caplog.records) == 1
+    assert "my_package.pruners:MyUIDL" in caplog.text and "rename" in caplog.text
+
+
 def test_registry_rejects_wrong_base():
     reg = Registry("pruner", base=Pruner)
     with pytest.raises(TypeError):
