@@ -50,6 +50,30 @@ def sweep(directory: Path, scale: str, launcher: list[str]) -> dict:
                       for r in records}}
 
 
+def render_record(record: dict, verdicts: list) -> list[str]:
+    """The parallel-sweep section of docs/PERFORMANCE.md (called by benchmarks/performance.py's render)."""
+    seq, par = record["sequential"], record["parallel"]
+    verdicts.append(("a 2-job parallel sweep makes one calibration pass in total, with the sequential results",
+                     f"{par['calibration_passes']} pass(es), same results: {record['same_results']}",
+                     par["calibration_passes"] == 1 and record["same_results"]))
+    load = ", ".join(f"{x:.1f}" for x in record["load_average_at_end"])
+    return [
+        "## Parallel cells sharing one calibration pass (issue #18)", "",
+        f"Measured {record['date']} on {record['cpus']} CPUs (load average at the end {load}) by "
+        f"`.venv/bin/python benchmarks/parallel_sweep.py --output docs/parallel_sweep.json`: {record['what']}.", "",
+        "| sweep | wall time | calibration passes | ratio: layers, held-out perplexity |", "|---|---|---|---|",
+        *(f"| {name} | {r['seconds']:.1f} s | {r['calibration_passes']} | "
+          + "; ".join(f"{ratio}: {' '.join(map(str, c['removed_layers']))}, {c['ppl']:.4g}"
+                      for ratio, c in sorted(r["cells"].items())) + " |"
+          for name, r in (("sequential (basic launcher)", seq), ("2 parallel jobs", par))), "",
+        f"Parallel over sequential wall time: **{record['wall_time_ratio_parallel_over_sequential']:.2f}x**; "
+        f"identical layers and perplexities: {record['same_results']}. The second job waits on the first one's "
+        "calibration lock and then reads its statistics, so the pass is not duplicated; on this 2-core machine both "
+        "jobs share the same two cores, so the wall-time gain is bounded by what a single cell leaves idle (model "
+        "loading, evaluation set-up); on a cluster each job has its own GPU.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launcher", choices=sorted(LAUNCHERS), default="joblib")

@@ -208,6 +208,10 @@ def render_memory(part: dict, verdicts: list) -> list[str]:
 RENDER = {"methods": render_methods, "sweep": render_sweep, "memory": render_memory}
 # Parts measured by their own scripts (they store them in the same JSON): part -> module in benchmarks/.
 OTHER_PARTS = {"eval_throughput": "eval_throughput"}
+# Sections measured by their own scripts into their own records in docs/: record file -> module in benchmarks/
+# (each has ``render_record(record, verdicts) -> lines``).
+RECORD_SECTIONS = {"sleb_cost.json": "sleb_cost", "cold_single_run.json": "cold_single_run",
+                   "parallel_sweep.json": "parallel_sweep"}
 
 
 def render(results: dict) -> str:
@@ -222,11 +226,18 @@ def render(results: dict) -> str:
         if name in results:
             sys.path.insert(0, str(ROOT / "benchmarks"))
             sections += ["", *importlib.import_module(module).render_part(results[name], verdicts)]
+    for file, module in RECORD_SECTIONS.items():
+        record_path = ROOT / "docs" / file
+        if record_path.is_file():
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            record = json.loads(record_path.read_text())
+            sections += ["", *importlib.import_module(module).render_record(record, verdicts)]
     head = ["# Performance", "",
             "Produced by `benchmarks/performance.py` (measurements in `docs/performance.json`; each part below",
-            "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct",
-            "(bfloat16), calibration: BIG-bench Wikipedia, 256 tokens per sequence. The machine is shared:",
-            "read the ratios, not the seconds.", "",
+            "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct,",
+            "calibration: BIG-bench Wikipedia, 256 tokens per sequence; `model.dtype=auto`, which is float32 on",
+            "this CPU (no bfloat16 kernels) since 2026-11-30: parts dated earlier ran bfloat16. The machine is",
+            "shared: read the ratios, not the seconds.", "",
             "## Against issue #6's targets", "", "| target | measured | met |", "|---|---|---|",
             *(f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in verdicts)]
     return "\n".join(head + sections) + "\n"

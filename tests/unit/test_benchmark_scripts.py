@@ -70,3 +70,18 @@ def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
     assert "replaceme_ls 1.200 +- 0.030, uidl 1.500 +- 0.040" in text and f"{z:.1f} combined" in text
     assert "**separated**" in text and "it ran 2 of the 2 cells" in text and "1.5 min" in text
     assert (out.parent / "demo" / "quality_vs_speedup.png").is_file()
+
+
+def test_performance_page_renders_every_committed_record(tmp_path):
+    """docs/PERFORMANCE.md is rendered from the records in docs/ (a rerun of one part keeps the others' sections);
+    each section's numbers are read from its record."""
+    out = tmp_path / "PERFORMANCE.md"
+    proc = run("benchmarks/performance.py", "--render-only", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    sleb = json.loads((ROOT / "docs" / "sleb_cost.json").read_text())
+    assert "## SLEB: one selection" in text and f"**{sleb['sleb_over_evaluations_x_masked_pass']:.2f}x**" in text
+    cold = ROOT / "docs" / "cold_single_run.json"
+    if cold.is_file():
+        record = json.loads(cold.read_text())
+        assert f"**{record['auto_over_fixed_4gib']:.2f}x**" in text
