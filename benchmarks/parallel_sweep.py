@@ -68,9 +68,12 @@ def render_record(record: dict, verdicts: list) -> list[str]:
           for name, r in (("sequential (basic launcher)", seq), ("2 parallel jobs", par))), "",
         f"Parallel over sequential wall time: **{record['wall_time_ratio_parallel_over_sequential']:.2f}x**; "
         f"identical layers and perplexities: {record['same_results']}. The second job waits on the first one's "
-        "calibration lock and then reads its statistics, so the pass is not duplicated; on this 2-core machine both "
-        "jobs share the same two cores, so the wall-time gain is bounded by what a single cell leaves idle (model "
-        "loading, evaluation set-up); on a cluster each job has its own GPU.",
+        "calibration lock and then reads its statistics, so the pass is not duplicated. On one machine the jobs "
+        "split its cores (joblib's loky workers get cpu_count // n_jobs threads each, here 1), so the one "
+        "calibration pass, which every other cell waits for, runs on a share of the cores: where the pass "
+        "dominates a cell, as at scale=fast on 2 cores, the parallel sweep is not faster than the sequential one. "
+        "The launchers are for a cluster, where each job brings its own GPU or cores; on one small machine, run a "
+        "sweep sequentially.",
     ]
 
 

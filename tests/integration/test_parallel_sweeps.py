@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.conftest import needs_offline_packages, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_offline_packages]
+pytestmark = [pytest.mark.integration, needs_offline_packages]
 
 # Two ReplaceMe-LS cells: each needs the score statistics and, after selection, the least-squares
 # moments of its own block, read back from the activations the one pass stored.
