@@ -91,7 +91,7 @@ def uses_conv1d(model, names: list[str]) -> bool:
 def model_type_without_weights(model_cfg) -> str | None:
     """The ``model_type`` from config.json (a local directory or the Hub's small file) or the packaged
     GGUF's header; None when it cannot be read cheaply (targets are then checked after loading)."""
-    from depthbench.modeling.loading import _gguf_path, gguf_metadata
+    from depthbench.modeling.loading import gguf_path, gguf_metadata
 
     if model_cfg.get("name_or_path"):
         from transformers import AutoConfig
@@ -104,7 +104,7 @@ def model_type_without_weights(model_cfg) -> str | None:
     gguf = model_cfg.get("gguf")
     if not gguf:
         return None
-    return gguf_metadata(_gguf_path(gguf.package, gguf.file), "general.architecture")
+    return gguf_metadata(gguf_path(gguf.package, gguf.file), "general.architecture")
 
 
 def check_targets_for_model(settings, model_cfg) -> None:

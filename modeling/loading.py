@@ -90,7 +90,7 @@ def check_model_reference(cfg) -> None:
     gguf = cfg.get("gguf")
     if not gguf:
         raise ConfigError("model: set model.name_or_path (a Hub id or a local directory) or model.gguf")
-    _gguf_path(gguf.package, gguf.file)
+    gguf_path(gguf.package, gguf.file)
 
 
 def _model_type_of(config_file: Path, ref: str) -> str | None:
@@ -129,7 +129,7 @@ def _local_source(cfg, models_dir: Path | None = None) -> Path | None:
     if cfg.get("name_or_path"):
         path = Path(str(cfg.name_or_path)).expanduser()
         return path if path.is_dir() else None
-    target = converted_copy_dir(_gguf_path(cfg.gguf.package, cfg.gguf.file), models_dir)
+    target = converted_copy_dir(gguf_path(cfg.gguf.package, cfg.gguf.file), models_dir)
     return target if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file() else None
 
 
@@ -148,7 +148,7 @@ def num_layers_of(cfg, models_dir: Path | None = None) -> int | None:
                        .num_hidden_layers)
     except Exception:  # noqa: BLE001 - unreachable Hub, odd config: the load reports it with context
         return None
-    path = _gguf_path(cfg.gguf.package, cfg.gguf.file)
+    path = gguf_path(cfg.gguf.package, cfg.gguf.file)
     arch = gguf_metadata(path, "general.architecture")
     count = gguf_metadata(path, f"{arch}.block_count") if arch else None
     return int(count) if count is not None else None
@@ -209,7 +209,7 @@ def load_tokenizer(cfg, models_dir: Path | None = None):
         elif cfg.get("name_or_path"):
             tokenizer = AutoTokenizer.from_pretrained(str(cfg.name_or_path), revision=cfg.get("revision") or None)
         else:
-            gguf = _gguf_path(cfg.gguf.package, cfg.gguf.file)
+            gguf = gguf_path(cfg.gguf.package, cfg.gguf.file)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as err:  # noqa: BLE001 - one line naming the model; debug=true re-raises
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -279,7 +279,8 @@ def model_fingerprint(loaded: LoadedModel, cfg) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _gguf_path(package: str, file: str) -> Path:
+def gguf_path(package: str, file: str) -> Path:
+    """The GGUF file ``file`` shipped in the installed package ``package`` (found without importing it)."""
     spec = importlib.util.find_spec(package)  # locate without importing (its __init__ has heavy deps)
     if spec is None or spec.origin is None:
         raise ConfigError(
@@ -305,7 +306,7 @@ def converted_copy_dir(gguf: Path, models_dir: Path | None = None) -> Path:
 def _plain_copy_of_gguf(package: str, file: str, tokenizer=None, models_dir: Path | None = None) -> Path:
     """A ``save_pretrained`` directory equivalent to the GGUF model, converted once and cached (with
     ``tokenizer`` if given: the GGUF's, already built by `load_tokenizer`)."""
-    gguf = _gguf_path(package, file)
+    gguf = gguf_path(package, file)
     target = converted_copy_dir(gguf, models_dir)
     if not _converted(target):
         # cells of a parallel sweep starting at once convert it once (the others wait, then load it):

