@@ -453,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=["offline", "online"], default=None,
                         help="also log the table to Weights & Biases (offline writes files only)")
     parser.add_argument("--group", default=None, help="W&B group (default: the first directory's name)")
+    parser.add_argument("--columns", default=None,
+                        help="also print a Markdown table of these comma-separated columns (of leaderboard.csv), "
+                             "e.g. method,healing,healing_steps,ppl_pruned,ppl_healed,kl,kl_healed")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
@@ -464,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     frame = build_frame(records)
+    wanted = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in frame.columns]
+    if unknown:  # before anything is written
+        print(f"depthbench-leaderboard: error: unknown column(s) {', '.join(unknown)}; allowed: the columns of "
+              f"leaderboard.csv: {', '.join(frame.columns)}", file=sys.stderr)
+        return 2
     paths = write_leaderboard(frame, args.directories[0])
     if args.wandb:
         from depthbench.experiments.tracking import WandbTracker
@@ -474,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print(shown.round(3).to_string(index=False))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if wanted:
+        print(table_rows(frame)[wanted].to_markdown(index=False, floatfmt=".4g"))
     return 0
 
 

@@ -151,3 +151,17 @@ def test_run_summary_names_removed_sub_blocks():
     assert "removed sub-blocks 3.attn, 5.mlp" in text
     assert "3 attention and 3 MLP modules" in text and "2.60 layer-equivalents" in text and "30.0% of the KV" in text
     assert "sub-blocks" not in summary_table(_summary_record({}))  # whole layers, or a record from before
+
+
+def test_cli_prints_chosen_columns_and_refuses_unknown_ones_before_writing(tmp_path, capsys):
+    import json as json_module
+
+    for record in _records()[:2]:
+        (tmp_path / record["config_hash"]).mkdir()
+        (tmp_path / record["config_hash"] / "result.json").write_text(json_module.dumps(record))
+    assert leaderboard.main([str(tmp_path), "--columns", "method,nope"]) == 2
+    assert "unknown column(s) nope" in capsys.readouterr().err and not (tmp_path / "leaderboard.csv").exists()
+    assert leaderboard.main([str(tmp_path), "--columns", "method,ppl_pruned"]) == 0
+    table = capsys.readouterr().out.split("| method")[1]
+    # the two runs differ only in their seed: one mean row (30 and 40), as in leaderboard.md
+    assert "| random_layers |           35 |" in table and "| base (dense)  |           20 |" in table
