@@ -224,6 +224,42 @@ def _orderings(cells: dict) -> list[str]:
     return lines
 
 
+def position_section(path: Path) -> list[str]:
+    """The section on where the MSE objectives' mass lies, from benchmarks/objective_by_position.py's record."""
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    drop, ls_all, ls_rest = (r[k] for k in ("drop_block_error", "replaceme_mse_at_ls_all_tokens",
+                                            "replaceme_mse_at_ls_without_first_tokens"))
+    norms = r["residual_norm_h_s"]
+    return [
+        "## Where the MSE objectives' mass lies: the first token of each window", "",
+        f"Measured {r['date']} by `.venv/bin/python benchmarks/objective_by_position.py --samples 16 --output "
+        f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}`: {r['what']}; {r['tokens']} tokens, "
+        f"{r['first_tokens']} of them first tokens ({100 * r['first_token_fraction_of_tokens']:.2f}%).", "",
+        "| squared error per token | mean | first tokens' share | first-token mean | other-token mean |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {p['mean_per_token']:.4g} | {100 * p['first_token_share']:.1f}% | {p['first_token_mean']:.4g} | "
+          f"{p['other_token_mean']:.4g} |" for name, p in (
+              ("dropping the block, ‖h_s − h_e‖² (= ReplaceMe's mse objective at T = I)", drop),
+              ("ReplaceMe mse at the least-squares T fitted on all tokens", ls_all),
+              ("ReplaceMe mse at the least-squares T fitted without the first tokens", ls_rest))), "",
+        f"The residual stream entering the block has about the same norm at the first token as elsewhere "
+        f"({norms['first_token_mean']:.0f} vs {norms['other_token_mean']:.0f}); the block's output does not: the "
+        "first token (the attention sink) leaves it with a huge norm, so its squared error dwarfs every other "
+        "token's. Any MSE objective over h_e (ReplaceMe's mse, LLM-Streamline's mse) is then mostly a fit of the "
+        "first tokens: the least-squares T fitted on all tokens is "
+        f"{ls_all['other_token_mean'] / drop['other_token_mean']:.1f}x worse than dropping the block on the other "
+        f"tokens, while the one fitted without the first tokens is "
+        f"{ls_rest['other_token_mean'] / drop['other_token_mean']:.2f}x of it there. With per-document windows of "
+        "256 tokens the first token is about 1 in 250 tokens; LLM-Streamline's reference packs 2048-token "
+        "sequences (1 in 2048), which dilutes it 8x but does not remove it. Which tokens matter for the "
+        "perplexity is a separate question: ReplaceMe-LS, fitted on all tokens, reaches a far lower held-out "
+        "perplexity than dropping the block (table below) although it is worse on the other tokens, which "
+        "points at the first token's huge activation (reproduced by the all-token fit, not by the other) as what "
+        "the rest of the model needs; a fit without the first tokens has not been run through the perplexity.", ""]
+
+
 def render(record_path: Path, output: Path) -> str:
     record = json.loads(record_path.read_text())
     cells = record["cells"]
@@ -256,6 +292,7 @@ def render(record_path: Path, output: Path) -> str:
         "than initial` = the last state's held-out objective is above the untrained one's (LLM-Streamline then keeps "
         "its best state, the initial copy included), LS gap = (objective - optimum) / optimum for Adam on the mse "
         "objective against the closed-form least squares.", "",
+        *position_section(REPO / "docs" / "objective_by_position.json"),
         "## The papers' orderings on SmolLM2", "", *(_orderings(cells) or ["(not enough cells in the record)"]), "",
         f"![perplexity and KL against optimiser steps]({plot.relative_to(output.parent)})", "",
         "## Every cell", "", *rows, ""])

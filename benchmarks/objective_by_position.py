@@ -1,0 +1,109 @@
+"""How much of the trained replacements' MSE objectives the first token of each window carries (issue #15's
+first lead): on SmolLM2 over calibration windows, for a removed block [s, e) (default: 11..18, the block the
+cosine criterion picks at 25%),
+
+- the per-token squared error of dropping the block, ||h_s - h_e||^2 (UIDL's error, and ReplaceMe's mse
+  objective at T = I, since Y + M = h_s), by position in the window;
+- ReplaceMe's mse objective ||Y + M T - h_e||^2 at its least-squares optimum T* fitted on every token, and at
+  T*' fitted without the windows' first tokens, each split into first-token and other-token parts;
+- the residual-stream norms ||h_s|| at position 0 and elsewhere.
+
+With W-token windows the first token is 1 / W of the tokens: its share of an objective says how far a fit of
+that objective is a fit of those few tokens. Sums in float64; the least squares by Cholesky on the float64
+normal equations (ridge 1e-6 x mean diagonal, stated in the record).
+
+    .venv/bin/python benchmarks/objective_by_position.py [--samples 32] [--seq-len 256] [--start 11 --end 19] \\
+        [--output docs/objective_by_position.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--start", type=int, default=11, help="first removed layer s")
+    parser.add_argument("--end", type=int, default=19, help="first kept layer after the block, e")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+
+    from depthbench.calibration.batches import load_calibration
+    from depthbench.config_store import register_configs
+    from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.loading import load_model
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"calibration.n_samples={args.samples}",
+                                                        f"calibration.seq_len={args.seq_len}", "model.dtype=float32"])
+    loaded = load_model(cfg.model, device="cpu")
+    adapter = adapter_for(loaded.model)
+    batches = load_calibration(cfg.calibration, loaded.tokenizer).batches
+    s, e = args.start, args.end
+    seen: dict[str, torch.Tensor] = {}
+    handles = [adapter.observe_residual(s, lambda h: seen.__setitem__("h_s", h.detach())),
+               adapter.observe_residual(e, lambda h: seen.__setitem__("h_e", h.detach())),
+               adapter.observe_mlp_output(s - 1, lambda m: seen.__setitem__("m", m.detach()))]
+    rows = {"h_s": [], "h_e": [], "m": [], "position": []}
+    with torch.no_grad():
+        for batch in batches:
+            loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            mask = batch["attention_mask"].bool()
+            positions = mask.long().cumsum(1) - 1  # position within the real tokens (padding on either side)
+            for key in ("h_s", "h_e", "m"):
+                rows[key].append(seen[key][mask].to(torch.float64))
+            rows["position"].append(positions[mask])
+    for handle in handles:
+        handle.remove()
+    h_s, h_e, m, pos = (torch.cat(rows[k]) for k in ("h_s", "h_e", "m", "position"))
+    first = pos == 0
+    y = h_s - m  # Y: the residual stream before layer s-1's MLP output is added (h_s = Y + M)
+
+    def parts(err: torch.Tensor) -> dict:
+        total = float(err.sum())
+        return {"mean_per_token": total / err.numel(), "first_token_share": float(err[first].sum()) / total,
+                "first_token_mean": float(err[first].mean()), "other_token_mean": float(err[~first].mean())}
+
+    def ls(rows_mask: torch.Tensor) -> torch.Tensor:
+        a = m[rows_mask].T @ m[rows_mask]
+        b = m[rows_mask].T @ (h_e - y)[rows_mask]
+        ridge = 1e-6 * float(a.diagonal().mean())
+        chol = torch.linalg.cholesky(a + ridge * torch.eye(a.shape[0], dtype=a.dtype))
+        return torch.cholesky_solve(b, chol)
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        return ((y + m @ t - h_e) ** 2).sum(-1)
+
+    t_all, t_rest = ls(torch.ones_like(first)), ls(~first)
+    norms = h_s.norm(dim=-1)
+    record = {
+        "what": f"SmolLM2 float32, block [{s}, {e}), {args.samples} x {args.seq_len} calibration tokens "
+                "(per document windows, as the default calibration)",
+        "tokens": int(pos.numel()), "first_tokens": int(first.sum()),
+        "first_token_fraction_of_tokens": float(first.float().mean()),
+        "residual_norm_h_s": {"first_token_mean": float(norms[first].mean()),
+                              "other_token_mean": float(norms[~first].mean())},
+        "drop_block_error": parts(((h_s - h_e) ** 2).sum(-1)),
+        "replaceme_mse_at_ls_all_tokens": parts(objective(t_all)),
+        "replaceme_mse_at_ls_without_first_tokens": parts(objective(t_rest)),
+        "ls_ridge": "1e-6 x mean diagonal of M^T M",
+        **machine_fields(),
+    }
+    emit(record, args.output)
+
+
+if __name__ == "__main__":
+    main()
