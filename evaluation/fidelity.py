@@ -153,12 +153,14 @@ def _chunk_statistics(pruned_lp: torch.Tensor, ref: Mapping[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def compare_to_reference(model, batches: list[dict[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
-                         progress: bool = True, desc: str = "fidelity") -> dict:
-    """Fidelity of ``model`` (the pruned one) to the dense reference on the same ``batches``."""
+def perplexity_and_fidelity(model, batches: list[dict[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
+                            progress: bool = True, desc: str = "perplexity and fidelity") -> tuple[dict, dict]:
+    """The held-out perplexity of ``model`` (the pruned one) and its fidelity to the dense reference, from ONE
+    forward pass per batch (the log-probs the fidelity needs also give each token's NLL). The perplexity has
+    `depthbench.evaluation.perplexity.perplexity`'s keys and tokens; the NLL sum is taken in float64."""
     device = next(model.parameters()).device
     kls, bounds, agree, dp, windows = [], [], [], [], []
-    start = 0
+    total_nll, start = 0.0, 0
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         keep, targets = _positions(batch)
         lp = _log_probs(model, batch, device)[keep]
@@ -168,16 +170,36 @@ def compare_to_reference(model, batches: list[dict[str, torch.Tensor]], referenc
             raise ConfigError("fidelity reference does not match the held-out windows (different text or settings)")
         start += n
         stats = token_statistics(lp, ref)
-        q_y = lp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1).to(torch.float64).exp()
+        log_q_y = lp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1).to(torch.float64)
+        total_nll -= float(log_q_y.sum())
         kls.append(stats["kl"])
         bounds.append(stats["kl_error_bound"])
         agree.append(stats["agree"])
-        dp.append(q_y - ref["target_logprob"].to(torch.float64).exp())
+        dp.append(log_q_y.exp() - ref["target_logprob"].to(torch.float64).exp())
         windows.append(ref["window"])
     if start != reference["topk_ids"].shape[0]:
         raise ConfigError("fidelity reference does not match the held-out windows (different text or settings)")
-    return summarize(torch.cat(kls).numpy(), torch.cat(bounds).numpy(), torch.cat(agree).numpy(),
-                     torch.cat(dp).numpy(), torch.cat(windows).numpy(), top_k=reference["topk_ids"].shape[1])
+    fidelity = summarize(torch.cat(kls).numpy(), torch.cat(bounds).numpy(), torch.cat(agree).numpy(),
+                         torch.cat(dp).numpy(), torch.cat(windows).numpy(), top_k=reference["topk_ids"].shape[1])
+    return _perplexity(total_nll, start), fidelity
+
+
+def compare_to_reference(model, batches: list[dict[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
+                         progress: bool = True, desc: str = "fidelity") -> dict:
+    """Fidelity of ``model`` (the pruned one) to the dense reference on the same ``batches``."""
+    return perplexity_and_fidelity(model, batches, reference, progress, desc)[1]
+
+
+def reference_perplexity(reference: Mapping[str, torch.Tensor]) -> dict:
+    """The dense model's held-out perplexity, read from its reference (the log-prob of every correct token is in
+    it): no forward pass. Same keys and tokens as `depthbench.evaluation.perplexity.perplexity`."""
+    target = reference["target_logprob"].to(torch.float64)
+    return _perplexity(-float(target.sum()), int(target.numel()))
+
+
+def _perplexity(total_nll: float, tokens: int) -> dict:
+    mean = total_nll / tokens
+    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": tokens}
 
 
 def _window_standard_error(values: np.ndarray, windows: np.ndarray) -> float | None:

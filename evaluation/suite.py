@@ -44,9 +44,21 @@ def fidelity_enabled(evaluation_cfg: DictConfig) -> bool:
     return bool(fid is not None and fid.get("enabled", True))
 
 
-def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: bool, label: str) -> dict:
-    """Held-out perplexity and, when the benchmark lists tasks, its lm-eval scores."""
-    out = {"heldout_perplexity": perplexity(model, windows.batches, progress, f"{label} perplexity")}
+def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: bool, label: str,
+            reference=None, base_quality: dict | None = None, heldout: dict | None = None) -> tuple[dict, dict | None]:
+    """``(quality, fidelity)`` of ``model``: held-out perplexity and, when the benchmark lists tasks, its lm-eval
+    scores; with the dense model's fidelity ``reference``, the token fidelity from the SAME forward passes as the
+    perplexity (one pass over the held-out windows, not two) and the flips per task against ``base_quality``.
+    ``heldout``: the held-out perplexity already known (the dense model's, read from its reference)."""
+    from depthbench.evaluation.fidelity import perplexity_and_fidelity, task_flips
+
+    fidelity = None
+    if heldout is None and reference is not None:
+        heldout, fidelity = perplexity_and_fidelity(model, windows.batches, reference, progress,
+                                                    f"{label} perplexity and fidelity")
+    elif heldout is None:
+        heldout = perplexity(model, windows.batches, progress, f"{label} perplexity")
+    out = {"heldout_perplexity": heldout}
     if has_benchmark(benchmark_cfg):
         from depthbench.evaluation.lm_eval_runner import evaluate_benchmark
 
@@ -54,7 +66,9 @@ def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: 
         out["benchmark"] = bench
         out["tasks"] = {name: task["value"] for name, task in bench["tasks"].items()}
         out["average"] = bench["average"]
-    return out
+    if fidelity is not None and base_quality and "benchmark" in base_quality and "benchmark" in out:
+        fidelity["flips"] = task_flips(base_quality["benchmark"], out["benchmark"])
+    return out, fidelity
 
 
 def fidelity_reference(model, windows, evaluation_cfg: DictConfig, cache_dir: Path | None, material: dict,
@@ -71,16 +85,6 @@ def fidelity_reference(model, windows, evaluation_cfg: DictConfig, cache_dir: Pa
     if cache_dir is None:
         return compute(), False
     return cached_reference(cache_dir, {**material, "fidelity_top_k": top_k}, compute, stale_after_s=stale_after_s)
-
-
-def fidelity(model, windows, reference, base_quality: dict, pruned_quality: dict, progress: bool) -> dict:
-    """``metrics.fidelity``: token-level fidelity on the held-out windows and flips per benchmark task."""
-    from depthbench.evaluation.fidelity import compare_to_reference, task_flips
-
-    out = compare_to_reference(model, windows.batches, reference, progress)
-    if "benchmark" in base_quality and "benchmark" in pruned_quality:
-        out["flips"] = task_flips(base_quality["benchmark"], pruned_quality["benchmark"])
-    return out
 
 
 def dense_copy(model):

@@ -31,7 +31,8 @@ from depthbench.provenance import provenance
 from depthbench.evaluation.base_cache import cached_base_result, key_material
 from depthbench.evaluation.perplexity import heldout_windows
 from depthbench.evaluation.retention import retention_report
-from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity, fidelity_enabled, fidelity_reference,
+from depthbench.evaluation.fidelity import reference_perplexity
+from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity_enabled, fidelity_reference,
                                          has_benchmark, quality, speed)
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
@@ -319,10 +320,16 @@ def evaluate_base(cell: Cell) -> None:
     material = base_result_material(cfg, cell.fingerprint)
     with timer.stage("evaluation_data"):
         cell.windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
+    if fidelity_enabled(cfg.evaluation):  # first: its pass also gives the dense held-out perplexity
+        with timer.stage("fidelity_reference"):
+            cell.reference, _ = fidelity_reference(
+                loaded.model, cell.windows, cfg.evaluation, cell.caches if cell.shares_base_results else None,
+                material, cell.progress, stale_after_s=lock_stale_after(cfg))
     with timer.stage("evaluate_base"):
         def compute():
+            heldout = None if cell.reference is None else reference_perplexity(cell.reference)
             return quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark, cell.paths.data_dir,
-                           cell.progress, "base")
+                           cell.progress, "base", heldout=heldout)[0]
 
         if cell.shares_base_results:
             cell.metrics["base"], hit = cached_base_result(cell.caches, material, compute,
@@ -330,11 +337,6 @@ def evaluate_base(cell: Cell) -> None:
             cell.metrics["base_from_cache"] = hit
         else:
             cell.metrics["base"] = compute()
-    if fidelity_enabled(cfg.evaluation):
-        with timer.stage("fidelity_reference"):
-            cell.reference, _ = fidelity_reference(
-                loaded.model, cell.windows, cfg.evaluation, cell.caches if cell.shares_base_results else None,
-                material, cell.progress, stale_after_s=lock_stale_after(cfg))
     if cfg.efficiency.get("enabled", True) or needs_teacher(cell):
         with timer.stage("dense_copy"):
             cell.dense, cell.dense_bytes = dense_copy(loaded.model)
@@ -366,14 +368,10 @@ def evaluate_pruned(cell: Cell) -> None:
     cfg, loaded, timer, metrics = cell.cfg, cell.loaded, cell.timer, cell.metrics
 
     def compute() -> dict:
-        with timer.stage("evaluate_pruned"):
-            out = {"pruned": quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
-                                     cell.paths.data_dir, cell.progress, "pruned")}
-        if cell.reference is not None:
-            with timer.stage("fidelity"):
-                out["fidelity"] = fidelity(loaded.model, cell.windows, cell.reference, metrics["base"], out["pruned"],
-                                           cell.progress)
-        return out
+        with timer.stage("evaluate_pruned"):  # perplexity and fidelity from one pass over the held-out windows
+            pruned, fidelity = quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
+                                       cell.paths.data_dir, cell.progress, "pruned", cell.reference, metrics["base"])
+        return {"pruned": pruned} if fidelity is None else {"pruned": pruned, "fidelity": fidelity}
 
     # once per pruned model: every healing budget of a sweep reuses it (keyed by the config without healing)
     pruned_only, metrics["pruned_from_cache"] = cached_pruned_metrics(

@@ -54,11 +54,11 @@ def healed_metrics(model, tokenizer, windows, benchmark_cfg, data_dir, reference
     """``metrics.healed``: held-out perplexity and benchmark scores, plus ``fidelity`` (against the same
     dense reference as the pruned-only numbers) and ``retention`` (healed / base) where measured."""
     from depthbench.evaluation.retention import retention_report
-    from depthbench.evaluation.suite import fidelity, quality
+    from depthbench.evaluation.suite import quality
 
-    out = quality(model, tokenizer, windows, benchmark_cfg, data_dir, progress, "healed")
-    if reference is not None:
-        out["fidelity"] = fidelity(model, windows, reference, base, out, progress)
+    out, fidelity = quality(model, tokenizer, windows, benchmark_cfg, data_dir, progress, "healed", reference, base)
+    if fidelity is not None:
+        out["fidelity"] = fidelity
     if "tasks" in base and "tasks" in out:
         out["retention"] = retention_report(base, out)
     return out

@@ -213,3 +213,45 @@ def test_evaluation_local_errors_on_bad_files(tmp_path):
         check_evaluation(OmegaConf.merge(cfg, {"fidelity": {"top_k": 0}}))
     with pytest.raises(ConfigError, match="efficiency.rel_width"):
         check_evaluation(cfg, OmegaConf.merge(efficiency, {"rel_width": 0}))
+
+
+@torch.no_grad()
+def _float64_perplexity(model, batches):
+    """exp(mean NLL) over every predicted real token, each row run alone without padding, in float64."""
+    nll, n = 0.0, 0
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            m = int(mask.sum())
+            lp = torch.log_softmax(model(input_ids=ids[:m].unsqueeze(0)).logits[0, :-1].double(), -1)
+            nll -= float(lp.gather(-1, ids[1:m, None]).sum())
+            n += m - 1
+    return math.exp(nll / n), n
+
+
+def test_one_pass_gives_the_perplexity_and_the_fidelity_and_the_reference_gives_the_dense_perplexity():
+    """The pruned model's held-out perplexity comes from the fidelity pass, the dense one's from its reference:
+    both equal a float64 recomputation, and evaluating with a reference runs ONE forward per batch."""
+    from depthbench.evaluation.perplexity import perplexity
+    from depthbench.evaluation.suite import quality
+
+    dense, pruned = _pair()
+    batches = random_batches(vocab=101, n_batches=3, batch_size=4, seq_len=16, ragged=True)
+    ref = fid.dense_reference(dense, batches, top_k=8, progress=False)
+    expected, tokens = _float64_perplexity(dense, batches)
+    dense_ppl = fid.reference_perplexity(ref)
+    assert dense_ppl["tokens"] == tokens and dense_ppl["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert dense_ppl["perplexity"] == pytest.approx(perplexity(dense, batches, progress=False)["perplexity"], rel=1e-6)
+
+    calls = []
+    handle = pruned.register_forward_hook(lambda *_: calls.append(1))
+    windows = type("Windows", (), {"batches": batches})()
+    out, fidelity = quality(pruned, None, windows, OmegaConf.create({"tasks": []}), None, False, "pruned", ref)
+    handle.remove()
+    assert len(calls) == len(batches)  # one forward per batch for both metrics
+    expected, tokens = _float64_perplexity(pruned, batches)
+    assert out["heldout_perplexity"]["tokens"] == tokens
+    assert out["heldout_perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert fidelity == fid.compare_to_reference(pruned, batches, ref, progress=False)
+    plain, none = quality(pruned, None, windows, OmegaConf.create({"tasks": []}), None, False, "pruned")
+    assert none is None and plain["heldout_perplexity"]["perplexity"] == pytest.approx(
+        out["heldout_perplexity"]["perplexity"], rel=1e-6)
