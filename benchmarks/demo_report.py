@@ -19,6 +19,7 @@ import math
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from _record import machine_fields  # sibling module (the script's folder is on sys.path)
@@ -69,7 +70,8 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
     sep = separation(frame)
     lines = [
         "# The demo: `make demo` on the project's CPU machine", "",
-        f"Produced by `{command}` on {machine['date']}, {platform.machine()}, {machine['cpus']} CPU cores, "
+        f"Produced by `{command}` started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+        f"{platform.machine()}, {machine['cpus']} CPU cores, "
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, lm-eval "
         f"{versions.get('lm_eval')}, model dtype {records[0]['model'].get('dtype')} (as the runs recorded it). "
         f"Load average at the end "

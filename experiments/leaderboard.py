@@ -292,6 +292,10 @@ def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
         frame.loc[group.index, "row_kind"] = "seed"
         first = group.iloc[0]
         row = {c: first[c] for c in ("model", "method", "ratio", "layers_removed", "seed_group")}
+        for column in group.columns:  # what the seeds share (e.g. the healing method), not only the identity
+            if column not in row and not pd.api.types.is_numeric_dtype(group[column]) and \
+                    group[column].nunique(dropna=False) == 1:
+                row[column] = first[column]
         numeric = [c for c in group.columns if pd.api.types.is_numeric_dtype(group[c])
                    and not pd.api.types.is_bool_dtype(group[c]) and c not in NOT_AVERAGED
                    and not c.startswith("stderr:") and not c.endswith(("_lo", "_hi"))]
@@ -360,7 +364,7 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The Markdown view: task scores as ``value ± stderr``, average / retention / speed-up with their 95%
     intervals in brackets, a speed-up outside [1, analytic] marked ``(!)``; a seed group as its mean row with
     ``mean ± std`` over seeds (per-seed rows dropped); sub-block columns only when some row removed a sub-block;
-    CSV-only columns dropped."""
+    CSV-only columns dropped; the healing columns only when some run was healed."""
     frame = table_rows(frame)
     out = frame.copy()
     means = (frame["row_kind"] == SEED_MEAN) if "row_kind" in frame else pd.Series(False, index=frame.index)
@@ -405,6 +409,8 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         drop += ["n_seeds", "seeds"]
     if "removed_sub_blocks" in frame and not frame["removed_sub_blocks"].fillna("").astype(bool).any():
         drop += ["removed_sub_blocks", "attn_removed", "mlp_removed", "kv_removed_%"]
+    if "healing" in frame and not frame["healing"].fillna("none").ne("none").any():  # no run was healed
+        drop += [c for c in healing_columns({}) if c in frame]
     return out.drop(columns=drop, errors="ignore")
 
 

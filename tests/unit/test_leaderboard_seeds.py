@@ -165,3 +165,21 @@ def test_cli_prints_chosen_columns_and_refuses_unknown_ones_before_writing(tmp_p
     table = capsys.readouterr().out.split("| method")[1]
     # the two runs differ only in their seed: one mean row (30 and 40), as in leaderboard.md
     assert "| random_layers |           35 |" in table and "| base (dense)  |           20 |" in table
+
+
+def test_healing_columns_are_shown_only_when_a_run_was_healed():
+    plain = leaderboard.display_frame(leaderboard.build_frame(_records()[:2]))
+    assert not {"healing", "ppl_healed", "kl_healed"} & set(plain.columns)
+    healed = []
+    for seed, ppl in ((0, 12.0), (1, 14.0)):  # two seeds of one healed config: shown as their mean row
+        record = _record(f"h{seed}", seed=seed)
+        record["config"]["healing"] = {"name": "lora", "steps": 4}
+        record["healing"] = {"method": "lora", "steps": 4, "tokens": 2048}
+        record["metrics"]["healed"] = {"heldout_perplexity": {"perplexity": ppl}}
+        healed.append(record)
+    frame = leaderboard.build_frame([*_records()[:2], *healed])
+    mean = frame[(frame["row_kind"] == "seed mean") & (frame["ppl_healed"] == 13.0)]
+    assert len(mean) == 1 and mean["healing"].iloc[0] == "lora" and mean["ppl_healed_std"].iloc[0] == pytest.approx(
+        2 ** 0.5)
+    shown = leaderboard.display_frame(frame)
+    assert {"healing", "healing_steps", "ppl_healed"} <= set(shown.columns)
