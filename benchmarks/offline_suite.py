@@ -5,10 +5,8 @@ Two parts, both written to ``docs/offline_suite.json`` (``--output``):
 - ``plan`` (no model forward, seconds): for every offline standard task and for the BIG-bench preset,
   the tokens lm-eval scores per example (context + continuation of each request, as lm-eval builds
   them, tokenized with SmolLM2's tokenizer) on the first ``--plan-examples`` documents. The default
-  suite's ``limit`` in conf/benchmark/offline.yaml is sized with it: its tokens per model are about
-  those of the BIG-bench preset (6 tasks x 100 examples), whose evaluation took about 2 minutes per
-  model in ``make demo`` on the quiet 2-core machine (docs/DEMO.md), so the demo keeps its budget.
-- ``scores`` (``--scores``): the dense SmolLM2-135M-Instruct (bfloat16) evaluated on the tasks given
+  suite's cost per model is read from it (docs/BENCHMARKS.md).
+- ``scores`` (``--scores``): the dense SmolLM2-135M-Instruct (model.dtype=auto) evaluated on the tasks given
   (default: the suite in conf/benchmark/offline.yaml) at ``--limit`` through `evaluate_benchmark`,
   with value, standard error, examples, wall and CPU seconds per task.
 
