@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthbench.errors import ConfigError
+from depthbench.evaluation.perplexity import perplexity_record
 
 REFERENCE_KEYS = ("topk_logprobs", "topk_ids", "tail_logmass", "target_logprob", "window")
 
@@ -181,7 +182,7 @@ def perplexity_and_fidelity(model, batches: list[dict[str, torch.Tensor]], refer
         raise ConfigError("fidelity reference does not match the held-out windows (different text or settings)")
     fidelity = summarize(torch.cat(kls).numpy(), torch.cat(bounds).numpy(), torch.cat(agree).numpy(),
                          torch.cat(dp).numpy(), torch.cat(windows).numpy(), top_k=reference["topk_ids"].shape[1])
-    return _perplexity(total_nll, start), fidelity
+    return perplexity_record(total_nll, start), fidelity
 
 
 def compare_to_reference(model, batches: list[dict[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
@@ -194,12 +195,8 @@ def reference_perplexity(reference: Mapping[str, torch.Tensor]) -> dict:
     """The dense model's held-out perplexity, read from its reference (the log-prob of every correct token is in
     it): no forward pass. Same keys and tokens as `depthbench.evaluation.perplexity.perplexity`."""
     target = reference["target_logprob"].to(torch.float64)
-    return _perplexity(-float(target.sum()), int(target.numel()))
+    return perplexity_record(-float(target.sum()), int(target.numel()))
 
-
-def _perplexity(total_nll: float, tokens: int) -> dict:
-    mean = total_nll / tokens
-    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": tokens}
 
 
 def _window_standard_error(values: np.ndarray, windows: np.ndarray) -> float | None:

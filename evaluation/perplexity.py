@@ -45,5 +45,10 @@ def perplexity(model, batches: list[dict[str, torch.Tensor]], progress: bool = T
         nll = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="none")
         total_nll += float(nll.to(torch.float64).sum())
         total_tokens += int(keep.sum())
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": total_tokens}
+    return perplexity_record(total_nll, total_tokens)
+
+
+def perplexity_record(total_nll: float, tokens: int) -> dict:
+    """``{"perplexity", "nll_per_token", "tokens"}`` from a summed NLL (float64) over ``tokens`` predicted tokens."""
+    mean = total_nll / tokens
+    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": tokens}
