@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 # re-score the model once per candidate unit, hours on a 2-core CPU) and DEMO_LIMIT examples per task
 # (float32 on a CPU scores about 200 tokens a second: the default limit 200 is ~15 minutes per model).
 DEMO_METHODS ?= replaceme_ls,replaceme_cosine,uidl,llm_streamline,shortgpt
-DEMO_LIMIT ?= 20
+DEMO_LIMIT ?= 15
 demo: install
 	@start=$$(date +%s); \
 	$(VENV)/bin/depthbench experiment=leaderboard pruner=$(DEMO_METHODS) benchmark.limit=$(DEMO_LIMIT) && \
