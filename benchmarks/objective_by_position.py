@@ -6,7 +6,9 @@ cosine criterion picks at 25%),
   objective at T = I, since Y + M = h_s), by position in the window;
 - ReplaceMe's mse objective ||Y + M T - h_e||^2 at its least-squares optimum T* fitted on every token, and at
   T*' fitted without the windows' first tokens, each split into first-token and other-token parts;
-- the residual-stream norms ||h_s|| at position 0 and elsewhere.
+- the residual-stream norms ||h_s|| at position 0 and elsewhere;
+- the conditioning of the mse objective (eigenvalues of M^T M / n, with and without the first tokens) and the
+  distance of the least-squares T from the identity Adam starts at: what bounds a first-order fit's speed.
 
 With W-token windows the first token is 1 / W of the tokens: its share of an objective says how far a fit of
 that objective is a fit of those few tokens. Sums in float64; the least squares by Cholesky on the float64
@@ -27,6 +29,23 @@ import torch
 from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def conditioning(m: torch.Tensor) -> dict:
+    """Spectrum of the mse objective's Hessian in T, ``M^T M / n`` (the same for every column of T): its
+    extreme eigenvalues and condition number. Gradient descent on a quadratic needs about kappa steps per
+    e-fold of the error along the flattest direction."""
+    eig = torch.linalg.eigvalsh(m.T @ m / m.shape[0])
+    return {"eig_max": float(eig[-1]), "eig_min": float(eig[0]), "eig_median": float(eig.median()),
+            "condition_number": float(eig[-1] / eig[0])}
+
+
+def distance(delta: torch.Tensor) -> dict:
+    """How far the least-squares T is from the identity that Adam starts from. Adam moves each entry by
+    about lr per step at most (Kingma & Ba 2015, section 2.1), so an entry at distance D needs >= D / lr steps."""
+    return {"max_abs_entry": float(delta.abs().max()), "rms_entry": float(delta.pow(2).mean().sqrt()),
+            "frobenius": float(delta.norm()),
+            "min_adam_steps": {f"lr={lr:g}": float(delta.abs().max()) / lr for lr in (1e-4, 1e-3)}}
 
 
 def main() -> None:
@@ -88,6 +107,7 @@ def main() -> None:
         return ((y + m @ t - h_e) ** 2).sum(-1)
 
     t_all, t_rest = ls(torch.ones_like(first)), ls(~first)
+    identity = torch.eye(m.shape[1], dtype=m.dtype)
     norms = h_s.norm(dim=-1)
     record = {
         "what": f"SmolLM2 float32, block [{s}, {e}), {args.samples} x {args.seq_len} calibration tokens "
@@ -100,6 +120,10 @@ def main() -> None:
         "replaceme_mse_at_ls_all_tokens": parts(objective(t_all)),
         "replaceme_mse_at_ls_without_first_tokens": parts(objective(t_rest)),
         "ls_ridge": "1e-6 x mean diagonal of M^T M",
+        "conditioning": {"all_tokens": conditioning(m), "without_first_tokens": conditioning(m[~first])},
+        "ls_distance_from_identity": distance(t_all - identity),
+        "ls_distance_from_identity_whitened": distance(
+            torch.linalg.cholesky(m.T @ m / m.shape[0]).T @ (t_all - identity)),
         **machine_fields(),
     }
     emit(record, args.output)

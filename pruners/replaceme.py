@@ -353,9 +353,8 @@ def _mean_objective(arrays, T, loss, accurate, chunk, device, index: np.ndarray 
 
 
 @torch.no_grad()
-def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
-    """The closed-form optimum of the MSE objective on the rows ``index``: ``T = A^-1 B`` with
-    ``A = sum M^T M``, ``B = sum M^T (h_e - Y)`` accumulated in float64 and solved by `solve_linear_map`."""
+def _normal_equations(arrays, index: np.ndarray, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = sum M^T M`` and ``B = sum M^T (h_e - Y)`` over the rows ``index``, accumulated in float64."""
     d = arrays["mlp_out"].shape[1]
     A = torch.zeros(d, d, dtype=torch.float64, device=device)
     B = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -363,25 +362,49 @@ def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what:
         m, y, h = (t.to(torch.float64) for t in _rows(arrays, index[start:start + chunk], device))
         A += m.T @ m
         B += m.T @ (h - y)
-    return solve_linear_map(A, B, what=f"{what}: least-squares T on the training rows")
+    return A, B
+
+
+def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
+    """The closed-form optimum of the MSE objective on the rows ``index``: ``T = A^-1 B`` (`_normal_equations`)
+    solved by `solve_linear_map`."""
+    return solve_linear_map(*_normal_equations(arrays, index, chunk, device),
+                            what=f"{what}: least-squares T on the training rows")
+
+
+def whitening(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
+    """``P = L^-T`` with ``L L^T = M^T M / n`` over the rows ``index`` (float64): with ``T = P U`` the mse
+    objective's Hessian in ``U`` is the identity (whitened inputs ``M P``), whatever the spread of M's
+    eigenvalues. Raises `NumericalError` when ``M^T M`` is singular (fewer independent rows than dimensions)."""
+    A, _ = _normal_equations(arrays, index, chunk, device)
+    L, info = torch.linalg.cholesky_ex(A / len(index))
+    if int(info) != 0:
+        raise NumericalError(f"{what}: precondition=whiten needs M^T M to be positive definite (Cholesky failed); "
+                             "use more calibration tokens than hidden dimensions or precondition=none")
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve_triangular(L.T, eye, upper=True)
 
 
 #: Values of option ``init`` of ReplaceMe-cosine.
 INITS = ("identity", "ls")
+#: Values of option ``precondition`` of ReplaceMe-cosine.
+PRECONDITIONS = ("none", "whiten")
 
 
 def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr: float, epochs: int,
                     batch_size: int, seed: int, device, progress: bool = True, what: str = "", *,
                     holdout: float = 0.0, eval_every: int = 0, keep_best: bool = False, init: str = "identity",
-                    schedule: str = "constant") -> tuple[torch.Tensor, dict]:
+                    schedule: str = "constant", precondition: str = "none") -> tuple[torch.Tensor, dict]:
     """Adam on T (float32) over shuffled mini-batches of the spilled token rows' training part.
 
     ``holdout``: fraction of the rows (seeded by ``seed``, disjoint from the training rows) on which the
     objective is measured every ``eval_every`` steps (0 = once per epoch) and never trained on;
     ``keep_best``: return the T with the lowest held-out objective (the initial T included) instead of the
     last; ``init``: identity (reference) or the least-squares T of the training rows; ``schedule``: constant
-    learning rate (reference) or cosine decay to 0 over the steps. With ``loss=mse`` the closed-form optimum
-    of the same objective on the same training rows is computed and the relative gap to it recorded.
+    learning rate (reference) or cosine decay to 0 over the steps; ``precondition``: none (reference: Adam on
+    T's entries) or whiten (Adam on U with ``T = P U``, P from `whitening`: same objective, same start, a
+    perfectly conditioned mse Hessian). With ``loss=mse`` the closed-form optimum of the same objective on the
+    same training rows is computed and the relative gap to it recorded.
     """
     rows, d = arrays["mlp_out"].shape
     train_rows, held_rows = holdout_split(rows, holdout, seed)
@@ -395,8 +418,16 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
         except NumericalError as err:
             no_optimum = str(err)
     start_T = T_ls.to(torch.float32) if init == "ls" else torch.eye(d, dtype=torch.float32, device=device)
-    T = start_T.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([T], lr=lr)
+    P = whitening(arrays, train_rows, chunk, device, what) if precondition == "whiten" else None
+    U = (start_T if P is None else torch.linalg.solve(P, start_T.to(torch.float64)).to(torch.float32)).clone()
+    U.requires_grad_(True)
+    P32 = None if P is None else P.to(torch.float32)
+
+    def transform() -> torch.Tensor:
+        """The current T (differentiable in U)."""
+        return U if P32 is None else P32 @ U
+
+    optimizer = torch.optim.Adam([U], lr=lr)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total_steps = epochs * steps_per_epoch
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps) if schedule == "cosine"
@@ -410,7 +441,7 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
     before = _mean_objective(arrays, start_T, loss, accurate, chunk, device)
     train_before = _mean_objective(arrays, start_T, loss, accurate, chunk, device, train_rows)
     curve = ConvergenceLog(what)
-    curve.record(0, train_before, held_out(start_T), lambda: T.detach().clone())
+    curve.record(0, train_before, held_out(start_T), lambda: start_T.clone())
     steps, epoch_losses, running, running_rows = 0, [], 0.0, 0
     for _ in tqdm(range(epochs), desc=f"{what}: training T", unit="epoch", disable=not progress, leave=False):
         order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
@@ -418,7 +449,7 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
         for start in range(0, len(order), batch_size):
             index = np.sort(order[start:start + batch_size])  # sorted: sequential reads from the spill file
             m, y, h = _rows(arrays, index, device)
-            batch_loss = transform_objective(m, y, h, T, loss, accurate).mean()
+            batch_loss = transform_objective(m, y, h, transform(), loss, accurate).mean()
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             optimizer.step()
@@ -428,10 +459,13 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
             running, running_rows = running + float(batch_loss.detach()) * len(index), running_rows + len(index)
             steps += 1
             if steps % interval == 0 or steps == total_steps:
-                curve.record(steps, running / running_rows, held_out(T.detach()), lambda: T.detach().clone())
+                with torch.no_grad():
+                    T_now = transform().detach().clone()
+                curve.record(steps, running / running_rows, held_out(T_now), lambda state=T_now: state)
                 running, running_rows = 0.0, 0
         epoch_losses.append(total / len(train_rows))
-    T = T.detach()
+    with torch.no_grad():
+        T = transform().detach()
     if not torch.isfinite(T).all():
         raise NumericalError(f"{what}: training diverged (T is not finite); lower pruner.options.lr")
     if keep_best:
@@ -443,7 +477,7 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
                    "objective_after": after, "objective_train_before": train_before,
                    "objective_train_after": train_after, "epoch_losses": epoch_losses, "steps": steps,
                    "tokens": rows, "training_rows": len(train_rows), "held_out_rows": len(held_rows),
-                   "init": init, "schedule": schedule, "convergence": convergence,
+                   "init": init, "schedule": schedule, "precondition": precondition, "convergence": convergence,
                    "budget": training_budget(rows, len(train_rows) * epochs, steps, epochs, len(held_rows))}
     if loss == "mse" and T_ls is None:
         diagnostics["ls_optimum"] = {"objective": None, "relative_gap": None, "about": no_optimum}
@@ -483,6 +517,9 @@ class ReplaceMeCosinePruner(_ReplaceMe):
                                        "training rows (an improvement beyond the reference).")
         schedule: str = option("constant", "Learning rate: constant (reference) or cosine = cosine decay to 0 "
                                            "over all steps (beyond the reference).")
+        precondition: str = option("none", "none (reference): Adam on the entries of T; whiten = Adam on U with "
+                                           "T = L^-T U, L L^T = M^T M / n of the training rows, which makes the mse "
+                                           "objective's Hessian the identity (beyond the reference).")
         spill_dir: str | None = option(None, "Directory for the temporary spill files of token rows (3 x tokens x "
                                              "hidden x 4 bytes, deleted afterwards); null = the system temp dir.")
 
@@ -506,6 +543,8 @@ class ReplaceMeCosinePruner(_ReplaceMe):
             raise ConfigError(f"replaceme_cosine init={o.init!r}; allowed: {', '.join(INITS)}")
         if o.schedule not in SCHEDULES:
             raise ConfigError(f"replaceme_cosine schedule={o.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if o.precondition not in PRECONDITIONS:
+            raise ConfigError(f"replaceme_cosine precondition={o.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
 
     def train(self, adapter, service, kept: int, end: int, rows_from, what: str) -> tuple[torch.Tensor, dict]:
         """T for the block ending at ``end`` (current numbering) after the kept layer ``kept``, trained on
@@ -518,7 +557,8 @@ class ReplaceMeCosinePruner(_ReplaceMe):
             T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
                                              o.seed, adapter.embeddings().weight.device, service.progress, what,
                                              holdout=float(o.holdout), eval_every=o.eval_every,
-                                             keep_best=o.keep_best, init=o.init, schedule=o.schedule)
+                                             keep_best=o.keep_best, init=o.init, schedule=o.schedule,
+                                             precondition=o.precondition)
             del arrays
         return T, diagnostics
 

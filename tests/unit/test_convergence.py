@@ -251,7 +251,10 @@ def test_faithfulness_grid_cells_compose_and_build():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cells = module.grid([1, 10], [15], [1e-4])
-    assert len(cells) == 2 + 2 * 2 + 4 and len({label for label, _ in cells}) == len(cells)
+    # uidl, LS; cosine x {cosine, mse} x 2 epochs; mse whitened x 2 epochs; Streamline mse x 2 layouts; lm unpacked
+    assert len(cells) == 2 + 2 * 2 + 2 + 2 + 1 and len({label for label, _ in cells}) == len(cells)
+    packed = next(o for label, o in cells if "packed=2048" in label)
+    assert {"calibration.packing=true", "calibration.seq_len=2048", "calibration.n_samples=16"} <= set(packed)
     for _, overrides in cells:
         cfg = _compose(*overrides)
         build_pruner(cfg.pruner.name, OmegaConf.to_container(cfg.pruner.options))
@@ -306,3 +309,54 @@ def test_faithfulness_render_states_the_orderings_from_the_record(tmp_path):
     assert "better than dropping the block**: does not hold at the budgets measured" in text
     assert "gap to the LS optimum 5.000%" in text and "10 -> 4 (4)" in text
     assert (tmp_path / "faithfulness" / "perplexity_kl_vs_steps.png").is_file()
+
+
+def ill_conditioned_rows(rows=400, d=6, seed=1):
+    """`synthetic_rows` whose M columns span six orders of magnitude (1e-3 .. 1e2): the mse Hessian's
+    condition number is about 1e10, as with the first-token activations of a real model."""
+    arrays = synthetic_rows(rows=rows, d=d, noise=0.05, seed=seed)
+    scales = np.logspace(-3, 2, d)
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(rows, d)) * scales
+    t_true = np.eye(d) + rng.normal(size=(d, d)) / scales[:, None]  # each row of T matters at its column's scale
+    arrays["mlp_out"] = m.astype(np.float32)
+    arrays["target"] = (arrays["attn_residual"].astype(np.float64) + m @ t_true
+                        + 0.05 * rng.normal(size=(rows, d))).astype(np.float32)
+    return arrays
+
+
+def test_whitening_makes_the_mse_hessian_the_identity():
+    from depthbench.pruners.replaceme import whitening
+
+    arrays = ill_conditioned_rows()
+    index = np.arange(0, 400, 2)
+    P = whitening(arrays, index, 64, "cpu").numpy()
+    m = arrays["mlp_out"].astype(np.float64)[index]
+    hessian = m.T @ m / len(index)
+    assert np.linalg.cond(hessian) > 1e8
+    np.testing.assert_allclose(P.T @ hessian @ P, np.eye(6), atol=1e-8)
+    assert np.allclose(np.tril(P, -1), 0)  # L^-T is upper triangular
+
+
+def test_precondition_whiten_starts_where_none_starts_and_reaches_the_optimum():
+    """Same objective, same start (T = identity at step 0, checked through the recorded objective and a zero
+    learning rate); on an ill-conditioned problem Adam in whitened coordinates reaches the least-squares
+    optimum in a budget where Adam on T's entries stays far from it."""
+    arrays = ill_conditioned_rows()
+    _, still = train(arrays, precondition="whiten", lr=1e-30, epochs=1, holdout=0.0)
+    T0, _ = train(arrays, precondition="whiten", lr=1e-30, epochs=1, holdout=0.0)
+    np.testing.assert_allclose(T0.numpy(), np.eye(6), atol=1e-4)
+    assert still["objective_at_identity"] == pytest.approx(mse_np(arrays, np.eye(6)), rel=1e-9)
+    assert still["precondition"] == "whiten"
+    budget = {"lr": 3e-2, "epochs": 300, "batch_size": 400, "holdout": 0.0, "schedule": "cosine"}
+    T_white, white = train(arrays, precondition="whiten", **budget)
+    _, plain = train(arrays, precondition="none", **budget)
+    optimum = mse_np(arrays, lstsq_np(arrays, np.arange(400)))
+    assert (mse_np(arrays, T_white.numpy()) - optimum) / optimum < 1e-2
+    assert white["ls_optimum"]["relative_gap"] < 1e-2
+    assert plain["ls_optimum"]["relative_gap"] > 10 * white["ls_optimum"]["relative_gap"]
+
+
+def test_precondition_is_validated():
+    with pytest.raises(ConfigError, match="precondition='sgd'; allowed: none, whiten"):
+        build_pruner("replaceme_cosine", {"precondition": "sgd"})
