@@ -254,7 +254,8 @@ def position_section(path: Path) -> list[str]:
     norms = r["residual_norm_h_s"]
     return [
         "## Where the MSE objectives' mass lies: the first token of each window", "",
-        f"Measured {r['date']} by `.venv/bin/python benchmarks/objective_by_position.py --samples 16 --output "
+        f"Measured {r['date']} by `.venv/bin/python benchmarks/objective_by_position.py --samples "
+        f"{r.get('samples', 16)} --output "
         f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}`: {r['what']}; {r['tokens']} tokens, "
         f"{r['first_tokens']} of them first tokens ({100 * r['first_token_fraction_of_tokens']:.2f}%).", "",
         "| squared error per token | mean | first tokens' share | first-token mean | other-token mean |",
@@ -302,7 +303,10 @@ def conditioning_lines(r: dict) -> list[str]:
         f"{dist['min_adam_steps']['lr=0.001']:.3g} at lr 1e-3 (the study ran 2,800). In whitened coordinates "
         f"(`precondition=whiten`: U = L^T T with L L^T = M^T M / n) the Hessian is the identity and the largest "
         f"entry of U* - U_0 is {white['max_abs_entry']:.3g} (RMS {white['rms_entry']:.3g}): at least "
-        f"{white['min_adam_steps']['lr=0.001']:.3g} Adam steps at lr 1e-3.", ""]
+        f"{white['min_adam_steps']['lr=0.001']:.3g} Adam steps at lr 1e-3. The `precondition=whiten` cells test "
+        "which of the two binds: whitening removes the spread of the Hessian but not the distance, so if they stay "
+        "as far from the optimum as the plain cells at the same lr and steps (next sections), it is the distance "
+        "over Adam's per-step reach, not the conditioning.", ""]
 
 
 def mse_reading(cells: dict) -> list[str]:
@@ -328,6 +332,38 @@ def mse_reading(cells: dict) -> list[str]:
             + (" Converged: within 1% of the optimum." if fit.get("ls_gap") is not None and fit["ls_gap"] < 0.01
                else " Not converged: the perplexity follows the optimiser's path, not the objective's optimum "
                     "(why: the conditioning section above)."))
+    return lines
+
+
+def series_lines(cells: dict) -> list[str]:
+    """Per series (a trained family at growing budgets): its held-out objective at each budget, where it was flat
+    within the run, and what the largest budget gained over the one before. A run that barely moved is flat too
+    (the issue's within-run test cannot tell slow from done), so converged = flat within the run AND within
+    ``FLAT_TOLERANCE`` of the next smaller budget's objective AND, where a closed-form optimum exists, within
+    ``FLAT_TOLERANCE`` of it."""
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for label, cell in cells.items():
+        parsed = _series(label)
+        if parsed and cell.get("budget") and _fit_summary(cell).get("last") is not None:
+            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], cell))
+    lines = []
+    for name, points in sorted(series.items()):
+        points.sort(key=lambda sc: sc[0])
+        fits = [(steps, _fit_summary(cell)) for steps, cell in points]
+        objectives = ", ".join(f"{_fmt(f['last'])} at {steps}" for steps, f in fits)
+        flat_at = [str(steps) for steps, f in fits if f.get("flat")]
+        line = (f"- `{name}`: held-out objective {_fmt(fits[0][1]['initial'])} untrained, {objectives} steps; flat "
+                f"within the run at {', '.join(flat_at) or 'no budget'}")
+        if len(fits) > 1:
+            (s0, f0), (s1, f1) = fits[-2], fits[-1]
+            change = (f1["last"] - f0["last"]) / abs(f0["last"])
+            done = f1.get("flat") and abs(change) <= FLAT_TOLERANCE
+            gap = f1.get("ls_gap")
+            line += (f"; {s1} steps changed it by {change:+.1%} from {s0}: "
+                     + (f"slow, not converged: still {gap:.0%} above the least-squares optimum."
+                        if gap is not None and gap > FLAT_TOLERANCE
+                        else "converged." if done else "not converged at the largest budget measured."))
+        lines.append(line + ("" if line.endswith(".") else "."))
     return lines
 
 
@@ -365,6 +401,7 @@ def render(record_path: Path, output: Path) -> str:
         "objective against the closed-form least squares.", "",
         *position_section(REPO / "docs" / "objective_by_position.json"),
         "## The papers' orderings on SmolLM2", "", *(_orderings(cells) or ["(not enough cells in the record)"]), "",
+        "## Convergence by budget", "", *series_lines(cells), "",
         *(["## Adam on the mse objective against its closed form", "", *mse_reading(cells), ""]
           if mse_reading(cells) else []),
         f"Cells in the record: {len(cells)} of the grid (`benchmarks/faithfulness.py`; a rerun adds the others). "

@@ -112,6 +112,7 @@ def main() -> None:
     record = {
         "what": f"SmolLM2 float32, block [{s}, {e}), {args.samples} x {args.seq_len} calibration tokens "
                 "(per document windows, as the default calibration)",
+        "samples": args.samples, "seq_len": args.seq_len, "block": [s, e],
         "tokens": int(pos.numel()), "first_tokens": int(first.sum()),
         "first_token_fraction_of_tokens": float(first.float().mean()),
         "residual_norm_h_s": {"first_token_mean": float(norms[first].mean()),

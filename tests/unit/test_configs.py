@@ -109,3 +109,18 @@ def test_method_grids_cover_every_builtin_method(preset):
     swept = _compose(f"experiment={preset}", hydra_cfg=True).hydra.sweeper.params.pruner.split(",")
     assert len(swept) == len(set(swept)) and set(swept) == builtin
     assert len(builtin) == 14
+
+
+@pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
+def test_converged_scale_sets_the_trained_methods_budgets(name):
+    """scale=converged takes each trained method's budget from conf/budget/converged_<name>.yaml (the values the
+    reproduction study found flat); other methods are untouched, and the command line still wins."""
+    budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options
+    cfg = _compose(f"pruner={name}", "scale=converged")
+    default = _compose(f"pruner={name}")
+    assert budget and all(cfg.pruner.options[k] == v for k, v in budget.items())
+    assert any(default.pruner.options[k] != v for k, v in budget.items())
+    key = next(iter(budget))
+    assert _compose(f"pruner={name}", "scale=converged", f"pruner.options.{key}=3").pruner.options[key] == 3
+    assert build_pruner(name, OmegaConf.to_container(cfg.pruner.options)).name == name
+    assert _compose("pruner=uidl", "scale=converged").pruner == _compose("pruner=uidl").pruner

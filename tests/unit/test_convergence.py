@@ -2,6 +2,7 @@
 to the closed-form optimum, budgets; each against an independent float64 computation or a rebuilt model."""
 
 import copy
+import json
 import logging
 import math
 
@@ -360,3 +361,31 @@ def test_precondition_whiten_starts_where_none_starts_and_reaches_the_optimum():
 def test_precondition_is_validated():
     with pytest.raises(ConfigError, match="precondition='sgd'; allowed: none, whiten"):
         build_pruner("replaceme_cosine", {"precondition": "sgd"})
+
+
+@pytest.mark.parametrize("name,series,key,unit", [
+    ("replaceme_cosine", "replaceme_cosine loss=cosine lr=0.0001", "epochs", "epochs"),
+    ("llm_streamline", "llm_streamline loss=mse unpacked", "max_steps", "steps")])
+def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, series, key, unit):
+    """conf/budget/converged_<name>.yaml holds a budget the study measured at the method's reference settings
+    (docs/faithfulness.json): that cell's held-out objective is flat over its last quarter, and every smaller
+    budget of the same series that moved the objective was not (a run too short to move it is trivially flat)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from tests.unit.test_configs import CONF
+
+    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cells = json.loads((CONF.parent / "docs" / "faithfulness.json").read_text())["cells"]
+    budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options[key]
+    chosen = cells[f"{series} {unit}={budget}"]
+    assert module.flat(chosen["convergence"][0]["curve"]) is True
+    for label, cell in cells.items():
+        parsed = module._series(label)
+        if parsed and parsed[0] == series and parsed[1] < budget:
+            curve = cell["convergence"][0]["curve"]
+            moved = abs(curve[-1]["held_out"] - curve[0]["held_out"]) > module.FLAT_TOLERANCE * curve[0]["held_out"]
+            assert not (moved and module.flat(curve)), label
