@@ -365,18 +365,20 @@ def _normal_equations(arrays, index: np.ndarray, chunk: int, device) -> tuple[to
     return A, B
 
 
-def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
-    """The closed-form optimum of the MSE objective on the rows ``index``: ``T = A^-1 B`` (`_normal_equations`)
-    solved by `solve_linear_map`."""
-    return solve_linear_map(*_normal_equations(arrays, index, chunk, device),
+def least_squares_transform(arrays, index: np.ndarray, chunk: int, device, what: str = "",
+                            moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The closed-form optimum of the MSE objective on the rows ``index``: ``T = A^-1 B`` (`_normal_equations`,
+    or ``moments`` already accumulated on those rows) solved by `solve_linear_map`."""
+    return solve_linear_map(*(moments or _normal_equations(arrays, index, chunk, device)),
                             what=f"{what}: least-squares T on the training rows")
 
 
-def whitening(arrays, index: np.ndarray, chunk: int, device, what: str = "") -> torch.Tensor:
+def whitening(arrays, index: np.ndarray, chunk: int, device, what: str = "",
+              moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``P = L^-T`` with ``L L^T = M^T M / n`` over the rows ``index`` (float64): with ``T = P U`` the mse
     objective's Hessian in ``U`` is the identity (whitened inputs ``M P``), whatever the spread of M's
     eigenvalues. Raises `NumericalError` when ``M^T M`` is singular (fewer independent rows than dimensions)."""
-    A, _ = _normal_equations(arrays, index, chunk, device)
+    A, _ = moments or _normal_equations(arrays, index, chunk, device)
     L, info = torch.linalg.cholesky_ex(A / len(index))
     if int(info) != 0:
         raise NumericalError(f"{what}: precondition=whiten needs M^T M to be positive definite (Cholesky failed); "
@@ -410,15 +412,18 @@ def train_transform(arrays: dict[str, np.ndarray], loss: str, accurate: bool, lr
     train_rows, held_rows = holdout_split(rows, holdout, seed)
     chunk = max(batch_size, 4096)
     T_ls, no_optimum = None, None
+    # one pass over the training rows for every use of their moments (LS start, LS gap, whitening)
+    moments = (_normal_equations(arrays, train_rows, chunk, device)
+               if init == "ls" or loss == "mse" or precondition == "whiten" else None)
     if init == "ls":
-        T_ls = least_squares_transform(arrays, train_rows, chunk, device, what)
+        T_ls = least_squares_transform(arrays, train_rows, chunk, device, what, moments)
     elif loss == "mse":  # only for the diagnostic gap: a singular system (fewer rows than dimensions) is no error
         try:
-            T_ls = least_squares_transform(arrays, train_rows, chunk, device, what)
+            T_ls = least_squares_transform(arrays, train_rows, chunk, device, what, moments)
         except NumericalError as err:
             no_optimum = str(err)
     start_T = T_ls.to(torch.float32) if init == "ls" else torch.eye(d, dtype=torch.float32, device=device)
-    P = whitening(arrays, train_rows, chunk, device, what) if precondition == "whiten" else None
+    P = whitening(arrays, train_rows, chunk, device, what, moments) if precondition == "whiten" else None
     U = (start_T if P is None else torch.linalg.solve(P, start_T.to(torch.float64)).to(torch.float32)).clone()
     U.requires_grad_(True)
     P32 = None if P is None else P.to(torch.float32)
