@@ -156,6 +156,16 @@ def _series(label: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(3))) if match else None
 
 
+def _budget_series(cells: dict) -> dict[str, list[tuple[int, dict]]]:
+    """The cells with a budget grouped by series (`_series`), each as ``(optimiser steps, cell)`` by steps."""
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for label, cell in cells.items():
+        parsed = _series(label)
+        if parsed and cell.get("budget"):
+            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], cell))
+    return {name: sorted(points, key=lambda sc: sc[0]) for name, points in sorted(series.items())}
+
+
 def _fit_summary(cell: dict) -> dict:
     conv = cell.get("convergence") or []
     if not conv:
@@ -180,15 +190,10 @@ def _plot(cells: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series: dict[str, list[tuple[int, dict]]] = {}
-    for label, cell in cells.items():
-        parsed = _series(label)
-        if parsed and cell.get("budget"):
-            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], cell))
     panels = (("perplexity", "held-out perplexity"), ("kl", "KL(dense || pruned) per token"))
     for ax, (key, ylabel) in zip(axes, panels):
-        for i, (name, points) in enumerate(sorted(series.items())):
-            points = sorted((s, c[key]) for s, c in points if c.get(key) is not None)
+        for i, (name, points) in enumerate(_budget_series(cells).items()):
+            points = [(s, c[key]) for s, c in points if c.get(key) is not None]
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name,
                         color=f"C{i % 10}", linestyle="-" if "replaceme" in name else "--")
@@ -313,23 +318,20 @@ def mse_reading(cells: dict) -> list[str]:
     """What Adam on ReplaceMe's mse objective did, per learning rate, read from the record: the held-out objective
     and its gap to the least-squares optimum at the largest budget, and the perplexity at each budget."""
     lines = []
-    series: dict[str, list[tuple[int, str, dict]]] = {}
-    for label, cell in cells.items():
-        parsed = _series(label)
-        if parsed and parsed[0].startswith("replaceme_cosine loss=mse") and cell.get("budget"):
-            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], label, cell))
     ls = cells.get("replaceme_ls")
-    for name, points in sorted(series.items()):
-        points.sort()
-        steps, _, last = points[-1]
+    for name, points in _budget_series(cells).items():
+        if not name.startswith("replaceme_cosine loss=mse"):
+            continue
+        steps, last = points[-1]
         fit = _fit_summary(last)
-        ppls = ", ".join(f"{c['perplexity']:.4g} at {s}" for s, _, c in points)
+        ppls = ", ".join(f"{c['perplexity']:.4g} at {s}" for s, c in points)
         lines.append(
             f"- `{name}`: after {steps} Adam steps the held-out objective went {_fmt(fit.get('initial'))} -> "
             f"{_fmt(fit.get('last'))} and is still {_fmt(fit.get('ls_gap'), '.0%')} above the least-squares optimum; "
             f"held-out perplexity by steps: {ppls}"
             + (f" (ReplaceMe-LS, the optimum of this objective: {ls['perplexity']:.4g})." if ls else ".")
-            + (" Converged: within 1% of the optimum." if fit.get("ls_gap") is not None and fit["ls_gap"] < 0.01
+            + (" Converged: within 1% of the optimum." if fit.get("ls_gap") is not None
+               and fit["ls_gap"] < FLAT_TOLERANCE
                else " Not converged: the perplexity follows the optimiser's path, not the objective's optimum "
                     "(why: the conditioning section above)."))
     return lines
@@ -340,15 +342,11 @@ def series_lines(cells: dict) -> list[str]:
     within the run (the issue's test), and what the largest budget gained over the one before: a run that
     barely moved is flat too, so the change across budgets is shown beside it, and where a closed-form optimum
     exists, the gap to it decides (flat but far is slow, not converged)."""
-    series: dict[str, list[tuple[int, dict]]] = {}
-    for label, cell in cells.items():
-        parsed = _series(label)
-        if parsed and cell.get("budget") and _fit_summary(cell).get("last") is not None:
-            series.setdefault(parsed[0], []).append((cell["budget"]["optimizer_steps"], cell))
     lines = []
-    for name, points in sorted(series.items()):
-        points.sort(key=lambda sc: sc[0])
-        fits = [(steps, _fit_summary(cell)) for steps, cell in points]
+    for name, points in _budget_series(cells).items():
+        fits = [(steps, fit) for steps, fit in ((s, _fit_summary(c)) for s, c in points) if fit.get("last") is not None]
+        if not fits:
+            continue
         objectives = ", ".join(f"{_fmt(f['last'])} at {steps}" for steps, f in fits)
         flat_at = [str(steps) for steps, f in fits if f.get("flat")]
         line = (f"- `{name}`: held-out objective {_fmt(fits[0][1]['initial'])} untrained, {objectives} steps; flat "
@@ -368,6 +366,7 @@ def render(record_path: Path, output: Path) -> str:
     record = json.loads(record_path.read_text())
     cells = record["cells"]
     plot = _plot(cells, output.parent / "faithfulness" / "perplexity_kl_vs_steps.png")
+    mse_lines = mse_reading(cells)
     rows = ["| cell | layers | steps | training tokens | perplexity | KL | held-out objective initial -> last "
             "(best) | flat | worse than initial | LS gap | seconds |", "|" + "---|" * 11]
     for label, cell in cells.items():
@@ -399,8 +398,7 @@ def render(record_path: Path, output: Path) -> str:
         *position_section(REPO / "docs" / "objective_by_position.json"),
         "## The papers' orderings on SmolLM2", "", *(_orderings(cells) or ["(not enough cells in the record)"]), "",
         "## Convergence by budget", "", *series_lines(cells), "",
-        *(["## Adam on the mse objective against its closed form", "", *mse_reading(cells), ""]
-          if mse_reading(cells) else []),
+        *(["## Adam on the mse objective against its closed form", "", *mse_lines, ""] if mse_lines else []),
         f"Cells in the record: {len(cells)} of the grid (`benchmarks/faithfulness.py`; a rerun adds the others). "
         "`flat` follows the issue's definition (< 1% over the last quarter of training); where a closed-form "
         "optimum exists, a flat but distant objective (LS gap) is slow, not converged.", "",

@@ -239,18 +239,26 @@ def test_paper_scale_sets_each_references_calibration():
     assert _compose("pruner=replaceme_ls", "scale=paper", "calibration.n_samples=16").calibration.n_samples == 16
 
 
-def test_faithfulness_grid_cells_compose_and_build():
-    """Every cell of benchmarks/faithfulness.py is a valid config whose pruner builds (the study itself runs
-    SmolLM2 and is not run here)."""
+def faithfulness_module():
+    """benchmarks/faithfulness.py (a script, not a package module) loaded by path."""
     import importlib.util
 
-    from omegaconf import OmegaConf
-
-    from tests.unit.test_configs import CONF, _compose
+    from tests.unit.test_configs import CONF
 
     spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_faithfulness_grid_cells_compose_and_build():
+    """Every cell of benchmarks/faithfulness.py is a valid config whose pruner builds (the study itself runs
+    SmolLM2 and is not run here)."""
+    from omegaconf import OmegaConf
+
+    from tests.unit.test_configs import _compose
+
+    module = faithfulness_module()
     cells = module.grid([1, 10], [15], [1e-4])
     # uidl, LS; cosine x {cosine, mse} x 2 epochs; mse whitened x 2 epochs; Streamline mse x 2 layouts; lm unpacked
     assert len(cells) == 2 + 2 * 2 + 2 + 2 + 1 and len({label for label, _ in cells}) == len(cells)
@@ -278,14 +286,7 @@ def test_leaderboard_has_the_budget_columns():
 def test_faithfulness_render_states_the_orderings_from_the_record(tmp_path):
     """docs/FAITHFULNESS.md is rendered from the study's record: flatness over the last quarter, and each ordering
     decided by the numbers in the record (here made so that one holds and one does not)."""
-    import importlib.util
-    import json
-
-    from tests.unit.test_configs import CONF
-
-    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = faithfulness_module()
     curve = [{"step": s, "train": None, "held_out": v} for s, v in ((0, 10.0), (50, 5.0), (80, 4.02), (100, 4.0))]
     assert module.flat(curve) is True  # 4.02 -> 4.0 over steps 75..100: 0.5%
     assert module.flat(curve, tolerance=0.001) is False
@@ -344,8 +345,7 @@ def test_precondition_whiten_starts_where_none_starts_and_reaches_the_optimum():
     learning rate); on an ill-conditioned problem Adam in whitened coordinates reaches the least-squares
     optimum in a budget where Adam on T's entries stays far from it."""
     arrays = ill_conditioned_rows()
-    _, still = train(arrays, precondition="whiten", lr=1e-30, epochs=1, holdout=0.0)
-    T0, _ = train(arrays, precondition="whiten", lr=1e-30, epochs=1, holdout=0.0)
+    T0, still = train(arrays, precondition="whiten", lr=1e-30, epochs=1, holdout=0.0)
     np.testing.assert_allclose(T0.numpy(), np.eye(6), atol=1e-4)
     assert still["objective_at_identity"] == pytest.approx(mse_np(arrays, np.eye(6)), rel=1e-9)
     assert still["precondition"] == "whiten"
@@ -371,15 +371,11 @@ def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, se
     (docs/faithfulness.json): that cell's held-out objective is flat over its last quarter, and every smaller
     budget of the same series that moved the objective was not (a run too short to move it is trivially flat).
     Where no measured budget is flat yet (LLM-Streamline), the file holds the largest one and says so."""
-    import importlib.util
-
     from omegaconf import OmegaConf
 
     from tests.unit.test_configs import CONF
 
-    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = faithfulness_module()
     cells = json.loads((CONF.parent / "docs" / "faithfulness.json").read_text())["cells"]
     budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options[key]
     chosen = cells[f"{series} {unit}={budget}"]
