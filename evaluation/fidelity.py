@@ -198,7 +198,6 @@ def reference_perplexity(reference: Mapping[str, torch.Tensor]) -> dict:
     return perplexity_record(-float(target.sum()), int(target.numel()))
 
 
-
 def _window_standard_error(values: np.ndarray, windows: np.ndarray) -> float | None:
     """Standard error of a token mean, from the spread of the per-window sums (tokens within one window are
     correlated, so a token-level SE would be too small): the ratio-estimator (cluster) standard error."""
