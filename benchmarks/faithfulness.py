@@ -136,9 +136,9 @@ def measure(cells: list[tuple[str, list[str]]], common: list[str], output: Path,
 
 # ---- rendering ------------------------------------------------------------------------------------------------
 
-def flat(curve: list[dict], tolerance: float = FLAT_TOLERANCE) -> bool | None:
-    """Whether the held-out objective moved less than ``tolerance`` (relative) over the last quarter of the
-    training steps; None without a held-out curve of at least two points in that quarter."""
+def last_quarter_movement(curve: list[dict]) -> float | None:
+    """How far the held-out objective moved over the last quarter of the training steps, (max - min) relative to
+    its last value; None without at least two held-out measurements in that quarter."""
     points = [p for p in curve if p.get("held_out") is not None]
     if len(points) < 2:
         return None
@@ -147,7 +147,14 @@ def flat(curve: list[dict], tolerance: float = FLAT_TOLERANCE) -> bool | None:
     if len(quarter) < 2:  # too few measurements in the last quarter to call it flat or not
         return None
     values = [p["held_out"] for p in quarter]
-    return (max(values) - min(values)) <= tolerance * abs(values[-1])
+    return (max(values) - min(values)) / abs(values[-1])
+
+
+def flat(curve: list[dict], tolerance: float = FLAT_TOLERANCE) -> bool | None:
+    """Whether the held-out objective moved less than ``tolerance`` (relative) over the last quarter of the
+    training steps (`last_quarter_movement`); None where that cannot be told."""
+    movement = last_quarter_movement(curve)
+    return None if movement is None else movement <= tolerance
 
 
 def _series(label: str) -> tuple[str, int] | None:
@@ -172,7 +179,8 @@ def _fit_summary(cell: dict) -> dict:
         return {}
     c = conv[0]
     return {"initial": c.get("initial"), "last": c.get("last"), "best": c.get("best_held_out"),
-            "worse": c.get("worse_than_initial"), "flat": flat(c.get("curve") or []), "kept": c.get("kept"),
+            "worse": c.get("worse_than_initial"), "flat": flat(c.get("curve") or []),
+            "movement": last_quarter_movement(c.get("curve") or []), "kept": c.get("kept"),
             "ls_gap": c.get("ls_relative_gap"), "judged_on": c.get("judged_on")}
 
 
@@ -347,7 +355,9 @@ def series_lines(cells: dict) -> list[str]:
         fits = [(steps, fit) for steps, fit in ((s, _fit_summary(c)) for s, c in points) if fit.get("last") is not None]
         if not fits:
             continue
-        objectives = ", ".join(f"{_fmt(f['last'])} at {steps}" for steps, f in fits)
+        objectives = ", ".join(f"{_fmt(f['last'])} at {steps}" + (
+            f" (moved {f['movement']:.1%} over its last quarter)" if f.get("movement") is not None else "")
+            for steps, f in fits)
         flat_at = [str(steps) for steps, f in fits if f.get("flat")]
         line = (f"- `{name}`: held-out objective {_fmt(fits[0][1]['initial'])} untrained, {objectives} steps; flat "
                 f"within the run (< 1% over its last quarter) at {', '.join(flat_at) or 'no budget'}")
