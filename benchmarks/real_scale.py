@@ -3,15 +3,18 @@ shape: prune time against one bare forward pass over the same calibration data, 
 the ReplaceMe paper reports for LS (its Figure 1). Timing needs no trained weights, and the
 calibration tokens are random ids, so this runs on a GPU machine without internet.
 
-    .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls] [--samples 128 --seq-len 256]
+    .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
         [--device cuda] [--dtype bfloat16] [--shape llama3_8b | --hidden H --layers L --intermediate I
         --heads A --kv-heads K --vocab V] [--activations-gb 32] [--output docs/real_scale.json]
 
 Each method runs on a fresh copy of the weights (the same seed), in this process; CUDA timings are
 synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
 (65 x 128 x 256 x 4096 x 2 B = 17 GB at Llama-3-8B shape): ``--activations-gb`` sets the budget
-(0 = fits run their own partial forward pass). Writes one JSON record (atomically) with the
-environment and every timing, and prints a Markdown table.
+(0 = fits run their own partial forward pass). Writes one JSON record (atomically, after every method,
+so a run stopped at a time limit keeps what it measured) with the environment and every timing, and
+prints a Markdown table; a later run in the same setting with the same ``--output`` re-measures its
+methods and keeps the other rows (each row names its run). benchmarks/performance.py renders the record
+``docs/real_scale.json`` into docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -58,6 +61,62 @@ def random_calibration(samples: int, seq_len: int, batch_size: int, vocab: int, 
     return CalibrationData(batches, seq_len, description=f"{samples} x {seq_len} random token ids (seed {seed})")
 
 
+def git_commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def merged_record(path: Path | None, setting: dict, env: dict, methods: list[str]) -> dict:
+    """The record this run adds to: the one at ``path`` when it was measured in the same setting (shape,
+    dtype, tokens, ratio, activation budget), without the rows of the methods measured again, else a new
+    one. Each row names the run (``runs[i]``: where, when and by which command) that measured it."""
+    old = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    if old is None or any(old.get(k) != v for k, v in setting.items()):
+        old = {**setting, "paper_ls_seconds": PAPER_LS_SECONDS, "runs": [], "rows": []}
+    old["rows"] = [r for r in old["rows"] if r["method"] not in methods]
+    old["runs"].append(env)
+    return old
+
+
+def render_record(record: dict, verdicts: list) -> list[str]:
+    """The real-scale section of docs/PERFORMANCE.md (called by benchmarks/performance.py's render): every
+    measured method's prune time against one bare forward pass, its peak GPU memory and its stages."""
+    from depthbench.pruners import pruner_registry
+
+    shape, rows = record["shape"], sorted(record["rows"], key=lambda r: r["prune_s"])
+    runs = record["runs"]
+    devices = sorted({runs[r["run"]]["device"] for r in rows})
+    lines = [
+        f"## Every method at real scale: {shape['layers']} layers x {shape['hidden']} hidden, randomly initialised", "",
+        f"Measured by `benchmarks/real_scale.py` (the record: `docs/real_scale.json`) on {', '.join(devices)}: a "
+        f"randomly initialised Llama model of shape {shape} in {record['dtype']}, {record['samples']} x "
+        f"{record['seq_len']} random token ids, ratio {record['ratio']}, stored activations up to "
+        f"{record['activations_gb']:g} GB. Timing needs no trained weights (the passes cost the same), but "
+        "data-dependent choices (LaCo's merges, SLEB's order) may differ from a trained model's. Runs:", "",
+        *(f"- run {i}: {env['date']}, commit {env.get('commit', 'unknown')}, torch {env['torch']}, "
+          f"`{env['command']}`{' (' + env['note'] + ')' if env.get('note') else ''}" for i, env in enumerate(runs)),
+        "",
+        "| method | layers | prune s | prune / bare forward | peak GPU GiB | stages s | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = "not recorded" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.1f}"
+        stages = ", ".join(f"{k} {v:g}" for k, v in r["stages_s"].items() if v)
+        lines.append(f"| {r['method']} | {r['layers_removed']} | {r['prune_s']:.1f} | {r['prune_over_forward']:.1f}x | "
+                     f"{peak} | {stages} | {r['run']} |")
+    missing = sorted(set(pruner_registry.names()) - {r["method"] for r in rows})
+    ls = [r for r in rows if r["method"] == "replaceme_ls"]
+    if ls and shape == SHAPES["llama3_8b"]:
+        lines += ["", f"The ReplaceMe paper reports {record['paper_ls_seconds']} s for ReplaceMe-LS on "
+                      f"Llama-3-8B-Instruct at 25% (its Figure 1, its own hardware and data); here "
+                      f"{ls[0]['prune_s']:.1f} s."]
+    if missing:
+        lines += ["", f"Not measured at this shape: {', '.join(missing)}."]
+    return lines
+
+
 def synchronised_seconds(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -96,12 +155,15 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
     return {"method": method, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,
             "prune_over_forward": prune_s / bare_s,
             "stages_s": {k: round(v["seconds"], 2) for k, v in result["r"].stages.items()},
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}
+            # each stage resets the peak counter as it starts (depthbench.measure), so the prune's peak is the
+            # largest of its stages' peaks
+            "peak_gpu_bytes": max((v["peak_gpu_bytes"] or 0 for v in result["r"].stages.values()), default=None)
+            if args.device.startswith("cuda") else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", default="replaceme_ls")
+    parser.add_argument("--methods", default="replaceme_ls", help="comma-separated registered pruners, or 'all'")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -118,10 +180,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from depthbench.errors import ConfigError
-    from depthbench.pruners import build_pruner
+    from depthbench.pruners import build_pruner, pruner_registry
 
+    methods = pruner_registry.names() if args.methods == "all" else [m for m in args.methods.split(",") if m]
     try:  # built before any model: an unknown method fails here, naming the registered ones
-        pruners = {m: build_pruner(m, {}) for m in args.methods.split(",") if m}
+        pruners = {m: build_pruner(m, {}) for m in methods}
     except ConfigError as err:
         parser.error(str(err))
     shape = dict(SHAPES[args.shape])
@@ -132,30 +195,29 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     data = random_calibration(args.samples, args.seq_len, args.batch_size, shape["vocab"], args.seed, args.device)
 
-    rows = []
+    env = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": platform.machine(),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "device": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                      else f"cpu ({torch.get_num_threads()} threads)"),
+           "command": " ".join(["python", "benchmarks/real_scale.py", *sys.argv[1:]])}
+    setting = {"shape": shape, "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
+               "ratio": args.ratio, "activations_gb": args.activations_gb}
+    record = merged_record(Path(args.output) if args.output else None, setting, env, list(pruners))
+    run = len(record["runs"]) - 1
+    rows = record["rows"]
     for method, pruner in pruners.items():
-        rows.append(measure(method, pruner, shape, dtype, data, args))
+        rows.append({**measure(method, pruner, shape, dtype, data, args), "run": run})
         print(json.dumps(rows[-1]), flush=True)
+        if args.output:  # after every method: a run stopped at a time limit keeps what it measured
+            from depthbench import atomic
+
+            atomic.write_text(Path(args.output), json.dumps(record, indent=1) + "\n")
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    env = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "python": platform.python_version(),
-           "torch": torch.__version__, "device": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
-                                                  else f"cpu ({torch.get_num_threads()} threads)"),
-           "command": " ".join(["python", "benchmarks/real_scale.py", *sys.argv[1:]])}
-    record = {"environment": env, "shape": shape, "dtype": args.dtype, "samples": args.samples,
-              "seq_len": args.seq_len, "paper_ls_seconds": PAPER_LS_SECONDS, "rows": rows}
-    print(f"\nShape {shape}, {args.dtype}, {args.samples} x {args.seq_len} tokens, {env['device']}\n")
-    print("| method | prune s | bare forward s | prune / forward | paper LS s |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['prune_s']:.1f} | {r['bare_forward_s']:.1f} | {r['prune_over_forward']:.2f}x | "
-              f"{PAPER_LS_SECONDS if r['method'] == 'replaceme_ls' else ''} |")
+    print("\n".join(["", *render_record(record, [])]))
     if args.output:
-        from depthbench import atomic
-
-        atomic.write_text(Path(args.output), json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.output}")
 
 

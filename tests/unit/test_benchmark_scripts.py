@@ -13,11 +13,14 @@ def run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+TINY_SHAPE = ("--device", "cpu", "--dtype", "float32", "--hidden", "64", "--layers", "8", "--intermediate", "128",
+              "--heads", "4", "--kv-heads", "2", "--vocab", "300", "--samples", "4", "--seq-len", "16",
+              "--batch-size", "2")
+
+
 def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
     out = tmp_path / "record.json"
-    proc = run("benchmarks/real_scale.py", "--device", "cpu", "--dtype", "float32", "--hidden", "64", "--layers", "8",
-               "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "300", "--samples", "4",
-               "--seq-len", "16", "--batch-size", "2", "--methods", "replaceme_ls,shortgpt", "--output", str(out))
+    proc = run("benchmarks/real_scale.py", *TINY_SHAPE, "--methods", "replaceme_ls,shortgpt", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(out.read_text())
     assert [r["method"] for r in record["rows"]] == ["replaceme_ls", "shortgpt"]
@@ -27,7 +30,36 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
         assert row["prune_s"] > 0 and row["bare_forward_s"] > 0
         assert abs(row["prune_over_forward"] - row["prune_s"] / row["bare_forward_s"]) < 1e-9
         assert set(row["stages_s"]) >= {"score", "select"}
-    assert "| replaceme_ls |" in proc.stdout
+        assert row["run"] == 0 and row["peak_gpu_bytes"] is None  # CPU: no GPU peak
+    assert "| replaceme_ls | 2 |" in proc.stdout and "Not measured at this shape: " in proc.stdout
+
+    # A second run in the same setting re-measures one method and keeps the other's row (and its run).
+    first = {r["method"]: r for r in record["rows"]}
+    proc = run("benchmarks/real_scale.py", *TINY_SHAPE, "--methods", "shortgpt", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]) == 2 and "--methods shortgpt" in merged["runs"][1]["command"]
+    rows = {r["method"]: r for r in merged["rows"]}
+    assert rows["replaceme_ls"] == first["replaceme_ls"]
+    assert rows["shortgpt"]["run"] == 1 and rows["shortgpt"]["prune_s"] != first["shortgpt"]["prune_s"]
+
+
+def test_real_scale_starts_a_new_record_when_the_setting_changes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
+    real_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_scale)
+    out = tmp_path / "record.json"
+    setting = {"shape": {"layers": 8}, "dtype": "float32", "samples": 4, "seq_len": 16, "ratio": 0.25,
+               "activations_gb": 0.0}
+    old = {**setting, "paper_ls_seconds": 689, "runs": [{"command": "a"}],
+           "rows": [{"method": "uidl", "run": 0}, {"method": "sleb", "run": 0}]}
+    out.write_text(json.dumps(old))
+    same = real_scale.merged_record(out, setting, {"command": "b"}, ["sleb"])
+    assert same["rows"] == [{"method": "uidl", "run": 0}] and [r["command"] for r in same["runs"]] == ["a", "b"]
+    other = real_scale.merged_record(out, {**setting, "ratio": 0.5}, {"command": "c"}, ["sleb"])
+    assert other["rows"] == [] and other["runs"] == [{"command": "c"}] and other["ratio"] == 0.5
 
 
 def test_real_scale_names_an_unknown_method_before_building_anything():
@@ -85,3 +117,9 @@ def test_performance_page_renders_every_committed_record(tmp_path):
     if cold.is_file():
         record = json.loads(cold.read_text())
         assert f"**{record['auto_over_fixed_4gib']:.2f}x**" in text
+    real = ROOT / "docs" / "real_scale.json"
+    if real.is_file():
+        record = json.loads(real.read_text())
+        assert "## Every method at real scale" in text
+        for row in record["rows"]:  # each measured method's row, its time read from the record
+            assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
