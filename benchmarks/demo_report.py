@@ -25,6 +25,7 @@ from pathlib import Path
 from _record import machine_fields  # sibling module (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_TITLE = "The demo: `make demo` on the project's CPU machine"
 
 
 def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict | None:
@@ -46,7 +47,22 @@ def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict
             "top1": top1, "ppl": (float(a["ppl_pruned"]), float(b["ppl_pruned"]))}
 
 
-def render(sweep: Path, started: float, seconds: float, command: str, docs: Path) -> str:
+def cell_times(records: list[dict]) -> list[str]:
+    """A table of each cell's prune time (its prune.* stages) and wall time, slowest first, from the records."""
+    rows = []
+    for r in records:
+        stages = r.get("stages") or {}
+        prune = sum(v["seconds"] for k, v in stages.items() if k.startswith("prune."))
+        rows.append((r.get("wall_seconds") or 0.0, prune, r["method"], r["ratio"]))
+    lines = ["| method | ratio | prune s | cell wall s |", "|---|---|---|---|"]
+    lines += [f"| {m} | {ratio:g} | {prune:.1f} | {wall:.1f} |" for wall, prune, m, ratio in sorted(rows, reverse=True)]
+    total = sum(row[0] for row in rows)
+    return lines + ["", f"Sum of the cells' wall times: {total / 60:.1f} min. Cells share the calibration cache: the "
+                        "first cell that needs the per-layer statistics pays for their pass in its prune time."]
+
+
+def render(sweep: Path, started: float, seconds: float, command: str, docs: Path, title: str = DEMO_TITLE,
+           images_dir: str = "demo") -> str:
     sys.path.insert(0, str(ROOT))
     from depthbench.experiments.leaderboard import RESULT_FILE, build_frame, load_records
     from depthbench.provenance import package_versions
@@ -57,7 +73,7 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
     fresh = sum(1 for r in records if (Path(r["_path"]) / RESULT_FILE).stat().st_mtime >= started)
     frame = build_frame(records)
     table = (sweep / "leaderboard.md").read_text()
-    images = docs / "demo"
+    images = docs / images_dir
     images.mkdir(exist_ok=True)
     plots = sorted((sweep / "plots").glob("*.png"))
     for plot in plots:
@@ -69,7 +85,7 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
     machine = machine_fields()
     sep = separation(frame)
     lines = [
-        "# The demo: `make demo` on the project's CPU machine", "",
+        f"# {title}", "",
         f"Produced by `{command}` started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
         f"{platform.machine()}, {machine['cpus']} CPU cores, "
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, lm-eval "
@@ -83,9 +99,10 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
         f"Each method removes the same ratio of layers ({records[0]['ratio']:g}), calibrated on the same "
         f"{cal.get('n_samples')} x {cal.get('seq_len')} tokens ({cal.get('name', cal.get('source', ''))}); "
         f"held-out perplexity and the fidelity to the dense model (KL, top-1 agreement) are on held-out text that "
-        f"calibration never sees; tasks: {tasks or 'none'}, the first {bench.get('limit')} examples each "
-        f"(the demo's CPU budget: `DEMO_LIMIT` in the Makefile; the full standard suite is "
-        f"`depthbench experiment=leaderboard` with the default limit 200, or `benchmark.limit=null`).",
+        f"calibration never sees; "
+        + (f"tasks: {tasks}, the first {bench.get('limit')} examples each (the demo's CPU budget: `DEMO_LIMIT` in "
+           "the Makefile; the full standard suite is `depthbench experiment=leaderboard` with the default limit "
+           "200, or `benchmark.limit=null`)." if tasks else "no task benchmark (`benchmark=none`)."),
         "",
         "## Does fidelity separate ReplaceMe-LS from UIDL?", "",
     ]
@@ -100,8 +117,8 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
             + f" Held-out perplexity {sep['ppl'][0]:.4g} vs {sep['ppl'][1]:.4g}; top-1 agreement "
             f"{sep['top1'][0]:.1f}% vs {sep['top1'][1]:.1f}%.")
     lines += ["", "## Leaderboard (`depthbench-leaderboard " + str(sweep) + "`)", "", table.strip(), "",
-              "## Plots", ""]
-    lines += [f"![{p.stem}](demo/{p.name})" for p in plots]
+              "## Time per cell", "", *cell_times(records), "", "## Plots", ""]
+    lines += [f"![{p.stem}]({images_dir}/{p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -112,10 +129,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, required=True, help="its wall time")
     parser.add_argument("--command", default="make demo")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "DEMO.md")
+    parser.add_argument("--title", default=DEMO_TITLE, help="the page's heading")
+    parser.add_argument("--images", default="demo", help="folder beside --output that receives the plots")
     args = parser.parse_args()
     from depthbench import atomic
 
-    atomic.write_text(args.output, render(args.sweep, args.started, args.seconds, args.command, args.output.parent))
+    atomic.write_text(args.output, render(args.sweep, args.started, args.seconds, args.command, args.output.parent,
+                                          args.title, args.images))
     print(f"wrote {args.output}")
 
 

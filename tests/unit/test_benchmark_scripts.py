@@ -89,6 +89,9 @@ def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
         record = _record(method, method=method)
         record["model"]["dtype"] = "float32"
         record["metrics"]["fidelity"] = {"kl_mean": kl, "kl_stderr": se, "top1_agreement_percent": 60.0 - i}
+        record["wall_seconds"] = 30.0 + i
+        record["stages"] = {"prune.score": {"seconds": 1.25}, "prune.select": {"seconds": 0.5 + i},
+                            "evaluate_pruned": {"seconds": 20.0}}
         (sweep / str(i)).mkdir(parents=True)
         (sweep / str(i) / "result.json").write_text(json.dumps(record))
     leaderboard.write_leaderboard(leaderboard.build_frame(leaderboard.load_records([sweep])), sweep)
@@ -102,6 +105,10 @@ def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
     assert "replaceme_ls 1.200 +- 0.030, uidl 1.500 +- 0.040" in text and f"{z:.1f} combined" in text
     assert "**separated**" in text and "it ran 2 of the 2 cells" in text and "1.5 min" in text
     assert (out.parent / "demo" / "quality_vs_speedup.png").is_file()
+    # the time table: prune = the prune.* stages, slowest cell first
+    ratio = f"{_record('x')['ratio']:g}"
+    assert f"| uidl | {ratio} | 2.8 | 31.0 |\n| replaceme_ls | {ratio} | 1.8 | 30.0 |" in text
+    assert "Sum of the cells' wall times: 1.0 min" in text
 
 
 def test_performance_page_renders_every_committed_record(tmp_path):
