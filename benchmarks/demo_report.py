@@ -8,8 +8,9 @@ since both models are scored on the same tokens and a paired error would be smal
     .venv/bin/python benchmarks/demo_report.py --sweep outputs/sweeps/leaderboard --started EPOCH --seconds S \\
         --command "make demo" [--output docs/DEMO.md]
 
-`make demo` calls it last. Nothing here is typed in: every number is read from the sweep's result records and
-leaderboard files.
+`make demo` calls it last; `make leaderboard-all` calls it with ``--output docs/LEADERBOARD.md --images
+leaderboard --title ...`` for its own sweep. A table of each cell's prune and wall time follows the leaderboard.
+Nothing here is typed in: every number is read from the sweep's result records and leaderboard files.
 """
 
 from __future__ import annotations
