@@ -61,13 +61,6 @@ def random_calibration(samples: int, seq_len: int, batch_size: int, vocab: int, 
     return CalibrationData(batches, seq_len, description=f"{samples} x {seq_len} random token ids (seed {seed})")
 
 
-def git_commit() -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
 def merged_record(path: Path | None, setting: dict, env: dict, methods: list[str]) -> dict:
     """The record this run adds to: the one at ``path`` when it was measured in the same setting (shape,
     dtype, tokens, ratio, activation budget), without the rows of the methods measured again, else a new
@@ -180,6 +173,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from depthbench.errors import ConfigError
+    from depthbench.provenance import git_sha
     from depthbench.pruners import build_pruner, pruner_registry
 
     methods = pruner_registry.names() if args.methods == "all" else [m for m in args.methods.split(",") if m]
@@ -195,7 +189,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     data = random_calibration(args.samples, args.seq_len, args.batch_size, shape["vocab"], args.seed, args.device)
 
-    env = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": platform.machine(),
+    env = {"date": time.strftime("%Y-%m-%d"), "commit": git_sha() or "unknown", "machine": platform.machine(),
            "python": platform.python_version(), "torch": torch.__version__,
            "device": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
                       else f"cpu ({torch.get_num_threads()} threads)"),
