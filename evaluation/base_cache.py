@@ -46,7 +46,7 @@ def key_material(model_source: str, revision: str | None, dtype: str, benchmark_
         "format": FORMAT,
         "model": {"source": str(model_source), "revision": revision, "dtype": str(dtype)},
         "benchmark": bench,
-        "data": offline_data_version() if bench.get("offline") else "hub",
+        "data": offline_data_version([t["name"] for t in bench.get("tasks") or ()]) if bench.get("offline") else "hub",
         "lm_eval": lm_eval_version(),
         "depthbench": depthbench.__version__,
         "extra": _plain(dict(extra)) if extra else None,

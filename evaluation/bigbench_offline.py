@@ -30,7 +30,6 @@ mixtures the order of the subtasks adds room for divergence).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 from depthbench import atomic
 from depthbench.errors import ConfigError
+from depthbench.packaged_files import packaged_file
 
 # Bump when the conversion changes: it is part of the data file name and of every cache key.
 CONVERTER_VERSION = 1
@@ -48,13 +48,8 @@ LM_EVAL_TASK_SUFFIX = "_multiple_choice"
 
 
 def benchmark_tasks_dir() -> Path:
-    spec = importlib.util.find_spec("bigbench")
-    if spec is None or spec.origin is None:
-        raise ConfigError(
-            "the offline benchmark needs the `bigbench` package: `pip install --no-deps bigbench==1.0.0` "
-            "(or run `make install`)"
-        )
-    return Path(spec.origin).parent / "benchmark_tasks"
+    return packaged_file("bigbench", "benchmark_tasks", "benchmark=bigbench (BIG-bench tasks)",
+                         instead="the default benchmark=offline needs no BIG-bench")
 
 
 def bigbench_version() -> str | None:

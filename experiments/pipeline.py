@@ -293,8 +293,6 @@ def load_calibration_data(cell: Cell) -> None:
     with cell.timer.stage("calibration_data"):
         cell.tokenizer = load_tokenizer(cell.cfg.model, cell.paths.models_dir)
         cell.calibration = load_calibration(cell.cfg.calibration, cell.tokenizer)
-    for note in cell.calibration.notes:
-        log.warning(note)
     if (cell.cfg.get("healing") or {}).get("name", "none") != "none":
         with cell.timer.stage("healing_data"):  # a budget larger than the text fails here, before weights
             cell.healing_plan = prepare_healing(cell.cfg, cell.tokenizer)

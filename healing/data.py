@@ -3,12 +3,12 @@
 Disjointness from the held-out evaluation text is guaranteed twice:
 - by construction: training windows come from ``source.documents("calibration")`` of the run's
   ``calibration`` source, and held-out perplexity / fidelity from the ``heldout`` split of
-  ``evaluation.perplexity``; for the offline default both are BIG-bench Wikipedia, split per article
+  ``evaluation.perplexity``; for the offline default both are the reading passages, split per document
   by a hash bucket (``heldout_percent``, which the evaluation group takes from the calibration group);
 - by a check before any weights are read (`check_disjoint`): every training document is compared
   (exact text, SHA-256) with every held-out document of the evaluation source, and a shared document
   (e.g. ``evaluation.perplexity.heldout_percent`` set apart from the calibration's, or a local
-  calibration file that contains held-out articles) stops the run with a ConfigError.
+  calibration file that contains held-out documents) stops the run with a ConfigError.
 Packing never crosses into the held-out part: windows are cut from the calibration documents only.
 """
 

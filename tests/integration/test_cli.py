@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.integration.conftest import compose, needs_offline_packages, run_cli
+from tests.offline_packages import bigbench_installed
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 
@@ -81,3 +82,15 @@ def test_bad_input_one_clear_line_and_nothing_on_disk(tmp_path, files, overrides
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("depthbench: error:") == 1 or "Could not " in proc.stderr
     assert list(workdir.iterdir()) == [], f"left on disk: {list(workdir.rglob('*'))}"
+
+
+@pytest.mark.skipif(bigbench_installed(), reason="BIG-bench 1.0.0 is installed here: nothing is missing")
+@pytest.mark.parametrize("override,needs", [("calibration=bigbench_wikipedia", "the text source bigbench_wikipedia"),
+                                            ("benchmark=bigbench", "benchmark=bigbench (BIG-bench tasks)")])
+def test_bigbench_without_the_package_is_one_line_status_2_nothing_on_disk(tmp_path, override, needs):
+    proc = run_cli(override, "progress=false", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"depthbench: error: {needs} needs the package `bigbench`")
+    assert "README" in lines[0] and "needs no BIG-bench" in lines[0]
+    assert list(tmp_path.iterdir()) == []

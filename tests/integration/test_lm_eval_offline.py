@@ -16,7 +16,7 @@ from depthbench.evaluation.retention import retention
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
-from tests.integration.conftest import CONF, compose, needs_offline_packages
+from tests.integration.conftest import CONF, compose, needs_bigbench, needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 
@@ -58,6 +58,7 @@ def _direct_choice_loglikelihoods(model, tokenizer, context: str, choices: list[
 
 
 @pytest.mark.slow
+@needs_bigbench
 def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
     loaded = load_model(cfg.model, device="cpu")
     bench = _small(cfg, SUITE_LIMIT)
@@ -92,6 +93,7 @@ def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
 
 
 @pytest.mark.slow
+@needs_bigbench
 def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
     import lm_eval
 

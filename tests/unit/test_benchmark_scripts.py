@@ -130,3 +130,21 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+
+
+def test_text_page_is_the_render_of_its_committed_record(tmp_path):
+    """docs/TEXT.md is what benchmarks/default_text.py renders from docs/text.json, and the record's counts agree
+    with each other (sets, splits, and the default budgets it says fit)."""
+    out = tmp_path / "TEXT.md"
+    proc = run("benchmarks/default_text.py", "--render", "docs/text.json", "--markdown", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text() == (ROOT / "docs" / "TEXT.md").read_text()
+    record = json.loads((ROOT / "docs" / "text.json").read_text())
+    sets, splits, d = record["sets"], record["splits"], record["defaults"]
+    assert sum(s["documents"] for s in sets.values()) == sum(s["documents"] for s in splits.values())
+    assert sum(s["tokens"] for s in sets.values()) == sum(s["tokens"] for s in splits.values())
+    assert splits["calibration"]["full_length_documents"] >= d["calibration_sequences"]
+    assert splits["heldout"]["packed_windows"] >= d["heldout_windows"]
+    h = d["healing"]
+    assert splits["calibration"]["packed_windows"] * record["seq_len"] >= h["steps"] * h["batch_size"] * h["seq_len"]
+    assert all(o["rows_sharing_a_13gram"] == 0 for o in record["benchmark_overlap"].values())

@@ -20,12 +20,14 @@ import yaml
 
 from depthbench.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bigbench") is None, reason="needs the bigbench package")
+from tests.offline_packages import needs_bigbench
+
+pytestmark = needs_bigbench
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = yaml.safe_load((REPO / "conf" / "benchmark" / "bigbench.yaml").read_text())  # the BIG-bench preset
 TASKS = [t["name"] if isinstance(t, dict) else t for t in OFFLINE["tasks"]]
-BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent
+BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent if importlib.util.find_spec("bigbench") else None
 
 
 def _package_parts(lm_eval_name: str) -> list[dict]:

