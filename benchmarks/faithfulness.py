@@ -106,6 +106,24 @@ def measure_cell(cfg, out_dir: Path) -> dict:
     }
 
 
+# Records written before the text was recorded were all measured on the default text of their time.
+FORMER_DEFAULT_TEXT = ("calibration: BIG-bench paragraph_segmentation, English articles (bigbench 1.0.0; the default "
+                       "text up to commit 88297cb); held-out: the same source's held-out articles")
+
+
+def text_of(cfg) -> str:
+    """The calibration and held-out text of a composed config, as the record names it."""
+    from depthbench.calibration.sources import build_source
+
+    held = cfg.evaluation.perplexity
+    return (f"calibration: {build_source(cfg.calibration).description}; held-out: "
+            f"{build_source(held).description} [{held.split}]")
+
+
+def text_of_record(record: dict) -> str:
+    return record.get("settings", {}).get("text", FORMER_DEFAULT_TEXT)
+
+
 def measure(cells: list[tuple[str, list[str]]], common: list[str], output: Path, cache_dir: Path | None) -> dict:
     sys.path.insert(0, str(REPO))
     from depthbench.atomic import write_json
@@ -114,8 +132,12 @@ def measure(cells: list[tuple[str, list[str]]], common: list[str], output: Path,
 
     record = json.loads(output.read_text()) if output.is_file() else {}
     record.setdefault("cells", {})
+    text = text_of(compose(*common))
+    if record["cells"] and text_of_record(record) != text:
+        raise SystemExit(f"{output} holds cells measured on {text_of_record(record)}, not on {text}: a resumed record "
+                         "must not mix texts; write to a fresh --output")
     record["settings"] = {"model": "smollm2_135m", "ratio": 0.25, "common_overrides": common,
-                          "versions": package_versions()}
+                          "versions": package_versions(), "text": text}
     root = Path(tempfile.mkdtemp(prefix="depthbench-faithfulness-"))
     cache = cache_dir or root / "cache"
     try:
@@ -396,7 +418,8 @@ def render(record_path: Path, output: Path) -> str:
         "# Faithfulness: do the trained replacements converge, and to what?", "",
         "Produced by `python benchmarks/faithfulness.py --output " + str(record_path) + "` (the study, resumable) and "
         "`--render` (this page), on SmolLM2-135M-Instruct at ratio 0.25 with the overrides "
-        f"`{' '.join(settings['common_overrides'])}`; versions {settings.get('versions')}. Every cell is one "
+        f"`{' '.join(settings['common_overrides'])}`; text: {text_of_record(record)}; versions "
+        f"{settings.get('versions')}. Every cell is one "
         "`depthbench` run (same code path as a user's); cells share one calibration pass per calibration layout.",
         "",
         "Columns: optimiser steps and training tokens (`pruning.budget`), held-out perplexity and KL(dense || pruned) "

@@ -3,7 +3,8 @@ approximation and its stated bound (`depthbench.evaluation.fidelity`), on SmolLM
 
     .venv/bin/python benchmarks/fidelity_topk.py [--windows 8] [--remove 11-18] [--k 16,64,256,1024]
 
-The pruned model removes a fixed block of layers (default 11..18: UIDL's choice at 25% in the demo).
+The pruned model removes a fixed block of layers (default 11..18: UIDL's choice at 25% in the demo on the former
+default text, BIG-bench Wikipedia).
 Exact KL is computed from both full distributions in float64. Prints one Markdown table row per k:
 mean exact KL, mean approximate KL, mean and max error, mean bound, and the fraction of tokens whose
 bound holds (must be 100%).

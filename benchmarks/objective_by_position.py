@@ -1,6 +1,6 @@
 """How much of the trained replacements' MSE objectives the first token of each window carries (issue #15's
 first lead): on SmolLM2 over calibration windows, for a removed block [s, e) (default: 11..18, the block the
-cosine criterion picks at 25%),
+cosine criterion picks at 25% on the former default text, BIG-bench Wikipedia),
 
 - the per-token squared error of dropping the block, ||h_s - h_e||^2 (UIDL's error, and ReplaceMe's mse
   objective at T = I, since Y + M = h_s), by position in the window;

@@ -18,6 +18,7 @@ Two parts, both written to ``docs/offline_suite.json`` (``--output``):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -95,15 +96,19 @@ def plan(tokenizer, n: int, cache_dir: Path) -> dict:
     for name in standard_offline.LOCAL_TASKS:
         rows[name] = tokens_per_example(name, tokenizer, n, cache_dir)
         print(name, rows[name], flush=True)
+    offline = _bench("offline")
+    suite_tokens = sum(rows[t["name"]]["tokens_per_example"] * offline["limit"] for t in offline["tasks"])
+    out = {"plan_examples": n, "standard": rows, "offline_suite_tokens_per_model": suite_tokens,
+           "offline_suite_limit": offline["limit"]}
+    if importlib.util.find_spec("bigbench") is None:  # optional (README, "BIG-bench (optional)"): no comparison
+        print("bigbench is not installed: the plan leaves out the BIG-bench preset's cost", flush=True)
+        return out
     bigbench = _bench("bigbench")
     bb_rows = {t["name"]: tokens_per_example(t["name"], tokenizer, bigbench["limit"], cache_dir)
                for t in bigbench["tasks"]}
-    offline = _bench("offline")
-    suite_tokens = sum(rows[t["name"]]["tokens_per_example"] * offline["limit"] for t in offline["tasks"])
     bb_tokens = sum(r["tokens_per_example"] * r["examples"] for r in bb_rows.values())
-    return {"plan_examples": n, "standard": rows, "bigbench_preset": bb_rows,
-            "bigbench_preset_tokens_per_model": bb_tokens, "offline_suite_tokens_per_model": suite_tokens,
-            "offline_suite_limit": offline["limit"], "ratio_to_bigbench": suite_tokens / bb_tokens}
+    return {**out, "bigbench_preset": bb_rows, "bigbench_preset_tokens_per_model": bb_tokens,
+            "ratio_to_bigbench": suite_tokens / bb_tokens}
 
 
 def scores(loaded, tasks: list[dict], limit, cache_dir: Path, save) -> dict:

@@ -235,8 +235,10 @@ def render(results: dict) -> str:
     head = ["# Performance", "",
             "Produced by `benchmarks/performance.py` (measurements in `docs/performance.json`; each part below",
             "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct,",
-            "calibration: BIG-bench Wikipedia, 256 tokens per sequence; `model.dtype=auto`, which is float32 on",
-            "this CPU (no bfloat16 kernels) since 2026-11-30: parts dated earlier ran bfloat16. The machine is",
+            "calibration: the default text of the part's commit, 256 tokens per sequence (BIG-bench Wikipedia",
+            "articles up to commit 88297cb, the reading passages of docs/TEXT.md after it: the costs depend on the",
+            "number of tokens, the same 128 x 256 for both, not on the text); `model.dtype=auto`, which is float32",
+            "on this CPU (no bfloat16 kernels) since 2026-11-30: parts dated earlier ran bfloat16. The machine is",
             "shared: read the ratios, not the seconds.", "",
             "## Against issue #6's targets", "", "| target | measured | met |", "|---|---|---|",
             *(f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in verdicts)]
