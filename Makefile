@@ -90,7 +90,7 @@ test-unit: install
 	$(VENV)/bin/pytest -q tests/unit
 
 test-integration: install
-	$(VENV)/bin/pytest -q tests/integration
+	$(VENV)/bin/pytest -q -m "not slow" tests/integration
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -25,14 +25,11 @@ BIGBENCH_HOW = ("BIG-bench is optional and not installed by `make install`: the 
 def package_dir(module: str, needed_for: str, instead: str = "") -> Path:
     """The directory of the installed package ``module``; a ConfigError naming the package when it is missing.
 
-    ``needed_for`` says what needs it (``"calibration=bigbench_wikipedia"``); ``instead`` the alternative."""
+    ``needed_for`` says what needs it (``"the text source bigbench_wikipedia"``); ``instead`` the alternative."""
     spec = importlib.util.find_spec(module)
     if spec is None or not (spec.submodule_search_locations or spec.origin):
-        dist = DISTRIBUTIONS.get(module, module)
-        how = BIGBENCH_HOW if module == "bigbench" else (
-            "`make install` installs it (pinned in the Makefile's OFFLINE_PACKAGES; always with --no-deps)")
-        raise ConfigError(f"{needed_for} needs the package `{dist}`, which is not installed ({how})"
-                          + (f"; {instead}" if instead else ""))
+        raise ConfigError(f"{needed_for} needs the package `{_dist(module)}`, which is not installed "
+                          f"({_remedy(module, '`make install` installs it')})" + (f"; {instead}" if instead else ""))
     if spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin).parent
@@ -44,11 +41,22 @@ def packaged_file(module: str, relative: str, needed_for: str, instead: str = ""
     root = package_dir(module, needed_for, instead)
     path = root / relative
     if not path.exists():
-        dist = DISTRIBUTIONS.get(module, module)
-        how = BIGBENCH_HOW if module == "bigbench" else "reinstall it with `make install`"
+        dist = _dist(module)
         raise ConfigError(f"{needed_for} needs {relative} from the package `{dist}`, but the installed `{dist}` "
-                          f"({_version(dist)}) has no such file ({how})" + (f"; {instead}" if instead else ""))
+                          f"({_version(dist)}) has no such file ({_remedy(module, 'reinstall it with `make install`')})"
+                          + (f"; {instead}" if instead else ""))
     return path
+
+
+def _dist(module: str) -> str:
+    return DISTRIBUTIONS.get(module, module)
+
+
+def _remedy(module: str, pinned: str) -> str:
+    """What to do about a missing package: BIG-bench is optional; the others are pinned in the Makefile."""
+    if module == "bigbench":
+        return BIGBENCH_HOW
+    return f"{pinned}: pinned in the Makefile's OFFLINE_PACKAGES, always with --no-deps"
 
 
 def _version(dist: str) -> str:

@@ -1,1 +1,2 @@
-"""Evaluation of base and pruned models: held-out perplexity (lm-eval benchmarks: see later issues)."""
+"""Evaluation of base and pruned models: held-out perplexity, lm-eval benchmarks on offline data, fidelity to the
+dense model, speed, retention and its intervals."""
