@@ -1,9 +1,8 @@
 """docs/DEMO.md from a finished `make demo`: the command, its wall time and the machine, how many cells this
 invocation ran (a rerun finds finished cells by their config hash and runs none), the leaderboard as
 `depthbench-leaderboard` wrote it (ranks, intervals, fidelity, pairwise tests) with its plots, and whether the
-fidelity metrics separate ReplaceMe-LS from UIDL (KL(dense || pruned) per token, each with its standard error
-over tokens; a difference larger than 1.96 x the combined standard error counts as separated: conservative,
-since both models are scored on the same tokens and a paired error would be smaller).
+ranking separates ReplaceMe-LS from UIDL: their pair in the leaderboard's paired test over held-out windows on
+KL(dense || pruned) per token (`depthbench.experiments.ranking`), with its Holm-adjusted p.
 
     .venv/bin/python benchmarks/demo_report.py --sweep outputs/sweeps/leaderboard --started EPOCH --seconds S \\
         --command "make demo" [--output docs/DEMO.md]
@@ -16,7 +15,6 @@ Nothing here is typed in: every number is read from the sweep's result records a
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import shutil
 import sys
@@ -30,22 +28,20 @@ DEMO_TITLE = "The demo: `make demo` on the project's CPU machine"
 
 
 def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict | None:
-    """KL of ``first`` and ``second`` (same ratio, no healing) with their standard errors and the z of the
-    difference; None when either is missing."""
-    rows = frame[(frame["row_kind"] == "run") & (frame["healing"] == "none")]
-    picked = {}
-    for method in (first, second):
-        match = rows[(rows["method"] == method) & rows["kl"].notna()]
-        if match.empty:
-            return None
-        picked[method] = match.iloc[0]
-    a, b = picked[first], picked[second]
-    se = math.sqrt(float(a["kl_se"]) ** 2 + float(b["kl_se"]) ** 2)
-    z = (float(b["kl"]) - float(a["kl"])) / se if se > 0 else math.inf
-    top1 = (a.get("top1_agree_%"), b.get("top1_agree_%"))
-    return {"first": first, "second": second, "kl": (float(a["kl"]), float(b["kl"])),
-            "kl_se": (float(a["kl_se"]), float(b["kl_se"])), "z": z, "separated": abs(z) > 1.96,
-            "top1": top1, "ppl": (float(a["ppl_pruned"]), float(b["ppl_pruned"]))}
+    """The leaderboard's paired test of ``first`` against ``second`` (no healing), with their KL, standard errors,
+    ranks, perplexity and top-1 agreement; None when the sweep did not compare the two."""
+    rows = frame[(frame["row_kind"] == "run") & (frame["healing"] == "none")].set_index("method")
+    pair = next((p for p in frame.attrs.get("pairs", []) if p.get("healing", "none") == "none"
+                 and {p["a"], p["b"]} == {first, second}), None)
+    if pair is None or first not in rows.index or second not in rows.index:
+        return None
+    a, b = rows.loc[first], rows.loc[second]
+    return {"first": first, "second": second, "metric": pair["metric"], "better": pair["a"],
+            "difference": pair["difference"], "p": pair["p_value"], "p_holm": pair["p_holm"],
+            "significant": pair["significant"], "ranks": (a["rank"], b["rank"]),
+            "kl": (float(a["kl"]), float(b["kl"])), "kl_se": (float(a["kl_se"]), float(b["kl_se"])),
+            "top1": (a.get("top1_agree_%"), b.get("top1_agree_%")),
+            "ppl": (float(a["ppl_pruned"]), float(b["ppl_pruned"]))}
 
 
 def cell_times(records: list[dict]) -> list[str]:
@@ -77,6 +73,8 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
     images = docs / images_dir
     images.mkdir(exist_ok=True)
     plots = sorted((sweep / "plots").glob("*.png"))
+    for stale in set(images.glob("*.png")) - {images / p.name for p in plots}:  # plots this version no longer draws
+        stale.unlink()
     for plot in plots:
         shutil.copyfile(plot, images / plot.name)
     config = records[0].get("config") or {}
@@ -101,22 +99,26 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
         f"{cal.get('n_samples')} x {cal.get('seq_len')} tokens ({cal.get('name', cal.get('source', ''))}); "
         f"held-out perplexity and the fidelity to the dense model (KL, top-1 agreement) are on held-out text that "
         f"calibration never sees; "
-        + (f"tasks: {tasks}, the first {bench.get('limit')} examples each (the demo's CPU budget: `DEMO_LIMIT` in "
-           "the Makefile; the full standard suite is `depthbench experiment=leaderboard` with the default limit "
-           "200, or `benchmark.limit=null`)." if tasks else "no task benchmark (`benchmark=none`)."),
+        + (f"tasks: {tasks}, {bench.get('limit')} examples each, a sample stratified by source "
+           f"({bench.get('limit_sampling', 'stratified')}, seed {bench.get('sample_seed', 0)}; the same examples for "
+           "every method; the demo's CPU budget: `DEMO_LIMIT` in the Makefile; the full standard suite is "
+           "`depthbench experiment=leaderboard` with the default limit 200, or `benchmark.limit=null`)."
+           if tasks else "no task benchmark (`benchmark=none`)."),
         "",
-        "## Does fidelity separate ReplaceMe-LS from UIDL?", "",
+        "## Does the ranking separate ReplaceMe-LS from UIDL?", "",
     ]
     if sep is None:
-        lines.append("Not measured: the sweep has no KL for both replaceme_ls and uidl.")
+        lines.append("Not measured: the leaderboard did not compare replaceme_ls and uidl (no KL for both, or "
+                     "different groups).")
     else:
         lines.append(
             f"KL(dense || pruned) per token: {sep['first']} {sep['kl'][0]:.3f} +- {sep['kl_se'][0]:.3f}, "
-            f"{sep['second']} {sep['kl'][1]:.3f} +- {sep['kl_se'][1]:.3f} (standard errors over tokens); the "
-            f"difference is {abs(sep['z']):.1f} combined standard errors: "
-            + ("**separated**." if sep["separated"] else "**not separated** at 1.96.")
-            + f" Held-out perplexity {sep['ppl'][0]:.4g} vs {sep['ppl'][1]:.4g}; top-1 agreement "
-            f"{sep['top1'][0]:.1f}% vs {sep['top1'][1]:.1f}%.")
+            f"{sep['second']} {sep['kl'][1]:.3f} +- {sep['kl_se'][1]:.3f} (standard errors over windows). The "
+            f"leaderboard's paired test over the same held-out windows ({sep['metric']}): {sep['better']} is better by "
+            f"{abs(sep['difference']):.3f}, p = {sep['p']:.2g}, Holm-adjusted p = {sep['p_holm']:.2g}: "
+            + ("**significant**" if sep["significant"] else "**not significant** at 0.05")
+            + f"; ranks {sep['ranks'][0]} and {sep['ranks'][1]}. Held-out perplexity {sep['ppl'][0]:.4g} vs "
+            f"{sep['ppl'][1]:.4g}; top-1 agreement {sep['top1'][0]:.1f}% vs {sep['top1'][1]:.1f}%.")
     lines += ["", "## Leaderboard (`depthbench-leaderboard " + str(sweep) + "`)", "", table.strip(), "",
               "## Time per cell", "", *cell_times(records), "", "## Plots", ""]
     lines += [f"![{p.stem}]({images_dir}/{p.name})" for p in plots]

@@ -10,8 +10,8 @@ of the speed-up is narrower than ``rel_width`` (relative: hi / lo - 1) for prefi
 ``max_rounds`` or ``budget_s`` is reached. The interval is a t interval on the mean log-ratio
 (geometric mean of the per-round ratios). Beside it, `analytic_speedup` gives the ratio of FLOPs per
 token of the two models at the measured prompt length; a measured interval that lies entirely
-outside [1, analytic] (a smaller model measured slower than the dense one, or faster than its FLOPs
-allow) is flagged ``consistent: false``.
+outside [1, limit] (a smaller model measured slower than the dense one, or faster than both its FLOPs
+and the count of sub-blocks it still runs allow: `LIMIT_RULE`) is flagged ``consistent: false``.
 """
 
 from __future__ import annotations
@@ -240,26 +240,42 @@ def measure_speedup(base_model, pruned_model, tokenizer, prompt_len: int = 256, 
               "rel_width_target": rel_width}
     for kind in ("prefill", "decode"):
         s = out["speedup"][kind]
-        allowed = [1.0, analytic[kind]]
+        allowed = [1.0, analytic[f"{kind}_limit"]]
         consistent = s["interval"] is None or (s["interval"][1] >= allowed[0] and s["interval"][0] <= allowed[1])
         result[kind] = s["value"]
         result[f"{kind}_interval"] = s["interval"]
         result[f"{kind}_relative_width"] = s["relative_width"] if math.isfinite(s["relative_width"]) else None
         result[f"{kind}_analytic"] = analytic[kind]
+        result[f"{kind}_limit"] = analytic[f"{kind}_limit"]
         result[f"{kind}_consistent"] = consistent
     result["rounds"] = len(out["times"]["base"])
     result["flops_per_token"] = analytic["flops_per_token"]
+    result["sub_blocks_ratio"] = analytic["sub_blocks"]
+    result["limit_rule"] = LIMIT_RULE
     return {"base": speeds["base"], "pruned": speeds["pruned"], "speedup": result}
 
 
 def _linear_macs(module: torch.nn.Module) -> int:
-    """Multiply-accumulates per token of every matrix multiply with a weight inside ``module``
-    (``nn.Linear`` and transformers' ``Conv1D``): one per weight element."""
+    """Multiply-accumulates per token of every matrix multiply with a weight inside ``module``: one per weight
+    element of ``nn.Linear``, transformers' ``Conv1D`` and the modules pruning adds (LinearPatch's
+    `ResidualPatch`); removed sub-blocks' stand-ins hold no weight and count 0."""
+    from depthbench.modeling.adapters.base import ResidualPatch
+
     total = 0
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D":
+        if isinstance(sub, (torch.nn.Linear, ResidualPatch)) or type(sub).__name__ == "Conv1D":
             total += sub.weight.numel()
     return total
+
+
+def _running_sub_blocks(model) -> tuple[list[bool], int]:
+    """Per decoder layer whether its attention runs, and how many attention and MLP sub-blocks run in all."""
+    from depthbench.modeling.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    removed = {(u.layer, u.part) for u in adapter.removed_sub_blocks()}
+    attention = [(k, "attention") not in removed for k in range(adapter.num_layers)]
+    return attention, 2 * adapter.num_layers - len(removed)
 
 
 def _attention_width(config) -> int:
@@ -272,25 +288,38 @@ def _attention_width(config) -> int:
 
 def flops_per_token(model, context: float) -> float:
     """Forward FLOPs per token at an average attended ``context`` length: 2 x (weight matmuls of every
-    decoder layer + the LM head) + per layer 2 x 2 x n_heads x head_dim x context (QK^T and AV).
+    decoder layer, added modules included, + the LM head) + for every layer whose attention runs
+    2 x 2 x n_heads x head_dim x context (QK^T and AV; none for a removed attention sub-block).
 
     Element-wise work (norms, activations, softmax, rotary) is left out: O(d) per token."""
     from depthbench.modeling.adapters import adapter_for
 
     layers = adapter_for(model).decoder_layers()
+    attention_runs, _ = _running_sub_blocks(model)
     width = _attention_width(model.config)
-    per_layer = sum(2 * _linear_macs(layer) + 4 * width * context for layer in layers)
+    per_layer = sum(2 * _linear_macs(layer) + (4 * width * context if runs else 0)
+                    for layer, runs in zip(layers, attention_runs))
     head = model.get_output_embeddings()
     return float(per_layer + (2 * head.weight.numel() if head is not None else 0))
 
 
+#: The rule behind ``{kind}_consistent`` (recorded with every speed-up).
+LIMIT_RULE = ("a measured speed-up is consistent when its 95% interval meets [1, limit], limit = max(FLOPs ratio, "
+              "ratio of attention and MLP sub-blocks that run): a token's time is per-sub-block overhead (kernel "
+              "launches, Python; dominant at batch 1 on a CPU or in decode) plus FLOP-proportional work, so the "
+              "time ratio lies between the two ratios")
+
+
 def analytic_speedup(base_model, pruned_model, prompt_len: int, new_tokens: int) -> dict:
     """FLOPs-per-token ratio base / pruned for the prefill (a token of an n-token prompt attends on average
-    to (n + 1) / 2 positions) and the decode (steps n+1 .. n+new_tokens attend to n + (new_tokens + 1) / 2)."""
+    to (n + 1) / 2 positions) and the decode (steps n+1 .. n+new_tokens attend to n + (new_tokens + 1) / 2),
+    the ratio of sub-blocks that run (``sub_blocks``), and each kind's upper ``limit`` (`LIMIT_RULE`)."""
     contexts = {"prefill": (prompt_len + 1) / 2, "decode": prompt_len + (new_tokens + 1) / 2}
-    out: dict = {"flops_per_token": {}}
+    blocks = _running_sub_blocks(base_model)[1] / _running_sub_blocks(pruned_model)[1]
+    out: dict = {"flops_per_token": {}, "sub_blocks": blocks}
     for kind, context in contexts.items():
         base, pruned = flops_per_token(base_model, context), flops_per_token(pruned_model, context)
         out[kind] = base / pruned
+        out[f"{kind}_limit"] = max(base / pruned, blocks)
         out["flops_per_token"][kind] = {"base": base, "pruned": pruned, "context": context}
     return out

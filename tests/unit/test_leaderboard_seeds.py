@@ -58,7 +58,7 @@ def _records():
 
 
 def test_seed_mean_and_std_by_hand_and_per_seed_rows_kept(tmp_path):
-    frame = leaderboard.build_frame(_records())
+    frame = leaderboard.build_frame(_records(), rank_by="tasks")
     means = frame[frame["row_kind"] == "seed mean"].set_index("method")
     assert sorted(means.index) == ["random_layers", "shortgpt"]
     rnd = means.loc["random_layers"]
@@ -88,30 +88,28 @@ def test_seed_mean_and_std_by_hand_and_per_seed_rows_kept(tmp_path):
     assert set(csv["config_hash"]) >= {"r1", "r2", "r3", "r4", "s0", "s1"}
     assert (csv["row_kind"] == "seed mean").sum() == 2
     md = paths["md"].read_text()
-    table = [line for line in md.split("## Pairwise")[0].splitlines() if line.startswith("| tiny")]
+    table = [line for line in md.split("## Pairwise")[0].splitlines()
+             if line.startswith("| ") and not line.startswith("| method")]
     assert len(table) == 4  # base, random_layers mean, random_layers (other config), shortgpt mean
     assert any("0.450 ± 0.132" in line and "40 ± 10" in line and "1.30 ± 0.10" in line for line in table)
     assert paths["pareto_plot"].is_file() and paths["task_heatmap"].is_file()
-    assert "n_seeds" in md and "ddof 1" in md
-    pairs = md.split("## Pairwise")[1]  # the pairwise table names the seeds
-    assert "random_layers[seed=2]" in pairs and "shortgpt[run seed=1]" in pairs and "random_layers#r4" in pairs
+    assert md.split("\n")[2].rstrip().endswith("seeds |") and "ddof 1" in md
+    pairs = md.split("## Pairwise")[1]  # the pairwise table names the pooled competitors
+    assert "shortgpt (2 seeds)" in pairs and "random_layers#" in pairs and "(3 seeds)" in pairs
 
 
-def test_rank_of_a_seed_group_is_the_range_of_its_seeds_ranks():
-    assert leaderboard._rank_span(pd.Series(["2=", "2=", "2="])) == "2="
-    assert leaderboard._rank_span(pd.Series(["2=", "4", "3"])) == "2..4"
-    assert leaderboard._rank_span(pd.Series([None, float("nan")])) is None
-    frame = leaderboard.build_frame(_records())
+def test_the_seeds_of_a_group_share_one_rank_with_their_mean_row():
+    frame = leaderboard.build_frame(_records(), rank_by="tasks")
     rows = frame.set_index("config_hash")
-    seeds = [rows.loc[h, "rank"] for h in ("r1", "r2", "r3")]
+    seeds = {rows.loc[h, "rank"] for h in ("r1", "r2", "r3")}
     mean_rank = frame[(frame["row_kind"] == "seed mean") & (frame["method"] == "random_layers")]["rank"].iloc[0]
-    assert mean_rank == leaderboard._rank_span(pd.Series(seeds))
+    assert len(seeds) == 1 and mean_rank == seeds.pop()
 
 
 def test_a_single_seed_is_not_aggregated():
     frame = leaderboard.build_frame(_records()[3:4])
     assert list(frame["row_kind"]) == ["base", "run"] or set(frame["row_kind"]) == {"base", "run"}
-    assert "n_seeds" not in leaderboard.display_frame(frame)
+    assert "seeds" not in leaderboard.display_frame(frame)
 
 
 SUB_BLOCKS = {"removed_sub_blocks": ["3.attn", "5.mlp"], "removed_attention_modules": 3, "removed_mlp_modules": 3,
@@ -132,10 +130,10 @@ def test_sub_block_columns_and_older_records_without_them():
     assert bare["layer_equivalents"] is None and bare["kv_removed_%"] is None and bare["attn_removed"] == 2
 
     layer_only = leaderboard.display_frame(leaderboard.build_frame([_record("o2", method="uidl")]))
-    assert "attn_removed" not in layer_only and "removed_sub_blocks" not in layer_only
+    assert list(layer_only["removed"]) == ["", "2 layers, 25.0%"]
     mixed = leaderboard.display_frame(leaderboard.build_frame(
-        [_record("o2", method="uidl"), _record("b", method="blockish", pruning=SUB_BLOCKS)]))
-    assert {"removed_sub_blocks", "attn_removed", "mlp_removed", "layer_equivalents", "kv_removed_%"} <= set(mixed)
+        [_record("o2", method="uidl"), _record("b", method="blockish", pruning=SUB_BLOCKS)])).set_index("method")
+    assert mixed.loc["blockish", "removed"] == "2.60 L-eq (3 attn + 3 mlp), 25.0%"
 
 
 def _summary_record(pruning):
@@ -182,4 +180,5 @@ def test_healing_columns_are_shown_only_when_a_run_was_healed():
     assert len(mean) == 1 and mean["healing"].iloc[0] == "lora" and mean["ppl_healed_std"].iloc[0] == pytest.approx(
         2 ** 0.5)
     shown = leaderboard.display_frame(frame)
-    assert {"healing", "healing_steps", "ppl_healed"} <= set(shown.columns)
+    assert {"healing", "ppl healed", "KL healed"} <= set(shown.columns)
+    assert "13 ± 1.414" in set(shown["ppl healed"])

@@ -71,3 +71,27 @@ def test_sub_block_rows_are_labelled_with_their_modules_and_drawn_against_layer_
     assert labels == {"drop": "llm_drop r=0.25 (3 attn + 0 mlp)", "short": "shortgpt r=0.25 (2 layers)"}
     paths = plots.write_plots(leaderboard.build_frame([sub, whole]), tmp_path)
     assert paths["perplexity_vs_removed_plot"].is_file() and "healing_plot" not in paths
+
+
+def test_every_registered_method_has_its_own_colour_and_marker_in_every_plot():
+    from depthbench.pruners.base import pruner_registry
+
+    names = pruner_registry.names()
+    styles = plots.method_styles(names)
+    assert len({(tuple(c), m) for c, m in styles.values()}) == len(names)
+    assert plots.method_styles(["uidl", "plugin_x"])["uidl"] == styles["uidl"]  # stable whatever else is drawn
+
+
+def test_an_outlier_is_drawn_at_the_edge_and_named_instead_of_squashing_the_axis():
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    values = pd.Series([1.1, 1.3, 1.8, 2.4, 3.0e16])
+    ax.plot(range(5), values)
+    ax.set_yscale("log")
+    outside = plots._clip_outliers(ax, values, log=True, names=list("abcde"), xs=pd.Series(range(5), dtype=float))
+    assert outside == [4]
+    bottom, top = ax.get_ylim()
+    assert 2.4 < top < 100 and bottom < 1.1
+    assert [t.get_text() for t in ax.texts] == ["e: 3e+16 (above)"]
+    assert plots._clip_outliers(ax, values[:4], log=True, names=list("abcd"), xs=pd.Series(range(4), dtype=float)) == []
+    plt.close(fig)
