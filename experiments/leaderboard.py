@@ -353,8 +353,8 @@ def ranking_note(frame: pd.DataFrame) -> str:
     ranking = frame.attrs.get("ranking")
     if not isinstance(ranking, Ranking):
         return ""
-    return ranking.description + " KL ± SE: the standard error over held-out windows; the top-k bound: how much " \
-        "the reference's top-k truncation can hide.\n\n"
+    return ranking.description + " KL ± SE: the standard error over held-out windows; KL top-k bound: the most the " \
+        "dense reference's top-k storage could hide (a worst case: the exact KL lies in [KL, KL + bound]).\n\n"
 
 
 def pairwise_markdown(pairs: list[dict]) -> str:

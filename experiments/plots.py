@@ -52,6 +52,17 @@ def method_styles(methods) -> dict[str, tuple]:
     return {m: (colours[order.index(m) % 20], MARKERS[order.index(m) % len(MARKERS)]) for m in methods}
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2, 5 x 10^k written as plain numbers (a reader compares 1.2 and 2.2, not 10^0.08)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _legend_outside(ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
@@ -235,10 +246,10 @@ def _clip_outliers(ax, values: pd.Series, log: bool, names: list[str], xs: pd.Se
     return outside
 
 
-def _dodged(xs: pd.Series, ys: pd.Series, width: float = 0.08) -> pd.Series:
+def _dodged(xs: pd.Series, ys: pd.Series, width: float = 0.06, from_zero: bool = False) -> pd.Series:
     """x positions with points that share an x (the same compression) spread side by side, ordered by y, over
-    ``width`` of the x range (at least 1): a strip of points instead of a stack."""
-    span = max(float(xs.max() - xs.min()), 1.0)
+    ``width`` of the axis (from 0 with ``from_zero``, else the x range; at least 1): a strip, not a stack."""
+    span = max(float(xs.max() if from_zero else xs.max() - xs.min()), 1.0)
     out = xs.copy()
     for _, same in xs.groupby(xs.round(6)):
         order = ys.loc[same.index].sort_values().index
@@ -265,7 +276,7 @@ def _error(row, column: str, se_column: str | None = None):
 
 
 def _metric_plot(frame: pd.DataFrame, y: str, ylabel: str, x: str, xlabel: str, path: Path, y_se: str | None = None,
-                 x_interval: bool = False, front: bool = False) -> Path:
+                 x_interval: bool = False, front: bool = False, x_from_zero: bool = False) -> Path:
     """The ranking metric (log scale, lower is better) against ``x``: one point per run with its error bars, a
     colour and marker per method (`method_styles`) named in a legend beside the axes, values far beyond the
     others drawn at the edge and named (`_clip_outliers`); ``front``: the Pareto front (lower y, higher x)."""
@@ -274,7 +285,8 @@ def _metric_plot(frame: pd.DataFrame, y: str, ylabel: str, x: str, xlabel: str, 
     rows = rows[rows[y].astype(float) > 0].reset_index(drop=True)
     style = method_styles(set(rows["method"]))
     several_ratios = rows["ratio"].nunique() > 1
-    positions = _dodged(rows[x].astype(float), rows[y].astype(float)) if not x_interval else rows[x].astype(float)
+    positions = rows[x].astype(float) if x_interval else _dodged(rows[x].astype(float), rows[y].astype(float),
+                                                                 from_zero=x_from_zero)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, r in rows.iterrows():
         colour, marker = style[r.method]
@@ -285,6 +297,9 @@ def _metric_plot(frame: pd.DataFrame, y: str, ylabel: str, x: str, xlabel: str, 
         ax.errorbar(positions.iloc[i], r[y], xerr=xerr, yerr=_error(r, y, y_se), marker=marker, color=colour, ms=6,
                     capsize=2, linestyle="none", label=_point_label(r, several_ratios))
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    if x_from_zero:  # an axis of compression starts at none removed
+        ax.set_xlim(0, float(positions.max()) * 1.1 if len(positions) else 1.0)
     outside = _clip_outliers(ax, rows[y], log=True, names=[_point_label(r, several_ratios) for _, r in rows.iterrows()],
                              xs=positions)
     if front:
@@ -376,7 +391,7 @@ def write_plots(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
             ("layer-equivalents removed (removed decoder parameters / one layer's)" if compression ==
              "layer_equivalents" else "% of non-embedding parameters removed") + "; equal ones side by side",
             out_dir / "kl_vs_compression.png",
-            y_se="kl_se")
+            y_se="kl_se", x_from_zero=True)
         if "speedup_decode" in frame and frame["speedup_decode"].notna().any():
             paths["kl_vs_speedup_plot"] = _metric_plot(
                 frame, "kl_final", kl_label, "speedup_decode",
