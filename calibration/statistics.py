@@ -160,6 +160,35 @@ class PairwiseSimilarity(Statistic):
         self.count = table.count
 
 
+class FinalNormSimilarity(Statistic):
+    """The mean cosine, over every real token, between the last layer's input h_{L-1} and the model's final-norm
+    output norm(h_L): what ShortGPT's official code compares for the last layer (HF's last hidden state is taken
+    after the final norm). ``final_norm`` is the model's own module (`ModelAdapter.final_norm`), applied in the
+    model's dtype; the cosine is float64."""
+
+    def __init__(self, num_layers: int, final_norm):
+        self.num_layers, self.final_norm = num_layers, final_norm
+        self.sum_cos = torch.zeros(1, dtype=torch.float64)
+        self.count = 0
+
+    def hook_points(self) -> set[HookPoint]:
+        return {(RESIDUAL, self.num_layers - 1), (RESIDUAL, self.num_layers)}
+
+    @torch.no_grad()
+    def update(self, batch: BatchActivations) -> None:
+        weight = next(self.final_norm.parameters(), None)
+        last = batch.residual(self.num_layers)
+        if weight is not None:
+            last = last.to(weight.device, weight.dtype)
+        normed = batch.tokens(self.final_norm(last), "all")
+        before = batch.tokens(batch.residual(self.num_layers - 1), "all")
+        self.sum_cos += cosine_rows(before, normed.to(before.device)).sum().cpu()
+        self.count += before.shape[0]
+
+    def mean_cosine(self) -> float:
+        return float(self.sum_cos[0] / self.count)
+
+
 class LayerSimilarityTable(Statistic):
     """Sums of cos(h_k, h_l) for EVERY pair 0 <= k, l <= L at once (and, for last tokens, of the
     angular distance arccos(cos) / pi).

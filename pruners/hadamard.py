@@ -4,11 +4,16 @@
 ``H_2m = [[H, H], [H, -H]]``) and ``H_K`` a Hadamard matrix of order K from Paley's constructions over a
 prime field (order ``q + 1`` for a prime ``q = 3 mod 4``, order ``2(q + 1)`` for a prime ``q = 1 mod 4``),
 choosing the smallest such K that divides d with a power-of-two cofactor (QuaRot's ``had_K * 2^k``
-layout). Every ``H_K`` is checked against ``H H^T = K I`` when built. For d = 2^k this is Sylvester's
-matrix, as QuaRot's fast Walsh-Hadamard transform; for other d the ``H_K`` differs from QuaRot's stored
-tables (Hadamard matrices of one order are not unique), so the patch's d_c differ from the reference's
-there. SmolLM2's 576 = 36 * 16 uses Paley II with q = 17. The rotation is applied in the Kronecker
-form (``d (K + M)`` multiply-adds per row instead of ``d^2``).
+layout), except order 36, which is QuaRot's stored matrix (`HAD36`, Sloane's had.36.pal2; Paley II with
+q = 17 gives another Hadamard matrix of order 36, not a signed permutation of it, so the patch would
+differ from the reference's). Every ``H_K`` is checked against ``H H^T = K I`` when built.
+
+Equal to the reference's rotation (QuaRot's ``matmul_hadU``, tested on its stored tables): d = 2^k
+(Sylvester's matrix, as its fast Walsh-Hadamard transform), 12 * 2^k and 60 * 2^k (Paley I gives QuaRot's
+had12 and had60 exactly), and 36 * 2^k (SmolLM2's 576 = 36 * 16). Other d with a factor K that QuaRot
+stores (20, 28, 40, 52, 108, 140, 148, 156, 172) use Paley's matrix where one exists, which may differ
+from the reference's table. The rotation is applied in the Kronecker form (``d (K + M)`` multiply-adds per
+row instead of ``d^2``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,51 @@ import math
 import torch
 
 from depthbench.errors import ConfigError
+
+
+#: QuaRot's Hadamard matrix of order 36 (its ``get_had36``: Sloane's library, had.36.pal2), row by row, + and -.
+HAD36 = (
+    "++++++++++++++++++-+++++++++++++++++",
+    "++++-+---++---+-+++-++-+---++---+-++",
+    "+++++-+---++---+-+++-++-+---++---+-+",
+    "++++++-+---++---+-+++-++-+---++---+-",
+    "+-+++++-+---++---++-++-++-+---++---+",
+    "++-+++++-+---++---++-++-++-+---++---",
+    "+-+-+++++-+---++--+-+-++-++-+---++--",
+    "+--+-+++++-+---++-+--+-++-++-+---++-",
+    "+---+-+++++-+---+++---+-++-++-+---++",
+    "++---+-+++++-+---+++---+-++-++-+---+",
+    "+++---+-+++++-+---+++---+-++-++-+---",
+    "+-++---+-+++++-+--+-++---+-++-++-+--",
+    "+--++---+-+++++-+-+--++---+-++-++-+-",
+    "+---++---+-+++++-++---++---+-++-++-+",
+    "++---++---+-+++++-++---++---+-++-++-",
+    "+-+---++---+-++++++-+---++---+-++-++",
+    "++-+---++---+-++++++-+---++---+-++-+",
+    "+++-+---++---+-++++++-+---++---+-++-",
+    "-+++++++++++++++++------------------",
+    "+-++-+---++---+-++----+-+++--+++-+--",
+    "++-++-+---++---+-+-----+-+++--+++-+-",
+    "+++-++-+---++---+-------+-+++--+++-+",
+    "+-++-++-+---++---+-+-----+-+++--+++-",
+    "++-++-++-+---++-----+-----+-+++--+++",
+    "+-+-++-++-+---++---+-+-----+-+++--++",
+    "+--+-++-++-+---++--++-+-----+-+++--+",
+    "+---+-++-++-+---++-+++-+-----+-+++--",
+    "++---+-++-++-+---+--+++-+-----+-+++-",
+    "+++---+-++-++-+------+++-+-----+-+++",
+    "+-++---+-++-++-+---+--+++-+-----+-++",
+    "+--++---+-++-++-+--++--+++-+-----+-+",
+    "+---++---+-++-++-+-+++--+++-+-----+-",
+    "++---++---+-++-++---+++--+++-+-----+",
+    "+-+---++---+-++-++-+-+++--+++-+-----",
+    "++-+---++---+-++-+--+-+++--+++-+----",
+    "+++-+---++---+-++----+-+++--+++-+---",
+)
+
+
+def _sign_table(rows: tuple[str, ...]) -> torch.Tensor:
+    return torch.tensor([[1.0 if c == "+" else -1.0 for c in row] for row in rows], dtype=torch.float64)
 
 
 def sylvester(order: int) -> torch.Tensor:
@@ -74,7 +124,10 @@ def hadamard_factors(d: int) -> tuple[torch.Tensor, int]:
     for k in range(1, d + 1):
         if d % k or (d // k) & (d // k - 1):
             continue
-        h = torch.ones(1, 1, dtype=torch.float64) if k == 1 else (sylvester(k) if not k & (k - 1) else paley(k))
+        if k == 1:
+            h = torch.ones(1, 1, dtype=torch.float64)
+        else:
+            h = sylvester(k) if not k & (k - 1) else (_sign_table(HAD36) if k == 36 else paley(k))
         if h is not None:
             return _check(h, f"Hadamard matrix of order {k}"), d // k
     raise ConfigError(f"hidden size {d}: no Hadamard matrix of order {d} is constructed here (supported: 2^k, or "
@@ -89,7 +142,8 @@ class HadamardRotation:
         self.d = d
         self.h_k, self.m = hadamard_factors(d)
         self.h_m = sylvester(self.m)
-        self.name = f"hadamard_paley{self.h_k.shape[0]}x{self.m}" if self.h_k.shape[0] > 1 else f"hadamard_{d}"
+        k = self.h_k.shape[0]
+        self.name = f"hadamard_{'had36' if k == 36 else f'paley{k}'}x{self.m}" if k > 1 else f"hadamard_{d}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.h_k.shape[0]

@@ -56,7 +56,7 @@ def test_rotation_is_orthonormal_and_hadamard(d):
 def test_paley_and_sylvester_constructions():
     assert torch.equal(sylvester(2), torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
     assert paley(36) is not None and paley(9) is None and paley(16) is None
-    assert hadamard_factors(576)[0].shape == (36, 36)  # SmolLM2: 36 * 16 (Paley II, q = 17)
+    assert hadamard_factors(576)[0].shape == (36, 36)  # SmolLM2: 36 * 16 (the reference's stored order 36)
 
 
 def test_a_hidden_size_without_a_known_hadamard_is_refused_by_name(counting_collect):
