@@ -13,11 +13,12 @@ Competitors: the runs of one seed group (`depthbench.experiments.records.seed_gr
 its seeds) are ONE competitor, ranked on the mean over its seeds of each unit's value; so a method's rank
 never depends on how many seeds another method ran.
 
-Groups: competitors are compared only with those of the same model, healing, and units (the same held-
-out windows, or the same examples), and at the same achieved compression: sorted by the decoder
-layer-equivalents they removed (removed parameters without embeddings / one layer's), a new group starts
-where a competitor removed more than ``tolerance`` layer-equivalents beyond the group's first. The group
-is named by what it removed (``compared_at``). A competitor whose group is not the one most competitors
+Groups: competitors are compared only with those of the same model, healing, and units (the same
+held-out windows of the same text and settings, or the same examples), and at the same achieved
+compression: sorted by the decoder layer-equivalents they removed (removed parameters without
+embeddings / one layer's), a new group starts where a competitor removed more than ``tolerance``
+layer-equivalents beyond the group's first. The group is named by what it removed (``compared_at``).
+A competitor whose group is not the one most competitors
 at its nominal ratio fell in (e.g. LLM-Drop's 8 attention blocks, 2 layer-equivalents, in a sweep at
 25% = 8 layers) is ranked in its own group and marked ``†``, not as an equal of the others.
 
@@ -29,6 +30,7 @@ a shared rank; a competitor alone in its group ranks 1.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -111,8 +113,16 @@ def unit_values(record: dict, rank_by: str) -> dict | None:
     return stats.task_values(tasks)
 
 
-def _units_signature(values: dict) -> str:
-    return hashlib.sha256(repr(sorted(map(repr, values))).encode()).hexdigest()[:12]
+def _units_signature(record: dict, values: dict, rank_by: str) -> str:
+    """What must be equal for two runs to be paired unit by unit: the units, and for held-out windows the text
+    they were cut from (the evaluation settings and each window's token count: window ids alone repeat on any
+    text)."""
+    text = None
+    if RANK_BY.get(rank_by, (None,))[0] is not None:
+        evaluation = (record.get("config") or {}).get("evaluation") or {}
+        text = (json.dumps(evaluation.get("perplexity"), sort_keys=True, default=str),
+                final_fidelity(record)["per_window"]["tokens"])
+    return hashlib.sha256(repr((sorted(map(repr, values)), text)).encode()).hexdigest()[:12]
 
 
 def _equivalents(record: dict) -> float | None:
@@ -163,7 +173,7 @@ def rank_groups(records: list[dict], rank_by: str = DEFAULT_RANK_BY, tolerance: 
         if v is None:
             continue
         values[r["config_hash"]] = v
-        key = (r["model"]["name"], healing_key(r), _units_signature(v))
+        key = (r["model"]["name"], healing_key(r), _units_signature(r, v, rank_by))
         sets.setdefault(key, {}).setdefault(seed_group(r), []).append(r)
     for (model, healing, _), competitors in sorted(sets.items(), key=lambda kv: str(kv[0])):
         groups = compression_groups({k: _mean([_equivalents(r) for r in runs]) for k, runs in competitors.items()},

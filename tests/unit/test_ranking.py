@@ -97,3 +97,12 @@ def test_unknown_rank_by_is_one_clear_error_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err
     assert "rank_by='nope'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "leaderboard.csv").exists() and not (tmp_path / "leaderboard.md").exists()
+
+
+def test_runs_on_other_held_out_text_are_not_paired_window_by_window():
+    """Window ids repeat on any text: runs evaluated on another held-out source form their own group."""
+    other = _record("o", "other_text", 0.5)
+    other["config"]["evaluation"] = {"perplexity": {"source": "another_text", "seq_len": 256}}
+    ranking = rank_groups([_record("g", "good", 1.0), _record("w", "weak", 2.0), other])
+    assert ranking.ranks == {"g": "1", "w": "2", "o": "1"}
+    assert all("other_text" not in (p["a"], p["b"]) for p in ranking.pairs)
