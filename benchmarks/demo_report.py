@@ -89,7 +89,7 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
         f"{platform.machine()}, {machine['cpus']} CPU cores, "
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, lm-eval "
         f"{versions.get('lm_eval')}, model dtype {records[0]['model'].get('dtype')} (as the runs recorded it). "
-        f"Load average at the end "
+        f"Load average when this page was rendered (by `make demo`: right after the run) "
         f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_end'])}.",
         "",
         f"Wall time of this invocation: **{seconds / 60:.1f} min** ({seconds:.0f} s, set-up excluded); it ran "
