@@ -242,25 +242,12 @@ def _sampling(cfg: dict) -> tuple:
     return cfg.get("limit_sampling", DEFAULT_SAMPLING), cfg.get("sample_seed", DEFAULT_SEED)
 
 
-def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
-    """task name -> lm-eval Task, for every leaf of what ``get_task_dict`` built (groups nest dicts)."""
-    out = {}
-    for value in task_dict.values():
-        if isinstance(value, dict):
-            out.update(_leaf_tasks(value))
-        elif hasattr(value, "eval_docs"):
-            out[value.config.task] = value
-    return out
-
-
 def choose_examples(task, spec: TaskSpec, method: str, seed: int, task_manager) -> dict[str, dict] | None:
     """Per leaf task, the examples ``spec.limit`` scores (`depthbench.evaluation.sampling`): ``{leaf: {"ids",
     "strata"}}``; None where lm-eval's own ``limit`` does the same (no limit, or ``first``)."""
-    from lm_eval.tasks import get_task_dict
-
     if spec.limit is None or method == "first":
         return None
-    leaves = _leaf_tasks(get_task_dict([task], task_manager))
+    leaves = task_manager.load([task])["tasks"]  # every leaf task, groups (mmlu) expanded
     chosen = {}
     for name, leaf in leaves.items():
         ids, strata = sample_indices(leaf.eval_docs, spec.limit, method, seed)
