@@ -200,15 +200,14 @@ def reference_perplexity(reference: Mapping[str, torch.Tensor]) -> dict:
     return perplexity_record(-float(target.sum()), int(target.numel()))
 
 
-def _window_standard_error(values: np.ndarray, windows: np.ndarray) -> float | None:
+def _window_standard_error(sums: list[float], counts: list[int]) -> float | None:
     """Standard error of a token mean, from the spread of the per-window sums (tokens within one window are
-    correlated, so a token-level SE would be too small): the ratio-estimator (cluster) standard error."""
-    labels, inverse = np.unique(windows, return_inverse=True)
-    g = len(labels)
+    correlated, so a token-level SE would be too small): the ratio-estimator (cluster) standard error.
+    ``sums`` and ``counts``: per window, as `per_window_sums` gives them."""
+    g = len(counts)
     if g < 2:
         return None
-    sums = np.bincount(inverse, weights=values, minlength=g)
-    counts = np.bincount(inverse, minlength=g).astype(np.float64)
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     mean = sums.sum() / counts.sum()
     resid = sums - mean * counts
     return float(math.sqrt(g / (g - 1) * (resid ** 2).sum()) / counts.sum())
@@ -237,20 +236,21 @@ def summarize(kl: np.ndarray, bound: np.ndarray, agree: np.ndarray, delta_p: np.
     sums = {"kl": kl, "top1": agree.astype(np.float64)}
     if nll is not None:
         sums["nll"] = nll
+    per_window = per_window_sums(windows, **sums)
     return {
         "kl_mean": float(kl.mean()),
-        "kl_stderr": _window_standard_error(kl, windows),
+        "kl_stderr": _window_standard_error(per_window["kl"], per_window["tokens"]),
         "kl_p90": float(np.quantile(kl, 0.90)),
         "kl_p99": float(np.quantile(kl, 0.99)),
         "kl_error_bound": float(bound.astype(np.float64).mean()),
         "top1_agreement_percent": 100.0 * float(agree.astype(np.float64).mean()),
-        "top1_agreement_stderr": _scaled(_window_standard_error(agree.astype(np.float64), windows), 100.0),
+        "top1_agreement_stderr": _scaled(_window_standard_error(per_window["top1"], per_window["tokens"]), 100.0),
         "rms_delta_p_correct": float(math.sqrt((delta_p.astype(np.float64) ** 2).mean())),
         "tokens": int(kl.size),
-        "windows": len(np.unique(windows)),
+        "windows": len(per_window["window"]),
         "top_k": int(top_k),
         "reference_bytes_per_token": bytes_per_token(int(top_k)),
-        "per_window": per_window_sums(windows, **sums),
+        "per_window": per_window,
     }
 
 

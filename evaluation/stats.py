@@ -7,10 +7,10 @@ task's headline metric, as `depthbench.evaluation.lm_eval_runner` records them.
   each replicate resamples, independently per task, the task's examples with replacement and uses the
   same resampled examples for the base and the pruned model; the average is the mean of the task
   scores, retention the mean of the per-task ratios pruned / base (as `retention.retention`).
-- Paired comparison (`paired_test`): a two-sided randomisation (sign-flip) test on the difference of
-  the average-task accuracy: under "the two methods are exchangeable on every example" each example's
-  pair of outcomes is swapped with probability 1/2. For one task this is McNemar's exact test (only
-  discordant examples matter). p = (1 + #{|T*| >= |T|}) / (1 + B).
+- Paired comparison (`values_test`): a two-sided randomisation (sign-flip) test on the difference of
+  a metric written as unit values: under "the two methods are exchangeable on every unit" each unit's
+  pair of values is swapped with probability 1/2. On one task's examples this is McNemar's exact test
+  (only discordant examples matter). p = (1 + #{|T*| >= |T|}) / (1 + B).
 - Unit values (`task_values`, `window_values`): a metric written as a sum over paired units, examples
   (the average-task accuracy) or held-out windows (KL to the dense model, NLL per token, top-1
   agreement: a window's tokens stay together, as in the window-clustered standard error); `pooled`
@@ -79,18 +79,6 @@ def bootstrap_intervals(base_tasks: Mapping[str, Mapping], pruned_tasks: Mapping
     }
 
 
-def _paired_differences(a_tasks: Mapping[str, Mapping], b_tasks: Mapping[str, Mapping]) -> list[np.ndarray]:
-    if set(a_tasks) != set(b_tasks) or not a_tasks:
-        raise ConfigError("a paired comparison needs per-example results of the same tasks for both methods")
-    out = []
-    for task in sorted(a_tasks):
-        a, b = paired_correctness(a_tasks[task], b_tasks[task])
-        if len(a) == 0:
-            raise ConfigError(f"task {task!r}: the two methods share no evaluated example")
-        out.append((a.astype(np.float64) - b) / len(a))  # contribution of each example to the task mean
-    return out
-
-
 def _sign_flip(differences: np.ndarray, iterations: int, seed: int) -> dict:
     """Two-sided sign-flip randomisation test of "the units' differences are symmetric about 0": each unit's
     difference keeps or flips its sign with probability 1/2; the statistic is their sum. Units with a zero
@@ -108,14 +96,6 @@ def _sign_flip(differences: np.ndarray, iterations: int, seed: int) -> dict:
         exceed += int((np.abs(signs @ discordant) >= abs(observed) - tolerance).sum())
     return {"difference": observed, "p_value": (1 + exceed) / (1 + iterations), "discordant": int(discordant.size),
             "iterations": iterations}
-
-
-def paired_test(a_tasks: Mapping[str, Mapping], b_tasks: Mapping[str, Mapping], iterations: int = 10000,
-                seed: int = 0) -> dict:
-    """Sign-flip randomisation test of "A and B have the same average-task accuracy" (two-sided), over the
-    examples both evaluated."""
-    diffs = _paired_differences(a_tasks, b_tasks)
-    return _sign_flip(np.concatenate(diffs) / len(diffs), iterations, seed)
 
 
 # ------------------------------------------------------------------------------------------------

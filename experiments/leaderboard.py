@@ -148,15 +148,10 @@ def record_row(record: dict) -> dict:
     return row
 
 
-def _rank_span(ranks: pd.Series) -> str | None:
-    """The ranks of a seed group's runs as one text: ``2=`` when they agree, ``2..4`` otherwise."""
-    ranks = [r for r in ranks if isinstance(r, str)]
-    if not ranks:
-        return None
-    if len(set(ranks)) == 1:
-        return ranks[0]
-    values = [int(r.rstrip("=")) for r in ranks]
-    return f"{min(values)}..{max(values)}"
+def _shared_rank(ranks: pd.Series) -> str | None:
+    """The rank of a seed group: its runs are one competitor and share it (a run without the ranking metric has
+    none)."""
+    return next((r for r in ranks if isinstance(r, str)), None)
 
 
 def _seed_list(values: pd.Series) -> str:
@@ -192,7 +187,7 @@ def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
             seeds.append(f"pruner.options.seed={_seed_list(group['pruner_seed'])}")
         if group["seed"].nunique(dropna=False) > 1:
             seeds.append(f"seed={_seed_list(group['seed'])}")
-        row.update({"n_seeds": len(group), "seeds": "; ".join(seeds), "rank": _rank_span(group["rank"]),
+        row.update({"n_seeds": len(group), "seeds": "; ".join(seeds), "rank": _shared_rank(group["rank"]),
                     "row_kind": SEED_MEAN, "config_hash": f"seeds-{group_key}", "run_dir": None})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -281,7 +276,7 @@ def _rank_number(rank) -> float:
         return float("inf")
     if rank == REFERENCE_RANK:
         return -1.0
-    return float(rank.rstrip("=" + OFF_RATIO).split("..")[0])
+    return float(rank.rstrip("=" + OFF_RATIO))
 
 
 def _in_rank_order(frame: pd.DataFrame) -> pd.DataFrame:

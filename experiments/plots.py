@@ -102,15 +102,18 @@ def _removed_units(row) -> str:
     return f"{int(row['layers_removed'])} layers"
 
 
-def _label(row) -> str:
-    if row.layers_removed == 0 and not (isinstance(row.get("removed_sub_blocks"), str) and row["removed_sub_blocks"]):
-        label = row.method
-    else:
-        label = f"{row.method} r={row.ratio:g} ({_removed_units(row)})"
+def _with_healing_and_seeds(label: str, row) -> str:
+    """``label`` followed by the row's healing (where healed) and its number of seeds (a seed mean)."""
     if _is_healed(row):
         label += f", {healing_label(row)}"
     n = row.get("n_seeds")
     return label if n is None or pd.isna(n) else f"{label} ({int(n)} seeds)"
+
+
+def _label(row) -> str:
+    if row.layers_removed == 0 and not (isinstance(row.get("removed_sub_blocks"), str) and row["removed_sub_blocks"]):
+        return _with_healing_and_seeds(row.method, row)
+    return _with_healing_and_seeds(f"{row.method} r={row.ratio:g} ({_removed_units(row)})", row)
 
 
 def final_metrics(frame: pd.DataFrame) -> pd.DataFrame:
@@ -259,11 +262,7 @@ def _dodged(xs: pd.Series, ys: pd.Series, width: float = 0.06, from_zero: bool =
 
 
 def _point_label(row, several_ratios: bool) -> str:
-    label = row.method + (f" r={row.ratio:g}" if several_ratios else "")
-    if _is_healed(row):
-        label += f", {healing_label(row)}"
-    n = row.get("n_seeds")
-    return label if n is None or pd.isna(n) else f"{label} ({int(n)} seeds)"
+    return _with_healing_and_seeds(row.method + (f" r={row.ratio:g}" if several_ratios else ""), row)
 
 
 def _error(row, column: str, se_column: str | None = None):

@@ -23,7 +23,7 @@ def _method(rng, accuracy, n=400, tasks=("t1", "t2")):
 def test_identical_methods_tie_with_p_one():
     rng = np.random.default_rng(0)
     a = _method(rng, 0.6)
-    test = stats.paired_test(a, a)
+    test = stats.values_test(stats.task_values(a), stats.task_values(a))
     assert test["p_value"] == 1.0 and test["difference"] == 0.0
     ranks, pairs = stats.rank_methods({"x": stats.task_values(a), "y": stats.task_values(a)})
     assert ranks == {"x": "1=", "y": "1="} and not pairs[0]["significant"]
@@ -45,7 +45,8 @@ def test_one_task_randomisation_test_matches_mcnemar_exact():
     """On one task only discordant pairs count: the sign-flip test is McNemar's exact binomial test."""
     a = [1] * 30 + [0] * 12 + [1] * 50 + [0] * 50  # 30 a-only right, 12 b-only right, 100 concordant
     b = [0] * 30 + [1] * 12 + [1] * 50 + [0] * 50
-    test = stats.paired_test({"t": _samples(a)}, {"t": _samples(b)}, iterations=40000, seed=3)
+    test = stats.values_test(stats.task_values({"t": _samples(a)}), stats.task_values({"t": _samples(b)}),
+                             iterations=40000, seed=3)
     exact = binomtest(30, 42, 0.5).pvalue
     assert test["discordant"] == 42
     assert test["p_value"] == pytest.approx(exact, abs=0.004)
