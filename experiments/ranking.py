@@ -58,6 +58,8 @@ class Ranking:
     """Ranks (config hash -> ``"1"``, ``"2="``, ``"1†"``), each run's comparison group and the pairwise tests."""
 
     rank_by: str
+    tolerance: float = TOLERANCE
+    alpha: float = ALPHA
     ranks: dict[str, str] = field(default_factory=dict)
     compared_at: dict[str, str] = field(default_factory=dict)
     pairs: list[dict] = field(default_factory=list)
@@ -67,10 +69,10 @@ class Ranking:
         metric = RANK_BY[self.rank_by][2] if self.rank_by in RANK_BY else f"the accuracy on task {self.rank_by}"
         units = "held-out windows" if self._per_window else "examples"
         return (f"Ranked by {metric}, with a paired sign-flip randomisation test over {units}, Holm-corrected "
-                f"within each model x healing x achieved-compression group (`compared_at`; within {TOLERANCE} "
-                f"layer-equivalents); rank = 1 + methods significantly better (adjusted p < {ALPHA}); seeds of one "
-                f"method pooled into one competitor; {OFF_RATIO} = removed a different amount than the others at "
-                "its nominal ratio, so ranked in its own group.")
+                "within each model x healing x achieved-compression group (`compared_at`; within "
+                f"{self.tolerance:g} layer-equivalents); rank = 1 + methods significantly better (adjusted p < "
+                f"{self.alpha:g}); seeds of one method pooled into one competitor; {OFF_RATIO} = removed a "
+                "different amount than the others at its nominal ratio, so ranked in its own group.")
 
     @property
     def _per_window(self) -> bool:
@@ -165,7 +167,7 @@ def rank_groups(records: list[dict], rank_by: str = DEFAULT_RANK_BY, tolerance: 
     """Rank every run that measured ``rank_by`` (see the module docstring)."""
     rank_by = check_rank_by(rank_by, records)
     higher = RANK_BY.get(rank_by, (None, True))[1]
-    ranking = Ranking(rank_by)
+    ranking = Ranking(rank_by, tolerance, alpha)
     sets: dict[tuple, dict[str, list[dict]]] = {}
     values: dict[str, dict] = {}
     for r in records:
@@ -186,10 +188,7 @@ def rank_groups(records: list[dict], rank_by: str = DEFAULT_RANK_BY, tolerance: 
             members = {k: runs for k, runs in competitors.items() if groups[k] == label}
             names = _labels(members)
             pooled = {names[k]: stats.pooled([values[r["config_hash"]] for r in runs]) for k, runs in members.items()}
-            if len(pooled) > 1:
-                group_ranks, group_pairs = stats.rank_methods(pooled, higher_is_better=higher, alpha=alpha)
-            else:
-                group_ranks, group_pairs = {name: "1" for name in pooled}, []
+            group_ranks, group_pairs = stats.rank_methods(pooled, higher_is_better=higher, alpha=alpha)  # alone: "1"
             ranking.pairs += [{"model": model, "compared_at": label, "healing": healing, "metric": rank_by, **p}
                               for p in group_pairs]
             for k, runs in members.items():

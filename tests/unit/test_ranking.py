@@ -44,7 +44,10 @@ def test_kl_ranks_by_default_lower_first_and_the_dense_row_is_the_reference(tmp_
     assert ranks["base (dense)"] == "reference"
     md = leaderboard.write_leaderboard(frame, tmp_path)["md"].read_text()
     assert md.startswith("Ranked by KL(dense || pruned) per token on the held-out windows")
-    assert "KL ± SE (windows)" in md and "kl(a) - kl(b)" in md
+    assert "KL ± SE (windows)" in md and "kl(a) - kl(b)" in md and "within 0.5 layer-equivalents" in md
+    # the sentence states the tolerance the ranking used
+    wider = leaderboard.build_frame([_record("g", "good", 0.5), _record("w", "weak", 2.0)], tolerance=1.5)
+    assert "within 1.5 layer-equivalents" in leaderboard.ranking_note(wider)
 
 
 @pytest.mark.parametrize("rank_by,best", [("perplexity", "good"), ("top1", "good")])
