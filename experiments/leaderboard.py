@@ -294,9 +294,10 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The compact Markdown view (`leaderboard.md`; everything else is in leaderboard.csv): method, rank, what it
     removed, perplexity, KL to the dense model ± its standard error over windows and its top-k error bound, top-1
     agreement, task average with its 95% interval, decode speed-up with its interval (``(!)``: outside the limit
-    `depthbench.evaluation.efficiency` states), prune time; model / ratio / healing columns only where they
-    vary; a seed group as its mean row (``± std`` over seeds, ``seeds`` = how many). Rows in rank order within
-    each model, healing and comparison group, the dense model first."""
+    `depthbench.evaluation.efficiency` states), prune time, optimizer steps where some method trained (its
+    budget); model / ratio / healing columns only where they vary; a seed group as its mean row (``± std`` over
+    seeds, ``seeds`` = how many). Rows in rank order within each model, healing and comparison group, the dense
+    model first."""
     frame = _in_rank_order(table_rows(frame))
     rows = [row for _, row in frame.iterrows()]
     out = pd.DataFrame(index=frame.index)
@@ -328,6 +329,8 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         out["decode speed-up [95% CI]"] = [_speedup_text(r, "decode") for r in rows]
     if "prune_seconds" in frame:
         out["prune s"] = [_text(r.get("prune_seconds"), ".0f") for r in rows]
+    if "optimizer_steps" in frame and (frame["optimizer_steps"].fillna(0) > 0).any():  # a trained method's budget
+        out["train steps"] = [_text(r.get("optimizer_steps"), ".0f") for r in rows]
     if "row_kind" in frame and (frame["row_kind"] == SEED_MEAN).any():
         out["seeds"] = ["" if pd.isna(n) else str(int(n)) for n in frame.get("n_seeds", [None] * len(frame))]
     return out.reset_index(drop=True)

@@ -109,3 +109,12 @@ def test_runs_on_other_held_out_text_are_not_paired_window_by_window():
     ranking = rank_groups([_record("g", "good", 1.0), _record("w", "weak", 2.0), other])
     assert ranking.ranks == {"g": "1", "w": "2", "o": "1"}
     assert all("other_text" not in (p["a"], p["b"]) for p in ranking.pairs)
+
+
+def test_the_compact_table_states_a_trained_methods_budget_only_when_one_trained():
+    plain = leaderboard.display_frame(leaderboard.build_frame([_record("g", "good", 0.5), _record("w", "weak", 2.0)]))
+    assert "train steps" not in plain
+    trained = _record("t", "trained", 1.0)
+    trained["pruning"]["budget"] = {"optimizer_steps": 290, "training_tokens": 1000, "calibration_tokens": 512}
+    shown = leaderboard.display_frame(leaderboard.build_frame([_record("g", "good", 0.5), trained])).set_index("method")
+    assert shown.loc["trained", "train steps"] == "290" and shown.loc["base (dense)", "train steps"] == ""
