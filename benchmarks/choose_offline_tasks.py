@@ -261,7 +261,7 @@ def report(store: dict, args) -> str:
         "",
         "Produced by `benchmarks/choose_offline_tasks.py` (rerun it to refresh; `--report-only` rewrites this",
         "file from `docs/offline_task_scores.json`). Needs BIG-bench 1.0.0, which the registry no longer serves "
-        "(README,",
+        "(docs/USAGE.md,",
         "\"BIG-bench (optional)\"); the task scores below do not depend on the calibration text.",
         "",
         "## BIG-bench suite (`conf/benchmark/bigbench.yaml`; the offline default before the standard suite)",

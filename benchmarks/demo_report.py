@@ -52,12 +52,48 @@ def cell_times(records: list[dict]) -> list[str]:
     for r in records:
         stages = r.get("stages") or {}
         prune = sum(v["seconds"] for k, v in stages.items() if k.startswith("prune."))
-        rows.append((r.get("wall_seconds") or 0.0, prune, r["method"], r["ratio"]))
-    lines = ["| method | ratio | prune s | cell wall s |", "|---|---|---|---|"]
-    lines += [f"| {m} | {ratio:g} | {prune:.1f} | {wall:.1f} |" for wall, prune, m, ratio in sorted(rows, reverse=True)]
+        rows.append((r.get("wall_seconds") or 0.0, prune, r["method"], r["ratio"], r.get("seed", 0)))
+    lines = ["| method | ratio | seed | prune s | cell wall s |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {ratio:g} | {seed} | {prune:.1f} | {wall:.1f} |"
+              for wall, prune, m, ratio, seed in sorted(rows, reverse=True)]
     total = sum(row[0] for row in rows)
     return lines + ["", f"Sum of the cells' wall times: {total / 60:.1f} min. Cells share the calibration cache: the "
                         "first cell that needs the per-layer statistics pays for their pass in its prune time."]
+
+
+def budgets(records: list[dict]) -> list[str]:
+    """Per method: the calibration tokens it read, the tokens that scored its candidates (a declared subset, for
+    the methods that re-score the model per candidate), its training steps, and the seeds it ran with; from the
+    records (the first seed's where seeds differ only in the draw)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    lines = ["| method | calibration tokens | candidates scored on | train steps | seeds |", "|---|---|---|---|---|"]
+    for method, runs in sorted(by_method.items()):
+        first = min(runs, key=lambda r: r.get("seed", 0))
+        pruning = first.get("pruning") or {}
+        budget, scores = pruning.get("budget") or {}, pruning.get("scores") or {}
+        scored = (f"{scores['scored_samples']} sequences, {scores['scored_tokens']:,} tokens"
+                  if scores.get("scored_tokens") is not None else "")
+        seeds = ", ".join(str(x) for x in sorted({r.get("seed", 0) for r in runs}))
+        lines.append(f"| {method} | {budget.get('calibration_tokens', 0):,} | {scored} | "
+                     f"{budget.get('optimizer_steps', 0):,} | {seeds} |")
+    return lines
+
+
+def benchmark_sentence(bench: dict) -> str:
+    """What the runs' task benchmark was, in words."""
+    tasks = ", ".join(t["name"] for t in bench.get("tasks") or [])
+    if not tasks:
+        return "no task benchmark (`benchmark=none`)."
+    if all(t.get("metric") == "bits_per_byte" for t in bench["tasks"]):
+        return (f"the gold-solution bits-per-byte group (`benchmark={bench.get('name')}`: {tasks}; lower is better, "
+                f"never in a task average), {bench.get('limit')} documents each, a seeded sample (seed "
+                f"{bench.get('sample_seed', 0)}), the same for every method.")
+    return (f"tasks: {tasks}, {bench.get('limit')} examples each, a sample stratified by source "
+            f"({bench.get('limit_sampling', 'stratified')}, seed {bench.get('sample_seed', 0)}; the same examples for "
+            "every method; the demo's CPU budget: `DEMO_LIMIT` in the Makefile; the full standard suite is "
+            "`depthbench experiment=leaderboard` with the default limit 200, or `benchmark.limit=null`).")
 
 
 def render(sweep: Path, started: float, seconds: float, command: str, docs: Path, title: str = DEMO_TITLE,
@@ -81,7 +117,6 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
         shutil.copyfile(plot, images / plot.name)
     config = records[0].get("config") or {}
     bench, cal = config.get("benchmark") or {}, config.get("calibration") or {}
-    tasks = ", ".join(t["name"] for t in bench.get("tasks") or [])
     versions = package_versions()
     machine = machine_fields()
     sep = separation(frame)
@@ -97,15 +132,10 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
         f"Wall time of this invocation: **{seconds / 60:.1f} min** ({seconds:.0f} s, set-up excluded); it ran "
         f"{fresh} of the {len(records)} cells in `{sweep}` (the others were found finished by their config hash).",
         "",
-        f"Each method removes the same ratio of layers ({records[0]['ratio']:g}), calibrated on the same "
-        f"{cal.get('n_samples')} x {cal.get('seq_len')} tokens ({cal.get('name', cal.get('source', ''))}); "
-        f"held-out perplexity and the fidelity to the dense model (KL, top-1 agreement) are on held-out text that "
-        f"calibration never sees; "
-        + (f"tasks: {tasks}, {bench.get('limit')} examples each, a sample stratified by source "
-           f"({bench.get('limit_sampling', 'stratified')}, seed {bench.get('sample_seed', 0)}; the same examples for "
-           "every method; the demo's CPU budget: `DEMO_LIMIT` in the Makefile; the full standard suite is "
-           "`depthbench experiment=leaderboard` with the default limit 200, or `benchmark.limit=null`)."
-           if tasks else "no task benchmark (`benchmark=none`)."),
+        f"Each method removes the same ratio of layers ({records[0]['ratio']:g}), calibrated on "
+        f"{cal.get('n_samples')} x {cal.get('seq_len')} tokens ({cal.get('name', cal.get('source', ''))}; the same "
+        f"draw for every method of a seed); held-out perplexity and the fidelity to the dense model (KL, top-1 "
+        f"agreement) are on held-out text that calibration never sees; " + benchmark_sentence(bench),
         "",
         "## Does the ranking separate ReplaceMe-LS from UIDL?", "",
     ]
@@ -122,6 +152,7 @@ def render(sweep: Path, started: float, seconds: float, command: str, docs: Path
             + f"; ranks {sep['ranks'][0]} and {sep['ranks'][1]}. Held-out perplexity {sep['ppl'][0]:.4g} vs "
             f"{sep['ppl'][1]:.4g}; top-1 agreement {sep['top1'][0]:.1f}% vs {sep['top1'][1]:.1f}%.")
     lines += ["", "## Leaderboard (`depthbench-leaderboard " + str(sweep) + "`)", "", table.strip(), "",
+              "## Budgets", "", *budgets(records), "",
               "## Time per cell", "", *cell_times(records), "", "## Plots", ""]
     lines += [f"![{p.stem}]({images_dir}/{p.name})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,8 @@
 """Forward-pass speed of the default model in float32 vs bfloat16 on this machine.
 
-Why ``conf/model/smollm2_135m.yaml`` defaults to bfloat16 on CPU. Both dtypes are timed in one
+What ``model.dtype=auto`` (conf/model/smollm2_135m.yaml) weighs: it picks bfloat16 only where its arithmetic is
+native (AVX512-BF16 / AMX CPUs, GPUs) and float32 elsewhere (an AVX2-only CPU); every record states its dtype.
+Both dtypes are timed in one
 process, interleaved, and the ratio is reported (absolute seconds on a shared machine are noisy).
 
     .venv/bin/python benchmarks/dtype_speed.py [--batch 8 --seq-len 256 --repeats 5]

@@ -100,7 +100,7 @@ def plan(tokenizer, n: int, cache_dir: Path) -> dict:
     suite_tokens = sum(rows[t["name"]]["tokens_per_example"] * offline["limit"] for t in offline["tasks"])
     out = {"plan_examples": n, "standard": rows, "offline_suite_tokens_per_model": suite_tokens,
            "offline_suite_limit": offline["limit"]}
-    if importlib.util.find_spec("bigbench") is None:  # optional (README, "BIG-bench (optional)"): no comparison
+    if importlib.util.find_spec("bigbench") is None:  # optional (docs/USAGE.md, "BIG-bench (optional)"): no comparison
         print("bigbench is not installed: the plan leaves out the BIG-bench preset's cost", flush=True)
         return out
     bigbench = _bench("bigbench")

@@ -211,7 +211,8 @@ OTHER_PARTS = {"eval_throughput": "eval_throughput"}
 # Sections measured by their own scripts into their own records in docs/: record file -> module in benchmarks/
 # (each has ``render_record(record, verdicts) -> lines``).
 RECORD_SECTIONS = {"sleb_cost.json": "sleb_cost", "cold_single_run.json": "cold_single_run",
-                   "parallel_sweep.json": "parallel_sweep", "real_scale.json": "real_scale"}
+                   "parallel_sweep.json": "parallel_sweep", "real_scale.json": "real_scale",
+                   "finercut_cost.json": "finercut_cost"}
 
 
 def render(results: dict) -> str:

@@ -33,6 +33,21 @@ class CalibrationData:
         return sum(int(b["attention_mask"].sum()) for b in self.batches)
 
 
+def first_sequences(batches: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` sequences of ``batches`` in order (0 = all), as batches: whole batches, then the
+    first rows of the next one."""
+    if count == 0:
+        return list(batches)
+    out, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        rows = min(left, int(batch["input_ids"].shape[0]))
+        out.append({k: v[:rows] for k, v in batch.items()})
+        left -= rows
+    return out
+
+
 def validate_sizes(n_samples: int, seq_len: int, batch_size: int) -> None:
     for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +32,7 @@ from typing import Iterable
 import torch
 
 import depthbench
+from depthbench import atomic
 from depthbench.calibration.activations import STORE_PREFIX, ActivationSlot, remove_writes_of
 from depthbench.locking import STALE_AFTER_S, EntryLock
 from depthbench.calibration.statistics import (
@@ -113,16 +113,9 @@ class StatisticsCache:
 
         state = stat.state()
         path = self.path_for(stat, data_hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"sha256": _tensor_checksum(state),
-                                            "key": json.dumps(list(map(str, stat.key)))})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic.file(path) as tmp:
+            save_file(state, str(tmp), metadata={"sha256": _tensor_checksum(state),
+                                                 "key": json.dumps(list(map(str, stat.key)))})
         return path
 
 

@@ -13,6 +13,11 @@ A pruner holds no caching or storage state. Its stages receive a `CalibrationSer
   units skipped (what SLEB / BlockPruner-style methods re-score after each removal);
 - `masked_nll(candidates, skip=...)`: the same NLL for many candidates, each with one more unit skipped,
   running only the layers from each candidate up;
+- `masked_divergence(candidates, skip=..., divergence=...)`: for the same candidates, the mean divergence of
+  the candidate model's next-token distributions from the dense model's (nothing skipped) at every real
+  position, the same way (FinerCut);
+- `first_sequences(n)`: the same service on the first n calibration sequences only (a declared subset for
+  methods that re-score the model per candidate), without cache or stored activations;
 - `scratch()`: a temporary directory for the method's own spill files, deleted afterwards.
 
 Caching and storage are wrapped around pruners from outside: `open_service` builds a service with or
@@ -31,9 +36,10 @@ from typing import Iterable, Iterator
 import torch
 
 from depthbench.calibration.activations import ActivationSlot
-from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.batches import CalibrationData, first_sequences
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
-from depthbench.calibration.masked_nll import checked_mean, masked_nlls, runs_single_layers, token_nll_sum
+from depthbench.calibration.masked_nll import (DivergenceScorer, checked_mean, masked_nlls, masked_scores,
+                                               runs_single_layers, token_nll_sum, whole_pass_scores)
 from depthbench.calibration.statistics import Statistic, collect
 
 #: Default cap on the disk space of one model's stored calibration activations.
@@ -105,6 +111,29 @@ class CalibrationService:
             return {c: self.nll(skip=[*skip, c], what=what) for c in dict.fromkeys(candidates)}
         return masked_nlls(self.adapter, self.batches, candidates, skip=skip, progress=self.progress,
                            description=self._describe(what))
+
+    def masked_divergence(self, candidates, skip=(), divergence: str = "js_ref",
+                          what: str = "divergence from the dense model per candidate") -> dict:
+        """``{c: D(skip + [c])}`` for every candidate unit c (keys as given): the mean over every real
+        calibration position (no label shift, padding masked, float64 sums) of ``divergence`` (``js_ref``,
+        ``js``, ``kl``; `depthbench.calibration.divergence`) between the next-token distribution of the model
+        as it is now with nothing skipped (the dense reference) and of the model with ``skip`` and c skipped.
+        Per batch the dense logits are computed once (one pass of the unskipped model) and every candidate
+        is compared with them, so the dense distributions are never held for the whole calibration set;
+        the candidates' logits come from the walk of `masked_nll` (each tail runs from its own layer)."""
+        scores = masked_scores if runs_single_layers(self.adapter) else whole_pass_scores
+        return scores(self.adapter, self.batches, candidates, DivergenceScorer(divergence), skip=skip,
+                      progress=self.progress, description=self._describe(what))
+
+    def first_sequences(self, count: int) -> "CalibrationService":
+        """This service on the first ``count`` calibration sequences (0 = all of them: this service), for
+        scoring candidates on a declared subset; the subset has no statistics cache or stored activations
+        (they belong to the whole calibration set)."""
+        if count == 0:
+            return self
+        data = CalibrationData(first_sequences(self.batches, count), self.calibration.seq_len,
+                               self.calibration.description)
+        return CalibrationService(self.adapter, data, progress=self.progress, label=self.label)
 
     def _skipping(self, skip):
         skip = list(skip)

@@ -11,19 +11,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+@contextmanager
+def file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces ``path`` only if the block succeeds (a library
+    that writes a file by name, e.g. safetensors' ``save_file``, writes there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

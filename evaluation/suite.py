@@ -64,8 +64,9 @@ def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: 
 
         bench = evaluate_benchmark(model, tokenizer, benchmark_cfg, data_dir, progress)
         out["benchmark"] = bench
-        out["tasks"] = {name: task["value"] for name, task in bench["tasks"].items()}
-        out["average"] = bench["average"]
+        if bench["tasks"]:  # accuracy tasks; a benchmark of bits-per-byte tasks only has none to average or retain
+            out["tasks"] = {name: task["value"] for name, task in bench["tasks"].items()}
+            out["average"] = bench["average"]
     if fidelity is not None and base_quality and "benchmark" in base_quality and "benchmark" in out:
         fidelity["flips"] = task_flips(base_quality["benchmark"], out["benchmark"])
     return out, fidelity

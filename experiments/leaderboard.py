@@ -32,16 +32,14 @@ import pandas as pd
 from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.experiments.ranking import DEFAULT_RANK_BY, OFF_RATIO, RANK_BY, TOLERANCE, Ranking, rank_groups
-from depthbench.experiments.records import benchmark_key, metric, module_columns, seed_group, short_task_name
+from depthbench.experiments.records import (benchmark_key, lower_is_better_tasks, metric, module_columns, seed_group,
+                                            short_task_name)
 from depthbench.experiments.resume import RESULT_FILE, read_record
+from depthbench.experiments.seed_rows import SEED_MEAN, SPREAD_COLUMNS, table_rows
 
 ID_COLUMNS = ["model", "method", "ratio", "rank", "n_seeds", "layers_removed", "removed_layers", "removed_sub_blocks"]
-#: Columns whose spread over seeds is reported (``<column>_std``; task scores as ``std:<task>``).
-SPREAD_COLUMNS = ("average", "retention_%", "ppl_pruned", "kl", "top1_agree_%", "rms_dp_correct", "speedup_prefill",
-                  "speedup_decode", "ppl_healed", "kl_healed", "average_healed", "retention_healed_%")
 #: Columns a mean over seeds does not average: identity, or the seeds themselves.
 NOT_AVERAGED = ("model", "method", "ratio", "layers_removed", "seed", "pruner_seed", "n_seeds")
-SEED_MEAN = "seed mean"
 REFERENCE_RANK = "reference"
 
 
@@ -71,9 +69,27 @@ def base_row(record: dict) -> dict:
         interval = metric(record, "metrics", "retention", "intervals", "base_average")
         row["average_lo"], row["average_hi"] = interval or (None, None)
         row["retention_%"] = 100.0
+    row.update(lower_is_better_columns(base))
     row["speedup_prefill"] = row["speedup_decode"] = 1.0 if "speed" in record.get("metrics", {}) else None
     key = f"{record['model']['name']}|{benchmark_key(record)}|{row['ppl_base']}"
     row["config_hash"] = "base-" + hashlib.sha256(key.encode()).hexdigest()[:11]
+    return row
+
+
+def lower_is_better_columns(quality: dict) -> dict:
+    """The tasks on a lower-is-better metric, never in the task average or the retention: the gold-solution bits
+    per byte as ``bpb:<task>`` (``stderr:<task>``: its delta-method standard error) and ``reasoning_bpb``, their
+    mean; another such metric as ``<metric>:<task>``."""
+    row, bpb = {}, []
+    for task, result in lower_is_better_tasks(quality).items():
+        name = short_task_name(task)
+        prefix = "bpb" if result.get("metric") == "bits_per_byte" else result.get("metric")
+        row[f"{prefix}:{name}"] = result.get("value")
+        row[f"stderr:{name}"] = result.get("stderr")
+        if prefix == "bpb":
+            bpb.append(result.get("value"))
+    if bpb:
+        row["reasoning_bpb"] = None if None in bpb else sum(bpb) / len(bpb)
     return row
 
 
@@ -128,6 +144,7 @@ def record_row(record: dict) -> dict:
     row["average_lo"], row["average_hi"] = intervals.get("pruned_average") or (None, None)
     row["retention_%"] = metric(m, "retention", "average_percent")
     row["retention_lo"], row["retention_hi"] = intervals.get("retention_average_percent") or (None, None)
+    row.update(lower_is_better_columns(m.get("pruned") or {}))
     row.update(fidelity_columns(m.get("fidelity")))
     row.update(healing_columns(record))
     for kind in ("prefill", "decode"):
@@ -228,13 +245,6 @@ def _interval_text(value, lo, hi, fmt: str) -> str:
     return text
 
 
-def table_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows a table or plot shows: every row but the per-seed runs of a seed group (their mean stands for them)."""
-    if "row_kind" not in frame:
-        return frame
-    return frame[frame["row_kind"] != "seed"].reset_index(drop=True)
-
-
 def _spread_text(value, std, fmt: str) -> str:
     return "" if value is None or pd.isna(value) else format(value, fmt) + (
         "" if std is None or pd.isna(std) else f" ± {format(std, fmt)}")
@@ -325,6 +335,9 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
                                  if r.get("row_kind") == SEED_MEAN else
                                  _interval_text(r.get("average"), r.get("average_lo"), r.get("average_hi"), ".3f")
                                  for r in rows]
+    if "reasoning_bpb" in frame and frame["reasoning_bpb"].notna().any():  # lower is better; not in the tasks
+        out["gold bpb (lower better)"] = [_text(r.get("reasoning_bpb"), ".3f", std=r.get("reasoning_bpb_std"))
+                                          for r in rows]
     if "speedup_decode" in frame and frame["speedup_decode"].notna().any():
         out["decode speed-up [95% CI]"] = [_speedup_text(r, "decode") for r in rows]
     if "prune_seconds" in frame:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,13 +17,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from depthbench.calibration.activations import auto_budget
 from depthbench.calibration.batches import load_calibration, validate_sizes
 from depthbench.calibration.cache import StatisticsCache
 from depthbench.calibration.sources import build_source
 from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
-from depthbench.locking import STALE_AFTER_S
 from depthbench.measure import StageTimer
 from depthbench.paths import RunPaths, run_paths
 from depthbench.provenance import provenance
@@ -34,6 +31,7 @@ from depthbench.evaluation.retention import retention_report
 from depthbench.evaluation.fidelity import reference_perplexity
 from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity_enabled, fidelity_reference,
                                          has_benchmark, quality, speed)
+from depthbench.experiments.cache_settings import CacheSettings
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
 from depthbench.healing.pruned_cache import cached_pruned_metrics
@@ -46,7 +44,6 @@ from depthbench.modeling.loading import (
 )
 from depthbench.modeling.saving import save_pruned
 from depthbench.pruners import build_pruner
-from depthbench.pruners.base import DEFAULT_ACTIVATION_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +82,7 @@ def validate(cfg: DictConfig, output_dir: Path):
                              if cfg.pruner.get(key) is not None})
     c = cfg.calibration
     validate_sizes(c.n_samples, c.seq_len, c.batch_size)
+    pruner.check_calibration(c.n_samples, c.seq_len)
     build_source(c).check()
     if cfg.evaluate:
         check_evaluation(cfg.evaluation, cfg.efficiency)
@@ -99,32 +97,10 @@ def validate(cfg: DictConfig, output_dir: Path):
         if not cfg.benchmark.get("offline"):
             check_tasks(cfg.benchmark)  # builds lm-eval's task index: seconds, still before any weights
     check_healing(cfg)  # options, and target modules against the family from config.json / the GGUF header
-    activation_budget(cfg)
-    lock_stale_after(cfg)
+    CacheSettings.from_config(cfg.cache)
     tracker = build_tracker(cfg.logger)
     _check_writable(output_dir)
     return ratio, pruner, tracker
-
-
-def activation_budget(cfg: DictConfig, store_dir: Path | None = None) -> int:
-    """``cache.activations_gb`` in bytes: the disk space one model's stored calibration activations
-    may take (0 = never store them; ``auto`` = `auto_budget` of the file system of ``store_dir``,
-    default the temporary directory that single runs use)."""
-    value = (cfg.get("cache") or {}).get("activations_gb", DEFAULT_ACTIVATION_BUDGET / 1024**3)
-    if value == "auto":
-        return auto_budget(store_dir if store_dir is not None else tempfile.gettempdir())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ConfigError(f"cache.activations_gb={value!r}; allowed: auto, or a number of GiB >= 0 (0 = do not "
-                          f"store activations)")
-    return int(value * 1024**3)
-
-
-def lock_stale_after(cfg: DictConfig) -> float:
-    """``cache.lock_stale_s``: seconds without a heartbeat after which a cache lock is taken over."""
-    value = (cfg.get("cache") or {}).get("lock_stale_s", STALE_AFTER_S)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ConfigError(f"cache.lock_stale_s={value!r}; allowed: a number of seconds > 0")
-    return float(value)
 
 
 def _check_writable(directory: Path) -> None:
@@ -209,9 +185,9 @@ class Cell:
     def progress(self) -> bool:
         return bool(self.cfg.progress)
 
-    @property
-    def settings(self):
-        return self.cfg.get("cache") or {}
+    @cached_property
+    def cache(self) -> CacheSettings:
+        return CacheSettings.from_config(self.cfg.cache)
 
     @property
     def paths(self) -> RunPaths:
@@ -224,7 +200,7 @@ class Cell:
 
     @property
     def shares_base_results(self) -> bool:
-        return bool(self.settings.get("base_results", True))
+        return self.cache.base_results
 
     @cached_property
     def outcome(self) -> dict:
@@ -322,7 +298,7 @@ def evaluate_base(cell: Cell) -> None:
         with timer.stage("fidelity_reference"):
             cell.reference, _ = fidelity_reference(
                 loaded.model, cell.windows, cfg.evaluation, cell.caches if cell.shares_base_results else None,
-                material, cell.progress, stale_after_s=lock_stale_after(cfg))
+                material, cell.progress, stale_after_s=cell.cache.lock_stale_s)
     with timer.stage("evaluate_base"):
         def compute():
             heldout = None if cell.reference is None else reference_perplexity(cell.reference)
@@ -331,7 +307,7 @@ def evaluate_base(cell: Cell) -> None:
 
         if cell.shares_base_results:
             cell.metrics["base"], hit = cached_base_result(cell.caches, material, compute,
-                                                           stale_after_s=lock_stale_after(cfg))
+                                                           stale_after_s=cell.cache.lock_stale_s)
             cell.metrics["base_from_cache"] = hit
         else:
             cell.metrics["base"] = compute()
@@ -344,16 +320,15 @@ def prune(cell: Cell) -> None:
     """The method's stages over a calibration service with the run's caching: statistics cached per
     model x calibration data; stored activations kept where the caches are the user's own choice (a
     sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run."""
-    cfg = cell.cfg
     if needs_teacher(cell) and cell.dense is None:  # the distillation teacher (evaluate=false made none)
         with cell.timer.stage("dense_copy"):
             cell.dense, cell.dense_bytes = dense_copy(cell.loaded.model)
     statistics = cell.paths.statistics_dir(cell.sweep_dir)
-    stats_cache = (StatisticsCache(statistics, cell.fingerprint, lock_stale_after(cfg))
-                   if cell.settings.get("statistics", True) else None)
-    keep = cell.sweep_dir is not None or bool(cell.settings.get("dir"))
+    stats_cache = (StatisticsCache(statistics, cell.fingerprint, cell.cache.lock_stale_s)
+                   if cell.cache.statistics else None)
+    keep = cell.sweep_dir is not None or bool(cell.cache.dir)
     store_dir = statistics if keep and stats_cache is not None else None
-    budget = activation_budget(cfg, store_dir)
+    budget = cell.cache.activation_budget(store_dir)
     with cell.pruner.service(cell.adapter, cell.calibration, cache=stats_cache, keep_activations=keep,
                              progress=cell.progress, activation_budget_bytes=budget) as service:
         cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
@@ -374,7 +349,7 @@ def evaluate_pruned(cell: Cell) -> None:
     # once per pruned model: every healing budget of a sweep reuses it (keyed by the config without healing)
     pruned_only, metrics["pruned_from_cache"] = cached_pruned_metrics(
         cell.caches if cell.shares_base_results else None, cfg, loaded.model, compute,
-        stale_after_s=lock_stale_after(cfg))
+        stale_after_s=cell.cache.lock_stale_s)
     metrics.update(pruned_only)
     speeds = None
     if cell.dense is not None and cfg.efficiency.get("enabled", True):
@@ -392,14 +367,15 @@ def needs_teacher(cell: Cell) -> bool:
 
 
 def heal(cell: Cell) -> None:
-    """``healing=lora``: LoRA on the kept layers, trained and merged in place (the pruned-only numbers are
-    already in ``metrics.pruned``); the healed model's numbers go to ``metrics.healed``."""
+    """``healing=lora``: LoRA on the kept layers, trained and merged in place; ``healing=partial_layers``: the
+    pruned model's last layers, final norm and head fine-tuned in place (the pruned-only numbers are already
+    in ``metrics.pruned``); the healed model's numbers go to ``metrics.healed``."""
     if cell.healing_plan is None:
         return
     cfg, loaded = cell.cfg, cell.loaded
     with cell.timer.stage("heal"):
         cell.healing = heal_model(cell.healing_plan, loaded.model, cell.adapter, cell.dense, cell.dense_bytes,
-                                  cell.progress)
+                                  cell.progress, removed_layers=cell.result.removed_layers)
     cell.dense = None
     if cfg.evaluate:
         with cell.timer.stage("evaluate_healed"):

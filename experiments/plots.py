@@ -6,7 +6,7 @@ method's perplexity and KL to the dense model before and after each healing budg
 A healed run is drawn with its healed metrics (``metrics.healed``), a run without healing with its pruned ones.
 
 A seed group (runs that differ only in their seeds) is drawn as its mean row, with error bars of one standard
-deviation over the seeds; its per-seed rows are not drawn (`depthbench.experiments.leaderboard.table_rows`)."""
+deviation over the seeds; its per-seed rows are not drawn (`depthbench.experiments.seed_rows.table_rows`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from depthbench.experiments.leaderboard import SPREAD_COLUMNS, table_rows
+from depthbench.experiments.seed_rows import SPREAD_COLUMNS, table_rows
 
 #: The metrics of the model a run ends with (``final_metrics``): final column, pruned column, healed column.
 FINAL_COLUMNS = (("ppl_final", "ppl_pruned", "ppl_healed"), ("kl_final", "kl", "kl_healed"),

@@ -7,7 +7,9 @@
   model. Each is a sum over held-out windows of the window's share (`depthbench.evaluation.stats.
   window_values`), so two methods, evaluated on the same windows, compare window by window: tokens of
   one window stay together, as in the window-clustered standard error of ``kl_se``.
-- ``tasks``: the average-task accuracy, per example; or ``<task>``: one task's accuracy.
+- ``tasks``: the average-task accuracy, per example; or ``<task>``: one task's accuracy, or for a gold-solution
+  task its bits per byte (lower is better; a document's bits / all bytes per unit, `depthbench.evaluation.
+  gold_bpb.unit_values`). Which way a metric points: `depthbench.evaluation.metric_direction`.
 
 Competitors: the runs of one seed group (`depthbench.experiments.records.seed_group`: the config without
 its seeds) are ONE competitor, ranked on the mean over its seeds of each unit's value; so a method's rank
@@ -35,16 +37,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from depthbench.errors import ConfigError
-from depthbench.evaluation import stats
-from depthbench.experiments.records import (final_fidelity, healing_key, module_columns, per_example, seed_group,
-                                            short_task_name)
+from depthbench.evaluation import gold_bpb, stats
+from depthbench.evaluation.metric_direction import higher_is_better
+from depthbench.experiments.records import (final_fidelity, final_task_results, healing_key, module_columns,
+                                            per_example, seed_group, short_task_name)
 
 #: rank_by -> (per-window metric or None for tasks, higher is better, what the Markdown calls it)
 RANK_BY = {
-    "kl": ("kl", False, "KL(dense || pruned) per token on the held-out windows"),
-    "perplexity": ("nll", False, "the held-out NLL per token (log perplexity)"),
-    "top1": ("top1", True, "top-1 agreement with the dense model on the held-out windows"),
-    "tasks": (None, True, "the average-task accuracy"),
+    "kl": ("kl", higher_is_better("kl"), "KL(dense || pruned) per token on the held-out windows"),
+    "perplexity": ("nll", higher_is_better("nll"), "the held-out NLL per token (log perplexity)"),
+    "top1": ("top1", higher_is_better("top1"), "top-1 agreement with the dense model on the held-out windows"),
+    "tasks": (None, higher_is_better("acc"), "the average-task accuracy"),
 }
 DEFAULT_RANK_BY = "kl"
 #: Layer-equivalents within which two runs count as having removed the same amount.
@@ -60,6 +63,7 @@ class Ranking:
     rank_by: str
     tolerance: float = TOLERANCE
     alpha: float = ALPHA
+    task_metric: str = "acc"  # the metric of the task rank_by names (when it names one)
     ranks: dict[str, str] = field(default_factory=dict)
     compared_at: dict[str, str] = field(default_factory=dict)
     pairs: list[dict] = field(default_factory=list)
@@ -67,6 +71,8 @@ class Ranking:
     @property
     def description(self) -> str:
         metric = RANK_BY[self.rank_by][2] if self.rank_by in RANK_BY else f"the accuracy on task {self.rank_by}"
+        if self.rank_by not in RANK_BY and not higher_is_better(self.task_metric):
+            metric = f"the {self.task_metric} on task {self.rank_by} (lower is better)"
         units = "held-out windows" if self._per_window else "examples"
         return (f"Ranked by {metric}, with a paired sign-flip randomisation test over {units}, Holm-corrected "
                 "within each model x healing x achieved-compression group (`compared_at`; within "
@@ -82,9 +88,18 @@ class Ranking:
 def _task_names(records: list[dict]) -> set[str]:
     names = set()
     for r in records:
-        for task in per_example(r) or {}:
+        for task in (t for t, result in final_task_results(r).items() if result.get("samples")):
             names |= {task, short_task_name(task)}
     return names
+
+
+def task_metric(rank_by: str, records: list[dict]) -> str:
+    """The headline metric of the task ``rank_by`` names (``acc`` where no record has it)."""
+    for r in records:
+        for task, result in final_task_results(r).items():
+            if rank_by in (task, short_task_name(task)) and result.get("metric"):
+                return result["metric"]
+    return "acc"
 
 
 def check_rank_by(rank_by: str, records: list[dict]) -> str:
@@ -105,14 +120,16 @@ def unit_values(record: dict, rank_by: str) -> dict | None:
         if not per_window or window_metric not in per_window:
             return None
         return stats.window_values(per_window, window_metric)
-    tasks = per_example(record)
-    if not tasks:
+    if rank_by == "tasks":
+        tasks = per_example(record)
+        return stats.task_values(tasks) if tasks else None
+    found = {t: r for t, r in final_task_results(record).items() if rank_by in (t, short_task_name(t))}
+    if len(found) != 1 or not next(iter(found.values())).get("samples"):
         return None
-    if rank_by != "tasks":
-        tasks = {t: s for t, s in tasks.items() if rank_by in (t, short_task_name(t))}
-        if len(tasks) != 1:
-            return None
-    return stats.task_values(tasks)
+    (task, result), = found.items()
+    if result.get("metric") == gold_bpb.METRIC:
+        return gold_bpb.unit_values(result["samples"])
+    return stats.task_values({task: result["samples"]})
 
 
 def _units_signature(record: dict, values: dict, rank_by: str) -> str:
@@ -166,8 +183,9 @@ def rank_groups(records: list[dict], rank_by: str = DEFAULT_RANK_BY, tolerance: 
                 alpha: float = ALPHA) -> Ranking:
     """Rank every run that measured ``rank_by`` (see the module docstring)."""
     rank_by = check_rank_by(rank_by, records)
-    higher = RANK_BY.get(rank_by, (None, True))[1]
-    ranking = Ranking(rank_by, tolerance, alpha)
+    metric = task_metric(rank_by, records) if rank_by not in RANK_BY else "acc"
+    higher = RANK_BY[rank_by][1] if rank_by in RANK_BY else higher_is_better(metric)
+    ranking = Ranking(rank_by, tolerance, alpha, task_metric=metric)
     sets: dict[tuple, dict[str, list[dict]]] = {}
     values: dict[str, dict] = {}
     for r in records:

@@ -25,7 +25,8 @@ def short_task_name(task: str) -> str:
 
 
 def benchmark_key(record: dict) -> str:
-    tasks = sorted((record.get("metrics", {}).get("base", {}).get("tasks") or {}))
+    base = record.get("metrics", {}).get("base", {})
+    tasks = sorted(base.get("tasks") or {}) + sorted(lower_is_better_tasks(base))
     return ",".join(short_task_name(t) for t in tasks) or "perplexity"
 
 
@@ -72,6 +73,8 @@ def healing_key(record: dict) -> str:
     """What healing a run had: ``none``, or the method and its budget (runs are ranked among equals)."""
     h = record.get("healing") or {}
     method = h.get("method", "none")
+    if method == "partial_layers":  # which tail trained is part of the method (k = 0 trains only the head)
+        method = f"partial_layers(k={h.get('layers')})"
     return method if method == "none" else f"{method}:{h.get('steps')}:{h.get('tokens')}"
 
 
@@ -81,6 +84,20 @@ def final_metrics(record: dict) -> dict:
     if healing_key(record) != "none" and metrics.get("healed"):
         return metrics["healed"]
     return metrics.get("pruned") or {}
+
+
+def lower_is_better_tasks(quality: dict) -> dict[str, dict]:
+    """task -> result of the tasks scored on a lower-is-better metric (bits per byte of gold solutions), which a
+    benchmark result keeps apart from its accuracy ``tasks`` (`depthbench.evaluation.lm_eval_runner`): never in
+    the task average or the retention."""
+    return metric(quality, "benchmark", "lower_is_better_tasks", default=None) or {}
+
+
+def final_task_results(record: dict) -> dict[str, dict]:
+    """task -> result (``value``, ``metric``, ``samples``, ...) of every task, accuracy or lower-is-better, of the
+    model a run ends with (healed if healed)."""
+    quality = final_metrics(record)
+    return {**(metric(quality, "benchmark", "tasks", default=None) or {}), **lower_is_better_tasks(quality)}
 
 
 def per_example(record: dict) -> dict | None:

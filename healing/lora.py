@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from depthbench.healing.training_record import training_record
 from depthbench.errors import NumericalError
 from depthbench.healing.settings import SCHEDULES
 from depthbench.healing.targets import target_module_names, uses_conv1d
@@ -113,13 +114,5 @@ def heal(model, adapter, batches: list, settings, teacher=None, progress: bool =
         "config": settings.to_dict(),
         "target_modules": names,
         "trainable_parameters": sum(p.numel() for p in trainable),
-        "steps": len(curve),
-        "tokens": tokens,
-        "predicted_tokens": sum(int((b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).sum())
-                                for b in batches),
-        "seconds": round(seconds, 3),
-        "seconds_per_step": round(seconds / max(len(curve), 1), 4),
-        "loss_curve": [round(v, 6) for v in curve],
-        "loss_first": curve[0],
-        "loss_last": curve[-1],
+        **training_record(curve, tokens, batches, seconds),
     }

@@ -2,7 +2,8 @@
 
 - `prepare` (with the tokenizer, before any weights): the settings and the training windows; a budget
   larger than the text, or text shared with the held-out windows, stops the run here;
-- `heal_model` (after pruning and the pruned-only evaluation): LoRA trained and merged in place;
+- `heal_model` (after pruning and the pruned-only evaluation): LoRA trained and merged in place, or the
+  tail of the pruned model fine-tuned in place (``partial_layers``);
 - `healed_metrics`: the healed model's quality, fidelity to the dense model and retention, measured
   exactly as the pruned-only ones (same windows, same benchmark, same dense reference).
 """
@@ -12,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depthbench.healing.data import HealingText, healing_text
-from depthbench.healing.settings import LoraSettings, healing_settings
+from depthbench.healing.settings import LoraSettings, PartialLayerSettings, healing_settings
 
 NO_HEALING = {"method": "none"}
 
 
 @dataclass
 class HealingPlan:
-    settings: LoraSettings
+    settings: LoraSettings | PartialLayerSettings
     text: HealingText
 
     @property
@@ -38,8 +39,17 @@ def prepare(cfg, tokenizer) -> HealingPlan | None:
 
 
 def heal_model(plan: HealingPlan, model, adapter, dense=None, dense_bytes: int | None = None,
-               progress: bool = True) -> dict:
-    """Train and merge (`depthbench.healing.lora.heal`); the report the record and ``pruning.json`` keep."""
+               progress: bool = True, removed_layers: list[int] | None = None) -> dict:
+    """Train (`depthbench.healing.lora.heal` or `depthbench.healing.partial_layers.heal`); the report the
+    record and ``pruning.json`` keep. ``removed_layers`` (original numbering) lets ``partial_layers``
+    name the layers it trained in the original numbering."""
+    if isinstance(plan.settings, PartialLayerSettings):
+        from depthbench.healing.partial_layers import heal as heal_tail
+
+        report = heal_tail(model, adapter, plan.text, plan.settings, removed_layers, progress=progress)
+        report["text"] = plan.text.to_dict()
+        report["dense_copy_bytes"] = 0
+        return report
     from depthbench.healing.lora import heal
 
     teacher = dense if plan.needs_dense_model else None

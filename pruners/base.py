@@ -27,13 +27,11 @@ from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.modeling.adapters import ModelAdapter
 from depthbench.modeling.units import Unit, UnitLike, normalize_units
-from depthbench.pruners.compensation import (CompensationSettings, compensate_iterative, compensate_post,
-                                             parse_compensation)
 from depthbench.pruners.options import parse_options
 from depthbench.registry import Registry
 from depthbench.selection.blocks import Block
 
-__all__ = ["DEFAULT_ACTIVATION_BUDGET", "Pruner", "PruneResult", "Selection", "build_pruner", "pruner_registry"]
+__all__ = ["DEFAULT_ACTIVATION_BUDGET", "Pruner", "PruneResult", "RemovalStage", "Selection", "pruner_registry"]
 
 
 @dataclass
@@ -83,7 +81,8 @@ class PruneResult:
     #: ``calibration_tokens``, ``training_tokens``, ``optimizer_steps``, ``epochs`` of this prune (0 where
     #: nothing is trained), from the replacement's ``budget`` where it has one.
     budget: dict = field(default_factory=dict)
-    #: Prune&Comp's record (settings, alpha per gap or round; `depthbench.pruners.compensation`), or None.
+    #: Prune&Comp's record (settings, alpha per gap or round; `depthbench.pruners.compensation`), or None:
+    #: what a `RemovalStage` that replaces select / fit / apply recorded.
     compensation: dict | None = None
 
     @property
@@ -140,10 +139,6 @@ class Pruner(ABC):
     class Options:
         pass
 
-    #: The pruner-level setting ``compensate`` (Prune&Comp magnitude compensation after removal; see
-    #: `depthbench.pruners.compensation`), set by `with_compensation`; off by default.
-    compensation: CompensationSettings = CompensationSettings()
-
     def __init__(self, **options: Any):
         self.options = parse_options(self.name, self.Options, options)
         self.validate_options()
@@ -152,29 +147,18 @@ class Pruner(ABC):
         """Whether this method (with its options) may remove attention / MLP sub-blocks rather than whole layers."""
         return False
 
-    def with_compensation(self, settings: CompensationSettings) -> "Pruner":
-        """Turn on Prune&Comp for this pruner (returns it); one `ConfigError` where the method replaces
-        the removed layers (ReplaceMe, LLM-Streamline: `fit` / `apply` of its own) or removes sub-blocks."""
-        if settings.active:
-            own = [stage for stage in ("fit", "apply") if getattr(type(self), stage) is not getattr(Pruner, stage)]
-            if own or self.fit_reads_activations:
-                raise ConfigError(f"pruner.compensate={settings.method!r} is for methods that only remove layers; "
-                                  f"{self.name!r} puts something in their place (its own {', '.join(own) or 'fit'}), "
-                                  f"which already maps onto h_e; allowed for it: compensate=none")
-            if self.removes_sub_blocks():
-                raise ConfigError(f"pruner.compensate={settings.method!r} needs whole-layer gaps; {self.name!r} with "
-                                  f"these options removes attention / MLP sub-blocks; allowed for it: compensate=none")
-            if settings.mode == "iterative" and not self.uses_calibration:
-                raise ConfigError(f"pruner.compensate_mode=iterative re-scores {self.name!r} on the compensated model "
-                                  f"after every removal, but {self.name!r} chooses without looking at the model (so "
-                                  f"its rounds would not reproduce its own choice); allowed for it: "
-                                  f"compensate_mode=post")
-        if settings != type(self).compensation:  # the default stays a class attribute: options are the only state
-            self.compensation = settings
-        return self
+    def replaces_layers(self) -> bool:
+        """Whether the method puts something in place of the removed layers (its own `fit` / `apply`, or a fit
+        that reads activations) rather than only removing them."""
+        own = [stage for stage in ("fit", "apply") if getattr(type(self), stage) is not getattr(Pruner, stage)]
+        return bool(own) or self.fit_reads_activations
 
     def validate_options(self) -> None:
         """Check option values; raise `ConfigError` naming the value and what is allowed."""
+
+    def check_calibration(self, n_samples: int, seq_len: int) -> None:
+        """Raise `ConfigError` if the method cannot work with this calibration size (checked from the config,
+        before any weights are read)."""
 
     def check_feasible(self, num_layers: int, n_remove: int) -> None:
         """Raise `ConfigError` if removing ``n_remove`` of ``num_layers`` layers is impossible."""
@@ -191,13 +175,7 @@ class Pruner(ABC):
     uses_calibration: ClassVar[bool] = True
 
     def check_model(self, adapter: ModelAdapter) -> None:
-        """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration).
-        The base checks that the Prune&Comp fold is exact here (`prune` checks it again, for overrides)."""
-        self._check_compensation(adapter)
-
-    def _check_compensation(self, adapter: ModelAdapter) -> None:
-        if self.compensation.active:
-            adapter.check_residual_scaling(scale_embeddings=self.compensation.fold == "before")
+        """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
 
     # -- stages ----------------------------------------------------------------------------
     @abstractmethod
@@ -228,12 +206,11 @@ class Pruner(ABC):
         data, for which a service without a cache is built for this call (stored activations in a
         temporary directory)."""
         self.check_model(adapter)
-        self._check_compensation(adapter)
         self.check_feasible(adapter.num_layers, n_remove)
         if isinstance(calibration, CalibrationService):
-            return self._run_stages(adapter, calibration, n_remove)
+            return self.run_stages(adapter, calibration, n_remove)
         with self.service(adapter, calibration, progress=progress) as service:
-            return self._run_stages(adapter, service, n_remove)
+            return self.run_stages(adapter, service, n_remove)
 
     def service(self, adapter: ModelAdapter, calibration: CalibrationData, **caching):
         """The calibration service this method needs (every layer's activations stored for the fit iff it
@@ -242,26 +219,21 @@ class Pruner(ABC):
         return open_service(adapter, calibration, store_activations=self.fit_reads_activations, label=self.name,
                             **caching)
 
-    def _run_stages(self, adapter: ModelAdapter, service: CalibrationService, n_remove: int) -> PruneResult:
+    def run_stages(self, adapter: ModelAdapter, service: CalibrationService, n_remove: int,
+                   removal: "RemovalStage | None" = None) -> PruneResult:
+        """score, then select / fit / apply, timed; ``removal`` replaces the last three (Prune&Comp removes and
+        compensates in one stage, `depthbench.pruners.compensation.CompensatedPruner`)."""
         num_layers = adapter.num_layers
         timer = StageTimer()
         params_before = adapter.parameter_counts()
-        compensation = None
         with timer.stage("score"):
-            first_round = 1 if self.compensation.active and self.compensation.mode == "iterative" else n_remove
-            stats = service.original(self.statistics(adapter, first_round), "calibration")
-        if self.compensation.active:  # removal and compensation together: `depthbench.pruners.compensation`
+            first = removal.first_request(n_remove) if removal is not None else n_remove
+            stats = service.original(self.statistics(adapter, first), "calibration")
+        record = None
+        if removal is not None:
             replacement_info = None
-            with timer.stage("compensate"):
-                if self.compensation.mode == "iterative":
-                    selection, compensation = compensate_iterative(self, adapter, stats, n_remove, service,
-                                                                   self.compensation)
-                else:
-                    selection = self.select(stats, adapter, n_remove, service)
-                    if selection.removed_sub_blocks:
-                        raise ConfigError(f"pruner.compensate: {self.name} selected sub-blocks "
-                                          f"{selection.removed_sub_blocks}; compensation needs whole layers")
-                    compensation = compensate_post(adapter, selection, service, self.compensation)
+            with timer.stage(removal.stage):
+                selection, record = removal.remove(self, adapter, stats, n_remove, service)
         else:
             with timer.stage("select"):
                 selection = self.select(stats, adapter, n_remove, service)
@@ -269,6 +241,7 @@ class Pruner(ABC):
                 replacement = self.fit(adapter, selection, service)
             with timer.stage("apply"):
                 replacement_info = self.apply(adapter, selection, replacement, service)
+        reads_calibration = self.uses_calibration or (removal is not None and removal.reads_calibration)
         return PruneResult(
             method=self.name,
             options=dataclasses.asdict(self.options),
@@ -279,10 +252,27 @@ class Pruner(ABC):
             parameters_before=params_before,
             parameters_after=adapter.parameter_counts(),
             stages=timer.to_dict(),
-            budget=prune_budget(service.calibration.n_tokens
-                                if self.uses_calibration or self.compensation.active else 0, replacement_info),
-            compensation=compensation,
+            budget=prune_budget(service.calibration.n_tokens if reads_calibration else 0, replacement_info),
+            compensation=record,
         )
+
+
+class RemovalStage(ABC):
+    """A stage that takes the place of select / fit / apply (a feature that wraps any layer method, such as
+    Prune&Comp), named ``stage`` in the record's timings."""
+
+    stage: ClassVar[str] = "remove"
+    #: Whether it reads the calibration data (then the budget records its tokens even for a method that does not).
+    reads_calibration: ClassVar[bool] = True
+
+    def first_request(self, n_remove: int) -> int:
+        """The ``n_remove`` the method's `Pruner.statistics` is first asked with."""
+        return n_remove
+
+    @abstractmethod
+    def remove(self, pruner: Pruner, adapter: ModelAdapter, statistics: list[Statistic], n_remove: int,
+               service: CalibrationService) -> tuple[Selection, dict]:
+        """Change the model; return the selection (original numbering) and the stage's record."""
 
 
 def prune_budget(calibration_tokens: int, replacement_info: dict | None) -> dict:
@@ -296,10 +286,3 @@ def prune_budget(calibration_tokens: int, replacement_info: dict | None) -> dict
 
 
 pruner_registry: Registry[type[Pruner]] = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
-
-
-def build_pruner(name: str, options: dict | None = None, compensate: str = "none", compensate_mode: str = "iterative",
-                 compensate_fold: str = "after") -> Pruner:
-    """The registered pruner ``name`` with ``options`` and the pruner-level Prune&Comp setting."""
-    settings = parse_compensation(compensate, compensate_mode, compensate_fold)
-    return pruner_registry.get(name)(**(options or {})).with_compensation(settings)

@@ -18,18 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.candidate_scoring import (ScoresCandidates, ScoreSubset, check_score_samples,
+                                                  scoring_subset)
 from depthbench.pruners.llm_drop import candidate_units
 from depthbench.pruners.options import option
 from depthbench.pruners.sub_block_budget import Budget, check_budget
+from depthbench.selection.greedy import greedy_removal
 
 
 @pruner_registry.register("blockpruner")
-class BlockPrunerPruner(Pruner):
+class BlockPrunerPruner(ScoresCandidates, Pruner):
     name = "blockpruner"
     paper = "Zhong et al. 2025, BlockPruner: Fine-grained Pruning for Large Language Models (ACL 2025 Findings)"
 
     @dataclass
-    class Options:
+    class Options(ScoreSubset):
         budget: str = option("params", "params (reference's reported ratio): stop at the first prefix whose removed "
                                        "parameters reach those of R layers; count: a number of sub-blocks (2R, "
                                        "or n_modules).")
@@ -41,6 +44,7 @@ class BlockPrunerPruner(Pruner):
 
     def validate_options(self) -> None:
         check_budget(self.name, self.options.budget, self.options.n_modules)
+        check_score_samples(self.name, self.options.score_samples)
 
     def check_model(self, adapter) -> None:
         for part in ("attention", "mlp"):
@@ -54,19 +58,17 @@ class BlockPrunerPruner(Pruner):
         candidates = candidate_units(adapter.num_layers, "joint")
         budget = Budget(adapter, o.budget, n_remove, o.n_modules, both_kinds=True)
         budget.check_reachable(candidates)
-        chosen, steps = [], []
-        while not budget.done(chosen):
-            remaining = [u for u in candidates if u not in chosen]
-            nlls = service.masked_nll(remaining, skip=chosen, what=f"blockpruner step {len(steps) + 1}")
-            best = remaining[0]
-            for unit in remaining[1:]:
-                if nlls[unit] < nlls[best]:
-                    best = unit
-            chosen.append(best)
-            steps.append({"removed": str(best), "nll": nlls[best],
-                          "candidates": {str(u): nlls[u] for u in remaining}})
+        scoring, scored = scoring_subset(self.name, service, o.score_samples)
+
+        def nlls(remaining, chosen):
+            return scoring.masked_nll(remaining, skip=chosen, what=f"blockpruner step {len(chosen) + 1}")
+
+        run = greedy_removal(lambda chosen: candidates, nlls, budget.done, progress=False)
+        steps = [{"removed": str(best), "nll": r.score_of(best),
+                  "candidates": {str(u): value for u, value in zip(r.candidates, r.scores)}}
+                 for r, best in zip(run.rounds, run.order)]
         scores = {"metric": "calibration NLL per token with the chosen sub-blocks and the candidate skipped "
                             "(PPL = exp(NLL))",
-                  "removed_in_order": [str(u) for u in chosen], "steps": steps,
-                  "evaluations": sum(len(s["candidates"]) for s in steps), **budget.describe()}
-        return Selection.from_units(chosen, scores=scores)
+                  "removed_in_order": [str(u) for u in run.order], "steps": steps,
+                  "evaluations": run.evaluations, **budget.describe(), **scored}
+        return Selection.from_units(run.order, scores=scores)

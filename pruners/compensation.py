@@ -37,6 +37,7 @@ import torch
 
 from depthbench.calibration.statistics import RESIDUAL, BatchActivations, HookPoint, Statistic, as_float64
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.pruners.base import Pruner, RemovalStage, Selection
 from depthbench.selection.blocks import Block
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,6 @@ def compensate_iterative(pruner, adapter, first_statistics, n_remove: int, servi
     `select` picks with n = 1, measures alpha there, removes it and folds alpha. One pass per round after
     the first serves both the criterion and every single-layer alpha. Returns the selection (original
     numbering) and the compensation record."""
-    from depthbench.pruners.base import Selection
 
     alive = list(range(adapter.num_layers))
     rounds, removed = [], []
@@ -254,3 +254,62 @@ def compensate_iterative(pruner, adapter, first_statistics, n_remove: int, servi
                           scores={"metric": f"{pruner.name}'s criterion re-scored on the compensated model each round",
                                   "order": removed})
     return selection, {**settings.to_dict(), "metric": ALPHA_METRIC, "rounds": rounds}
+
+
+class CompensatedPruner(RemovalStage):
+    """A layer-removal method with Prune&Comp on: the method's own score stage, then removal and compensation in
+    one stage (``compensate``) instead of its select / fit / apply. Everything else (name, options, checks,
+    service) is the method's; the method itself knows nothing of Prune&Comp."""
+
+    stage = "compensate"
+
+    def __init__(self, pruner: Pruner, settings: CompensationSettings):
+        check_compensable(pruner, settings)
+        self.pruner, self.settings = pruner, settings
+
+    def __getattr__(self, name: str):
+        return getattr(self.pruner, name)
+
+    def check_model(self, adapter) -> None:
+        self.pruner.check_model(adapter)
+        adapter.check_residual_scaling(scale_embeddings=self.settings.fold == "before")
+
+    def prune(self, adapter, calibration, n_remove: int, progress: bool = True):
+        """As `Pruner.prune`, with this stage in place of select / fit / apply."""
+        from depthbench.calibration.service import CalibrationService
+
+        self.check_model(adapter)
+        self.pruner.check_feasible(adapter.num_layers, n_remove)
+        if isinstance(calibration, CalibrationService):
+            return self.pruner.run_stages(adapter, calibration, n_remove, removal=self)
+        with self.pruner.service(adapter, calibration, progress=progress) as service:
+            return self.pruner.run_stages(adapter, service, n_remove, removal=self)
+
+    def first_request(self, n_remove: int) -> int:
+        return 1 if self.settings.mode == "iterative" else n_remove
+
+    def remove(self, pruner, adapter, statistics, n_remove: int, service) -> tuple[Selection, dict]:
+        if self.settings.mode == "iterative":
+            return compensate_iterative(pruner, adapter, statistics, n_remove, service, self.settings)
+        selection = pruner.select(statistics, adapter, n_remove, service)
+        if selection.removed_sub_blocks:
+            raise ConfigError(f"pruner.compensate: {pruner.name} selected sub-blocks {selection.removed_sub_blocks}; "
+                              f"compensation needs whole layers")
+        return selection, compensate_post(adapter, selection, service, self.settings)
+
+
+def check_compensable(pruner: Pruner, settings: CompensationSettings) -> None:
+    """One `ConfigError` where Prune&Comp cannot wrap ``pruner``: a method that replaces the removed layers
+    (ReplaceMe, LLM-Streamline: its replacement already maps onto h_e), one that removes sub-blocks, or the
+    iterative mode for a method that chooses without looking at the model."""
+    if pruner.replaces_layers():
+        raise ConfigError(f"pruner.compensate={settings.method!r} is for methods that only remove layers; "
+                          f"{pruner.name!r} puts something in their place, which already maps onto h_e; allowed for "
+                          f"it: compensate=none")
+    if pruner.removes_sub_blocks():
+        raise ConfigError(f"pruner.compensate={settings.method!r} needs whole-layer gaps; {pruner.name!r} with these "
+                          f"options removes attention / MLP sub-blocks; allowed for it: compensate=none")
+    if settings.mode == "iterative" and not pruner.uses_calibration:
+        raise ConfigError(f"pruner.compensate_mode=iterative re-scores {pruner.name!r} on the compensated model after "
+                          f"every removal, but {pruner.name!r} chooses without looking at the model (so its rounds "
+                          f"would not reproduce its own choice); allowed for it: compensate_mode=post")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from depthbench.calibration.batches import first_sequences
 from depthbench.errors import ConfigError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.options import option
@@ -151,17 +152,9 @@ def capacity(num_layers: int, C: int, step: int, H: int, lo: int) -> int:
 
 # -- the similarity ----------------------------------------------------------------------------------
 def first_sentences(batches: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` calibration sequences (0 = all), as batches."""
-    if count == 0:
-        return list(batches)
-    out, left = [], count
-    for batch in batches:
-        if left <= 0:
-            break
-        rows = min(left, int(batch["input_ids"].shape[0]))
-        out.append({k: v[:rows] for k, v in batch.items()})
-        left -= rows
-    return out
+    """The first ``count`` calibration sequences (0 = all), as batches: LaCo's scoring subset, the rule of the
+    other methods' ``score_samples`` (`depthbench.calibration.batches.first_sequences`)."""
+    return first_sequences(batches, count)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import ConvergenceLog, check_holdout, holdout_split, training_budget
-from depthbench.pruners.options import option
+from depthbench.pruners.options import option, run_seed_option
 from depthbench.selection.blocks import Block, best_block
 
 
@@ -129,7 +129,7 @@ class LLMStreamlinePruner(Pruner):
         max_steps: int | None = option(None, "Exactly this many optimiser steps, overriding epochs (null = epochs "
                                              "decide).")
         batch_size: int = option(8, "Sequences per optimiser step.")
-        seed: int = option(0, "Seed of the sequence shuffling and of the held-out split.")
+        seed: int = run_seed_option("Seed of the sequence shuffling and of the held-out split.")
         holdout: float = option(0.1, "Fraction of the calibration sequences held out of training (seeded, "
                                      "disjoint) for the held-out objective curve and the best-state choice; 0 = "
                                      "train on all (then keep_best must be false).")

@@ -28,6 +28,18 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - the natural name, as
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def run_seed_option(help: str) -> Any:  # noqa: A002
+    """An integer seed that follows the run's ``seed`` in a Hydra run (``pruner.options.<name>: ${seed}``, set by
+    `depthbench.config_store`), so ``seed=1,2,3`` reseeds the method's own draws too; 0 for a Python caller
+    who gives no value. A run may still set the option alone (``pruner.options.seed=5``)."""
+    return dataclasses.field(default=0, metadata={"help": f"{help} Default: the run's `seed`.", "run_seed": True})
+
+
+def run_seeded(schema) -> list[str]:
+    """The options of ``schema`` declared with `run_seed_option`."""
+    return [f.name for f in dataclasses.fields(schema) if f.metadata.get("run_seed")]
+
+
 def option_help(schema) -> list[tuple[str, str, Any, str]]:
     """``(name, type, default, help)`` of every option of ``schema`` (a dataclass)."""
     out = []

@@ -37,7 +37,7 @@ from depthbench.modeling.saving import LOAD_INSTRUCTIONS
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import (SCHEDULES, ConvergenceLog, check_holdout, eval_interval, holdout_split,
                                             sum_budgets, training_budget)
-from depthbench.pruners.options import option
+from depthbench.pruners.options import option, run_seed_option
 from depthbench.pruners.replaceme_norm import ThroughNormFit
 from depthbench.pruners.uidl import last_token_angular_distances
 from depthbench.selection.blocks import Block, greedy_blocks, merge_touching
@@ -511,7 +511,7 @@ class ReplaceMeCosinePruner(_ReplaceMe):
         lr: float = option(1e-4, "Adam learning rate (reference 1e-4).")
         epochs: int = option(10, "Passes over all calibration token rows (reference 10).")
         batch_size: int = option(1024, "Token rows per Adam step (reference 1024).")
-        seed: int = option(0, "Seed of the row shuffling and of the held-out split.")
+        seed: int = run_seed_option("Seed of the row shuffling and of the held-out split.")
         holdout: float = option(0.1, "Fraction of the token rows held out of training (seeded, disjoint) to "
                                      "measure convergence: held-out objective curve, best state, "
                                      "worse_than_initial. 0 = train on every row as the reference does.")

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from depthbench.errors import ConfigError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.options import option
-from depthbench.pruners.sleb import NLLEvaluation, candidate_nlls, check_evaluation
+from depthbench.pruners.candidate_scoring import (NLLEvaluation, ScoresCandidates, candidate_nlls, check_evaluation,
+                                                  check_score_samples, scoring_subset)
 
 
 def plus_order(order: list[int], num_layers: int, keep_first: int, keep_last: int) -> list[int]:
@@ -119,24 +120,25 @@ class _ShortenedLlama(Pruner):
     def statistics(self, adapter, n_remove):
         return []
 
-    def importance(self, adapter, service) -> list[float]:
+    def importance(self, adapter, service) -> tuple[list[float], dict]:
+        """The importance of every layer, and what else the selection records about how it was computed."""
         raise NotImplementedError
 
     def select(self, statistics, adapter, n_remove, service) -> Selection:
         self.check_feasible(adapter.num_layers, n_remove)
-        values = self.importance(adapter, service)
+        values, record = self.importance(adapter, service)
         order = ascending_order(values)
         if self.options.plus:
             order = plus_order(order, len(values), self.options.keep_first, self.options.keep_last)
         return Selection(
             removed_layers=sorted(order[:n_remove]),
             scores={"metric": self.criterion, "layers": list(range(len(values))), "values": values,
-                    "order": order},
+                    "order": order, **record},
         )
 
 
 @pruner_registry.register("shortened_ppl")
-class ShortenedPPLPruner(_ShortenedLlama):
+class ShortenedPPLPruner(ScoresCandidates, _ShortenedLlama):
     name = "shortened_ppl"
     paper = ("Kim et al. 2024, Shortened LLaMA: Depth Pruning for Large Language Models with Comparison of "
              "Retraining Methods (arXiv 2402.02834), PPL criterion")
@@ -149,11 +151,13 @@ class ShortenedPPLPruner(_ShortenedLlama):
     def validate_options(self) -> None:
         super().validate_options()
         check_evaluation(self.name, self.options.evaluation)
+        check_score_samples(self.name, self.options.score_samples)
 
-    def importance(self, adapter, service) -> list[float]:
+    def importance(self, adapter, service) -> tuple[list[float], dict]:
+        scoring, scored = scoring_subset(self.name, service, self.options.score_samples)
         layers = list(range(adapter.num_layers))
-        nlls = candidate_nlls(service, layers, [], self.options.evaluation)
-        return [math.exp(nlls[k]) for k in layers]
+        nlls = candidate_nlls(scoring, layers, [], self.options.evaluation)
+        return [math.exp(nlls[k]) for k in layers], scored
 
 
 @pruner_registry.register("shortened_taylor")
@@ -168,5 +172,5 @@ class ShortenedTaylorPruner(_ShortenedLlama):
     class Options(_ShortenedLlama.Options):
         pass
 
-    def importance(self, adapter, service) -> list[float]:
-        return taylor_importance(adapter, service.batches, progress=service.progress)
+    def importance(self, adapter, service) -> tuple[list[float], dict]:
+        return taylor_importance(adapter, service.batches, progress=service.progress), {}

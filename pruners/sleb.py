@@ -17,49 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from depthbench.errors import ConfigError
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
+from depthbench.pruners.candidate_scoring import (EVALUATIONS, NLLEvaluation, ScoresCandidates, candidate_nlls,
+                                                  check_evaluation, check_score_samples, scoring_subset)
 from depthbench.pruners.options import option
+from depthbench.selection.greedy import first_argmin, greedy_removal
 
-EVALUATIONS = ("tail", "full")
-
-
-def candidate_nlls(service, candidates: list[int], skip: list[int], evaluation: str) -> dict[int, float]:
-    """``NLL_cal(skip + [c])`` for every candidate layer: ``tail`` runs only the layers from each candidate up
-    (`CalibrationService.masked_nll`), ``full`` one whole forward pass per candidate (the same numbers)."""
-    if evaluation == "tail":
-        return service.masked_nll(candidates, skip=skip)
-    return {c: service.nll(skip=[*skip, c]) for c in candidates}
-
-
-def first_argmin(keys: list, values: dict) -> object:
-    """The key with the smallest value; strict ``<`` over ``keys`` in order, so the first minimum wins."""
-    best = keys[0]
-    for key in keys[1:]:
-        if values[key] < values[best]:
-            best = key
-    return best
-
-
-@dataclass
-class NLLEvaluation:
-    """The option shared by methods that score candidates by the calibration NLL with them skipped."""
-
-    evaluation: str = option("tail", "How each candidate's NLL is computed: 'tail' runs only the layers from the "
-                                     "candidate up, from the residual stream of the current model (the same numbers, "
-                                     "fewer layer runs); 'full' runs one whole forward pass per candidate, as the "
-                                     "reference does.")
-
-
-def check_evaluation(method: str, evaluation: str) -> None:
-    if evaluation not in EVALUATIONS:
-        raise ConfigError(f"{method} evaluation={evaluation!r}; allowed: {', '.join(EVALUATIONS)}")
+# re-exported: these lived here before `depthbench.pruners.candidate_scoring` / `depthbench.selection.greedy`
+__all__ = ["EVALUATIONS", "NLLEvaluation", "SLEBPruner", "candidate_nlls", "check_evaluation", "first_argmin"]
 
 
 @pruner_registry.register("sleb")
-class SLEBPruner(Pruner):
+class SLEBPruner(ScoresCandidates, Pruner):
     name = "sleb"
     paper = ("Song et al. 2024, SLEB: Streamlining LLMs through Redundancy Verification and Elimination of "
              "Transformer Blocks (ICML 2024, arXiv 2402.09025)")
@@ -77,6 +47,7 @@ class SLEBPruner(Pruner):
             if value < 0:
                 raise ConfigError(f"sleb {key}={value!r}; allowed: an integer >= 0")
         check_evaluation(self.name, self.options.evaluation)
+        check_score_samples(self.name, self.options.score_samples)
 
     def check_feasible(self, num_layers: int, n_remove: int) -> None:
         super().check_feasible(num_layers, n_remove)
@@ -93,20 +64,24 @@ class SLEBPruner(Pruner):
 
     def select(self, statistics, adapter, n_remove, service) -> Selection:
         self.check_feasible(adapter.num_layers, n_remove)
-        alive = list(range(adapter.num_layers))
-        removed: list[int] = []
-        steps = []
-        for _ in tqdm(range(n_remove), desc="sleb: greedy removal", unit="layer", disable=not service.progress):
-            candidates = alive[self.options.early_barrier:len(alive) - self.options.latter_barrier]
-            nlls = candidate_nlls(service, candidates, removed, self.options.evaluation)
-            best = first_argmin(candidates, nlls)
-            steps.append({"candidates": candidates, "nll": [nlls[c] for c in candidates], "removed": best})
-            removed.append(best)
-            alive.remove(best)
+        o = self.options
+        scoring, scored = scoring_subset(self.name, service, o.score_samples)
+        num_layers = adapter.num_layers
+
+        def pool(removed: list[int]) -> list[int]:
+            alive = [k for k in range(num_layers) if k not in removed]
+            return alive[o.early_barrier:len(alive) - o.latter_barrier]
+
+        def nlls(candidates: list[int], removed: list[int]) -> dict:
+            return candidate_nlls(scoring, candidates, removed, o.evaluation)
+
+        run = greedy_removal(pool, nlls, lambda removed: len(removed) >= n_remove, progress=service.progress,
+                             total=n_remove, description="sleb: greedy removal", unit="layer")
+        steps = [{"candidates": r.candidates, "nll": r.scores, "removed": best}
+                 for r, best in zip(run.rounds, run.order)]
         return Selection(
-            removed_layers=sorted(removed),
+            removed_layers=sorted(run.order),
             scores={"metric": "NLL_cal (mean next-token NLL per calibration token) with the candidate and all "
                               "earlier removals skipped; argmin removed at each step",
-                    "order": removed, "steps": steps,
-                    "evaluations": sum(len(s["candidates"]) for s in steps)},
+                    "order": run.order, "steps": steps, "evaluations": run.evaluations, **scored},
         )

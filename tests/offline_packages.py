@@ -49,6 +49,6 @@ def bigbench_installed() -> bool:
 
 needs_bigbench = pytest.mark.skipif(
     not bigbench_installed(),
-    reason="needs BIG-bench 1.0.0 with its task data (optional, not served by the registry: README, "
+    reason="needs BIG-bench 1.0.0 with its task data (optional, not served by the registry: docs/USAGE.md, "
            "'BIG-bench (optional)')",
 )

@@ -179,6 +179,31 @@ class ModelAdapter(ABC):
             if getattr(head, "weight", None) is not None and head.weight is not self.embeddings().weight:
                 raise RuntimeError("tied input and output embeddings came apart during surgery")
 
+    def head_is_tied(self) -> bool:
+        """Whether the LM head's weight is the input embedding's."""
+        head = getattr(self.lm_head(), "weight", None)
+        return head is not None and head is self.embeddings().weight
+
+    def untie_output_embeddings(self) -> int:
+        """Give a head tied to the input embedding its own weight (a copy) and mark the config untied, so that
+        training the head leaves the embedding untouched and the model saves and reloads untied; returns the
+        parameters added (V x d), 0 where nothing was tied."""
+        self._refuse_while_skipping("untie the output embeddings")
+        model, added = self.model, 0
+        if self.head_is_tied():
+            shared = self.embeddings().weight
+            self.lm_head().weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            added = shared.numel()
+        configs = [model.config]
+        if hasattr(model.config, "get_text_config"):
+            configs.append(model.config.get_text_config())
+        for config in configs:
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+        if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5: what save / tie_weights re-tie
+            model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+        return added
+
     def replace_layer(self, index: int, module: nn.Module) -> None:
         """Put ``module`` in place of decoder layer ``index`` (same position; numbering unchanged).
 

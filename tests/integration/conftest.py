@@ -28,3 +28,28 @@ def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "depthbench.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+#: A fixed prompt whose logits compare an in-memory pruned model with the model reloaded from disk.
+PROBE_IDS = [[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]]
+
+
+def run_small_cells(root: Path, cells: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Each cell (name -> overrides) through the pipeline on SmolLM2 at a CI-sized budget (ratio 0.04 = one layer,
+    2 x 32 calibration tokens, no benchmark, speed or fidelity), sharing one cache under ``root``: the records and
+    the in-memory pruned models' logits on `PROBE_IDS`."""
+    import torch
+
+    from depthbench.experiments.pipeline import run
+
+    records, in_memory = {}, {}
+    for cell, overrides in cells.items():
+        def keep_logits(model, tokenizer, cell=cell):
+            with torch.no_grad():
+                in_memory[cell] = model(input_ids=torch.tensor(PROBE_IDS)).logits
+        cfg = compose(*overrides, "ratio=0.04", "scale=fast", "calibration.n_samples=2", "calibration.seq_len=32",
+                      "calibration.batch_size=2", "benchmark=none", "efficiency.enabled=false",
+                      "evaluation.fidelity.enabled=false", "logger=none", "progress=false",
+                      f"cache.dir={root / 'cache'}")
+        records[cell] = run(cfg, root / cell, after_prune=keep_logits)
+    return records, in_memory

@@ -92,5 +92,5 @@ def test_bigbench_without_the_package_is_one_line_status_2_nothing_on_disk(tmp_p
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"depthbench: error: {needs} needs the package `bigbench`")
-    assert "README" in lines[0] and "needs no BIG-bench" in lines[0]
+    assert "docs/USAGE.md" in lines[0] and "needs no BIG-bench" in lines[0]
     assert list(tmp_path.iterdir()) == []

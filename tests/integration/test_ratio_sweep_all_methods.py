@@ -41,15 +41,19 @@ def test_ratio_sweep_runs_every_method_at_three_ratios(tmp_path, tiny_smollm2_di
     from depthbench.pruners import pruner_registry
 
     sweep = tmp_path / "sweep"
-    # scale=fast, and 2 x 32 calibration tokens: the tiny model's cost is its 49,152-token softmax, and SLEB and
-    # BlockPruner score every candidate unit at every step (minutes at scale=fast's 8 x 128 tokens)
-    proc = run_cli("experiment=ratio_sweep", "model=hf", f"model.name_or_path={tiny_smollm2_dir}", "scale=fast",
-                   "calibration.n_samples=2", "calibration.seq_len=32", "calibration.batch_size=2", "benchmark=none",
-                   "logger=none", "progress=false", "save_model=false", "efficiency.enabled=false",
-                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=1500)
+    builtin = {n for n in pruner_registry.names() if pruner_registry.get(n).__module__.startswith("depthbench.")}
+    common = ("experiment=ratio_sweep", "model=hf", f"model.name_or_path={tiny_smollm2_dir}", "scale=fast",
+              "calibration.seq_len=32", "calibration.batch_size=2", "benchmark=none", "logger=none", "progress=false",
+              "save_model=false", "efficiency.enabled=false", f"hydra.sweep.dir={sweep}")
+    # scale=fast, and 2 x 32 calibration tokens: the tiny model's cost is its 49,152-token softmax, and SLEB,
+    # BlockPruner and FinerCut score every candidate unit at every step (minutes at scale=fast's 8 x 128 tokens);
+    # MKA's k-NN entropy needs more than 50 sequences: it runs as a second grid into the same sweep
+    proc = run_cli(*common, "pruner=" + ",".join(sorted(builtin - {"mka"})), "calibration.n_samples=2",
+                   cwd=tmp_path, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(*common, "pruner=mka", "calibration.n_samples=56", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sweep.rglob("result.json")]
-    builtin = {n for n in pruner_registry.names() if pruner_registry.get(n).__module__.startswith("depthbench.")}
     ratios = (0.125, 0.25, 0.375)
     assert sorted((r["method"], r["ratio"]) for r in records) == sorted((m, x) for m in builtin for x in ratios)
     for record in records:
@@ -58,7 +62,9 @@ def test_ratio_sweep_runs_every_method_at_three_ratios(tmp_path, tiny_smollm2_di
         target = record["ratio"] * LAYERS
         if record["method"] == "laco":  # merges: at most R layers' worth (stop=threshold may merge fewer)
             assert 0 < removed <= target + 1e-9, record["method"]
-        elif record["method"] in ("llm_drop", "blockpruner"):  # attention / MLP units: about R layers' worth
+        elif record["method"] == "finercut":  # the reference's budget: a count of 2R sub-blocks, whatever they hold
+            assert pruning["removed_attention_modules"] + pruning["removed_mlp_modules"] == 2 * round(target)
+        elif record["method"] in ("llm_drop", "blockpruner"):  # sub-blocks: about R layers' worth
             assert 0 < removed <= target + 1, (record["method"], removed)
         else:  # whole layers (LLM-Streamline removes n + 1 and adds one trained layer back: n net)
             assert LAYERS - pruning["num_layers_after"] == round(target), (record["method"], pruning)

@@ -10,9 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from depthbench.experiments.pipeline import run
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.integration.conftest import PROBE_IDS, needs_offline_packages, run_small_cells
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 
@@ -29,22 +28,13 @@ CELLS = {
     "random_layers": ["pruner=random_layers"],
     "shortgpt+magnitude": ["pruner=shortgpt", "pruner.compensate=magnitude"],
 }
-PROBE = torch.tensor([[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]])
+PROBE = torch.tensor(PROBE_IDS)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("more_methods")
-    records, in_memory = {}, {}
-    for cell, overrides in CELLS.items():
-        def keep_logits(model, tokenizer, cell=cell):
-            with torch.no_grad():
-                in_memory[cell] = model(input_ids=PROBE).logits
-        cfg = compose(*overrides, "ratio=0.04", "scale=fast", "calibration.n_samples=2", "calibration.seq_len=32",
-                      "calibration.batch_size=2", "benchmark=none", "efficiency.enabled=false",
-                      "evaluation.fidelity.enabled=false", "logger=none", "progress=false",
-                      f"cache.dir={root / 'cache'}")
-        records[cell] = run(cfg, root / cell, after_prune=keep_logits)
+    records, in_memory = run_small_cells(root, CELLS)
     yield root, records, in_memory
     shutil.rmtree(root, ignore_errors=True)
 

@@ -135,10 +135,8 @@ def test_baselines_use_only_the_public_pruner_interface():
 
 
 def test_calibration_tokens_are_counted_when_prune_and_comp_reads_the_data():
-    from depthbench.pruners.compensation import parse_compensation
-
     model = build_tiny_model(tiny_llama_config(num_layers=8), seed=3)
-    pruner = build_pruner("last_layers", {"keep_last": True}).with_compensation(parse_compensation("magnitude", "post"))
+    pruner = build_pruner("last_layers", {"keep_last": True}, compensate="magnitude", compensate_mode="post")
     counter = ForwardCounter(model)
     result = pruner.prune(adapter_for(model), CalibrationData(random_batches(n_batches=2), 16), 3, progress=False)
     assert result.removed_layers == [4, 5, 6] and counter.calls > 0
@@ -153,4 +151,4 @@ def test_iterative_compensation_is_refused_for_a_baseline_post_is_allowed(name):
 
     with pytest.raises(ConfigError, match="allowed for it: compensate_mode=post"):
         build_pruner(name, {}, compensate="magnitude")
-    assert build_pruner(name, {}, compensate="magnitude", compensate_mode="post").compensation.active
+    assert build_pruner(name, {}, compensate="magnitude", compensate_mode="post").settings.active

@@ -118,8 +118,12 @@ def test_demo_report_reads_its_numbers_from_the_sweep(tmp_path):
     assert not (out.parent / "demo" / "retired_plot.png").exists()  # a plot no longer drawn is not kept
     # the time table: prune = the prune.* stages, slowest cell first
     ratio = f"{_record('x')['ratio']:g}"
-    assert f"| uidl | {ratio} | 2.8 | 31.0 |\n| replaceme_ls | {ratio} | 1.8 | 30.0 |" in text
+    seed = _record("x").get("seed", 0)
+    assert f"| uidl | {ratio} | {seed} | 2.8 | 31.0 |\n| replaceme_ls | {ratio} | {seed} | 1.8 | 30.0 |" in text
     assert "Sum of the cells' wall times: 1.0 min" in text
+    # the budgets table, from the records' pruning.budget
+    budget = _record("x")["pruning"].get("budget") or {}
+    assert f"| uidl | {budget.get('calibration_tokens', 0):,} |" in text
 
 
 def test_performance_page_renders_every_committed_record(tmp_path):

@@ -215,7 +215,7 @@ def test_the_setting_composes_from_the_command_line_and_validate_refuses_before_
     assert (cfg.pruner.compensate, cfg.pruner.compensate_mode, cfg.pruner.compensate_fold) == ("magnitude", "post",
                                                                                                "after")
     _, pruner, _ = validate(cfg, tmp_path / "ok")
-    assert pruner.compensation.active and pruner.compensation.mode == "post"
+    assert pruner.settings.active and pruner.settings.mode == "post"
     assert _compose("pruner=uidl").pruner.compensate == "none"
     with pytest.raises(ConfigError, match="'replaceme_ls' puts something in their place"):
         validate(_compose("pruner=replaceme_ls", "pruner.compensate=magnitude", "logger=none"), tmp_path / "bad")
@@ -252,7 +252,7 @@ def test_fold_after_equals_an_explicit_scaling_on_every_family(family):
 
 def test_a_gap_ending_at_the_last_layer_is_removed_without_compensation(caplog):
     from depthbench.pruners.base import Pruner, Selection
-    from depthbench.pruners.compensation import parse_compensation
+    from depthbench.pruners.compensation import CompensatedPruner, parse_compensation
 
     class LastTwo(Pruner):
         name = "last_two_for_test"
@@ -268,7 +268,7 @@ def test_a_gap_ending_at_the_last_layer_is_removed_without_compensation(caplog):
     adapter_for(plain).remove_layers([L - 2, L - 1])
     for mode in ("post", "iterative"):
         model = model64()
-        pruner = LastTwo().with_compensation(parse_compensation("magnitude", mode, "after"))
+        pruner = CompensatedPruner(LastTwo(), parse_compensation("magnitude", mode, "after"))
         with caplog.at_level("WARNING"):
             result = pruner.prune(adapter_for(model), CalibrationData(batches, 16), 2, progress=False)
         entries = result.compensation["gaps" if mode == "post" else "rounds"]

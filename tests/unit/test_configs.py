@@ -33,7 +33,7 @@ def test_every_pruner_entry_composes_and_builds(name):
     """``pruner=<name>`` is the method's Options dataclass: its defaults compose, and build the pruner."""
     cfg = _compose(f"pruner={name}")
     assert cfg.pruner.name == name
-    options = OmegaConf.to_container(cfg.pruner.options)
+    options = OmegaConf.to_container(cfg.pruner.options, resolve=True)
     assert options == dataclasses.asdict(pruner_registry.get(name).Options())
     assert build_pruner(name, options).name == name
 
@@ -43,6 +43,16 @@ def test_hydra_refuses_a_mistyped_or_unknown_pruner_option():
         _compose("pruner=replaceme_cosine", "pruner.options.lr=abc")
     with pytest.raises(ConfigCompositionException, match="bogus"):
         _compose("pruner=uidl", "pruner.options.bogus=1")
+
+
+@pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
+def test_a_trained_methods_seed_follows_the_run_seed(name):
+    """``seed=3`` reseeds the row / sequence shuffling and held-out split of the methods that train (their
+    ``pruner.options.seed``); an explicit ``pruner.options.seed`` still wins; the random baseline's draw keeps
+    its own documented axis (reference seed 42)."""
+    assert OmegaConf.to_container(_compose(f"pruner={name}", "seed=3").pruner.options, resolve=True)["seed"] == 3
+    assert _compose(f"pruner={name}", "seed=3", "pruner.options.seed=5").pruner.options.seed == 5
+    assert _compose("pruner=random_layers", "seed=3").pruner.options.seed == 42
 
 
 def test_launchers_compose():
@@ -108,7 +118,7 @@ def test_method_grids_cover_every_builtin_method(preset):
                if pruner_registry.get(name).__module__.startswith("depthbench.")}
     swept = _compose(f"experiment={preset}", hydra_cfg=True).hydra.sweeper.params.pruner.split(",")
     assert len(swept) == len(set(swept)) and set(swept) == builtin
-    assert len(builtin) == 14
+    assert len(builtin) == 16
 
 
 @pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
@@ -122,5 +132,50 @@ def test_converged_scale_sets_the_trained_methods_budgets(name):
     assert any(default.pruner.options[k] != v for k, v in budget.items())
     key = next(iter(budget))
     assert _compose(f"pruner={name}", "scale=converged", f"pruner.options.{key}=3").pruner.options[key] == 3
-    assert build_pruner(name, OmegaConf.to_container(cfg.pruner.options)).name == name
+    assert build_pruner(name, OmegaConf.to_container(cfg.pruner.options, resolve=True)).name == name
     assert _compose("pruner=uidl", "scale=converged").pruner == _compose("pruner=uidl").pruner
+
+
+def test_cache_settings_parse_the_yaml_and_refuse_bad_values_naming_them(tmp_path):
+    """``cache`` is parsed once into typed settings whose defaults are the YAML's (no fallback in code), and a bad
+    value stops the run's config check naming the key, the value and what is allowed."""
+    from depthbench.errors import ConfigError
+    from depthbench.experiments.cache_settings import CacheSettings
+    from depthbench.experiments.pipeline import validate
+
+    yaml = OmegaConf.load(CONF / "config.yaml").cache
+    settings = CacheSettings.from_config(_compose().cache)
+    assert settings.activations_gb == yaml.activations_gb == "auto"
+    assert settings.lock_stale_s == yaml.lock_stale_s and settings.statistics is True
+    assert CacheSettings.from_config({**OmegaConf.to_container(yaml), "activations_gb": 0.5}).activation_budget() \
+        == 512 * 1024**2
+    for key, value, allowed in (("activations_gb", "lots", "auto, or a number of GiB >= 0"),
+                                ("lock_stale_s", 0, "a number of seconds > 0"), ("statistics", "yes", "true, false")):
+        with pytest.raises(ConfigError, match=rf"cache.{key}={value!r}; allowed: {allowed}"):
+            validate(_compose(f"cache.{key}={value}", "logger=none"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["sleb", "shortened_ppl", "blockpruner", "finercut"])
+def test_a_candidate_subset_larger_than_the_calibration_set_is_refused_from_the_config(name, tmp_path):
+    from depthbench.errors import ConfigError
+    from depthbench.experiments.pipeline import validate
+
+    with pytest.raises(ConfigError, match=rf"{name} score_samples=9: calibration.n_samples is 8; allowed: 0 \(all\) "
+                                          r"or at most 8"):
+        validate(_compose(f"pruner={name}", "pruner.options.score_samples=9", "calibration.n_samples=8",
+                          "logger=none"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cpu_scale_declares_candidate_subsets_and_the_converged_training_budgets():
+    """scale=cpu (make leaderboard-all): the default calibration; the per-candidate methods score on the subset their
+    conf/budget/cpu_<name>.yaml declares; the trained methods get exactly scale=converged's budgets; others as default."""
+    for name in ("sleb", "shortened_ppl", "blockpruner", "finercut"):
+        declared = OmegaConf.load(CONF / "budget" / f"cpu_{name}.yaml").pruner.options.score_samples
+        cfg = _compose(f"pruner={name}", "scale=cpu")
+        assert cfg.pruner.options.score_samples == declared > 0 and cfg.calibration.n_samples == 128
+    for name in ("llm_streamline", "replaceme_cosine"):
+        converged = _compose(f"pruner={name}", "scale=converged").pruner.options
+        assert _compose(f"pruner={name}", "scale=cpu").pruner.options == converged
+    assert _compose("pruner=uidl", "scale=cpu").pruner.options == _compose("pruner=uidl").pruner.options

@@ -266,7 +266,7 @@ def test_faithfulness_grid_cells_compose_and_build():
     assert {"calibration.packing=true", "calibration.seq_len=2048", "calibration.n_samples=16"} <= set(packed)
     for _, overrides in cells:
         cfg = _compose(*overrides)
-        build_pruner(cfg.pruner.name, OmegaConf.to_container(cfg.pruner.options))
+        build_pruner(cfg.pruner.name, OmegaConf.to_container(cfg.pruner.options, resolve=True))
 
 
 def test_leaderboard_has_the_budget_columns():

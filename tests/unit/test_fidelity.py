@@ -61,10 +61,12 @@ def test_full_vocabulary_reference_equals_the_float64_recomputation():
     counts = np.array([(windows == w).sum() for w in range(8)])
     se = math.sqrt(8 / 7 * ((sums - kl.mean() * counts) ** 2).sum()) / counts.sum()
     assert got["kl_stderr"] == pytest.approx(se, rel=1e-4)
-    # per-window sums (what paired ranking compares), against the same float64 recomputation
+    # per-window sums (what paired ranking compares), against the same float64 recomputation; the model runs in
+    # float32, batched and padded here but row by row in the recomputation, so a window's sum of small KLs
+    # (~1e-2) differs in the 4th digit with the CPU's kernels; a wrong grouping would differ in the first
     per_window = got["per_window"]
     assert per_window["window"] == list(range(8)) and per_window["tokens"] == counts.tolist()
-    assert np.allclose(per_window["kl"], sums, rtol=1e-4, atol=1e-7)
+    assert np.allclose(per_window["kl"], sums, rtol=1e-3, atol=1e-7)
     assert np.allclose(per_window["top1"], [agree[windows == w].sum() for w in range(8)])
 
 

@@ -11,18 +11,36 @@ def test_unknown_pruner_lists_available():
         build_pruner("nope")
 
 
-def test_entry_point_plugins_are_found(monkeypatch):
-    """A third-party pruner registered through the entry-point group, without a fork."""
+class MyMethod(UIDLPruner):
+    """A plugin class whose ``name`` agrees with its entry point (not registered in the built-in registry)."""
+
+    name = "my_method"
+
+
+def _registry_with_entry_point(monkeypatch, entry_name: str, value: str) -> Registry:
     import depthbench.registry as registry_module
 
     class FakeEntryPoint:
-        name, value = "my_method", "depthbench.pruners.uidl:UIDLPruner"
+        name = entry_name
 
+    FakeEntryPoint.value = value
     monkeypatch.setattr(registry_module, "entry_points",
                         lambda group: [FakeEntryPoint()] if group == "depthbench.pruners" else [])
-    reg = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
-    assert reg.get("my_method") is UIDLPruner
+    return Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
+
+
+def test_entry_point_plugins_are_found(monkeypatch):
+    """A third-party pruner registered through the entry-point group, without a fork."""
+    reg = _registry_with_entry_point(monkeypatch, "my_method", "tests.unit.test_registry:MyMethod")
+    assert reg.get("my_method") is MyMethod
     assert "my_method" in reg.names()
+
+
+def test_a_plugin_whose_names_disagree_is_refused(monkeypatch):
+    """The entry-point name (the config name) and the class's ``name`` (what records show) are one name."""
+    reg = _registry_with_entry_point(monkeypatch, "my_method", "depthbench.pruners.uidl:UIDLPruner")
+    with pytest.raises(ConfigError, match=r"entry point is named 'my_method' but its class says name = 'uidl'"):
+        reg.get("my_method")
 
 
 def test_a_plugin_reusing_a_builtin_name_is_named_in_a_warning(monkeypatch, caplog):
