@@ -170,7 +170,8 @@ def test_a_candidate_subset_larger_than_the_calibration_set_is_refused_from_the_
 
 def test_cpu_scale_declares_candidate_subsets_and_the_converged_training_budgets():
     """scale=cpu (make leaderboard-all): the default calibration; the per-candidate methods score on the subset their
-    conf/budget/cpu_<name>.yaml declares; the trained methods get exactly scale=converged's budgets; others as default."""
+    conf/budget/cpu_<name>.yaml declares; the trained methods get exactly scale=converged's budgets; others: the
+    defaults."""
     for name in ("sleb", "shortened_ppl", "blockpruner", "finercut"):
         declared = OmegaConf.load(CONF / "budget" / f"cpu_{name}.yaml").pruner.options.score_samples
         cfg = _compose(f"pruner={name}", "scale=cpu")
