@@ -68,7 +68,7 @@ demo: install
 LEADERBOARD_BPB_LIMIT ?= 10
 LEADERBOARD_ALL_OVERRIDES ?= scale=cpu benchmark=reasoning_bpb benchmark.limit=$(LEADERBOARD_BPB_LIMIT) \
 	evaluation.perplexity.max_windows=32
-LEADERBOARD_SEED_METHODS ?= shortgpt,uidl,replaceme_ls,shortened_taylor,llm_drop,linearpatch,mka
+LEADERBOARD_SEED_METHODS ?= shortgpt,uidl,replaceme_ls,linearpatch
 LEADERBOARD_ALL_DIR ?= outputs/sweeps/leaderboard_all
 leaderboard-all: install
 	@start=$$(date +%s); \

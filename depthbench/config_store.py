@@ -12,9 +12,18 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 
+def folder_name(overrides: str) -> str:
+    """A sweep cell's folder name from its overrides (``hydra.job.override_dirname``): a path separator in a value
+    (``calibration.path=/data/x.jsonl``) becomes ``_`` so the cell stays one folder below the sweep."""
+    return overrides.replace("/", "_").replace("\\", "_")
+
+
 def register_configs() -> None:
-    """Store ``pruner/<name>`` for every pruner in the registry (idempotent)."""
+    """Store ``pruner/<name>`` for every pruner in the registry, and the ``folder_name`` resolver that
+    conf/hydra/default.yaml names cells with (idempotent)."""
     from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
     from depthbench.pruners import pruner_registry
     from depthbench.pruners.options import run_seeded

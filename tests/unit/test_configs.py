@@ -180,3 +180,17 @@ def test_cpu_scale_declares_candidate_subsets_and_the_converged_training_budgets
         converged = _compose(f"pruner={name}", "scale=converged").pruner.options
         assert _compose(f"pruner={name}", "scale=cpu").pruner.options == converged
     assert _compose("pruner=uidl", "scale=cpu").pruner.options == _compose("pruner=uidl").pruner.options
+
+
+def test_a_path_override_names_one_cell_folder_not_a_nest():
+    """A sweep cell's folder is its overrides with path separators replaced: ``calibration.path=/data/x.jsonl``
+    does not nest the cell several folders below the sweep."""
+    from omegaconf import open_dict
+
+    cfg = _compose("ratio=0.1", hydra_cfg=True)
+    with open_dict(cfg):
+        cfg.hydra.job.override_dirname = "calibration.path=/data/x.jsonl,ratio=0.1"
+    assert cfg.hydra.sweep.subdir == "calibration.path=_data_x.jsonl,ratio=0.1"
+    with open_dict(cfg):
+        cfg.hydra.job.override_dirname = "pruner=uidl,ratio=0.25"
+    assert cfg.hydra.sweep.subdir == "pruner=uidl,ratio=0.25"  # names without a path are unchanged (resume)
