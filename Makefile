@@ -63,7 +63,8 @@ demo: install
 # their converged budgets), held-out perplexity and fidelity on 32 windows of 256 tokens, and the
 # gold-solution bits-per-byte group (benchmark=reasoning_bpb) at LEADERBOARD_BPB_LIMIT documents per task. Then
 # the methods that finish in minutes again with calibration seeds 1 and 2 (LEADERBOARD_SEED_METHODS: seeds pool
-# into one competitor and show their spread). Its own sweep folder (resumable), then docs/LEADERBOARD.md from it
+# into one competitor and show their spread), and reverse-order pruning healed by partial-layer fine-tuning (Lu et
+# al.: healing=partial_layers, ranked among healed runs). Its own sweep folder (resumable), then docs/LEADERBOARD.md from it
 # (benchmarks/demo_report.py). On a GPU, LEADERBOARD_ALL_OVERRIDES="scale=default benchmark=offline_reasoning".
 LEADERBOARD_BPB_LIMIT ?= 10
 LEADERBOARD_ALL_OVERRIDES ?= scale=cpu benchmark=reasoning_bpb benchmark.limit=$(LEADERBOARD_BPB_LIMIT) \
@@ -76,6 +77,8 @@ leaderboard-all: install
 	  hydra.sweep.dir=$(LEADERBOARD_ALL_DIR) && \
 	$(VENV)/bin/depthbench experiment=leaderboard $(LEADERBOARD_ALL_OVERRIDES) \
 	  pruner=$(LEADERBOARD_SEED_METHODS) seed=1,2 hydra.sweep.dir=$(LEADERBOARD_ALL_DIR) && \
+	$(VENV)/bin/depthbench experiment=leaderboard $(LEADERBOARD_ALL_OVERRIDES) \
+	  pruner=last_layers healing=partial_layers hydra.sweep.dir=$(LEADERBOARD_ALL_DIR) && \
 	$(VENV)/bin/depthbench-leaderboard $(LEADERBOARD_ALL_DIR) && \
 	$(PY) benchmarks/demo_report.py --sweep $(LEADERBOARD_ALL_DIR) --started $$start \
 	  --seconds $$(( $$(date +%s) - start )) --command "make leaderboard-all" \

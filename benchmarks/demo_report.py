@@ -35,8 +35,8 @@ def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict
     if pair is None:
         return None
     # the two runs of that pair's group (a sweep over ratios has one run of each method per group)
-    rows = frame[(frame["row_kind"] == "run") & (frame["healing"] == "none") & (frame["model"] == pair["model"])
-                 & (frame["compared_at"] == pair["compared_at"])]
+    rows = frame[frame["row_kind"].isin(["run", "seed mean"]) & (frame["healing"] == "none")
+                 & (frame["model"] == pair["model"]) & (frame["compared_at"] == pair["compared_at"])]
     a, b = (rows[rows["method"] == method].iloc[0] for method in (first, second))
     return {"first": first, "second": second, "metric": pair["metric"], "better": pair["a"],
             "difference": pair["difference"], "p": pair["p_value"], "p_holm": pair["p_holm"],

@@ -54,14 +54,16 @@ def module_columns(pruning: dict) -> dict:
 
 
 def seed_group(record: dict) -> str:
-    """The config hash without the seeds (``seed``, ``pruner.options.seed``): runs that share it differ only
-    in their seeds. A record without its config is a group of its own."""
+    """The config hash without the seeds (``seed``, ``pruner.options.seed``, and the calibration draw's and
+    healing's seeds, which follow ``seed``): runs that share it differ only in their seeds. A record without its
+    config is a group of its own."""
     config = record.get("config")
     if not isinstance(config, dict):
         return record["config_hash"]
     config = {**config, "seed": None}
-    if isinstance(config.get("healing"), dict):  # the healing seed follows the run seed by default
-        config["healing"] = {k: v for k, v in config["healing"].items() if k != "seed"}
+    for group in ("healing", "calibration"):  # their seeds follow the run seed by default
+        if isinstance(config.get(group), dict):
+            config[group] = {k: v for k, v in config[group].items() if k != "seed"}
     pruner = config.get("pruner")
     if isinstance(pruner, dict) and isinstance(pruner.get("options"), dict):
         config["pruner"] = {**pruner, "options": {k: v for k, v in pruner["options"].items() if k != "seed"}}

@@ -182,3 +182,17 @@ def test_healing_columns_are_shown_only_when_a_run_was_healed():
     shown = leaderboard.display_frame(frame)
     assert {"healing", "ppl healed", "KL healed"} <= set(shown.columns)
     assert "13 ± 1.414" in set(shown["ppl healed"])
+
+
+def test_the_calibration_draws_seed_follows_the_run_seed_into_one_seed_group():
+    """``seed=1,2`` also changes ``calibration.seed`` (it interpolates ``seed``): those runs are one competitor, while
+    another calibration size is not."""
+    from depthbench.experiments.records import seed_group
+
+    def with_seed(digest, seed, n_samples=8):
+        record = _record(digest, seed=seed, n_samples=n_samples)
+        record["config"]["calibration"]["seed"] = seed
+        return record
+
+    assert seed_group(with_seed("a", 0)) == seed_group(with_seed("b", 1)) == seed_group(with_seed("c", 2))
+    assert seed_group(with_seed("d", 1, n_samples=64)) != seed_group(with_seed("b", 1))
