@@ -30,15 +30,18 @@ DEMO_TITLE = "The demo: `make demo` on the project's CPU machine"
 def separation(frame, first: str = "replaceme_ls", second: str = "uidl") -> dict | None:
     """The leaderboard's paired test of ``first`` against ``second`` (no healing), with their KL, standard errors,
     ranks, perplexity and top-1 agreement; None when the sweep did not compare the two."""
+    def method(label: str) -> str:  # a seed group's label is "<method> (N seeds)"
+        return label.split(" (")[0]
+
     pair = next((p for p in frame.attrs.get("pairs", []) if p.get("healing", "none") == "none"
-                 and {p["a"], p["b"]} == {first, second}), None)
+                 and {method(p["a"]), method(p["b"])} == {first, second}), None)
     if pair is None:
         return None
     # the two runs of that pair's group (a sweep over ratios has one run of each method per group)
     rows = frame[frame["row_kind"].isin(["run", "seed mean"]) & (frame["healing"] == "none")
                  & (frame["model"] == pair["model"]) & (frame["compared_at"] == pair["compared_at"])]
     a, b = (rows[rows["method"] == method].iloc[0] for method in (first, second))
-    return {"first": first, "second": second, "metric": pair["metric"], "better": pair["a"],
+    return {"first": first, "second": second, "metric": pair["metric"], "better": method(pair["a"]),
             "difference": pair["difference"], "p": pair["p_value"], "p_holm": pair["p_holm"],
             "significant": pair["significant"], "ranks": (a["rank"], b["rank"]),
             "kl": (float(a["kl"]), float(b["kl"])), "kl_se": (float(a["kl_se"]), float(b["kl_se"])),
