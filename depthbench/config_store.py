@@ -9,13 +9,26 @@ composes, and the options are declared in one place (the dataclass, with its doc
 
 from __future__ import annotations
 
+import hashlib
+
 from hydra.core.config_store import ConfigStore
+
+#: The longest cell folder name in bytes: file systems refuse a path component over 255 bytes.
+FOLDER_NAME_MAX_BYTES = 200
 
 
 def folder_name(overrides: str) -> str:
     """A sweep cell's folder name from its overrides (``hydra.job.override_dirname``): a path separator in a value
-    (``calibration.path=/data/x.jsonl``) becomes ``_`` so the cell stays one folder below the sweep."""
-    return overrides.replace("/", "_").replace("\\", "_")
+    (``calibration.path=/data/x.jsonl``) becomes ``_`` so the cell stays one folder below the sweep. A name longer
+    than `FOLDER_NAME_MAX_BYTES` keeps its start and ends in a hash of the whole name, so that it stays a valid
+    folder, differs from every other cell's and is the same on a resumed run."""
+    name = overrides.replace("/", "_").replace("\\", "_")
+    encoded = name.encode()
+    if len(encoded) <= FOLDER_NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    head = encoded[: FOLDER_NAME_MAX_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
 
 
 def register_configs() -> None:

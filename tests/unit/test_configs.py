@@ -194,3 +194,18 @@ def test_a_path_override_names_one_cell_folder_not_a_nest():
     with open_dict(cfg):
         cfg.hydra.job.override_dirname = "pruner=uidl,ratio=0.25"
     assert cfg.hydra.sweep.subdir == "pruner=uidl,ratio=0.25"  # names without a path are unchanged (resume)
+
+
+def test_a_long_cell_folder_name_fits_a_path_component_and_stays_unique():
+    """Many overrides with a long path make a name over the file system's 255-byte component limit: the folder
+    name is cut to `FOLDER_NAME_MAX_BYTES` with a hash of the whole name, the same on every call (resume), and two
+    cells that differ only at the end get different folders."""
+    from depthbench.config_store import FOLDER_NAME_MAX_BYTES, folder_name
+
+    common = "benchmark=none,calibration.n_samples=2,model.name_or_path=/tmp/" + "x" * 150 + ",model=hf"
+    first, second = folder_name(common + ",ratio=0.125"), folder_name(common + ",ratio=0.25")
+    assert len(first.encode()) <= FOLDER_NAME_MAX_BYTES < 255
+    assert first != second and first == folder_name(common + ",ratio=0.125")
+    assert "/" not in first and first.startswith("benchmark=none,calibration.n_samples=2,model.name_or_path=_tmp_")
+    accented = folder_name("calibration.path=/données/" + "é" * 200)  # a cut never splits a multi-byte character
+    assert len(accented.encode()) <= FOLDER_NAME_MAX_BYTES and accented.encode().decode() == accented
