@@ -2,6 +2,13 @@
 
     python benchmarks/method_results.py --output docs/method_results.json          # record
     python benchmarks/method_results.py --compare docs/method_results.json         # rerun and compare
+    python benchmarks/method_results.py --tiny --output docs/method_results_tiny.json   # every method, minutes
+    python benchmarks/method_results.py --compare docs/method_results_tiny.json
+
+``--tiny`` runs EVERY registered built-in method (the registry, not a hand-kept list) on a tiny random Llama
+with SmolLM2's tokenizer (16 layers, hidden 32, seeded; the ratio-sweep test's model) at ``scale=fast`` with
+2 x 32 calibration tokens (MKA: 56 sequences, it needs more than 50), in float32, and also keeps every removed
+sub-block and the KL to the dense model: a before/after check for refactors that takes minutes, not hours.
 
 Each method prunes SmolLM2 (bfloat16, the embedded default) at 25% with the same calibration data and
 is evaluated on the same held-out windows (no lm-eval tasks, no speed: only what the method decides).
@@ -85,8 +92,47 @@ def compose(*overrides: str):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+#: Tiny mode: the model (the ratio-sweep test's: 16 layers so that Shortened LLaMA's protected layers leave room,
+#: hidden 32, a power of two for LinearPatch's rotation) and the overrides every cell shares.
+TINY_LAYERS, TINY_HIDDEN, TINY_SEED = 16, 32, 0
+TINY_OVERRIDES = ("scale=fast", "calibration.seq_len=32", "calibration.batch_size=2", "model.dtype=float32")
+#: Methods that need more calibration sequences than the tiny default (MKA's k-NN entropy: more than 50).
+TINY_METHOD_OVERRIDES = {"mka": ("calibration.n_samples=56",)}
+
+
+def builtin_methods() -> list[str]:
+    """Every registered pruner that ships with depthbench (plugins excluded), from the registry."""
+    from depthbench.pruners import pruner_registry
+
+    return sorted(n for n in pruner_registry.names() if pruner_registry.get(n).__module__.startswith("depthbench."))
+
+
+def write_tiny_model(directory: Path) -> Path:
+    """A seeded tiny Llama with SmolLM2's tokenizer, saved with save_pretrained (no download: the embedded
+    default's tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from depthbench.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(compose().model)
+    config = LlamaConfig(num_hidden_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(TINY_SEED)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def measure(methods: list[str], samples: int, windows: int, extra: dict[str, list[str]] | None = None,
-            commit: str | None = None) -> dict:
+            commit: str | None = None, tiny: bool = False) -> dict:
     root_of_code = code_root()
     from depthbench.experiments.pipeline import run
     from depthbench.provenance import provenance
@@ -94,11 +140,15 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
     root = Path(tempfile.mkdtemp(prefix="depthbench-method-results-"))
     cells = {}
     try:
+        shared: tuple[str, ...] = ()
+        if tiny:
+            shared = ("model=hf", f"model.name_or_path={write_tiny_model(root / 'tiny-model')}", *TINY_OVERRIDES)
         for method in methods:
-            cfg = compose(f"pruner={method}", "ratio=0.25", f"calibration.n_samples={samples}",
+            cfg = compose(f"pruner={method}", "ratio=0.25", *shared, f"calibration.n_samples={samples}",
                           f"evaluation.perplexity.max_windows={windows}", "benchmark=none", "efficiency.enabled=false",
                           "logger=none", "progress=false", "save_model=false", f"cache.dir={root / 'cache'}",
-                          "cache.base_results=false", *(extra or {}).get(method, []))
+                          "cache.base_results=false", *(TINY_METHOD_OVERRIDES.get(method, ()) if tiny else ()),
+                          *(extra or {}).get(method, []))
             record = run(cfg, root / method)
             cells[method] = {
                 "removed_layers": record["pruning"]["removed_layers"],
@@ -106,12 +156,18 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
                 "base_perplexity": record["metrics"]["base"]["heldout_perplexity"]["perplexity"],
                 "replacement": _numbers(record["pruning"].get("replacement")),
             }
+            if tiny:
+                cells[method]["removed_sub_blocks"] = record["pruning"].get("removed_sub_blocks")
+                kl = (record["metrics"].get("fidelity") or {}).get("kl")
+                cells[method]["replacement"]["fidelity.kl"] = kl.get("mean") if isinstance(kl, dict) else kl
             print(f"{method}: layers {cells[method]['removed_layers']} ppl {cells[method]['perplexity']:.6g}",
                   flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     prov = provenance()
-    return {"settings": {"model": "smollm2_135m (bfloat16)", "ratio": 0.25, "calibration_samples": samples,
+    model = (f"tiny random Llama ({TINY_LAYERS} layers, hidden {TINY_HIDDEN}, seed {TINY_SEED}, float32; "
+             f"{' '.join(TINY_OVERRIDES)})" if tiny else "smollm2_135m (bfloat16)")
+    return {"settings": {"model": model, "tiny": tiny, "ratio": 0.25, "calibration_samples": samples,
                          "heldout_windows": windows, "extra_overrides": extra or {}},
             "commit": prov.get("depthbench_git_sha") or commit, "code": str(root_of_code),
             "provenance": prov, "cells": cells}
@@ -123,20 +179,25 @@ def differences(old: dict, new: dict, rtol: float) -> list[str]:
         after = new["cells"].get(method)
         if after is None:
             continue
-        if before["removed_layers"] != after["removed_layers"]:
-            problems.append(f"{method}: layers {before['removed_layers']} -> {after['removed_layers']}")
+        for key in ("removed_layers", "removed_sub_blocks"):
+            if before.get(key) != after.get(key):
+                problems.append(f"{method}: {key} {before.get(key)} -> {after.get(key)}")
         pairs = [("perplexity", before["perplexity"], after["perplexity"])]
         pairs += [(k, v, after["replacement"].get(k)) for k, v in before["replacement"].items()]
         for key, a, b in pairs:
-            if b is None or not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
+            if a is None and b is None:
+                continue
+            if a is None or b is None or not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
                 problems.append(f"{method}: {key} {a!r} -> {b!r}")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 256 tokens")
+    parser.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)}; with --tiny every "
+                                          f"registered built-in method)")
+    parser.add_argument("--tiny", action="store_true", help="every method on a tiny random Llama (minutes)")
+    parser.add_argument("--samples", type=int, help="calibration sequences (default 32 of 256 tokens; --tiny: 2 of 32)")
     parser.add_argument("--windows", type=int, default=8, help="held-out perplexity windows")
     parser.add_argument("--output", type=Path, help="write the record here (JSON, atomically)")
     parser.add_argument("--compare", type=Path, help="a record to compare against (same settings are used)")
@@ -146,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="an extra override for one method's cell, e.g. to pin an option whose default changed "
                              "since the record (llm_streamline:pruner.options.epochs=4); repeatable")
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
     extra: dict[str, list[str]] = {}
     for item in args.set:
         method, _, override = item.partition(":")
@@ -154,10 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         old = json.loads(args.compare.read_text())
         settings = old["settings"]
+        tiny = bool(settings.get("tiny"))
+        methods = args.methods.split(",") if args.methods else list(old["cells"])
+        missing = sorted(set(builtin_methods()) - set(old["cells"])) if tiny else []
+        if missing:
+            print(f"not in the record (no before to compare with): {', '.join(missing)}")
         methods = [m for m in methods if m in old["cells"]]
-        new = measure(methods, settings["calibration_samples"], settings["heldout_windows"], extra, args.commit)
+        new = measure(methods, settings["calibration_samples"], settings["heldout_windows"], extra, args.commit,
+                      tiny=tiny)
     else:
-        new = measure(methods, args.samples, args.windows, extra, args.commit)
+        methods = args.methods.split(",") if args.methods else (builtin_methods() if args.tiny else METHODS)
+        samples = args.samples or (2 if args.tiny else 32)
+        new = measure(methods, samples, args.windows, extra, args.commit, tiny=args.tiny)
     if args.output:
         from depthbench import atomic
 
