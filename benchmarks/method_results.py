@@ -158,8 +158,8 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
             }
             if tiny:
                 cells[method]["removed_sub_blocks"] = record["pruning"].get("removed_sub_blocks")
-                kl = (record["metrics"].get("fidelity") or {}).get("kl")
-                cells[method]["replacement"]["fidelity.kl"] = kl.get("mean") if isinstance(kl, dict) else kl
+                fidelity = record["metrics"].get("fidelity") or {}
+                cells[method]["replacement"]["fidelity.kl_mean"] = fidelity.get("kl_mean")
             print(f"{method}: layers {cells[method]['removed_layers']} ppl {cells[method]['perplexity']:.6g}",
                   flush=True)
     finally:
