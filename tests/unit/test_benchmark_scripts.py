@@ -184,6 +184,12 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+    taylor = ROOT / "docs" / "taylor_memory.json"
+    if taylor.is_file():
+        record = json.loads(taylor.read_text())
+        # the 8B bound: the GPU peak of the float64 path less the buffer's shrink, 8 - 4 bytes a decoder parameter
+        bound = (record["old_gpu_peak"]["bytes"] - 4 * record["llama3_8b"]["float32"]["decoder_parameters"]) / 2**30
+        assert f"**at most {bound:.1f} GiB**" in text and "**Not re-measured on a GPU**" in text
 
 
 def test_text_page_is_the_render_of_its_committed_record(tmp_path):
