@@ -1,11 +1,14 @@
 """ReplaceMe-LS (and the other methods) at real scale on a randomly initialised model of Llama-3-8B's
-shape: prune time against one bare forward pass over the same calibration data, set beside the 689 s
-the ReplaceMe paper reports for LS (its Figure 1). Timing needs no trained weights, and the
+shape: prune time against one bare forward pass over the same calibration data. The 689 s the ReplaceMe
+paper reports for LS (its Figure 1) is quoted beside the record only with both calibration volumes (the
+reference's, ``scale=paper`` in conf/scale/paper.yaml, against the run's), and called comparable only when
+they are equal (``--samples 8000 --seq-len 1024``). Timing needs no trained weights, and the
 calibration tokens are random ids, so this runs on a GPU machine without internet.
 
     .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
         [--device cuda] [--dtype bfloat16] [--shape llama3_8b | --hidden H --layers L --intermediate I
-        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--output docs/real_scale.json]
+        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--option METHOD.KEY=VALUE ...]
+        [--output docs/real_scale.json]
 
 Each method runs on a fresh copy of the weights (the same seed), in this process; CUDA timings are
 synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
@@ -13,8 +16,13 @@ synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 
 (0 = fits run their own partial forward pass). Writes one JSON record (atomically, after every method,
 so a run stopped at a time limit keeps what it measured) with the environment and every timing, and
 prints a Markdown table; a later run in the same setting with the same ``--output`` re-measures its
-methods and keeps the other rows (each row names its run). benchmarks/performance.py renders the record
-``docs/real_scale.json`` into docs/PERFORMANCE.md.
+methods and keeps the other rows (each row names its run). ``--option`` sets one method's option and is
+recorded in its row (shown beside its name): a greedy search can be bounded so that it fits a device
+session, e.g. BlockPruner (about 40 s per step at 8B shape by issue 29's estimate) with
+``--option blockpruner.budget=count --option blockpruner.n_modules=4`` (4 steps); the row records the
+masked evaluations it made, so the seconds per evaluation are read off it. Run such a method first or
+alone: rows are written per method. benchmarks/performance.py renders the record ``docs/real_scale.json``
+into docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -34,6 +42,15 @@ SHAPES = {
     "llama3_8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
 }
 PAPER_LS_SECONDS = 689  # ReplaceMe (arXiv 2505.02819), Figure 1, Llama-3-8B-Instruct, 25%
+
+
+def paper_ls_tokens() -> tuple[int, int]:
+    """ReplaceMe-LS's calibration volume at ``scale=paper`` (the reference's: sequences, tokens per sequence),
+    read from conf/scale/paper.yaml so that the quoted budget is the one the preset runs."""
+    from omegaconf import OmegaConf
+
+    budget = OmegaConf.load(ROOT / "conf" / "scale" / "paper.yaml")["paper_budget"]["replaceme_ls"]
+    return int(budget["n_samples"]), int(budget["seq_len"])
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str, seed: int):
@@ -97,17 +114,36 @@ def render_record(record: dict, verdicts: list) -> list[str]:
     for r in rows:
         peak = "not recorded" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.1f}"
         stages = ", ".join(f"{k} {v:g}" for k, v in r["stages_s"].items() if v)
-        lines.append(f"| {r['method']} | {r['layers_removed']} | {r['prune_s']:.1f} | {r['prune_over_forward']:.1f}x | "
+        name = r["method"] + (f" ({', '.join(f'{k}={v}' for k, v in r['options'].items())})"
+                              if r.get("options") else "")
+        if r.get("evaluations"):
+            name += f", {r['evaluations']} evaluations ({r['prune_s'] / r['evaluations']:.2f} s each)"
+        lines.append(f"| {name} | {r['layers_removed']} | {r['prune_s']:.1f} | {r['prune_over_forward']:.1f}x | "
                      f"{peak} | {stages} | {r['run']} |")
     missing = sorted(set(pruner_registry.names()) - {r["method"] for r in rows})
     ls = [r for r in rows if r["method"] == "replaceme_ls"]
     if ls and shape == SHAPES["llama3_8b"]:
-        lines += ["", f"The ReplaceMe paper reports {record['paper_ls_seconds']} s for ReplaceMe-LS on "
-                      f"Llama-3-8B-Instruct at 25% (its Figure 1, its own hardware and data); here "
-                      f"{ls[0]['prune_s']:.1f} s."]
+        lines += ["", *paper_comparison(record, ls[0])]
     if missing:
         lines += ["", f"Not measured at this shape: {', '.join(missing)}."]
     return lines
+
+
+def paper_comparison(record: dict, ls_row: dict) -> list[str]:
+    """The paper's LS time beside this record's, each with its calibration volume: like for like in tokens
+    only when the volumes are equal (the hardware and the data still differ)."""
+    n, seq = paper_ls_tokens()
+    ours = record["samples"] * record["seq_len"]
+    text = (f"The ReplaceMe paper reports {record['paper_ls_seconds']} s for ReplaceMe-LS on Llama-3-8B-Instruct "
+            f"at 25% (its Figure 1, its own hardware and data); the reference's calibration volume, as `scale=paper` "
+            f"sets it, is {n:,} x {seq:,} = {n * seq:,} tokens; this record's {ls_row['prune_s']:.1f} s used "
+            f"{record['samples']} x {record['seq_len']} = {ours:,} tokens")
+    if ours == n * seq:
+        return [text + ": the same volume (the hardware and the text still differ)."]
+    return [text + f", {n * seq / ours:.0f}x {'fewer' if ours < n * seq else 'more'}. The two times are not "
+                   "comparable: the calibration pass and the fit grow with the tokens. A like-for-like figure "
+                   f"needs `benchmarks/real_scale.py --methods replaceme_ls --samples {n} --seq-len {seq}` (not "
+                   "run yet)."]
 
 
 def synchronised_seconds(fn, device: str) -> float:
@@ -118,6 +154,21 @@ def synchronised_seconds(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """``["blockpruner.n_modules=4", ...]`` -> ``{"blockpruner": {"n_modules": "4"}}`` (the pruner's Options
+    dataclass types the values); one error naming the item and the allowed form otherwise."""
+    out: dict[str, dict] = {}
+    for item in items:
+        target, equals, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not (equals and dot and method and key):
+            raise ValueError(f"--option {item!r}; allowed: METHOD.KEY=VALUE, e.g. blockpruner.n_modules=4")
+        if method not in methods:
+            raise ValueError(f"--option {item!r} names {method!r}, not one of --methods: {', '.join(methods)}")
+        out.setdefault(method, {})[key] = value
+    return out
 
 
 def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) -> dict:
@@ -145,7 +196,9 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
             result["r"] = pruner.prune(adapter, service, n_remove)
 
     prune_s = synchronised_seconds(prune, args.device)
-    return {"method": method, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,
+    scores = result["r"].selection.scores or {}
+    search = {"evaluations": scores["evaluations"]} if "evaluations" in scores else {}
+    return {"method": method, **search, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,
             "prune_over_forward": prune_s / bare_s,
             "stages_s": {k: round(v["seconds"], 2) for k, v in result["r"].stages.items()},
             # each stage resets the peak counter as it starts (depthbench.measure), so the prune's peak is the
@@ -168,6 +221,8 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, help=f"override the shape's {name}")
     parser.add_argument("--activations-gb", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="one method's option (repeatable), recorded in its row")
     parser.add_argument("--output", default=None, help="JSON record to write (default: print only)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -177,9 +232,10 @@ def main() -> None:
     from depthbench.pruners import build_pruner, pruner_registry
 
     methods = pruner_registry.names() if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    try:  # built before any model: an unknown method fails here, naming the registered ones
-        pruners = {m: build_pruner(m, {}) for m in methods}
-    except ConfigError as err:
+    try:  # built before any model: an unknown method or option fails here, naming what is allowed
+        options = method_options(args.option, methods)
+        pruners = {m: build_pruner(m, options.get(m, {})) for m in methods}
+    except (ConfigError, ValueError) as err:
         parser.error(str(err))
     shape = dict(SHAPES[args.shape])
     for name in shape:
@@ -200,7 +256,8 @@ def main() -> None:
     run = len(record["runs"]) - 1
     rows = record["rows"]
     for method, pruner in pruners.items():
-        rows.append({**measure(method, pruner, shape, dtype, data, args), "run": run})
+        row = measure(method, pruner, shape, dtype, data, args)
+        rows.append({**row, **({"options": options[method]} if method in options else {}), "run": run})
         print(json.dumps(rows[-1]), flush=True)
         if args.output:  # after every method: a run stopped at a time limit keeps what it measured
             from depthbench import atomic

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,6 +62,43 @@ def test_real_scale_starts_a_new_record_when_the_setting_changes(tmp_path):
     assert same["rows"] == [{"method": "uidl", "run": 0}] and [r["command"] for r in same["runs"]] == ["a", "b"]
     other = real_scale.merged_record(out, {**setting, "ratio": 0.5}, {"command": "c"}, ["sleb"])
     assert other["rows"] == [] and other["runs"] == [{"command": "c"}] and other["ratio"] == 0.5
+
+
+def test_real_scale_bounds_a_greedy_search_by_a_method_option_and_records_its_evaluations(tmp_path):
+    """BlockPruner with budget=count, n_modules=2 on 8 layers: 16 sub-block candidates scored at the first step,
+    15 at the second (31 masked evaluations); the options and the count are in the row and the table."""
+    out = tmp_path / "record.json"
+    proc = run("benchmarks/real_scale.py", *TINY_SHAPE, "--methods", "blockpruner", "--option",
+               "blockpruner.budget=count", "--option", "blockpruner.n_modules=2", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["options"] == {"budget": "count", "n_modules": "2"} and row["evaluations"] == 16 + 15
+    assert "| blockpruner (budget=count, n_modules=2), 31 evaluations (" in proc.stdout
+
+
+@pytest.mark.parametrize("option, message", [
+    ("blockpruner.n_modules", "--option 'blockpruner.n_modules'; allowed: METHOD.KEY=VALUE"),
+    ("sleb.score_samples=2", "names 'sleb', not one of --methods: blockpruner"),
+    ("blockpruner.n_module=2", "unknown option(s) n_module for pruner 'blockpruner'"),
+])
+def test_real_scale_refuses_a_bad_method_option_before_building_anything(option, message):
+    proc = run("benchmarks/real_scale.py", "--device", "cpu", "--methods", "blockpruner", "--option", option)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_real_scale_quotes_the_paper_time_with_both_calibration_volumes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
+    real_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_scale)
+    ls = {"prune_s": 26.9}
+    small = " ".join(real_scale.paper_comparison({"paper_ls_seconds": 689, "samples": 128, "seq_len": 256}, ls))
+    # conf/scale/paper.yaml's ReplaceMe-LS volume, 8000 x 1024, against 128 x 256 = 32768 tokens: 250x
+    assert "8,000 x 1,024 = 8,192,000 tokens" in small and "128 x 256 = 32,768 tokens, 250x fewer" in small
+    assert "not comparable" in small
+    same = " ".join(real_scale.paper_comparison({"paper_ls_seconds": 689, "samples": 8000, "seq_len": 1024}, ls))
+    assert "the same volume" in same and "not comparable" not in same
 
 
 def test_real_scale_names_an_unknown_method_before_building_anything():
@@ -145,6 +184,12 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+    taylor = ROOT / "docs" / "taylor_memory.json"
+    if taylor.is_file():
+        record = json.loads(taylor.read_text())
+        # the 8B bound: the GPU peak of the float64 path less the buffer's shrink, 8 - 4 bytes a decoder parameter
+        bound = (record["old_gpu_peak"]["bytes"] - 4 * record["llama3_8b"]["float32"]["decoder_parameters"]) / 2**30
+        assert f"**at most {bound:.1f} GiB**" in text and "**Not re-measured on a GPU**" in text
 
 
 def test_text_page_is_the_render_of_its_committed_record(tmp_path):

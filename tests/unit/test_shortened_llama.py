@@ -2,7 +2,9 @@
 
 - PPL: the order is the argsort of the float64 NLL of deep copies with each layer actually deleted.
 - Taylor: ``I_k = sum over layer k's weights of sum |sum_batches W * g|`` with g from `torch.autograd.grad` of a
-  float64 mean cross-entropy written out here (real targets with a real context token), per batch.
+  float64 mean cross-entropy written out here (real targets with a real context token), per batch; on a
+  bfloat16 model the float32 accumulator against float64 sums of the same gradients (same order, same
+  layers), and no two weights' gradients alive at once.
 - "+": the first 4 and last 2 layers are never removed; without it the first R of the full order go.
 """
 
@@ -97,6 +99,80 @@ def test_taylor_importance_equals_autograd_and_leaves_parameters_as_they_were():
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters()) and layer_norm.grad is None
     assert len(want) == L and min(want) > 0
+
+
+def own_loss_taylor_float64(model, batches) -> list[float]:
+    """As `taylor_reference`, with the model's own loss (labels: the input ids, -100 where the target or its
+    context is padding, written out here) and float64 sums of float64 products of whatever dtype the model
+    has: the exact sum the accumulator approximates, on the same gradients."""
+    params = [[p for name, p in layer.named_parameters() if name.endswith("weight")] for layer in model.model.layers]
+    flat = [p for group in params for p in group]
+    sums = [torch.zeros(p.shape, dtype=torch.float64) for p in flat]
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = ids.clone()
+        labels[:, 0] = -100
+        labels[:, 1:][(mask[:, 1:] == 0) | (mask[:, :-1] == 0)] = -100
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        for total, p, g in zip(sums, flat, torch.autograd.grad(loss, flat)):
+            total += p.detach().double() * g.double()
+    out, i = [], 0
+    for group in params:
+        out.append(sum(float(sums[i + j].abs().sum()) for j in range(len(group))))
+        i += len(group)
+    return out
+
+
+def test_taylor_float32_accumulator_on_a_bfloat16_model_ranks_as_the_float64_sums():
+    """bfloat16 weights and gradients: their products are exact in float32, so the float32 accumulator's
+    only error is its additions over the 8 batches, at most 7 x 2^-24 (4e-7) of the summed magnitudes;
+    rel 2e-6 leaves room for cancellation and is far below the smallest relative gap between two layers'
+    scores (asserted), so the order and the removed layers are the float64 ones. ``accumulator: float64``
+    reproduces the float64 sums exactly (the same products, added in the same order)."""
+    model = build_tiny_model(tiny_llama_config(num_layers=L), seed=8, dtype=torch.bfloat16)
+    data = CalibrationData(random_batches(n_batches=8, batch_size=3, seq_len=12, seed=21), 12)
+    want = own_loss_taylor_float64(copy.deepcopy(model), data.batches)
+    ranked = sorted(want)
+    smallest_gap = min((b - a) / a for a, b in zip(ranked, ranked[1:]))
+    assert smallest_gap > 100 * 2e-6
+    order = argsort(dict(enumerate(want)))
+    runs = {}
+    for accumulator in ("float32", "float64"):
+        pruner = build_pruner("shortened_taylor", {"plus": False, "accumulator": accumulator})
+        result = pruner.prune(adapter_for(copy.deepcopy(model)), data, 3, progress=False)
+        runs[accumulator] = result.selection.scores
+        assert result.selection.scores["order"] == order and result.removed_layers == sorted(order[:3])
+        assert result.selection.scores["accumulator"] == accumulator
+    assert runs["float32"]["values"] == pytest.approx(want, rel=2e-6)
+    assert runs["float32"]["values"] != want  # float32 additions did round: the comparison is not vacuous
+    assert runs["float64"]["values"] == want
+
+
+def test_taylor_frees_each_gradient_before_the_next_and_restores_a_callers_grad():
+    """Backward never holds two decoder weights' gradients at once: a hook of the test, which runs before the
+    pruner's on the same weight, sees exactly one ``.grad`` among them (its own) each time, once per weight and
+    batch. A ``.grad`` set before the run is there afterwards, unchanged."""
+    model, data = tiny_model(), calibration()
+    weights = [p for layer in model.model.layers for name, p in layer.named_parameters() if name.endswith("weight")]
+    seen = []
+    handles = [p.register_post_accumulate_grad_hook(
+        lambda p: seen.append(sum(w.grad is not None for w in weights))) for p in weights]
+    earlier = torch.full_like(weights[5], 0.25)
+    weights[5].grad = earlier.clone()
+    want = taylor_reference(copy.deepcopy(model), data.batches)
+    scores = build_pruner("shortened_taylor", {"plus": False}).prune(adapter_for(model), data, 2,
+                                                                      progress=False).selection.scores
+    for handle in handles:
+        handle.remove()
+    assert seen == [1] * (len(weights) * len(data.batches))
+    assert scores["values"] == pytest.approx(want, rel=1e-6)
+    assert torch.equal(weights[5].grad, earlier)
+    assert all(p.grad is None for i, p in enumerate(weights) if i != 5)
+
+
+def test_taylor_unknown_accumulator_fails_naming_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"shortened_taylor accumulator='float16'; allowed: float32, float64"):
+        build_pruner("shortened_taylor", {"accumulator": "float16"})
 
 
 def test_taylor_plus_never_removes_the_first_four_and_last_two_layers():
