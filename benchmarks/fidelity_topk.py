@@ -32,6 +32,7 @@ def main() -> None:
     from depthbench.evaluation import fidelity as fid
     from depthbench.evaluation.perplexity import heldout_windows
     from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.surgery import ModelSurgery
     from depthbench.modeling.loading import load_model
     from tests.integration.conftest import compose
 
@@ -40,7 +41,7 @@ def main() -> None:
     dense = loaded.model.eval()
     pruned = copy.deepcopy(dense)
     first, last = map(int, args.remove.split("-"))
-    adapter_for(pruned).remove_layers(list(range(first, last + 1)))
+    ModelSurgery(adapter_for(pruned)).remove_layers(list(range(first, last + 1)))
     windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
     ks = [int(k) for k in args.k.split(",")]
     rows = {k: {"exact": [], "approx": [], "bound": []} for k in ks}

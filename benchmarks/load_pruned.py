@@ -33,12 +33,14 @@ def build_and_save(directory: Path, hidden: int, layers: int) -> None:
 
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.saving import save_pruned
+    from depthbench.modeling.surgery import ModelSurgery
 
     config = Gemma2Config(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                           num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), head_dim=128)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    adapter_for(model).insert_mlp_output_linear(layers // 2, torch.eye(hidden) + 0.01 * torch.randn(hidden, hidden))
+    transform = torch.eye(hidden) + 0.01 * torch.randn(hidden, hidden)
+    ModelSurgery(adapter_for(model)).insert_mlp_output_linear(layers // 2, transform)
     save_pruned(model, None, directory, {"benchmark": "load_pruned"})
 
 
@@ -50,12 +52,13 @@ def straightforward_load(directory: Path):
 
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.saving import CUSTOM_MODULES_FILE, WEIGHTS_DIR
+    from depthbench.modeling.surgery import ModelSurgery
 
     custom = json.loads((directory / CUSTOM_MODULES_FILE).read_text())
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
     adapter = adapter_for(model)
     for k in custom["mlp_output_linear_layers"]:
-        adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
+        ModelSurgery(adapter).insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
     state = {}
     for f in sorted((directory / WEIGHTS_DIR).glob("*.safetensors")):
         state.update(load_file(str(f)))

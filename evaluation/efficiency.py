@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from depthbench.errors import ConfigError
+from depthbench.modeling.surgery import ModelSurgery
 
 _PROMPT_TEXT = (
     "Depth pruning removes whole transformer blocks from a language model, so that every token passes "
@@ -259,7 +260,7 @@ def _linear_macs(module: torch.nn.Module) -> int:
     """Multiply-accumulates per token of every matrix multiply with a weight inside ``module``: one per weight
     element of ``nn.Linear``, transformers' ``Conv1D`` and the modules pruning adds (LinearPatch's
     `ResidualPatch`); removed sub-blocks' stand-ins hold no weight and count 0."""
-    from depthbench.modeling.adapters.base import ResidualPatch
+    from depthbench.modeling.modules import ResidualPatch
 
     total = 0
     for sub in module.modules():
@@ -273,7 +274,7 @@ def _running_sub_blocks(model) -> tuple[list[bool], int]:
     from depthbench.modeling.adapters import adapter_for
 
     adapter = adapter_for(model)
-    removed = {(u.layer, u.part) for u in adapter.removed_sub_blocks()}
+    removed = {(u.layer, u.part) for u in ModelSurgery(adapter).removed_sub_blocks()}
     attention = [(k, "attention") not in removed for k in range(adapter.num_layers)]
     return attention, 2 * adapter.num_layers - len(removed)
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from depthbench.healing.training_record import training_record
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.modeling.surgery import ModelSurgery
 
 
 @dataclass
@@ -46,10 +47,10 @@ class TrainableSet:
 
 def trainable_set(adapter, layers: int) -> TrainableSet:
     """The LM head, the final norm and all parameters of the last ``layers`` decoder layers of the model
-    as it is now (pruned). The head must not be tied to the embedding (`ModelAdapter.untie_output_embeddings`)."""
+    as it is now (pruned). The head must not be tied to the embedding (`ModelSurgery.untie_output_embeddings`)."""
     if adapter.head_is_tied():
         raise RuntimeError("the LM head is tied to the input embedding: untie it first "
-                           "(ModelAdapter.untie_output_embeddings)")
+                           "(ModelSurgery.untie_output_embeddings)")
     n = adapter.num_layers
     if layers > n:
         raise ConfigError(f"healing.layers={layers} but the pruned model has {n} layers; allowed: 0 <= layers <= {n}")
@@ -124,7 +125,7 @@ def heal(model, adapter, text, settings, removed_layers=None, progress: bool = T
     device = next(model.parameters()).device
     flags = {id(p): p.requires_grad for p in model.parameters()}
     embedding_flag = adapter.embeddings().weight.requires_grad
-    untied = adapter.untie_output_embeddings()
+    untied = ModelSurgery(adapter).untie_output_embeddings()
     chosen = trainable_set(adapter, settings.layers)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen.parameters)

@@ -2,7 +2,7 @@
 
 Normally the directory loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and no custom code.
 
-Removed attention / MLP sub-blocks (`ModelAdapter.remove_units`: parameter-free stand-ins in memory) are
+Removed attention / MLP sub-blocks (`ModelSurgery.remove_units`: parameter-free stand-ins in memory) are
 saved by default (``sub_blocks="zeroed"``) as the full architecture with every parameter of each removed
 sub-block set to 0, its output projection (``o_proj`` / ``down_proj``, weight and bias) included: the
 sub-block then adds exactly 0 to the residual stream (an RMSNorm after it, Gemma's, maps 0 to 0), so
@@ -12,7 +12,7 @@ speed-up; the plain checkpoint runs the zeroed sub-blocks and realises no speed-
 A family whose zeroed sub-block would not add exactly 0 (``ModelAdapter.sub_blocks_save_zeroed`` False),
 ``sub_blocks="removed"``, or a model that also carries linear modules uses the layout below.
 
-The exception is a model whose structure ``config.json`` cannot express (`ModelAdapter.custom_modules`):
+The exception is a model whose structure ``config.json`` cannot express (`ModelSurgery.custom_modules`):
 explicit linear modules after a norm (ReplaceMe on Gemma-2/3 with ``norm_fold: linear``), LinearPatch's
 ``residual_patch`` after a decoder layer (``placement: interface``), or removed
 attention / MLP sub-blocks saved with ``sub_blocks="removed"``. transformers would load it with weights
@@ -46,15 +46,17 @@ LOAD_INSTRUCTIONS = ("needs depthbench to load: depthbench.modeling.saving.load_
 
 
 def _custom_modules(model) -> tuple[dict[str, list], str]:
-    """What config.json cannot express (see `ModelAdapter.custom_modules`) and the linear modules' description."""
+    """What config.json cannot express (see `ModelSurgery.custom_modules`) and the linear modules' description."""
     from depthbench.errors import ConfigError
     from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.surgery import ModelSurgery
 
     try:
         adapter = adapter_for(model)
     except ConfigError:  # a family without an adapter cannot carry depthbench's modules
         return {}, ""
-    return adapter.custom_modules(), adapter.mlp_output_linear_description
+    surgery = ModelSurgery(adapter)
+    return surgery.custom_modules(), surgery.mlp_output_linear_description
 
 
 #: How `save_pruned` writes removed sub-blocks (see the module docstring).
@@ -111,13 +113,14 @@ def _zeroed_state_dict(model) -> tuple[dict, list[str]] | None:
     from transformers import AutoModelForCausalLM
 
     from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.surgery import ModelSurgery
 
     adapter = adapter_for(model)
     if not adapter.sub_blocks_save_zeroed:
         return None
     layer_names = {id(module): name for name, module in model.named_modules()}
     prefixes = []
-    for unit in adapter.removed_sub_blocks():
+    for unit in ModelSurgery(adapter).removed_sub_blocks():
         layer = adapter.layer(unit.layer)
         prefixes += [f"{layer_names[id(layer)]}.{name}." for name in adapter.sub_block_stand_ins(layer, unit.part)]
     with _without_random_initialisation(), torch.device("meta"):
@@ -168,7 +171,7 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     """Load a directory written by `save_pruned`, in eval mode, with identical logits.
 
     Plain directories go to ``AutoModelForCausalLM.from_pretrained``; sub-blocks that ``pruning.json``
-    lists as ``zeroed_sub_blocks`` then get their stand-ins back (`ModelAdapter.remove_units`). Where
+    lists as ``zeroed_sub_blocks`` then get their stand-ins back (`ModelSurgery.remove_units`). Where
     ``depthbench_modules.json`` exists: the base architecture is built from ``config.json`` (in its saved
     dtype unless ``dtype`` is given) without random initialisation, directly on ``device``; the listed
     linear modules are re-inserted through the adapter; every tensor is streamed from the safetensors files into its
@@ -190,8 +193,9 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
         zeroed = _zeroed_sub_blocks(directory)
         if zeroed:
             from depthbench.modeling.adapters import adapter_for
+            from depthbench.modeling.surgery import ModelSurgery
 
-            adapter_for(model).remove_units(zeroed)
+            ModelSurgery(adapter_for(model)).remove_units(zeroed)
         return (model.to(device) if device and device_map is None else model).eval()
     custom = json.loads(sidecar.read_text(encoding="utf-8"))
     if custom.get("format_version") not in READABLE_FORMAT_VERSIONS:
@@ -203,6 +207,7 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors in {custom.get('weights', WEIGHTS_DIR)}/")
     from depthbench.modeling.adapters import adapter_for
+    from depthbench.modeling.surgery import ModelSurgery
 
     config = AutoConfig.from_pretrained(directory)
     if dtype is None:
@@ -211,11 +216,12 @@ def load_pruned(directory: str | Path, dtype=None, device: str | None = None, de
     with _without_random_initialisation(), torch.device(device if device and device_map is None else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(model)
+    surgery = ModelSurgery(adapter)
     for k in custom.get("mlp_output_linear_layers", []):
-        adapter.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
-    adapter.remove_units(custom.get("removed_sub_blocks", []))
+        surgery.insert_mlp_output_linear(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
+    surgery.remove_units(custom.get("removed_sub_blocks", []))
     for k in custom.get("residual_patch_layers", []):
-        adapter.insert_residual_patch(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
+        surgery.insert_residual_patch(int(k), torch.zeros(adapter.hidden_size, adapter.hidden_size))
     loaded, unexpected = _stream_weights(model, files)
     model.tie_weights()
     # a key may be absent only where its parameter is shared with (tied to) a loaded one

@@ -26,6 +26,7 @@ from depthbench.calibration.statistics import Statistic
 from depthbench.errors import ConfigError
 from depthbench.measure import StageTimer
 from depthbench.modeling.adapters import ModelAdapter
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.units import Unit, UnitLike, normalize_units
 from depthbench.pruners.options import parse_options
 from depthbench.registry import Registry
@@ -195,7 +196,7 @@ class Pruner(ABC):
     def apply(self, adapter: ModelAdapter, selection: Selection, replacement: Any,
               service: CalibrationService) -> dict | None:
         """Change the model; return a JSON-able description of the replacement (or ``None``)."""
-        adapter.remove_units(selection.units())
+        ModelSurgery(adapter).remove_units(selection.units())
         return None
 
     # -- orchestration ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ norm, so scaling the whole stream up to ``h_s`` by alpha changes nothing but its
   logits are the same (up to the norms' epsilon) and tied embeddings stay untouched.
 
 Output biases are scaled with their weights; Gemma's post-norm gains ``1 + w`` are scaled instead of the
-projections (`depthbench.modeling.adapters.ModelAdapter.scale_residual_updates`). A gap that ends at the
+projections (`depthbench.modeling.surgery.ModelSurgery.scale_residual_updates`). A gap that ends at the
 last layer feeds nothing: it is removed without compensation and logged.
 
 Modes (``compensate_mode``): ``iterative`` (reference) removes one layer per round, re-scoring the base
@@ -37,6 +37,7 @@ import torch
 
 from depthbench.calibration.statistics import RESIDUAL, BatchActivations, HookPoint, Statistic, as_float64
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, RemovalStage, Selection
 from depthbench.selection.blocks import Block
 
@@ -147,15 +148,16 @@ class ChannelMagnitudeRatios(Statistic):
 # -- folding --------------------------------------------------------------------------------------
 def remove_and_compensate(adapter, start: int, end: int, alpha: float | None, fold: str) -> None:
     """Delete layers ``[start, end)`` (current numbering) and fold ``alpha`` (None: nothing to fold)."""
+    surgery = ModelSurgery(adapter)
     if alpha is not None:
         if fold == "before":
-            adapter.scale_embedding_output(alpha)
+            surgery.scale_embedding_output(alpha)
             for k in range(start):
-                adapter.scale_residual_updates(k, alpha)
+                surgery.scale_residual_updates(k, alpha)
         else:
             for k in range(end, adapter.num_layers):
-                adapter.scale_residual_updates(k, 1.0 / alpha)
-    adapter.remove_layers(range(start, end))
+                surgery.scale_residual_updates(k, 1.0 / alpha)
+    surgery.remove_layers(range(start, end))
 
 
 def maximal_gaps(layers) -> list[Block]:
@@ -272,7 +274,7 @@ class CompensatedPruner(RemovalStage):
 
     def check_model(self, adapter) -> None:
         self.pruner.check_model(adapter)
-        adapter.check_residual_scaling(scale_embeddings=self.settings.fold == "before")
+        ModelSurgery(adapter).check_residual_scaling(scale_embeddings=self.settings.fold == "before")
 
     def prune(self, adapter, calibration, n_remove: int, progress: bool = True):
         """As `Pruner.prune`, with this stage in place of select / fit / apply."""

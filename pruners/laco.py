@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from depthbench.calibration.batches import first_sequences
 from depthbench.errors import ConfigError
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.options import option
 from depthbench.selection.blocks import Block
@@ -352,7 +353,7 @@ class LaCoPruner(Pruner):
                 for name, tensor in weights.items():
                     params[name].data = tensor.clone()
         if state.removed:
-            adapter.remove_layers(state.removed)
+            ModelSurgery(adapter).remove_layers(state.removed)
         return {"type": "laco_merge", "merge": o.merge, "merges": selection.scores["merges"],
                 "new_parameters": 0}
 

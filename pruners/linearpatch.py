@@ -16,7 +16,7 @@ the whole residual stream and RMSNorm is not equivariant under a non-orthogonal 
 exactly into existing weights:
 
 - ``placement: interface`` (default, exact): an explicit ``ResidualPatch`` module after layer s-1
-  (`depthbench.modeling.adapters.ModelAdapter.insert_residual_patch`; d^2 parameters, counted). The saved
+  (`depthbench.modeling.surgery.ModelSurgery.insert_residual_patch`; d^2 parameters, counted). The saved
   directory needs `depthbench.modeling.saving.load_pruned`; plain ``from_pretrained`` fails loudly on it.
 - ``placement: mlp_fold``: ``W_down(s-1) <- P W_down`` (ReplaceMe's fold with this constrained T): only
   ``M_{s-1}`` is patched; zero parameters, plain load, approximate.
@@ -34,6 +34,7 @@ import torch
 from depthbench.calibration.statistics import RESIDUAL, BatchActivations, HookPoint, PairwiseSimilarity, Statistic
 from depthbench.errors import ConfigError
 from depthbench.modeling.saving import LOAD_INSTRUCTIONS
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.compensation import ChannelMagnitudeRatios
 from depthbench.pruners.hadamard import HadamardRotation, hadamard_factors
@@ -127,7 +128,7 @@ class LinearPatchPruner(Pruner):
             hadamard_factors(adapter.hidden_size)  # ConfigError naming the size and what is supported
         if self.options.placement == "mlp_fold" and self.options.insert_type == "rotate":
             try:
-                adapter.check_exact_fold()
+                ModelSurgery(adapter).check_exact_fold()
             except NotImplementedError as err:
                 raise ConfigError(f"linearpatch placement=mlp_fold with insert_type=rotate: {err}; allowed here: "
                                   f"placement=interface, or insert_type=diag") from None
@@ -174,15 +175,16 @@ class LinearPatchPruner(Pruner):
         return out
 
     def apply(self, adapter, selection, replacement, service) -> dict:
-        adapter.remove_layers(selection.removed_layers)
+        surgery = ModelSurgery(adapter)
+        surgery.remove_layers(selection.removed_layers)
         patches = []
         removed_before = 0
         for block, scale, P in sorted(replacement, key=lambda item: item[0].start):
             kept = block.start - 1 - removed_before  # layer s-1 in the pruned numbering
             if self.options.placement == "interface":
-                adapter.insert_residual_patch(kept, P)
+                surgery.insert_residual_patch(kept, P)
             else:
-                adapter.fold_into_mlp_output(kept, P)
+                surgery.fold_into_mlp_output(kept, P)
             removed_before += len(block)
             patches.append({"block": [block.start, block.end], "after_layer": block.start - 1,
                             "after_layer_pruned_numbering": kept,

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from depthbench.calibration.spill import ResidualPairSequences
 from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import ConvergenceLog, check_holdout, holdout_split, training_budget
 from depthbench.pruners.options import option, run_seed_option
@@ -205,8 +206,9 @@ class LLMStreamlinePruner(Pruner):
         for p in module.parameters():
             p.requires_grad_(True)
         if self.options.replacement == "ffn":
-            adapter.zero_attention_output(module)
-            adapter.set_attention_trainable(module, False)
+            surgery = ModelSurgery(adapter)
+            surgery.zero_attention_output(module)
+            surgery.set_attention_trainable(module, False)
         module.train()
         return module
 
@@ -371,8 +373,9 @@ class LLMStreamlinePruner(Pruner):
             p.requires_grad_(requires_grad)
         module.eval()
         stored = sum(p.numel() for p in module.parameters())
-        adapter.replace_layer(j, module)
-        adapter.remove_layers(selection.removed_layers)
+        surgery = ModelSurgery(adapter)
+        surgery.replace_layer(j, module)
+        surgery.remove_layers(selection.removed_layers)
         kind = ("decoder layer initialised from layer j*" if self.options.replacement == "layer" else
                 "FFN h + mlp(norm(h)) from layer j*, stored as a decoder layer with zero attention output")
         return {

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from depthbench.calibration.prompt_sequences import PromptSequences, virtual_rows
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.options import option
 from depthbench.selection.blocks import Block, merge_touching
@@ -340,6 +341,6 @@ class MKAPruner(Pruner):
                 target = {k: p.data for k, p in adapter.linear_parameters(layers[m["into"]]).items()}
                 source = {k: p.data for k, p in adapter.linear_parameters(layers[m["merged"]]).items()}
                 interpolate_into(target, source, m["alpha"])
-        adapter.remove_layers([m["merged"] for m in merges])
+        ModelSurgery(adapter).remove_layers([m["merged"] for m in merges])
         return {"type": "mka_merge", "merge": o.merge,
                 "merges": [{k: m[k] for k in ("into", "merged", "alpha")} for m in merges], "new_parameters": 0}

@@ -34,6 +34,7 @@ from depthbench.calibration.spill import LinearMapRows
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.modeling.saving import LOAD_INSTRUCTIONS
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import (SCHEDULES, ConvergenceLog, check_holdout, eval_interval, holdout_split,
                                             sum_budgets, training_budget)
@@ -122,17 +123,18 @@ class _Fold:
     through_norm: ThroughNormFit | None = None
 
     def __call__(self, adapter, layer_index: int, T: torch.Tensor) -> None:
+        surgery = ModelSurgery(adapter)
         try:
-            adapter.fold_into_mlp_output(layer_index, T)
+            surgery.fold_into_mlp_output(layer_index, T)
             return
         except NotImplementedError:
             if self.route is None:
                 raise
         if self.route == "linear":  # docs/METHODS.md: an explicit linear module after the norm
-            adapter.insert_mlp_output_linear(layer_index, T)
+            surgery.insert_mlp_output_linear(layer_index, T)
         else:
             down, gain = self.through_norm(adapter, layer_index, T.to(torch.float64))
-            adapter.fold_through_output_norm(layer_index, down, gain)
+            surgery.fold_through_output_norm(layer_index, down, gain)
 
 
 # -- shared selection -------------------------------------------------------------------------
@@ -193,7 +195,7 @@ class _ReplaceMe(Pruner):
         if adapter.mlp_output_norm(adapter.layer(0)) is not None:
             return  # a norm after the MLP (Gemma-2/3): T goes into / through it, see pruners/replaceme_norm.py
         try:
-            adapter.check_exact_fold()
+            ModelSurgery(adapter).check_exact_fold()
         except NotImplementedError as err:
             raise ConfigError(f"pruner {self.name!r} cannot prune this model: {err}") from err
 
@@ -316,7 +318,7 @@ class ReplaceMeLSPruner(_ReplaceMe):
             info.append({"block": [block.start, block.end], "folded_into_layer": block.start - 1,
                          "solver": "diagonal" if self.options.diag else "cholesky",
                          "alpha": float(self.options.alpha), **diagnostics})
-        adapter.remove_layers(selection.removed_layers)
+        ModelSurgery(adapter).remove_layers(selection.removed_layers)
         return self.describe(adapter, fold, info, diagonal=self.options.diag)
 
 
@@ -589,7 +591,7 @@ class ReplaceMeCosinePruner(_ReplaceMe):
                 T, diagnostics = self.train(adapter, service, s - 1, e, service.current,
                                             f"{self.name} block [{block.start}, {block.end})")
             fold(adapter, s - 1, T)
-            adapter.remove_layers(range(s, e))
+            ModelSurgery(adapter).remove_layers(range(s, e))
             # with unmerged touching blocks, the kept layer is the one before the previous block
             fits.append({"block": [block.start, block.end], "folded_into_layer": alive[s - 1],
                          "layer_index_when_folded": s - 1, "loss": o.loss, "accurate": o.accurate,

@@ -6,7 +6,7 @@ must then become ``M T``:
 
 - diagonal T: exact and free, ``M T = u / rms(u) * (g t)``; the adapter rescales the norm's gain.
 - full T with ``norm_fold: linear`` (the default): an explicit linear module after the norm, inserted
-  by the adapter (`GemmaAdapter.insert_mlp_output_linear`); exact, but the saved model needs
+  by the adapter (`ModelSurgery.insert_mlp_output_linear`); exact, but the saved model needs
   `depthbench.modeling.saving.load_pruned`. Nothing in this module is involved.
 - full T with ``norm_fold: through_norm``: the norm divides every token by its own length, so no weights make
   ``RMSNorm(u P) * g'`` equal ``M T`` for all tokens. `ThroughNormFit` finds the ``P`` (folded into

@@ -1,23 +1,28 @@
-"""The adapter interface: where a family keeps its decoder layers, MLPs and norms, layer surgery,
-and units (whole layers, attention / MLP sub-blocks) skipped without surgery or removed.
+"""The adapter interface: architecture access only. Where a family keeps its decoder layers, MLPs, norms,
+projections, embeddings and head; hook points to observe activations; running one layer standalone;
+parameter counts; which submodules make an attention / MLP sub-block (units); and `skipping`, a temporary
+view of the model with units skipped (for scoring candidates; no weight changes).
 
-Methods (pruners, calibration hooks, folding) talk to a `ModelAdapter`, never to
-``model.model.layers`` directly, so supporting a new architecture is one adapter file and a test:
-a family implements `stored_layers`, `mlp`, the projections and norms, `sub_block_stand_ins` and
-`layer_forward`; skipping, removal and observation are generic.
+Methods (pruners, calibration hooks) talk to a `ModelAdapter`, never to ``model.model.layers`` directly, so
+supporting a new architecture is one adapter file and a test: a family implements `stored_layers`,
+`set_stored_layers`, `mlp`, the projections and norms, `sub_block_stand_ins` and `layer_forward`;
+skipping and observation are generic. Lasting changes to the model (removing layers or units, replacing a
+layer, folding or inserting linear maps, scaling the residual stream) are `depthbench.modeling.surgery`,
+which asks the adapter where things are and is the same for every family.
 """
 
 from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
+from depthbench.modeling.modules import IdentityStandIn, NormThenLinear, PassThrough, ZeroOutput
 from depthbench.modeling.units import Unit, UnitLike, normalize_units
 from depthbench.registry import Registry
 
@@ -45,10 +50,9 @@ class ModelAdapter(ABC):
         views = _SKIP_VIEWS.get(self.model)
         return views[-1] if views else self.stored_layers()
 
-    def _refuse_while_skipping(self, what: str) -> None:
-        if _SKIP_VIEWS.get(self.model):
-            raise RuntimeError(f"cannot {what} inside adapter.skipping (indices there refer to the model with "
-                               f"units skipped); leave the context first")
+    def skipping_active(self) -> bool:
+        """Whether a `skipping` context of this model is open (surgery is refused there)."""
+        return bool(_SKIP_VIEWS.get(self.model))
 
     @abstractmethod
     def mlp(self, layer: nn.Module) -> nn.Module:
@@ -89,20 +93,44 @@ class ModelAdapter(ABC):
     #: Why the fold is not exact where ``mlp_output_is_residual_update`` is False (for the error).
     inexact_fold_reason: str = "the MLP output does not feed the residual directly"
 
+    #: The attribute path, inside a decoder layer, of a norm between the MLP output projection and the residual
+    #: add (Gemma-2/3's ``post_feedforward_layernorm``), or ``None`` where the projection feeds the residual
+    #: directly. Surgery may wrap that norm with a linear module after it (`NormThenLinear`).
+    mlp_output_norm_name: str | None = None
+    #: A norm's per-dimension gain is ``weight + norm_weight_offset`` (Gemma's RMSNorm scales by ``1 + weight``).
+    norm_weight_offset: float = 0.0
+
     def mlp_output_norm(self, layer: nn.Module) -> nn.Module | None:
-        """The norm between the MLP output projection and the residual add (Gemma-2/3's
-        ``post_feedforward_layernorm``), or ``None`` where the projection feeds the residual directly."""
+        """The norm between the MLP output projection and the residual add (`mlp_output_norm_name`), or
+        ``None`` where the projection feeds the residual directly."""
+        if self.mlp_output_norm_name is None:
+            return None
+        module = layer.get_submodule(self.mlp_output_norm_name)
+        return module.norm if isinstance(module, NormThenLinear) else module
+
+    def mlp_output_linear(self, layer: nn.Module) -> nn.Linear | None:
+        """The linear module surgery inserted after the MLP's norm (`NormThenLinear`), or ``None``."""
+        if self.mlp_output_norm_name is None:
+            return None
+        module = layer.get_submodule(self.mlp_output_norm_name)
+        return module.linear if isinstance(module, NormThenLinear) else None
+
+    def attention_output_norm(self, layer: nn.Module) -> nn.Module | None:
+        """The norm between the attention output projection and the residual add (Gemma-2/3's
+        ``post_attention_layernorm``), or ``None``."""
         return None
 
-    def insert_mlp_output_linear(self, layer_index: int, transform: torch.Tensor) -> None:
-        """Follow layer ``layer_index``'s MLP output (after its norm) by an explicit linear module, so
-        it becomes ``M @ transform``; only where `mlp_output_norm` makes the fold inexact (Gemma)."""
-        raise NotImplementedError(f"{self.family}: no explicit linear module after the MLP (the fold is exact here)")
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """``norm``'s per-dimension gain, float64 (``weight + norm_weight_offset``)."""
+        weight = norm.weight.detach().to(torch.float64)
+        return self.norm_weight_offset + weight if self.norm_weight_offset else weight
 
-    def mlp_output_linear_layers(self) -> list[int]:
-        """Layers carrying a linear module inserted by `insert_mlp_output_linear` (current numbering);
-        such a model needs `depthbench.modeling.saving.load_pruned` to reload."""
-        return []
+    def output_norm_gain(self, layer_index: int) -> torch.Tensor:
+        """The gain of the norm after layer ``layer_index``'s MLP (`mlp_output_norm`), float64."""
+        norm = self.mlp_output_norm(self.layer(layer_index))
+        if norm is None:
+            raise NotImplementedError(f"{self.family}: no norm after the MLP")
+        return self.norm_gain(norm)
 
     @property
     def config(self):
@@ -130,94 +158,19 @@ class ModelAdapter(ABC):
             "per_layer": _unique_total(self.layer(0).parameters()),
         }
 
-    # -- surgery ---------------------------------------------------------------------------
-    def remove_layers(self, indices: Iterable[int]) -> None:
-        """Delete decoder layers (0-based, original numbering) and make the model consistent again.
+    # -- where the layer list lives, and whether layers may go ---------------------------------
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
+        """Put ``layers`` where the model keeps its decoder layers (what `stored_layers` returns)."""
+        raise NotImplementedError(f"{self.family}: replacing the decoder layer list is not supported")
 
-        Updates ``num_hidden_layers`` and every per-layer config list, renumbers ``layer_idx``
-        (KV-cache indexing depends on it) and checks that tied embeddings stay tied.
-        """
-        self._refuse_while_skipping("remove layers")
-        remove = sorted({int(i) for i in indices})
-        n = self.num_layers
-        bad = [i for i in remove if not 0 <= i < n]
-        if bad:
-            raise ConfigError(f"cannot remove layers {bad}: the model has layers 0..{n - 1}")
-        if len(remove) >= n:
-            raise ConfigError(f"cannot remove all {n} decoder layers")
-        keep = [i for i in range(n) if i not in set(remove)]
-        layers = self.decoder_layers()
-        kept_modules = [layers[i] for i in keep]
-        self._set_decoder_layers(nn.ModuleList(kept_modules))
-        self._update_config_after_removal(keep, n)
-        for new_idx, layer in enumerate(kept_modules):
-            self._renumber(layer, new_idx)
-        self._check_tied_weights()
-
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
-        raise NotImplementedError
-
-    def _update_config_after_removal(self, keep: Sequence[int], old_num_layers: int) -> None:
-        cfg = self.config
-        for sub in _configs_with_layers(cfg):
-            for key, value in list(vars(sub).items()):
-                if isinstance(value, (list, tuple)) and len(value) == old_num_layers and key != "architectures":
-                    setattr(sub, key, type(value)(value[i] for i in keep))
-            if getattr(sub, "max_window_layers", None) is not None and isinstance(sub.max_window_layers, int):
-                sub.max_window_layers = sum(1 for i in keep if i < sub.max_window_layers)
-            sub.num_hidden_layers = len(keep)
-
-    @staticmethod
-    def _renumber(layer: nn.Module, new_idx: int) -> None:
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-
-    def _check_tied_weights(self) -> None:
-        if getattr(self.config, "tie_word_embeddings", False):
-            head = self.lm_head()
-            if getattr(head, "weight", None) is not None and head.weight is not self.embeddings().weight:
-                raise RuntimeError("tied input and output embeddings came apart during surgery")
+    def check_layers_removable(self) -> None:
+        """Raise `ConfigError` where removing decoder layers would change what the kept layers compute (GPT-2
+        with ``scale_attn_by_inverse_layer_idx``); nothing by default."""
 
     def head_is_tied(self) -> bool:
         """Whether the LM head's weight is the input embedding's."""
         head = getattr(self.lm_head(), "weight", None)
         return head is not None and head is self.embeddings().weight
-
-    def untie_output_embeddings(self) -> int:
-        """Give a head tied to the input embedding its own weight (a copy) and mark the config untied, so that
-        training the head leaves the embedding untouched and the model saves and reloads untied; returns the
-        parameters added (V x d), 0 where nothing was tied."""
-        self._refuse_while_skipping("untie the output embeddings")
-        model, added = self.model, 0
-        if self.head_is_tied():
-            shared = self.embeddings().weight
-            self.lm_head().weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-            added = shared.numel()
-        configs = [model.config]
-        if hasattr(model.config, "get_text_config"):
-            configs.append(model.config.get_text_config())
-        for config in configs:
-            if getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
-        if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5: what save / tie_weights re-tie
-            model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
-        return added
-
-    def replace_layer(self, index: int, module: nn.Module) -> None:
-        """Put ``module`` in place of decoder layer ``index`` (same position; numbering unchanged).
-
-        The module must be a decoder layer of the model's own class so that the saved model still
-        loads with plain ``from_pretrained``; its ``layer_idx`` is set to ``index``.
-        """
-        self._refuse_while_skipping("replace a layer")
-        layers = self.decoder_layers()
-        if not 0 <= index < len(layers):
-            raise ConfigError(f"cannot replace layer {index}: the model has layers 0..{len(layers) - 1}")
-        if type(module) is not type(layers[index]):
-            raise TypeError(f"replacement {type(module).__name__} is not a {type(layers[index]).__name__}")
-        layers[index] = module
-        self._renumber(module, index)
 
     def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
         """The attention sub-block's output projection (its output is added to the residual stream)."""
@@ -226,21 +179,6 @@ class ModelAdapter(ABC):
     def attention_block_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """Parameters of the attention sub-block, its pre-norm included."""
         raise NotImplementedError(f"{self.family}: no attention sub-block known")
-
-    @torch.no_grad()
-    def zero_attention_output(self, layer: nn.Module) -> None:
-        """Make ``layer``'s attention sub-block add zero to the residual stream by zeroing its output
-        projection (weight and bias) in place: the layer keeps its class and parameters, so it still
-        saves and loads as a plain decoder layer (LLM-Streamline's FFN replacement)."""
-        projection = self.attention_output_projection(layer)
-        projection.weight.zero_()
-        if getattr(projection, "bias", None) is not None:
-            projection.bias.zero_()
-
-    def set_attention_trainable(self, layer: nn.Module, trainable: bool) -> None:
-        """Switch gradients of ``layer``'s attention sub-block (its own pre-norm included) on or off."""
-        for p in self.attention_block_parameters(layer):
-            p.requires_grad_(trainable)
 
     # -- observing activations -------------------------------------------------------------
     def observe_residual(self, k: int, fn: Callable[[torch.Tensor], None]):
@@ -323,7 +261,7 @@ class ModelAdapter(ABC):
                 lambda module, args, kwargs: give(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
         return RemovableHandles(layer.register_forward_pre_hook(remember, with_kwargs=True), handle)
 
-    # -- units: skipping without surgery, sub-block removal ---------------------------------
+    # -- units: the submodules of a sub-block; skipping (a temporary view, not surgery) -----
     #: Whether a decoder layer's forward returns a tuple whose first item is the hidden states (Falcon)
     #: rather than the hidden states alone.
     layer_returns_tuple: bool = False
@@ -382,43 +320,10 @@ class ModelAdapter(ABC):
             for item in reversed(undo):
                 item.remove()
 
-    def remove_units(self, units: Iterable[UnitLike]) -> list[Unit]:
-        """Remove ``units`` (current numbering) for good: whole layers through `remove_layers`, a sub-block
-        by putting its parameter-free stand-ins in place (the layer keeps the other sub-block). Returns
-        the normalised units. A model with removed sub-blocks saves and reloads through
-        `depthbench.modeling.saving` (transformers cannot express a layer without one of its sub-blocks)."""
-        self._refuse_while_skipping("remove units")
-        units = self.check_units(units)
-        layers = [u.layer for u in units if u.is_layer]
-        if layers:
-            self.remove_layers(layers)
-        for u in units:
-            if u.is_layer:
-                continue
-            new_index = u.layer - sum(1 for k in layers if k < u.layer)
-            layer = self.layer(new_index)
-            for name, stand_in in self.sub_block_stand_ins(layer, u.part).items():
-                parent_name, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, stand_in)
-        return units
-
     #: Whether a removed sub-block may be saved as the full architecture with all its parameters 0
     #: (`depthbench.modeling.saving`): true where such a sub-block adds exactly 0 to the residual stream
     #: (its output projection is 0, and whatever follows it maps 0 to 0, as Gemma's RMSNorm does).
     sub_blocks_save_zeroed: bool = True
-
-    def removed_sub_blocks(self) -> list[Unit]:
-        """Sub-blocks removed by `remove_units` (current numbering): those whose parts are all stand-ins."""
-        out = []
-        for k, layer in enumerate(self.decoder_layers()):
-            for part in ("attention", "mlp"):
-                try:
-                    names = self.sub_block_stand_ins(layer, part)
-                except ConfigError:
-                    return []
-                if all(isinstance(layer.get_submodule(name), StandIn) for name in names):
-                    out.append(Unit(k, part))
-        return out
 
     def unit_parameter_count(self, unit: UnitLike) -> int:
         """Parameters a unit holds now (a layer: all of it; a sub-block: its modules, own norms included)."""
@@ -428,22 +333,6 @@ class ModelAdapter(ABC):
             return _unique_total(layer.parameters())
         names = self.sub_block_stand_ins(layer, u.part)
         return _unique_total([p for name in names for p in layer.get_submodule(name).parameters()])
-
-    def custom_modules(self) -> dict[str, list]:
-        """What transformers' ``from_pretrained`` cannot rebuild from ``config.json`` (empty where nothing):
-        ``mlp_output_linear_layers`` (Gemma's inserted linear modules), ``removed_sub_blocks`` and
-        ``residual_patch_layers`` (LinearPatch's `ResidualPatch` modules)."""
-        out: dict[str, list] = {}
-        if self.mlp_output_linear_layers():
-            out["mlp_output_linear_layers"] = self.mlp_output_linear_layers()
-        if self.removed_sub_blocks():
-            out["removed_sub_blocks"] = [str(u) for u in self.removed_sub_blocks()]
-        if self.residual_patch_layers():
-            out["residual_patch_layers"] = self.residual_patch_layers()
-        return out
-
-    #: What `insert_mlp_output_linear` adds, in words and state-dict keys (for saved directories).
-    mlp_output_linear_description: str = ""
 
     # -- running single layers -------------------------------------------------------------
     def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
@@ -455,38 +344,6 @@ class ModelAdapter(ABC):
         """
         raise NotImplementedError(f"{self.family}: running a single decoder layer is not supported")
 
-    # -- folding ---------------------------------------------------------------------------
-    def check_exact_fold(self) -> None:
-        """Raise `NotImplementedError` (naming the reason) where a linear map on M cannot be folded
-        exactly into the MLP output projection; called before any fold, and cheap enough to call
-        before calibration."""
-        if not self.mlp_output_is_residual_update:
-            raise NotImplementedError(
-                f"{self.family}: a linear transform of the MLP output cannot be folded exactly into "
-                f"the MLP output projection: {self.inexact_fold_reason}")
-
-    @torch.no_grad()
-    def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
-        """Make layer ``layer_index``'s MLP output M become ``M @ transform`` (d x d, acting on the right).
-
-        ``y = x W^T + b``, so ``W <- T^T W`` and ``b <- T^T b``; computed in float64 and cast back.
-        """
-        self.check_exact_fold()
-        self.transform_mlp_output_projection(layer_index, transform)
-
-    @torch.no_grad()
-    def transform_mlp_output_projection(self, layer_index: int, transform: torch.Tensor) -> None:
-        """The projection's output ``y`` becomes ``y @ transform``: ``W <- T^T W``, ``b <- T^T b``
-        (an ``nn.Linear``; float64, cast back). Equals the MLP output M only where nothing follows it."""
-        proj = self.mlp_output_projection(self.layer(layer_index))
-        t = transform.to(torch.float64).to(proj.weight.device)
-        w = proj.weight.data
-        proj.weight.data = (t.T @ w.to(torch.float64)).to(w.dtype)
-        if getattr(proj, "bias", None) is not None:
-            b = proj.bias.data
-            proj.bias.data = (t.T @ b.to(torch.float64)).to(b.dtype)
-
-
     def linear_parameters(self, layer: nn.Module) -> dict[str, nn.Parameter]:
         """Weights and biases of the layer's linear maps (attention and MLP projections, not its norms),
         by name relative to the layer: what LaCo's layer merge adds up."""
@@ -497,7 +354,7 @@ class ModelAdapter(ABC):
                     out[f"{name}.{key}"] = p
         return out
 
-    # -- scaling the residual stream (Prune&Comp) and patching it (LinearPatch) --------------
+    # -- facts surgery relies on (Prune&Comp's residual scaling) -----------------------------
     #: Whether every sub-block reads the residual stream through a norm that ignores its scale (pre-norm),
     #: so that multiplying the stream by a constant changes nothing downstream but the scale (up to the
     #: norms' epsilon). False for post-norm configs (OPT-350m).
@@ -505,123 +362,6 @@ class ModelAdapter(ABC):
     #: Whether ``h_0`` is the token embedding alone (times a constant), so that scaling the embedding
     #: matrix scales ``h_0``; False where position embeddings are added (GPT-2, OPT).
     embedding_is_residual_input: bool = True
-
-    def check_residual_scaling(self, scale_embeddings: bool = False) -> None:
-        """Raise `ConfigError` where scaling the residual stream by a constant is not exact here (a
-        post-norm model; with ``scale_embeddings``, also tied or position embeddings)."""
-        if not self.pre_norm:
-            raise ConfigError(f"{self.family}: this config normalises after the residual add (post-norm), so "
-                              f"scaling the residual stream changes what later layers compute")
-        if scale_embeddings and not self.embedding_is_residual_input:
-            raise ConfigError(f"{self.family}: h_0 adds position embeddings to the token embeddings, so scaling the "
-                              f"embedding matrix does not scale h_0; use pruner.compensate_fold=after")
-        if scale_embeddings and getattr(self.config, "tie_word_embeddings", False):
-            raise ConfigError(f"{self.family}: the input and output embeddings are tied, so scaling the embedding "
-                              f"matrix would also scale the logits; use pruner.compensate_fold=after")
-
-    @torch.no_grad()
-    def scale_residual_updates(self, layer_index: int, factor: float) -> None:
-        """Multiply everything layer ``layer_index`` adds to the residual stream by ``factor``: the
-        attention and MLP output projections, weights and biases (float64, cast back)."""
-        layer = self.layer(layer_index)
-        for proj in (self.attention_output_projection(layer), self.mlp_output_projection(layer)):
-            _scale_parameters(factor, proj.weight, getattr(proj, "bias", None))
-
-    @torch.no_grad()
-    def scale_embedding_output(self, factor: float) -> None:
-        """Multiply ``h_0`` by ``factor`` through the embedding matrix (see `check_residual_scaling`)."""
-        self.check_residual_scaling(scale_embeddings=True)
-        _scale_parameters(factor, self.embeddings().weight)
-
-    def insert_residual_patch(self, layer_index: int, transform: torch.Tensor) -> None:
-        """Follow decoder layer ``layer_index`` by an explicit linear map of the residual stream: its output
-        ``h`` becomes ``h @ transform`` (d x d; `ResidualPatch`). The map is a submodule
-        ``residual_patch`` of the layer applied by a forward hook; config.json cannot express it, so a
-        model carrying one saves and loads through `depthbench.modeling.saving`."""
-        self._refuse_while_skipping("insert a residual patch")
-        layer = self.layer(layer_index)
-        d = self.hidden_size
-        if tuple(transform.shape) != (d, d):
-            raise ValueError(f"transform of shape {tuple(transform.shape)}; expected ({d}, {d})")
-        if isinstance(getattr(layer, "residual_patch", None), ResidualPatch):
-            raise ValueError(f"decoder layer {layer_index} already carries a residual patch")
-        like = next(layer.parameters())
-        layer.residual_patch = ResidualPatch(transform.to(like.device), like.dtype)
-        layer.register_forward_hook(_apply_residual_patch)
-
-    def residual_patch_layers(self) -> list[int]:
-        """Layers carrying a `ResidualPatch` (current numbering)."""
-        return [k for k, layer in enumerate(self.decoder_layers())
-                if isinstance(getattr(layer, "residual_patch", None), ResidualPatch)]
-
-
-class ResidualPatch(nn.Module):
-    """``h -> h @ T`` on a decoder layer's output, T stored as ``weight = T^T`` (key
-    ``...layers.K.residual_patch.weight``) in float32 at least (float64 for a float64 model); the product
-    runs in that dtype and is cast back to ``h``'s."""
-
-    def __init__(self, transform: torch.Tensor, model_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        dtype = torch.promote_types(model_dtype, torch.float32)
-        self.weight = nn.Parameter(transform.detach().to(torch.float64).T.to(dtype).contiguous(), requires_grad=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return (hidden_states.to(self.weight.dtype) @ self.weight.T).to(hidden_states.dtype)
-
-
-def _apply_residual_patch(layer: nn.Module, args, output):
-    """Forward hook of a patched layer (looks the patch up on the layer, so a deep copy patches itself)."""
-    patch = layer.residual_patch
-    if isinstance(output, tuple):
-        return (patch(output[0]), *output[1:])
-    return patch(output)
-
-
-def _scale_parameters(factor: float, *params) -> None:
-    for p in params:
-        if p is not None:
-            p.data = (p.data.to(torch.float64) * float(factor)).to(p.dtype)
-
-
-class StandIn(nn.Module):
-    """A parameter-free module put in place of part of a removed or skipped sub-block."""
-
-
-class ZeroOutput(StandIn):
-    """Returns zeros shaped like its input, with last dimension ``width`` (default: the input's), as
-    ``(zeros, None)`` where the module it stands in for returns a pair (attention modules)."""
-
-    def __init__(self, width: int | None = None, returns_pair: bool = False):
-        super().__init__()
-        self.width, self.returns_pair = width, returns_pair
-
-    def forward(self, *args, **kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        zeros = x.new_zeros(*x.shape[:-1], x.shape[-1] if self.width is None else self.width)
-        return (zeros, None) if self.returns_pair else zeros
-
-    def extra_repr(self) -> str:
-        return f"width={self.width}, returns_pair={self.returns_pair}"
-
-
-class IdentityStandIn(StandIn):
-    """Passes its input through (a removed sub-block's own norm)."""
-
-    def forward(self, x, *args, **kwargs):
-        return x
-
-
-class PassThrough(StandIn):
-    """A skipped decoder layer: returns its input hidden states, as ``(h, None)`` for families whose
-    layers return a tuple."""
-
-    def __init__(self, returns_tuple: bool = False):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, *args, **kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h, None) if self.returns_tuple else h
 
 
 class _ForwardPatch:
@@ -735,15 +475,6 @@ def _unique_total(params) -> int:
     for p in params:
         seen.setdefault(id(p), p.numel())
     return sum(seen.values())
-
-
-def _configs_with_layers(cfg) -> list:
-    """The config and any nested text config that carries ``num_hidden_layers``."""
-    out = [cfg] if hasattr(cfg, "num_hidden_layers") else []
-    text = getattr(cfg, "text_config", None)
-    if text is not None and text is not cfg and hasattr(text, "num_hidden_layers"):
-        out.append(text)
-    return out
 
 
 adapter_registry: Registry[type[ModelAdapter]] = Registry(

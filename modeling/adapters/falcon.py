@@ -16,8 +16,9 @@ import math
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, OutputHookPoint, ZeroOutput,
-                                               adapter_registry, standalone_causal_mask, standalone_position_ids)
+from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
+from depthbench.modeling.modules import IdentityStandIn, ZeroOutput
 
 
 @adapter_registry.register("falcon")
@@ -29,7 +30,7 @@ class FalconAdapter(ModelAdapter):
     def stored_layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
         self.model.transformer.h = layers
 
     def sequential_sub_blocks(self) -> bool:

@@ -1,7 +1,8 @@
 """GPT-2: ``model.transformer.h``, learned absolute positions, ``Conv1D`` projections.
 
 ``Conv1D`` stores its weight transposed with respect to ``nn.Linear``: ``y = x W + b`` with W of
-shape [in, out]. A map T on the MLP output therefore folds as ``W <- W T``, ``b <- b T``.
+shape [in, out]. A map T on the MLP output therefore folds as ``W <- W T``, ``b <- b T``
+(`depthbench.modeling.surgery` tells the two apart by module type).
 Positions are added to the embeddings before layer 0, so a layer run standalone needs only the
 causal mask.
 
@@ -12,14 +13,13 @@ are refused for layer removal.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
-from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry,
-                                               standalone_causal_mask, standalone_position_ids)
+from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
+from depthbench.modeling.modules import IdentityStandIn, ZeroOutput
 
 
 @adapter_registry.register("gpt2")
@@ -31,7 +31,7 @@ class GPT2Adapter(ModelAdapter):
     def stored_layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
         self.model.transformer.h = layers
 
     def mlp(self, layer: nn.Module) -> nn.Module:
@@ -60,23 +60,10 @@ class GPT2Adapter(ModelAdapter):
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
-    def remove_layers(self, indices: Iterable[int]) -> None:
+    def check_layers_removable(self) -> None:
         if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
             raise ConfigError("gpt2: scale_attn_by_inverse_layer_idx=true scales attention by the layer's index, "
                               "so removing layers would change what the kept layers compute")
-        super().remove_layers(indices)
-
-    @torch.no_grad()
-    def fold_into_mlp_output(self, layer_index: int, transform: torch.Tensor) -> None:
-        """``y = x W + b`` (Conv1D), so ``M T`` needs ``W <- W T`` and ``b <- b T``; float64, cast back."""
-        self.check_exact_fold()
-        proj = self.mlp_output_projection(self.layer(layer_index))
-        t = transform.to(torch.float64).to(proj.weight.device)
-        w = proj.weight.data
-        proj.weight.data = (w.to(torch.float64) @ t).to(w.dtype)
-        if getattr(proj, "bias", None) is not None:
-            b = proj.bias.data
-            proj.bias.data = (b.to(torch.float64) @ t).to(b.dtype)
 
     def layer_forward(self, layer: nn.Module, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:

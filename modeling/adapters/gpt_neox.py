@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry,
-                                               standalone_causal_mask, standalone_position_ids)
+from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
+from depthbench.modeling.modules import IdentityStandIn, ZeroOutput
 
 
 @adapter_registry.register("gpt_neox")
@@ -23,7 +24,7 @@ class GPTNeoXAdapter(ModelAdapter):
     def stored_layers(self) -> nn.ModuleList:
         return self.model.gpt_neox.layers
 
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
         self.model.gpt_neox.layers = layers
 
     def sequential_sub_blocks(self) -> bool:

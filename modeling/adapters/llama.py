@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthbench.modeling.adapters.base import (
-    IdentityStandIn, ModelAdapter, ZeroOutput, adapter_registry, standalone_causal_mask, standalone_position_ids,
-)
+from depthbench.modeling.adapters.base import (ModelAdapter, adapter_registry, standalone_causal_mask,
+                                               standalone_position_ids)
+from depthbench.modeling.modules import IdentityStandIn, ZeroOutput
 
 
 @adapter_registry.register("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -22,7 +22,7 @@ class LlamaFamilyAdapter(ModelAdapter):
     def stored_layers(self) -> nn.ModuleList:
         return self.model.model.layers
 
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
         self.model.model.layers = layers
 
     def mlp(self, layer: nn.Module) -> nn.Module:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from depthbench.errors import ConfigError
-from depthbench.modeling.adapters.base import (IdentityStandIn, ModelAdapter, OutputHookPoint, RemovableHandles,
-                                               ZeroOutput, adapter_registry, standalone_causal_mask,
-                                               standalone_position_ids)
+from depthbench.modeling.adapters.base import (ModelAdapter, OutputHookPoint, RemovableHandles, adapter_registry,
+                                               standalone_causal_mask, standalone_position_ids)
+from depthbench.modeling.modules import IdentityStandIn, ZeroOutput
 
 
 @adapter_registry.register("opt")
@@ -41,7 +41,7 @@ class OPTAdapter(ModelAdapter):
     def stored_layers(self) -> nn.ModuleList:
         return self._decoder().layers
 
-    def _set_decoder_layers(self, layers: nn.ModuleList) -> None:
+    def set_stored_layers(self, layers: nn.ModuleList) -> None:
         self._decoder().layers = layers
 
     def mlp(self, layer: nn.Module) -> OutputHookPoint:

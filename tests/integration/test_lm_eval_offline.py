@@ -15,6 +15,7 @@ from depthbench.evaluation.lm_eval_runner import _task_manager, evaluate_benchma
 from depthbench.evaluation.retention import retention
 from depthbench.evaluation.sampling import sample_indices
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
 from tests.integration.conftest import CONF, compose, needs_bigbench, needs_offline_packages
@@ -78,7 +79,7 @@ def test_offline_suite_on_base_and_pruned(cfg, tmp_path):
         correct += int(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(doc))
     assert abs(base["tasks"][first]["value"] - correct / SUITE_LIMIT) <= ties / SUITE_LIMIT + 1e-9
 
-    adapter_for(loaded.model).remove_layers(REMOVE)
+    ModelSurgery(adapter_for(loaded.model)).remove_layers(REMOVE)
     pruned = evaluate_benchmark(loaded.model, loaded.tokenizer, bench, tmp_path, progress=False)
 
     for result in (base, pruned):
@@ -99,7 +100,7 @@ def test_in_memory_equals_lm_eval_on_saved_directory(cfg, tmp_path):
     import lm_eval
 
     loaded = load_model(cfg.model, device="cpu")
-    adapter_for(loaded.model).remove_layers(REMOVE)
+    ModelSurgery(adapter_for(loaded.model)).remove_layers(REMOVE)
     saved = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned_model", {"removed_layers": REMOVE})
     bench = _small(cfg, CHECK_LIMIT)
     bench["tasks"] = bench["tasks"][:2]

@@ -36,8 +36,12 @@ def test_entry_point_plugin_runs_through_the_cli(tmp_path, monkeypatch):
     assert (run_dir / "pruned_model" / "config.json").is_file()
 
 
-def test_plugin_example_imports_only_depthbench():
+@pytest.mark.parametrize("example", ["random_pruner/depthbench_random_pruner.py",
+                                     "residual_map_pruner/depthbench_residual_map_pruner.py"])
+def test_plugin_example_imports_only_depthbench(example):
+    """Beside depthbench.*, only torch (a dependency of depthbench, for the fitted map's arithmetic)."""
     from tests.reference import third_party_imports
 
-    third_party = third_party_imports(REPO / "examples" / "random_pruner" / "depthbench_random_pruner.py")
-    assert third_party and all(m == "depthbench" or m.startswith("depthbench.") for m in third_party), third_party
+    third_party = third_party_imports(REPO / "examples" / example)
+    assert third_party and all(m in ("depthbench", "torch") or m.startswith("depthbench.") for m in third_party), \
+        third_party

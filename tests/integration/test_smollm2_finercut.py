@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import load_pruned
 from depthbench.modeling.units import as_unit
 from tests.integration.conftest import PROBE_IDS, needs_offline_packages, run_small_cells
@@ -62,7 +63,7 @@ def test_finercut_records_its_choice_and_the_saved_model_reloads_without_the_sub
         proj = layer.self_attn.o_proj if unit.part == "attention" else layer.mlp.down_proj
         assert all(bool((w == 0).all()) for w in proj.parameters())
     loaded = load_pruned(saved)
-    assert len(adapter_for(loaded).removed_sub_blocks()) == len(p["removed_sub_blocks"])
+    assert len(ModelSurgery(adapter_for(loaded)).removed_sub_blocks()) == len(p["removed_sub_blocks"])
     with torch.no_grad():
         for model in (plain, loaded):
             torch.testing.assert_close(model(input_ids=PROBE).logits, in_memory[cell], rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from depthbench.experiments.pipeline import run
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model
 from tests.integration.conftest import compose, needs_offline_packages
 
@@ -65,7 +66,7 @@ def test_mka_runs_records_and_saved_model_reloads(tmp_path):
                 w = into.get_submodule(name).weight
                 w.copy_((m["alpha"] * w.double() + (1 - m["alpha"]) * merged.get_submodule(name).weight.double())
                         .to(w.dtype))
-    adapter_for(dense).remove_layers([m["merged"] for m in merges])
+    ModelSurgery(adapter_for(dense)).remove_layers([m["merged"] for m in merges])
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=PROBE).logits.to(logits.dtype), logits, rtol=1e-5, atol=1e-5)
     pruned = record["metrics"]["pruned"]["heldout_perplexity"]["perplexity"]

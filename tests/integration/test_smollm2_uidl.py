@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.calibration.batches import load_calibration
 from depthbench.experiments.pipeline import run
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model
 from tests.integration.conftest import compose, needs_offline_packages
 from tests.reference import last_token_angular_distance_np, residual_states_np
@@ -36,7 +37,7 @@ def test_uidl_25_percent_matches_direct_computation_and_reloads(tmp_path):
     assert meta["seed"] == 0 and meta["provenance"]["packages"]["torch"]
     reloaded = AutoModelForCausalLM.from_pretrained(saved).eval()
     assert reloaded.config.num_hidden_layers == 22
-    adapter_for(loaded.model).remove_layers(meta["removed_layers"])
+    ModelSurgery(adapter_for(loaded.model)).remove_layers(meta["removed_layers"])
     batch = batches[0]
     with torch.no_grad():
         a = reloaded(**batch, use_cache=False).logits

@@ -19,6 +19,7 @@ from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, Statistic, collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for, supported_model_types
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import load_pruned, save_pruned
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches
@@ -169,7 +170,7 @@ def test_fold_equals_explicit_float64_linear(family):
     with torch.no_grad():
         linear.weight.copy_(T.T)  # linear(x) = x T
     MLP_OUTPUT_MODULE[family](LAYERS[family](explicit)[k]).register_forward_hook(lambda mod, a, out: linear(out))
-    adapter_for(model).fold_into_mlp_output(k, T)
+    ModelSurgery(adapter_for(model)).fold_into_mlp_output(k, T)
     batch = random_batches(n_batches=1)[0]
     folded, want = _logits(model, batch), _logits(explicit, batch)
     assert not torch.allclose(want, _logits(_model(family, torch.float64), batch))  # T changed something
@@ -193,7 +194,7 @@ def test_gemma_diagonal_fold_equals_explicit_scaling_of_the_normalised_output(fa
     explicit = copy.deepcopy(model)
     LAYERS[family](explicit)[k].post_feedforward_layernorm.register_forward_hook(
         lambda mod, a, out: (out.to(torch.float64) * t).to(out.dtype))
-    adapter_for(model).fold_into_mlp_output(k, torch.diag(t))
+    ModelSurgery(adapter_for(model)).fold_into_mlp_output(k, torch.diag(t))
     batch = random_batches(n_batches=1)[0]
     folded, want = _logits(model, batch), _logits(explicit, batch)
     assert not torch.allclose(want, _logits(_model(family, dtype), batch))  # t changed something
@@ -217,7 +218,7 @@ def test_gemma_fold_through_the_norm_equals_explicit_float64_computation(family)
         return (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * gain).to(out.dtype)
 
     norm.register_forward_hook(through_norm)
-    adapter_for(model).fold_through_output_norm(k, P, gain)
+    ModelSurgery(adapter_for(model)).fold_through_output_norm(k, P, gain)
     batch = random_batches(n_batches=1)[0]
     torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)  # norm: float32
 
@@ -229,7 +230,7 @@ def test_gemma_refuses_an_inexact_full_fold_and_leaves_the_model_alone(family):
     assert adapter.mlp_output_is_residual_update is False
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NotImplementedError, match="post_feedforward_layernorm.*insert_mlp_output_linear"):
-        adapter.fold_into_mlp_output(2, torch.eye(32) + 0.1)
+        ModelSurgery(adapter).fold_into_mlp_output(2, torch.eye(32) + 0.1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -280,7 +281,7 @@ def test_sliding_and_global_layers_stay_right_after_renumbering(family, tmp_path
     model = _model(family)
     layers = list(LAYERS[family](model))
     windows = [layer.self_attn.sliding_window for layer in layers]
-    adapter_for(model).remove_layers([0, 4])  # drops one sliding and one global layer
+    ModelSurgery(adapter_for(model)).remove_layers([0, 4])  # drops one sliding and one global layer
     keep = [1, 2, 3, 5]
     assert model.config.layer_types == [SLIDING[i] for i in keep]
     assert [layer.self_attn.layer_idx for layer in LAYERS[family](model)] == [0, 1, 2, 3]
@@ -311,9 +312,9 @@ def test_refusals_where_surgery_or_fold_would_change_the_model():
 
     gpt2 = build_tiny_model(t.GPT2Config(**IDS, n_embd=32, n_layer=4, n_head=4, scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
-        adapter_for(gpt2).remove_layers([1])
+        ModelSurgery(adapter_for(gpt2)).remove_layers([1])
     opt_post_norm = build_tiny_model(t.OPTConfig(**IDS, hidden_size=32, ffn_dim=64, num_hidden_layers=4,
                                                  num_attention_heads=4, word_embed_proj_dim=32,
                                                  do_layer_norm_before=False))
     with pytest.raises(NotImplementedError, match="do_layer_norm_before"):
-        adapter_for(opt_post_norm).fold_into_mlp_output(1, torch.eye(32))
+        ModelSurgery(adapter_for(opt_post_norm)).fold_into_mlp_output(1, torch.eye(32))

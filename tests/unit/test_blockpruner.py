@@ -11,6 +11,7 @@ import torch
 from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import nll_float64
@@ -25,7 +26,7 @@ def _model():
 
 def nll_without(model, batches, units) -> float:
     pruned = copy.deepcopy(model)
-    adapter_for(pruned).remove_units(units)
+    ModelSurgery(adapter_for(pruned)).remove_units(units)
     return nll_float64(pruned, batches)
 
 

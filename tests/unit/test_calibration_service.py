@@ -10,6 +10,7 @@ from depthbench.calibration.service import CalibrationService
 from depthbench.calibration.statistics import PairwiseSimilarity, collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner, pruner_registry
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import nll_float64
@@ -27,7 +28,7 @@ def test_nll_with_units_skipped_equals_a_model_built_without_them(model64, skip)
     service = CalibrationService(adapter_for(model64), CalibrationData(batches, 12), progress=False)
     got = service.nll(skip=skip)
     rebuilt = copy.deepcopy(model64)
-    adapter_for(rebuilt).remove_layers(skip)
+    ModelSurgery(adapter_for(rebuilt)).remove_layers(skip)
     assert got == pytest.approx(nll_float64(rebuilt, batches), rel=1e-12, abs=0)
     after = model64.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "skipping changed a weight"
@@ -39,7 +40,7 @@ def test_current_statistics_with_skipped_units_equal_the_rebuilt_model(model64):
     service = CalibrationService(adapter_for(model64), CalibrationData(batches, 12), progress=False)
     (skipped,) = service.current([PairwiseSimilarity(5, gap=1, tokens="all")], skip=[3])
     rebuilt = copy.deepcopy(model64)
-    adapter_for(rebuilt).remove_layers([3])
+    ModelSurgery(adapter_for(rebuilt)).remove_layers([3])
     (expected,) = collect(adapter_for(rebuilt), batches, [PairwiseSimilarity(5, gap=1, tokens="all")], progress=False)
     torch.testing.assert_close(skipped.mean_cosine(), expected.mean_cosine(), rtol=1e-12, atol=0)
 
@@ -48,7 +49,7 @@ def test_original_statistics_are_refused_once_the_model_changed(model64):
     adapter = adapter_for(model64)
     service = CalibrationService(adapter, CalibrationData(random_batches(n_batches=1), 16), progress=False)
     service.original([PairwiseSimilarity(6, gap=1, tokens="all")])
-    adapter.remove_layers([0])
+    ModelSurgery(adapter).remove_layers([0])
     with pytest.raises(RuntimeError, match="after it was changed.*current"):
         service.original([PairwiseSimilarity(5, gap=1, tokens="all")])
 

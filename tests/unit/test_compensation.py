@@ -10,6 +10,7 @@ from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.compensation import ChannelMagnitudeRatios, maximal_gaps, remove_and_compensate
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
@@ -78,7 +79,7 @@ def test_fold_before_scales_the_stream_up_to_the_gap_and_matches_an_explicit_sca
     before = residuals(model, batch)
     s, e, alpha = 2, 4, 1.7
     plain = copy.deepcopy(model)
-    adapter_for(plain).remove_layers(range(s, e))
+    ModelSurgery(adapter_for(plain)).remove_layers(range(s, e))
     remove_and_compensate(adapter_for(model), s, e, alpha, "before")
     after = residuals(model, batch)
     real = batch["attention_mask"].bool()
@@ -102,7 +103,7 @@ def test_fold_before_and_after_give_the_same_logits(gap):
     torch.testing.assert_close(logits(model, batches), logits(reference, batches), rtol=1e-5, atol=1e-6)
     # and the fold did something: without it the logits differ
     uncompensated = model64(tie=False)
-    adapter_for(uncompensated).remove_layers(range(*gap))
+    ModelSurgery(adapter_for(uncompensated)).remove_layers(range(*gap))
     assert (logits(model, batches) - logits(uncompensated, batches)).abs().max() > 1e-4
 
 
@@ -110,7 +111,7 @@ def test_fold_after_keeps_tied_embeddings_and_alpha_one_is_a_no_op():
     model = model64(tie=True)
     batches = random_batches(n_batches=2, seed=6)
     plain = copy.deepcopy(model)
-    adapter_for(plain).remove_layers([2, 3])
+    ModelSurgery(adapter_for(plain)).remove_layers([2, 3])
     remove_and_compensate(adapter_for(model), 2, 4, 1.0, "after")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
@@ -239,7 +240,7 @@ def test_fold_after_equals_an_explicit_scaling_on_every_family(family):
     batches = random_batches(vocab=model.config.vocab_size, n_batches=1, seed=3, ragged=False)
     s, e, alpha = 2, 4, 1.8
     explicit = copy.deepcopy(model)
-    adapter_for(explicit).remove_layers(range(s, e))
+    ModelSurgery(adapter_for(explicit)).remove_layers(range(s, e))
     uncompensated = logits(explicit, batches)
     adapter_for(explicit).layer(s).register_forward_pre_hook(
         lambda module, args, kwargs: ((alpha * args[0],) + args[1:], kwargs) if args else
@@ -265,7 +266,7 @@ def test_a_gap_ending_at_the_last_layer_is_removed_without_compensation(caplog):
 
     batches = random_batches(n_batches=1, seed=1)
     plain = model64()
-    adapter_for(plain).remove_layers([L - 2, L - 1])
+    ModelSurgery(adapter_for(plain)).remove_layers([L - 2, L - 1])
     for mode in ("post", "iterative"):
         model = model64()
         pruner = CompensatedPruner(LastTwo(), parse_compensation("magnitude", mode, "after"))

@@ -9,6 +9,7 @@ import torch
 from depthbench.errors import ConfigError
 from depthbench.evaluation.efficiency import measure_speed, model_size, speedup
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 
 
 class _Tok:
@@ -22,7 +23,7 @@ def test_model_size_counts_unique_parameters_and_layers(tiny_llama):
     emb = m.model.embed_tokens.weight.numel()  # tied with lm_head: counted once
     size = model_size(m)
     assert size == {"parameters": total, "parameters_without_embeddings": total - emb, "layers": 6}
-    adapter_for(m).remove_layers([1, 2])
+    ModelSurgery(adapter_for(m)).remove_layers([1, 2])
     per_layer = sum(p.numel() for p in m.model.layers[0].parameters())
     assert model_size(m) == {"parameters": total - 2 * per_layer,
                              "parameters_without_embeddings": total - emb - 2 * per_layer, "layers": 4}
@@ -133,7 +134,7 @@ def test_analytic_flops_equal_a_hand_count():
 
     base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
     pruned = build_tiny_model(tiny_llama_config())
-    adapter_for(pruned).remove_layers([1, 2])
+    ModelSurgery(adapter_for(pruned)).remove_layers([1, 2])
     d, ff, kv, V, ctx = 32, 64, 16, 101, 10.0
     layer = 2 * (d * d + d * kv + d * kv + d * d + 3 * d * ff) + 2 * 2 * 32 * ctx
     assert flops_per_token(base, ctx) == 6 * layer + 2 * V * d
@@ -157,8 +158,8 @@ def test_analytic_flops_of_removed_attention_and_a_patch_equal_a_hand_count():
     base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
     pruned = build_tiny_model(tiny_llama_config())
     adapter = adapter_for(pruned)
-    adapter.remove_units(["1.attn", "4.attn"])
-    adapter.insert_residual_patch(3, torch.eye(32))
+    ModelSurgery(adapter).remove_units(["1.attn", "4.attn"])
+    ModelSurgery(adapter).insert_residual_patch(3, torch.eye(32))
     d, ff, kv, V, ctx = 32, 64, 16, 101, 10.0
     attn, mlp, context = 2 * (2 * d * d + 2 * d * kv), 2 * 3 * d * ff, 4 * 32 * ctx
     head = 2 * V * d
@@ -181,7 +182,7 @@ def test_measure_speedup_on_tiny_models_reports_intervals_and_analytic_ratio():
 
     base = build_tiny_model(tiny_llama_config())
     pruned = copy.deepcopy(base)
-    adapter_for(pruned).remove_layers([1, 2, 3])
+    ModelSurgery(adapter_for(pruned)).remove_layers([1, 2, 3])
     out = measure_speedup(base, pruned, _Tok(), prompt_len=8, new_tokens=3, min_rounds=3, max_rounds=4,
                           rel_width=0.05, budget_s=30)
     s = out["speedup"]

@@ -13,13 +13,14 @@ from omegaconf import OmegaConf
 from depthbench.errors import ConfigError
 from depthbench.evaluation import fidelity as fid
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _pair():
     dense = build_tiny_model(tiny_llama_config(), seed=0)
     pruned = copy.deepcopy(dense)
-    adapter_for(pruned).remove_layers([2, 3])
+    ModelSurgery(adapter_for(pruned)).remove_layers([2, 3])
     return dense, pruned
 
 

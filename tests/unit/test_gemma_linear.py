@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
 from depthbench.pruners import build_pruner
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
@@ -60,8 +61,8 @@ def test_linear_route_equals_explicit_float64_computation(family):
     reference, uidl = copy.deepcopy(model), copy.deepcopy(model)
     reference.model.layers[block.start - 1].post_feedforward_layernorm.register_forward_hook(
         lambda mod, args, out: (out.to(torch.float64) @ T).to(out.dtype))
-    adapter_for(reference).remove_layers(selection.removed_layers)
-    adapter_for(uidl).remove_layers(selection.removed_layers)
+    ModelSurgery(adapter_for(reference)).remove_layers(selection.removed_layers)
+    ModelSurgery(adapter_for(uidl)).remove_layers(selection.removed_layers)
 
     result = build_pruner("replaceme_ls").prune(adapter_for(model), calibration, 2, progress=False)
     assert result.removed_layers == selection.removed_layers
@@ -101,7 +102,7 @@ def test_linear_route_saves_says_custom_code_and_reloads_with_the_loader(family,
 
     reloaded = load_pruned(tmp_path / "pruned")
     assert type(reloaded) is type(model) and reloaded.dtype == model.dtype and not reloaded.training
-    assert adapter_for(reloaded).mlp_output_linear_layers() == [fit["folded_into_layer"]]
+    assert ModelSurgery(adapter_for(reloaded)).mlp_output_linear_layers() == [fit["folded_into_layer"]]
     batch = batches[0]
     torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
     prompt = batch["input_ids"][:1, :6]
@@ -124,11 +125,11 @@ def test_transforms_compose_into_an_inserted_linear(family):
     explicit = copy.deepcopy(model)
     explicit.model.layers[k].post_feedforward_layernorm.register_forward_hook(
         lambda mod, args, out: (out.to(torch.float64) @ T1 @ T2 @ D).to(out.dtype))
-    adapter = adapter_for(model)
-    adapter.insert_mlp_output_linear(k, T1)
-    adapter.fold_into_mlp_output(k, T2)  # full T: composes into the existing linear (exact)
-    adapter.fold_into_mlp_output(k, D)  # diagonal: into the linear, not the norm's gain (which would be M D T)
-    assert adapter.mlp_output_linear_layers() == [k]
+    surgery = ModelSurgery(adapter_for(model))
+    surgery.insert_mlp_output_linear(k, T1)
+    surgery.fold_into_mlp_output(k, T2)  # full T: composes into the existing linear (exact)
+    surgery.fold_into_mlp_output(k, D)  # diagonal: into the linear, not the norm's gain (which would be M D T)
+    assert surgery.mlp_output_linear_layers() == [k]
     batch = random_batches(n_batches=1)[0]
     torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)
 

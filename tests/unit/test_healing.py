@@ -26,6 +26,7 @@ from depthbench.healing.pruned_cache import cached_pruned_metrics, unhealed_hash
 from depthbench.healing.settings import check_healing, healing_settings
 from depthbench.healing.targets import check_targets_for_model, target_module_names
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from tests.offline_packages import needs
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 from tests.unit.test_architectures import FAMILIES, LAYERS, LAYOUT_VARIANTS, _config
@@ -67,7 +68,7 @@ def _expected_names(model, family, layers):
 def test_merged_lora_equals_the_unmerged_adapter(family):
     model = build_tiny_model(_config(family), dtype=torch.float64)
     adapter = adapter_for(model)
-    adapter.remove_layers([1, 4])  # LoRA goes on the kept layers only
+    ModelSurgery(adapter).remove_layers([1, 4])  # LoRA goes on the kept layers only
     kept = list(LAYERS[family](model))
     pruned_keys = set(model.state_dict())
     batch = random_batches(n_batches=1, seq_len=12)[0]
@@ -175,7 +176,7 @@ def test_a_nan_loss_stops_and_names_the_step(monkeypatch):
 def test_healed_model_reloads_with_plain_from_pretrained(tmp_path):
     model = _tiny_llama()
     adapter = adapter_for(model)
-    adapter.remove_layers([2])
+    ModelSurgery(adapter).remove_layers([2])
     heal(model, adapter, _train_batches(), _settings(), progress=False)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -235,7 +236,7 @@ def test_target_modules_narrow_the_projections_and_skip_removed_sub_blocks():
     adapter = adapter_for(model)
     names = target_module_names(adapter, _settings(target_modules=["q_proj", "mlp.down_proj"]))
     assert names == [f"model.layers.{k}.{p}" for k in range(4) for p in ("self_attn.q_proj", "mlp.down_proj")]
-    adapter.remove_units(["1.attn"])  # layer 1 keeps its MLP only
+    ModelSurgery(adapter).remove_units(["1.attn"])  # layer 1 keeps its MLP only
     names = target_module_names(adapter, _settings(targets=["attention"]))
     assert not any(n.startswith("model.layers.1.") for n in names) and len(names) == 3 * 4
 

@@ -10,6 +10,7 @@ import torch
 from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.laco import MergeState, capacity, merge_weights, scan
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
@@ -112,7 +113,7 @@ def _rebuild(model, merges):
     for k, layer in enumerate(rebuilt.model.layers):
         for n in LINEAR:
             layer.get_parameter(n).data = weights[k][n].to(layer.get_parameter(n).dtype)
-    adapter_for(rebuilt).remove_layers(removed)
+    ModelSurgery(adapter_for(rebuilt)).remove_layers(removed)
     return rebuilt
 
 

@@ -12,6 +12,7 @@ from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned, save_pruned
 from depthbench.pruners import build_pruner
 from depthbench.pruners.compensation import ChannelMagnitudeRatios, remove_and_compensate
@@ -100,11 +101,11 @@ def test_constant_one_patch_leaves_the_pruned_logits_unchanged():
     model = model64()
     batches = random_batches(n_batches=2, seed=1)
     plain = copy.deepcopy(model)
-    adapter_for(plain).remove_layers([3, 4])
-    adapter = adapter_for(model)
-    adapter.remove_layers([3, 4])
-    adapter.insert_residual_patch(2, patch_matrix(torch.ones(D, dtype=torch.float64), HadamardRotation(D).matrix()))
-    assert adapter.residual_patch_layers() == [2]
+    ModelSurgery(adapter_for(plain)).remove_layers([3, 4])
+    surgery = ModelSurgery(adapter_for(model))
+    surgery.remove_layers([3, 4])
+    surgery.insert_residual_patch(2, patch_matrix(torch.ones(D, dtype=torch.float64), HadamardRotation(D).matrix()))
+    assert surgery.residual_patch_layers() == [2]
     torch.testing.assert_close(logits(model, batches), logits(plain, batches), rtol=1e-10, atol=1e-12)
 
 
@@ -114,8 +115,8 @@ def test_diag_patch_with_constant_scale_equals_the_prune_and_comp_fold():
     folded = copy.deepcopy(model)
     alpha = 1.37
     adapter = adapter_for(model)
-    adapter.remove_layers([3, 4])
-    adapter.insert_residual_patch(2, patch_matrix(torch.full((D,), alpha, dtype=torch.float64), None))
+    ModelSurgery(adapter).remove_layers([3, 4])
+    ModelSurgery(adapter).insert_residual_patch(2, patch_matrix(torch.full((D,), alpha, dtype=torch.float64), None))
     remove_and_compensate(adapter_for(folded), 3, 5, alpha, "before")
     torch.testing.assert_close(logits(model, batches), logits(folded, batches), rtol=1e-5, atol=1e-6)
 
@@ -150,7 +151,7 @@ def test_reference_selection_and_patched_model_against_direct_computation(cos_ax
     P = torch.from_numpy(R @ np.diag(d) @ R.T)
     # the reference: the plainly pruned model with an explicit h -> h P after layer best-1 (a hook, float64)
     reference = copy.deepcopy(model)
-    adapter_for(reference).remove_layers(range(best, best + n))
+    ModelSurgery(adapter_for(reference)).remove_layers(range(best, best + n))
     reference.model.layers[best - 1].register_forward_hook(lambda module, args, output: output @ P)
 
     result = build_pruner("linearpatch", {"cos_axis": cos_axis}).prune(adapter_for(model),
@@ -176,7 +177,7 @@ def test_interface_patch_saves_needs_depthbench_and_reloads_with_the_same_logits
     with pytest.raises(OSError, match="no file named model.safetensors"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     reloaded = load_pruned(tmp_path / "pruned")
-    assert adapter_for(reloaded).residual_patch_layers() == layers
+    assert ModelSurgery(adapter_for(reloaded)).residual_patch_layers() == layers
     torch.testing.assert_close(logits(reloaded, batches), logits(model, batches), rtol=0, atol=0)
     prompt = batches[0]["input_ids"][:1, :6]
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)

@@ -14,6 +14,7 @@ from depthbench.calibration.prompt_sequences import PromptSequences, virtual_row
 from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.base import Selection
 from depthbench.pruners.mka import (diffusion_map, knn_entropy, npib_alpha, npib_matrix, plan_merges,
@@ -176,7 +177,7 @@ def test_merged_model_equals_a_rebuild_from_the_recorded_coefficients(options):
     for k, layer in enumerate(rebuilt.model.layers):
         for n in LINEAR:
             layer.get_parameter(n).data = weights[k][n]
-    adapter_for(rebuilt).remove_layers([m["merged"] for m in scores["merges"]])
+    ModelSurgery(adapter_for(rebuilt)).remove_layers([m["merged"] for m in scores["merges"]])
     assert result.removed_layers == sorted(m["merged"] for m in scores["merges"])
     for batch in data.batches[:3]:
         torch.testing.assert_close(model(**batch, use_cache=False).logits, rebuilt(**batch, use_cache=False).logits,

@@ -24,6 +24,7 @@ from depthbench.healing.data import HealingText, healing_text
 from depthbench.healing.partial_layers import heal, trainable_set
 from depthbench.healing.settings import PartialLayerSettings, check_healing, healing_settings
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +59,7 @@ def _llama31_8b_pruned():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     adapter = adapter_for(model)
-    adapter.remove_layers(range(24, 32))  # reverse order, R = 8: layers [L - R, L)
+    ModelSurgery(adapter).remove_layers(range(24, 32))  # reverse order, R = 8: layers [L - R, L)
     return model, adapter
 
 
@@ -91,7 +92,7 @@ def _trained_names(state_dict, layers: range) -> set[str]:
 def test_frozen_tensors_are_bit_identical_and_the_trained_ones_change(tie):
     model = _tiny(tie=tie)
     adapter = adapter_for(model)
-    adapter.remove_layers([1])  # pruned: 3 layers, original 0, 2, 3
+    ModelSurgery(adapter).remove_layers([1])  # pruned: 3 layers, original 0, 2, 3
     before = {n: t.clone() for n, t in model.state_dict().items()}
     report = heal(model, adapter, _text(), _settings(layers=2), removed_layers=[1], progress=False)
     after = model.state_dict()
@@ -127,7 +128,7 @@ def test_zero_learning_rate_reproduces_the_untrained_model():
 def test_healed_untied_model_reloads_with_plain_from_pretrained(tmp_path):
     model = _tiny(tie=True)
     adapter = adapter_for(model)
-    adapter.remove_layers([2])
+    ModelSurgery(adapter).remove_layers([2])
     heal(model, adapter, _text(), _settings(), progress=False)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from depthbench.calibration.statistics import MLP_OUT, RESIDUAL, Statistic, collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned, save_pruned
 from depthbench.modeling.units import Unit, normalize_units
 from tests.conftest import build_tiny_model, random_batches
@@ -95,7 +96,7 @@ def test_skipping_layers_equals_the_model_without_them(family):
         assert units == [Unit(1), Unit(4)]
         got = _logits(model, batch)
     without = copy.deepcopy(model)
-    adapter_for(without).remove_layers([1, 4])
+    ModelSurgery(adapter_for(without)).remove_layers([1, 4])
     assert len(LAYERS[family](without)) == 4
     torch.testing.assert_close(got[real], _logits(without, batch, use_cache=False)[real], **TOL)
     assert not torch.allclose(got[real], before[real])  # skipping changed something
@@ -167,7 +168,7 @@ def test_statistics_inside_skipping_are_those_of_the_model_without_the_units(fam
         (stat,) = collect(adapter, [batch], [_Keep(points)], progress=False)
     assert adapter.num_layers == 6 and adapter.decoder_layers() is LAYERS[family](model)
     reference = _zeroed(model, family, [(3, "mlp"), (4, "attention")])
-    adapter_for(reference).remove_layers([1])
+    ModelSurgery(adapter_for(reference)).remove_layers([1])
     (want,) = collect(adapter_for(reference), [batch], [_Keep(points)], progress=False)
     for point in sorted(points):
         torch.testing.assert_close(stat.seen.points[point][real], want.seen.points[point][real], **TOL)
@@ -178,11 +179,15 @@ def test_surgery_is_refused_inside_skipping():
     model = _model("mistral")
     adapter = adapter_for(model)
     with adapter.skipping([2]):
-        for call in (lambda: adapter.remove_layers([0]), lambda: adapter_for(model).remove_units(["1.mlp"]),
-                     lambda: adapter.replace_layer(0, copy.deepcopy(adapter.layer(0)))):
+        surgery = ModelSurgery(adapter)
+        for call in (lambda: surgery.remove_layers([0]),
+                     lambda: ModelSurgery(adapter_for(model)).remove_units(["1.mlp"]),
+                     lambda: surgery.replace_layer(0, copy.deepcopy(adapter.layer(0))),
+                     lambda: surgery.insert_residual_patch(0, torch.eye(adapter.hidden_size)),
+                     lambda: surgery.untie_output_embeddings()):
             with pytest.raises(RuntimeError, match="inside adapter.skipping"):
                 call()
-    assert model.config.num_hidden_layers == 6 and adapter.removed_sub_blocks() == []
+    assert model.config.num_hidden_layers == 6 and ModelSurgery(adapter).removed_sub_blocks() == []
 
 
 @pytest.mark.parametrize("family", ["mistral", "falcon"])
@@ -270,8 +275,8 @@ def test_sub_block_removal_then_save_and_reload(family, tmp_path):
     with adapter_for(model).skipping(units):
         skipped = _logits(model, batch)
     adapter = adapter_for(model)
-    adapter.remove_units(units)
-    assert adapter.removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
+    ModelSurgery(adapter).remove_units(units)
+    assert ModelSurgery(adapter).removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
     assert model.config.num_hidden_layers == 5 == len(LAYERS[family](model))
     torch.testing.assert_close(_logits(model, batch, use_cache=False)[real], skipped[real], **TOL)
     names = {n for n, _ in model.named_parameters()}
@@ -285,7 +290,7 @@ def test_sub_block_removal_then_save_and_reload(family, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert "removed_sub_blocks" in (tmp_path / "pruned" / CUSTOM_MODULES_FILE).read_text()
     reloaded = load_pruned(tmp_path / "pruned")
-    assert adapter_for(reloaded).removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
+    assert ModelSurgery(adapter_for(reloaded)).removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
     assert {n for n, _ in reloaded.named_parameters()} == {n for n, _ in model32.named_parameters()}
     torch.testing.assert_close(_logits(reloaded, batch, use_cache=False)[real],
                                _logits(model32, batch, use_cache=False)[real], rtol=0, atol=0)
@@ -308,7 +313,7 @@ def test_parameter_counts_of_units_are_the_sums_of_their_modules():
     assert adapter.unit_parameter_count("1.mlp") == count(layer.mlp, layer.post_attention_layernorm)
     assert adapter.unit_parameter_count(1) == count(layer)
     total = count(model)
-    adapter.remove_units(["1.attn"])
+    ModelSurgery(adapter).remove_units(["1.attn"])
     assert count(model) == total - attention
     assert adapter.unit_parameter_count("1.attn") == 0
 
@@ -335,19 +340,19 @@ def test_bad_units_are_refused_before_anything_changes():
     adapter = adapter_for(model)
     snapshot = _snapshot(model)
     with pytest.raises(ConfigError, match=r"units \['6.mlp'\]: the model has layers 0..5"):
-        adapter.remove_units(["1.attn", "6.mlp"])
+        ModelSurgery(adapter).remove_units(["1.attn", "6.mlp"])
     with pytest.raises(ConfigError, match="all 6"), adapter.skipping(range(6)):
         pass
     with pytest.raises(ConfigError, match="all 6"):
-        adapter.remove_units([0, 1, 2, 3, "4.attn", "4.mlp", 5])  # 4's two sub-blocks are layer 4
-    assert adapter.removed_sub_blocks() == [] and model.config.num_hidden_layers == 6
+        ModelSurgery(adapter).remove_units([0, 1, 2, 3, "4.attn", "4.mlp", 5])  # 4's two sub-blocks are layer 4
+    assert ModelSurgery(adapter).removed_sub_blocks() == [] and model.config.num_hidden_layers == 6
     assert _snapshot(model).keys() == snapshot.keys()
     post_norm = build_tiny_model(t.OPTConfig(vocab_size=101, pad_token_id=0, hidden_size=32, ffn_dim=64,
                                              num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32,
                                              do_layer_norm_before=False))
     opt = adapter_for(post_norm)
     with pytest.raises(ConfigError, match="do_layer_norm_before"):
-        opt.remove_units([1, "2.mlp"])
+        ModelSurgery(opt).remove_units([1, "2.mlp"])
     assert post_norm.config.num_hidden_layers == 4
     with opt.skipping([1]):  # whole layers are fine
         pass

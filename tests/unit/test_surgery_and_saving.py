@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import METADATA_FILE, save_pruned
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
@@ -19,7 +20,7 @@ def test_remove_save_reload_identical_logits_and_generation(tiny_llama, tmp_path
     model = tiny_llama
     original_layers = list(model.model.layers)
     adapter = adapter_for(model)
-    adapter.remove_layers([1, 2, 4])
+    ModelSurgery(adapter).remove_layers([1, 2, 4])
     assert model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
     assert list(model.model.layers) == [original_layers[i] for i in (0, 3, 5)]
@@ -50,7 +51,7 @@ def test_per_layer_config_lists_follow_the_kept_layers(tmp_path):
     model = build_tiny_model(cfg)
     before = list(model.config.layer_types)
     assert len(set(before)) == 2, "the test needs a mixed sliding/full pattern"
-    adapter_for(model).remove_layers([0, 4])
+    ModelSurgery(adapter_for(model)).remove_layers([0, 4])
     assert model.config.layer_types == [before[i] for i in (1, 2, 3, 5)]
     assert model.config.num_hidden_layers == 4
     batch = random_batches(n_batches=1)[0]
@@ -65,9 +66,9 @@ def test_per_layer_config_lists_follow_the_kept_layers(tmp_path):
 def test_bad_surgery_requests(tiny_llama):
     adapter = adapter_for(tiny_llama)
     with pytest.raises(ConfigError, match="layers 0..5"):
-        adapter.remove_layers([6])
+        ModelSurgery(adapter).remove_layers([6])
     with pytest.raises(ConfigError, match="all 6"):
-        adapter.remove_layers(range(6))
+        ModelSurgery(adapter).remove_layers(range(6))
 
 
 def test_unsupported_family_lists_supported():
@@ -103,7 +104,7 @@ def test_custom_layout_versions_1_and_2_load_and_others_are_refused(tmp_path):
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0))
     adapter = adapter_for(model)
     g = torch.Generator().manual_seed(0)
-    adapter.insert_mlp_output_linear(1, torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g))
+    ModelSurgery(adapter).insert_mlp_output_linear(1, torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g))
     save_pruned(model, None, tmp_path / "pruned", {})
     sidecar = tmp_path / "pruned" / CUSTOM_MODULES_FILE
     written = json.loads(sidecar.read_text())
@@ -128,7 +129,7 @@ def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(fa
 
     model = build_tiny_model(tiny_llama_config() if family == "llama" else _config(family))
     adapter = adapter_for(model)
-    adapter.remove_units(["1.attn", "3.mlp", 2])  # layer 2 goes: 3.mlp becomes 2.mlp
+    ModelSurgery(adapter).remove_units(["1.attn", "3.mlp", 2])  # layer 2 goes: 3.mlp becomes 2.mlp
     batch = random_batches(n_batches=1)[0]
     real = batch["attention_mask"].bool()
     save_pruned(model, None, tmp_path / "pruned", {"method": "test"})
@@ -148,7 +149,7 @@ def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(fa
         assert not projection.weight.any() and (projection.bias is None or not projection.bias.any())
     assert any(p.any() for p in layers[1].parameters())  # the kept MLP of layer 1 is not zeroed
     in_memory = load_pruned(tmp_path / "pruned")
-    assert [str(u) for u in adapter_for(in_memory).removed_sub_blocks()] == ["1.attn", "2.mlp"]
+    assert [str(u) for u in ModelSurgery(adapter_for(in_memory)).removed_sub_blocks()] == ["1.attn", "2.mlp"]
     assert adapter_for(in_memory).parameter_counts() == adapter.parameter_counts()
     torch.testing.assert_close(_logits(in_memory, batch)[real], _logits(model, batch)[real], rtol=0, atol=0)
 
