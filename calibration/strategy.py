@@ -234,7 +234,8 @@ class DecidingWriter(Statistic):
             synchronize(first)
             forward_s = self.strategy.clock() - self.started
             tensors = [batch.points[p] for p in self.points]
-            probe_bytes, write_s, read_s = probe_store(tensors, self.slot.directory, self.strategy.clock)
+            probe_bytes, write_s, read_s = probe_store(tensors, self.slot.directory, self.strategy.clock,
+                                                       PROBE_BYTES)
             positions = sum(int(b["input_ids"].numel()) for b in self.batches)
             if self.strategy.choose(ProbeCosts(forward_s, probe_bytes, write_s, read_s),
                                     self.slot.store_size(self.adapter, self.batches), len(self.points),
