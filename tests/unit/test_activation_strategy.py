@@ -215,3 +215,26 @@ def test_the_setting_is_checked_once_with_the_allowed_values():
         CacheSettings.from_config({**OmegaConf.to_container(yaml), "activation_strategy": "sometimes"})
     with pytest.raises(ValueError, match="allowed: auto, store, recompute"):
         ActivationStrategy("never")
+
+
+@pytest.mark.parametrize("setting", ["recompute", "auto"])
+def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, setting):
+    """The pipeline's prune step builds the strategy from ``cache.activation_strategy`` and puts its record in
+    the outcome that result.json and pruning.json carry (``calibration.activations``)."""
+    from depthbench.experiments.pipeline import Cell, prune as prune_step
+    from tests.unit.test_configs import _compose
+
+    cell = Cell(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
+    model = copy.deepcopy(base)
+    calls = model_calls(model)
+    cell.pruner, cell.adapter, cell.calibration = build_pruner("replaceme_ls", {}), adapter_for(model), data
+    cell.n_remove, cell.fingerprint = 2, str(tmp_path)  # its own statistics cache entries (the cache is per session)
+    prune_step(cell)
+    record = cell.outcome["calibration"]["activations"]
+    assert record["strategy"] == setting and record["later_fits"] == 1
+    assert record["forward_passes"] * N_BATCHES == len(calls)
+    if setting == "recompute":
+        assert record["ran"] == "recompute" and len(calls) == 2 * N_BATCHES
+    else:  # the tiny model's real costs decide; whichever ran, the numbers behind it are recorded
+        assert record["ran"] in ("store", "recompute") and set(record["measured"]) >= {"forward_s", "write_s"}
+        assert len(calls) == (N_BATCHES if record["ran"] == "store" else 2 * N_BATCHES)
