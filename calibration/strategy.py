@@ -25,7 +25,8 @@ number of passes over the original model still to come in this run (1 for a sing
 0 when the fit's pass is the one running: nothing later could read a store). A store shared by the cells of a
 sweep (or an explicit ``cache.dir``) serves any number of later cells, so its write is amortised: it is kept
 when one replay is cheaper than the forward pass it replaces. The choice is made on the first batch, and the
-rest of the pass writes the store or not; that batch's activations, held until then, are written first.
+rest of the pass writes the store or not (to store, that batch is written first). The deciding pass observes
+every hook point, as a storing pass does, whatever it decides.
 
 Biases, all towards ``store`` (today's behaviour, never slower than it on a CPU): a cold first batch (kernel
 selection, lazy initialisation) overstates the forward time; the probe's write lands in the page cache, which a
