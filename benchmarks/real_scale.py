@@ -7,13 +7,16 @@ calibration tokens are random ids, so this runs on a GPU machine without interne
 
     .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
         [--device cuda] [--dtype bfloat16] [--shape llama3_8b | --hidden H --layers L --intermediate I
-        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--option METHOD.KEY=VALUE ...]
+        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--activation-strategy auto]
+        [--option METHOD.KEY=VALUE ...]
         [--output docs/real_scale.json]
 
 Each method runs on a fresh copy of the weights (the same seed), in this process; CUDA timings are
 synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
 (65 x 128 x 256 x 4096 x 2 B = 17 GB at Llama-3-8B shape): ``--activations-gb`` sets the budget
-(0 = fits run their own partial forward pass). Writes one JSON record (atomically, after every method,
+(0 = fits run their own partial forward pass); ``--activation-strategy`` (default auto, as a single run of the
+pipeline: calibration/strategy.py) says whether the pass stores them at all, and each row records what ran and
+why (``activations``). Writes one JSON record (atomically, after every method,
 so a run stopped at a time limit keeps what it measured) with the environment and every timing, and
 prints a Markdown table; a later run in the same setting with the same ``--output`` re-measures its
 methods and keeps the other rows (each row names its run). ``--option`` sets one method's option and is
@@ -103,7 +106,9 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         f"Measured by `benchmarks/real_scale.py` (the record: `docs/real_scale.json`) on {', '.join(devices)}: a "
         f"randomly initialised Llama model of shape {shape} in {record['dtype']}, {record['samples']} x "
         f"{record['seq_len']} random token ids, ratio {record['ratio']}, stored activations up to "
-        f"{record['activations_gb']:g} GB. Timing needs no trained weights (the passes cost the same), but "
+        f"{record['activations_gb']:g} GB, activation strategy {record.get('activation_strategy', 'store')} "
+        "(each row's `activations` in the record: what ran and why). Timing needs no trained weights (the passes cost "
+        "the same), but "
         "data-dependent choices (LaCo's merges, SLEB's order) may differ from a trained model's. Runs:", "",
         *(f"- run {i}: {env['date']}, commit {env.get('commit', 'unknown')}, torch {env['torch']}, "
           f"`{env['command']}`{' (' + env['note'] + ')' if env.get('note') else ''}" for i, env in enumerate(runs)),
@@ -174,6 +179,7 @@ def method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
 def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) -> dict:
     """One method on a fresh model (same seed): a bare forward pass over the calibration data, then
     the whole prune (score, select, fit, apply), both timed in this process."""
+    from depthbench.calibration.strategy import ActivationStrategy
     from depthbench.experiments.pipeline import layers_to_remove
     from depthbench.modeling.adapters import adapter_for
 
@@ -191,15 +197,18 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
     n_remove = layers_to_remove(args.ratio, adapter.num_layers)
     result = {}
 
+    strategy = ActivationStrategy(args.activation_strategy, fits=1)
+
     def prune():
-        with pruner.service(adapter, data, activation_budget_bytes=int(args.activations_gb * 2**30)) as service:
+        with pruner.service(adapter, data, activation_budget_bytes=int(args.activations_gb * 2**30),
+                            strategy=strategy) as service:
             result["r"] = pruner.prune(adapter, service, n_remove)
 
     prune_s = synchronised_seconds(prune, args.device)
     scores = result["r"].selection.scores or {}
     search = {"evaluations": scores["evaluations"]} if "evaluations" in scores else {}
     return {"method": method, **search, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,
-            "prune_over_forward": prune_s / bare_s,
+            "prune_over_forward": prune_s / bare_s, "activations": strategy.record(),
             "stages_s": {k: round(v["seconds"], 2) for k, v in result["r"].stages.items()},
             # each stage resets the peak counter as it starts (depthbench.measure), so the prune's peak is the
             # largest of its stages' peaks
@@ -220,6 +229,9 @@ def main() -> None:
     for name in ("hidden", "layers", "intermediate", "heads", "kv-heads", "vocab"):
         parser.add_argument(f"--{name}", type=int, help=f"override the shape's {name}")
     parser.add_argument("--activations-gb", type=float, default=32.0)
+    parser.add_argument("--activation-strategy", default="auto", choices=["auto", "store", "recompute"],
+                        help="cache.activation_strategy: store the activations for the fit, recompute them, or decide "
+                             "on the first batch (default, as a single run of the pipeline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="one method's option (repeatable), recorded in its row")
@@ -251,7 +263,8 @@ def main() -> None:
                       else f"cpu ({torch.get_num_threads()} threads)"),
            "command": " ".join(["python", "benchmarks/real_scale.py", *sys.argv[1:]])}
     setting = {"shape": shape, "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
-               "ratio": args.ratio, "activations_gb": args.activations_gb}
+               "ratio": args.ratio, "activations_gb": args.activations_gb,
+               "activation_strategy": args.activation_strategy}
     record = merged_record(Path(args.output) if args.output else None, setting, env, list(pruners))
     run = len(record["runs"]) - 1
     rows = record["rows"]

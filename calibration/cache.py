@@ -34,6 +34,7 @@ import torch
 import depthbench
 from depthbench import atomic
 from depthbench.calibration.activations import STORE_PREFIX, ActivationSlot, remove_writes_of
+from depthbench.calibration.strategy import ActivationStrategy, DecidingWriter
 from depthbench.locking import STALE_AFTER_S, EntryLock
 from depthbench.calibration.statistics import (
     STATISTICS_VERSION, LayerSimilarityTable, PairwiseSimilarity, Statistic, collect, unique,
@@ -121,12 +122,14 @@ class StatisticsCache:
 
 def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable[Statistic],
            cache: StatisticsCache | None = None, progress: bool = True,
-           description: str = "calibration pass", activations: ActivationSlot | None = None) -> list[Statistic]:
+           description: str = "calibration pass", activations: ActivationSlot | None = None,
+           strategy: ActivationStrategy | None = None) -> list[Statistic]:
     """Return ``statistics`` filled in, from the cache where possible and one pass for the rest.
 
     With an ``activations`` slot, the rest is replayed from the stored activations when they exist;
     otherwise the forward pass also stores every layer's activations there (within the slot's
-    budget) for the fits that follow, in this run or any later run on the same model and data.
+    budget) for the fits that follow, in this run or any later run on the same model and data, or
+    not, as ``strategy`` decides (`depthbench.calibration.strategy`; None: store).
     """
     requested = unique(statistics)
     pairwise = [s for s in requested if isinstance(s, PairwiseSimilarity)]
@@ -144,19 +147,22 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
                 remove_writes_of(activations.directory, lock.took_over.host, lock.took_over.pid)
             # another cell may have finished this entry while we waited
             missing = [s for s in missing if not (s.cacheable and cache.load(s, data_hash))]
-            _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description)
+            _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description,
+                              strategy)
     else:
-        _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description)
+        _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description,
+                              strategy)
     for stat in pairwise:
         stat.fill_from(tables[stat.tokens])
     return requested
 
 
 def _compute_and_save(adapter, batches, missing: list[Statistic], cache: StatisticsCache | None, data_hash: str,
-                      activations: ActivationSlot | None, progress: bool, description: str) -> None:
+                      activations: ActivationSlot | None, progress: bool, description: str,
+                      strategy: ActivationStrategy | None) -> None:
     if not missing:
         return
-    compute(adapter, batches, missing, activations, progress, description)
+    compute(adapter, batches, missing, activations, progress, description, strategy)
     if cache is not None:
         for stat in missing:
             if stat.cacheable:
@@ -182,8 +188,10 @@ def forward_pass(adapter, batches, statistics: list[Statistic], progress: bool, 
 
 
 def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[Statistic],
-            activations: ActivationSlot | None, progress: bool, description: str) -> None:
-    """Fill ``statistics`` by replaying stored activations, else by one forward pass (storing them)."""
+            activations: ActivationSlot | None, progress: bool, description: str,
+            strategy: ActivationStrategy | None = None) -> None:
+    """Fill ``statistics`` by replaying stored activations, else by one forward pass that stores them or not
+    as ``strategy`` says (None: store them, within the slot's budget; `depthbench.calibration.strategy`)."""
     if activations is not None:
         store = activations.open()
         if store is not None:
@@ -194,14 +202,32 @@ def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[St
                 activations.discard()
             else:
                 store.replay(statistics, batches, progress, f"{description} (stored activations)")
+                if strategy is not None:
+                    strategy.replays += 1
+                    if not strategy.decision:
+                        strategy.decide("store", "replayed a complete store written by an earlier run")
                 return
-        writer = activations.writer(adapter, batches)
+        plan = "store" if strategy is None else strategy.plan(activations, adapter, batches)
+        writer = (activations.writer(adapter, batches) if plan == "store" else
+                  DecidingWriter(strategy, activations, adapter, batches) if plan == "probe" else None)
         if writer is not None:
+            if plan == "probe":  # first: the first batch's forward time excludes the other statistics' updates
+                writer.start()
+                fed = [writer, *statistics]
+            else:
+                fed = [*statistics, writer]
             try:
-                forward_pass(adapter, batches, [*statistics, writer], progress, description)
+                _counted_pass(adapter, batches, fed, progress, description, strategy)
             except BaseException:
                 writer.abort()
                 raise
             writer.commit()
             return
+    _counted_pass(adapter, batches, statistics, progress, description, strategy)
+
+
+def _counted_pass(adapter, batches, statistics: list[Statistic], progress: bool, description: str,
+                  strategy: ActivationStrategy | None) -> None:
+    if strategy is not None:
+        strategy.passes += 1
     forward_pass(adapter, batches, statistics, progress, description)

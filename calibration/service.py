@@ -4,7 +4,8 @@ A pruner holds no caching or storage state. Its stages receive a `CalibrationSer
 
 - `original(statistics)`: statistics of the ORIGINAL model (before any change made by this prune):
   answered from the shared statistics cache, from stored activations, or by one forward pass that
-  also stores every layer's activations for the later fits of this run and of other runs of a sweep.
+  also stores every layer's activations for the later fits of this run and of other runs of a sweep, or
+  not where a second pass costs less (`depthbench.calibration.strategy`: ``store`` / ``recompute`` / ``auto``).
   Refused once the model's layer count has changed (neither the cache key nor the stored
   activations see in-place changes);
 - `current(statistics, skip=...)`: statistics of the model as it is NOW, optionally with some units
@@ -41,6 +42,7 @@ from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gath
 from depthbench.calibration.masked_nll import (DivergenceScorer, checked_mean, masked_nlls, masked_scores,
                                                runs_single_layers, token_nll_sum, whole_pass_scores)
 from depthbench.calibration.statistics import Statistic, collect
+from depthbench.calibration.strategy import ActivationStrategy
 
 #: Default cap on the disk space of one model's stored calibration activations.
 DEFAULT_ACTIVATION_BUDGET = 4 * 1024**3
@@ -56,6 +58,7 @@ class CalibrationService:
     activations: ActivationSlot | None = None
     progress: bool = True
     label: str = ""
+    strategy: ActivationStrategy | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "_original_depth", self.adapter.num_layers)
@@ -73,8 +76,12 @@ class CalibrationService:
             raise RuntimeError(
                 f"statistics of the original model requested after it was changed ({self._original_depth} -> "
                 f"{self.adapter.num_layers} layers); ask `current` for the model as it is now")
-        return gather(self.adapter, self.batches, statistics, cache=self.cache, progress=self.progress,
-                      description=self._describe(what), activations=self.activations)
+        try:
+            return gather(self.adapter, self.batches, statistics, cache=self.cache, progress=self.progress,
+                          description=self._describe(what), activations=self.activations, strategy=self.strategy)
+        finally:
+            if self.strategy is not None:
+                self.strategy.requests += 1
 
     def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
         """Statistics of the model as it is now (``skip``: units left out of the pass); a fresh pass."""
@@ -150,16 +157,24 @@ class CalibrationService:
 @contextlib.contextmanager
 def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCache | None = None,
                  store_activations: bool = True, activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET,
-                 keep_activations: bool = True, progress: bool = True, label: str = "") -> Iterator[CalibrationService]:
+                 keep_activations: bool = True, progress: bool = True, label: str = "",
+                 strategy: ActivationStrategy | None = None) -> Iterator[CalibrationService]:
     """A service for one prune. ``store_activations`` (the method's fit replays activations): with a
     ``cache`` and ``keep_activations`` they live in the cache's slot (shared with later runs), otherwise
     in a temporary directory deleted when the block ends; ``activation_budget_bytes`` caps their size
-    (0: never stored, fits then run their own pass)."""
+    (0: never stored, fits then run their own pass). ``strategy`` (`depthbench.calibration.strategy`) says
+    whether the pass stores them at all (``recompute``: no slot) and records what ran; None = ``store``
+    with no record (the pipeline passes the config's, ``auto`` by default)."""
+    if strategy is not None and not store_activations:
+        strategy.decide("none", "the method's fit reads no activations of the original model")
+    elif strategy is not None and strategy.mode == "recompute":
+        strategy.decide("recompute", "cache.activation_strategy=recompute")
     with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
-        if not store_activations:
+        if not store_activations or (strategy is not None and strategy.mode == "recompute"):
             slot = None
         elif cache is not None and keep_activations:
             slot = cache.activation_slot(data_fingerprint(calibration.batches), activation_budget_bytes)
         else:
             slot = ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
-        yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress, label=label)
+        yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress, label=label,
+                                 strategy=strategy)

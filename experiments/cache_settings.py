@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from depthbench.calibration.activations import auto_budget
+from depthbench.calibration.strategy import STRATEGIES
 from depthbench.errors import ConfigError
 
 
@@ -22,6 +23,7 @@ class CacheSettings:
     activations_gb: str | float
     lock_stale_s: float
     keep_activations: bool
+    activation_strategy: str
 
     @classmethod
     def from_config(cls, node: DictConfig | dict) -> "CacheSettings":
@@ -41,8 +43,12 @@ class CacheSettings:
         for key in ("statistics", "base_results", "keep_activations"):
             if not isinstance(values[key], bool):
                 raise ConfigError(f"cache.{key}={values[key]!r}; allowed: true, false")
+        if values["activation_strategy"] not in STRATEGIES:
+            raise ConfigError(f"cache.activation_strategy={values['activation_strategy']!r}; allowed: "
+                              f"{', '.join(STRATEGIES)}")
         return cls(dir=values["dir"], statistics=values["statistics"], base_results=values["base_results"],
-                   activations_gb=gb, lock_stale_s=float(stale), keep_activations=values["keep_activations"])
+                   activations_gb=gb, lock_stale_s=float(stale), keep_activations=values["keep_activations"],
+                   activation_strategy=values["activation_strategy"])
 
     def activation_budget(self, store_dir: Path | None = None) -> int:
         """The disk space (bytes) one model's stored calibration activations may take: 0 = never store them;

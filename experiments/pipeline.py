@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from depthbench.calibration.batches import load_calibration, validate_sizes
 from depthbench.calibration.cache import StatisticsCache
 from depthbench.calibration.sources import build_source
+from depthbench.calibration.strategy import ActivationStrategy
 from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
@@ -180,6 +181,7 @@ class Cell:
     model_dir: Path | None = None
     healing_plan: Any = None  # depthbench.healing.step.HealingPlan, None for healing=none
     healing: dict = field(default_factory=lambda: dict(NO_HEALING))
+    activations: dict = field(default_factory=dict)  # which activation strategy ran and why (`prune`)
 
     @property
     def progress(self) -> bool:
@@ -209,7 +211,7 @@ class Cell:
         c = self.calibration
         return {"pruning": self.result.to_dict(),
                 "calibration": {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens,
-                                "seq_len": c.seq_len},
+                                "seq_len": c.seq_len, "activations": self.activations},
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "provenance": provenance()}
 
 
@@ -319,7 +321,9 @@ def evaluate_base(cell: Cell) -> None:
 def prune(cell: Cell) -> None:
     """The method's stages over a calibration service with the run's caching: statistics cached per
     model x calibration data; stored activations kept where the caches are the user's own choice (a
-    sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run."""
+    sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run; whether
+    they are stored at all is ``cache.activation_strategy`` (a kept store serves any number of later
+    runs, a temporary one this run's fit only), recorded in ``calibration.activations``."""
     if needs_teacher(cell) and cell.dense is None:  # the distillation teacher (evaluate=false made none)
         with cell.timer.stage("dense_copy"):
             cell.dense, cell.dense_bytes = dense_copy(cell.loaded.model)
@@ -329,9 +333,11 @@ def prune(cell: Cell) -> None:
     keep = cell.sweep_dir is not None or bool(cell.cache.dir)
     store_dir = statistics if keep and stats_cache is not None else None
     budget = cell.cache.activation_budget(store_dir)
+    strategy = ActivationStrategy(cell.cache.activation_strategy, fits=None if store_dir is not None else 1)
     with cell.pruner.service(cell.adapter, cell.calibration, cache=stats_cache, keep_activations=keep,
-                             progress=cell.progress, activation_budget_bytes=budget) as service:
+                             progress=cell.progress, activation_budget_bytes=budget, strategy=strategy) as service:
         cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
+    cell.activations = strategy.record()
     cell.timer.add(cell.result.stages, prefix="prune.")
 
 

@@ -33,6 +33,9 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
         assert abs(row["prune_over_forward"] - row["prune_s"] / row["bare_forward_s"]) < 1e-9
         assert set(row["stages_s"]) >= {"score", "select"}
         assert row["run"] == 0 and row["peak_gpu_bytes"] is None  # CPU: no GPU peak
+        assert row["activations"]["strategy"] == "auto"
+    ls_row = record["rows"][0]["activations"]
+    assert ls_row["ran"] in ("store", "recompute") and "measured" in ls_row  # the fit reads activations: decided
     assert "| replaceme_ls | 2 |" in proc.stdout and "Not measured at this shape: " in proc.stdout
 
     # A second run in the same setting re-measures one method and keeps the other's row (and its run).
@@ -44,6 +47,20 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
     rows = {r["method"]: r for r in merged["rows"]}
     assert rows["replaceme_ls"] == first["replaceme_ls"]
     assert rows["shortgpt"]["run"] == 1 and rows["shortgpt"]["prune_s"] != first["shortgpt"]["prune_s"]
+
+
+def test_strategy_decision_records_the_first_batch_decision(tmp_path):
+    out = tmp_path / "decision.json"
+    proc = run("benchmarks/strategy_decision.py", *TINY_SHAPE, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    decision = record["decision"]
+    assert record["shape"]["layers"] == 8 and decision["strategy"] == "auto" and decision["later_fits"] == 1
+    assert decision["ran"] in ("store", "recompute")
+    assert decision["measured"]["first_batch_share"] == 0.5  # 2 batches of 2 x 16 tokens
+    estimate = decision["estimated_s"]
+    assert (estimate["store"] < estimate["recompute"]) == (decision["ran"] == "store")
+    assert not list(tmp_path.glob("*activations*")), "no store kept"
 
 
 def test_real_scale_starts_a_new_record_when_the_setting_changes(tmp_path):

@@ -1,0 +1,243 @@
+"""Store or recompute (calibration/strategy.py): a device with a cheap forward pass (simulated by the injectable
+cost model) writes no store and prunes the same; an expensive one (a CPU) keeps one pass; a sweep keeps one
+pass where the store pays; the explicit option and the budget override ``auto``. Passes are counted by a hook on
+the model's forward, not read from the service's own counters."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import depthbench.calibration.strategy as strategy_module
+from depthbench.calibration.activations import ActivationWriter, all_hook_points, store_bytes
+from depthbench.calibration.batches import CalibrationData
+from depthbench.calibration.cache import StatisticsCache
+from depthbench.calibration.strategy import REPLAY_POINTS, ActivationStrategy
+from depthbench.errors import ConfigError
+from depthbench.modeling.adapters import adapter_for
+from depthbench.pruners import build_pruner
+from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+
+N_BATCHES = 3
+
+
+def cheap_forward(measured):
+    """A GPU-like device: the forward pass costs a thousandth of the store's write of the same batch."""
+    return dataclasses.replace(measured, forward_s=measured.write_s * 1e-3)
+
+
+def expensive_forward(measured):
+    """A CPU-like device: the forward pass costs a thousand times the store's write of the same batch."""
+    return dataclasses.replace(measured, forward_s=measured.write_s * 1e3 + 1.0)
+
+
+@pytest.fixture
+def base():
+    return build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+
+
+@pytest.fixture
+def data():
+    return CalibrationData(random_batches(n_batches=N_BATCHES, batch_size=8, seq_len=16), 16)
+
+
+@pytest.fixture
+def writers(monkeypatch):
+    """Every `ActivationWriter` opened (a store being written), wherever it is opened from."""
+    opened = []
+    original = ActivationWriter.__init__
+
+    def counted(self, directory, *args, **kwargs):
+        opened.append(directory)
+        original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationWriter, "__init__", counted)
+    return opened
+
+
+def model_calls(model) -> list:
+    """A list that gets one entry per call of the model's forward (one per batch of a calibration pass)."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    return calls
+
+
+def prune(base, data, strategy, *, method="replaceme_ls", options=None, n=2, cache=None, keep=True, budget=1 << 30):
+    """One prune of a copy of ``base``; (pruned model, result, forward calls, the strategy's record)."""
+    model = copy.deepcopy(base)
+    calls = model_calls(model)
+    pruner, adapter = build_pruner(method, options or {}), adapter_for(model)
+    with pruner.service(adapter, data, cache=cache, keep_activations=keep, activation_budget_bytes=budget,
+                        progress=False, strategy=strategy) as service:
+        result = pruner.prune(adapter, service, n)
+    return model, result, len(calls), strategy.record()
+
+
+def stores_in(directory) -> list:
+    return [p for p in directory.iterdir() if "activations-" in p.name]
+
+
+def assert_same_prune(a, b, exact: bool = False) -> None:
+    """Same removed layers and the same weights (the folded transform included): bit for bit, or to float64
+    tolerance where one side recomputed the activations the other stored."""
+    (model_a, result_a), (model_b, result_b) = a, b
+    assert result_a.selection.removed_layers == result_b.selection.removed_layers
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], **tolerance)
+
+
+def test_a_cheap_forward_pass_writes_no_store_and_prunes_the_same(base, data, tmp_path, writers):
+    """(a) A single ReplaceMe-LS run on a device whose forward pass is cheap: no store is written (no writer is
+    opened, nothing is left in the cache directory), the fit runs its own pass, and the removed layers and the
+    folded transform equal the store path's."""
+    cheap = ActivationStrategy("auto", fits=1, cost_model=cheap_forward)
+    recomputed = prune(base, data, cheap, cache=StatisticsCache(tmp_path / "cheap", "tiny"))
+    assert writers == [] and stores_in(tmp_path / "cheap") == []
+    assert recomputed[2] == 2 * N_BATCHES, "the score pass and the fit's own pass"
+    record = recomputed[3]
+    assert record["ran"] == "recompute" and record["strategy"] == "auto"
+    assert record["estimated_s"]["store"] > record["estimated_s"]["recompute"]
+    assert record["forward_passes"] == 2 and record["replays"] == 0
+
+    stored = prune(base, data, ActivationStrategy("store", fits=1), cache=StatisticsCache(tmp_path / "store", "tiny"))
+    assert len(writers) == 1 and stored[2] == N_BATCHES and stored[3]["replays"] == 1
+    assert_same_prune(recomputed[:2], stored[:2])
+    assert recomputed[1].replacement["blocks"][0]["block"] == stored[1].replacement["blocks"][0]["block"]
+
+
+def test_an_expensive_forward_pass_keeps_one_pass(base, data, writers):
+    """(b) The CPU case: the measured decision stores, and the run makes exactly one calibration pass (the fit
+    replays the store); the result equals the explicit store path's."""
+    expensive = ActivationStrategy("auto", fits=1, cost_model=expensive_forward)
+    auto = prune(base, data, expensive, keep=False)
+    assert auto[2] == N_BATCHES and len(writers) == 1
+    assert auto[3]["ran"] == "store" and auto[3]["replays"] == 1 and auto[3]["forward_passes"] == 1
+    assert_same_prune(auto[:2], prune(base, data, ActivationStrategy("store"), keep=False)[:2], exact=True)
+
+
+def test_a_sweep_keeps_one_pass_where_the_store_pays(base, data, tmp_path, writers):
+    """(c) Several methods and ratios on one model and data sharing a cache (each cell with its own strategy, a
+    store any later cell may replay): one forward pass in all on a device where the store pays."""
+    cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
+    calls = 0
+    cells = [("replaceme_ls", {}), ("uidl", {}), ("llm_streamline", {"max_steps": 1}), ("shortgpt", {}),
+             ("replaceme_cosine", {"epochs": 1})]
+    records = []
+    for (method, options), n in itertools.product(cells, (2, 3)):
+        strategy = ActivationStrategy("auto", fits=None, cost_model=expensive_forward)
+        calls += prune(base, data, strategy, method=method, options=options, n=n, cache=cache)[2]
+        records.append(strategy.record())
+    assert calls == N_BATCHES and len(writers) == 1
+    assert records[0]["ran"] == "store" and records[0]["later_fits"] == "any"
+    assert sum(r["replays"] for r in records) == 6, "every fit of ReplaceMe and Streamline replayed the store"
+
+
+def test_a_sweep_on_a_cheap_device_stores_nothing(base, data, tmp_path, writers):
+    """The same sharing on a device where one replay costs more than a forward pass: no store; each fit runs
+    its own pass (statistics still come from the cache)."""
+    cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
+
+    def slow_reads(measured):
+        return dataclasses.replace(measured, forward_s=measured.read_s * 1e-3)
+
+    calls = [prune(base, data, ActivationStrategy("auto", fits=None, cost_model=slow_reads), n=n, cache=cache)[2]
+             for n in (2, 3)]
+    assert writers == [] and calls == [2 * N_BATCHES, N_BATCHES]
+
+
+def test_the_explicit_strategy_and_the_budget_override_auto(base, data, writers):
+    """(d) ``store`` stores on a device where auto would not; ``recompute`` recomputes where auto would store;
+    a budget below the store's size recomputes whatever the measurement."""
+    forced_store = prune(base, data, ActivationStrategy("store", cost_model=cheap_forward), keep=False)
+    assert forced_store[2] == N_BATCHES and len(writers) == 1
+    assert forced_store[3]["ran"] == "store" and "activation_strategy=store" in forced_store[3]["reason"]
+
+    forced_recompute = prune(base, data, ActivationStrategy("recompute", cost_model=expensive_forward), keep=False)
+    assert forced_recompute[2] == 2 * N_BATCHES and len(writers) == 1
+    assert forced_recompute[3]["ran"] == "recompute" and "measured" not in forced_recompute[3]
+
+    over_budget = prune(base, data, ActivationStrategy("auto", cost_model=expensive_forward), keep=False, budget=0)
+    assert over_budget[2] == 2 * N_BATCHES and len(writers) == 1
+    assert "cache.activations_gb" in over_budget[3]["reason"]
+
+
+def test_the_record_holds_the_numbers_behind_the_choice(base, data, monkeypatch):
+    """The estimates follow from the measured numbers as the documented rule says: with a clock that advances
+    one second per reading, the first batch's forward pass, the probe's write and its read each take 1 s."""
+    ticks = itertools.count()
+    strategy = ActivationStrategy("auto", fits=1, clock=lambda: float(next(ticks)))
+    monkeypatch.setattr(strategy_module, "PROBE_BYTES", 1)  # the probe writes one hook point of the first batch
+    record = prune(base, data, strategy, keep=False)[3]
+    layers, hidden = 6, 16
+    points = len(all_hook_points(layers))
+    size = store_bytes(layers, hidden, torch.float64, data.batches)
+    first_point = 8 * 16 * hidden * 8  # one hook point of the first batch (8 x 16 positions) in float64
+    assert record["store_bytes"] == size
+    assert record["measured"] == {"forward_s": 1.0, "probe_bytes": first_point, "write_s": 1.0, "read_s": 1.0,
+                                  "first_batch_share": pytest.approx(1 / N_BATCHES)}
+    estimate = record["estimated_s"]
+    assert estimate["forward_pass"] == pytest.approx(N_BATCHES * 1.0)
+    assert estimate["store_write"] == pytest.approx(size / first_point, rel=1e-6)
+    assert estimate["replay_per_fit"] == pytest.approx(2 * size * REPLAY_POINTS / points / first_point, rel=1e-6)
+    assert estimate["store"] == pytest.approx(estimate["store_write"] + estimate["replay_per_fit"], rel=1e-6)
+    assert record["ran"] == ("store" if estimate["store"] < estimate["recompute"] else "recompute")
+
+
+def test_no_later_fit_means_no_store(base, data, tmp_path, writers):
+    """When the score statistics come from the cache, the fit's own pass is the run's last: auto stores nothing
+    (a single run's temporary store would serve no one)."""
+    cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
+    prune(base, data, ActivationStrategy("recompute"), cache=cache)  # fills the statistics cache, no store
+    # another ratio: the score statistics (every gap) are cached, the fit's moments (another block) are not
+    again = prune(base, data, ActivationStrategy("auto", fits=1, cost_model=expensive_forward), n=3, cache=cache)
+    assert writers == [] and again[2] == N_BATCHES
+    assert again[3]["ran"] == "recompute" and "no later pass" in again[3]["reason"]
+
+
+def test_a_method_that_fits_nothing_records_none(base, data):
+    record = prune(base, data, ActivationStrategy("auto"), method="uidl", keep=False)[3]
+    assert record["ran"] == "none" and record["forward_passes"] == 1
+
+
+def test_the_setting_is_checked_once_with_the_allowed_values():
+    from omegaconf import OmegaConf
+
+    from depthbench.experiments.cache_settings import CacheSettings
+    from tests.unit.test_configs import _compose
+
+    yaml = _compose().cache
+    assert CacheSettings.from_config(yaml).activation_strategy == "auto"
+    with pytest.raises(ConfigError, match=r"cache.activation_strategy='sometimes'; allowed: auto, store, recompute"):
+        CacheSettings.from_config({**OmegaConf.to_container(yaml), "activation_strategy": "sometimes"})
+    with pytest.raises(ValueError, match="allowed: auto, store, recompute"):
+        ActivationStrategy("never")
+
+
+@pytest.mark.parametrize("setting", ["recompute", "auto"])
+def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, setting):
+    """The pipeline's prune step builds the strategy from ``cache.activation_strategy`` and puts its record in
+    the outcome that result.json and pruning.json carry (``calibration.activations``)."""
+    from depthbench.experiments.pipeline import Cell, prune as prune_step
+    from tests.unit.test_configs import _compose
+
+    cell = Cell(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
+    model = copy.deepcopy(base)
+    calls = model_calls(model)
+    cell.pruner, cell.adapter, cell.calibration = build_pruner("replaceme_ls", {}), adapter_for(model), data
+    cell.n_remove, cell.fingerprint = 2, str(tmp_path)  # its own statistics cache entries (the cache is per session)
+    prune_step(cell)
+    record = cell.outcome["calibration"]["activations"]
+    assert record["strategy"] == setting and record["later_fits"] == 1
+    assert record["forward_passes"] * N_BATCHES == len(calls)
+    if setting == "recompute":
+        assert record["ran"] == "recompute" and len(calls) == 2 * N_BATCHES
+    else:  # the tiny model's real costs decide; whichever ran, the numbers behind it are recorded
+        assert record["ran"] in ("store", "recompute") and set(record["measured"]) >= {"forward_s", "write_s"}
+        assert len(calls) == (N_BATCHES if record["ran"] == "store" else 2 * N_BATCHES)
