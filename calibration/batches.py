@@ -119,6 +119,14 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def _setting(cfg, key: str):
+    """``cfg[key]``; for a Python caller's config without it, the default `CalibrationSizes` declares (the only
+    one: a composed config always has the key)."""
+    from depthbench.settings import CalibrationSizes, declared_defaults
+
+    return cfg[key] if key in cfg else declared_defaults(CalibrationSizes)[key]
+
+
 def load_calibration(cfg, tokenizer) -> CalibrationData:
     """Build the source in ``cfg`` (a ``conf/calibration`` entry) and tokenise its calibration split."""
     from depthbench.calibration.sources import build_source
@@ -127,8 +135,8 @@ def load_calibration(cfg, tokenizer) -> CalibrationData:
     docs = source.render(source.documents("calibration"), tokenizer)
     if not docs:
         raise ConfigError(f"calibration source {source.description} has no documents")
-    n_samples, seq_len, packing = int(cfg.n_samples), int(cfg.seq_len), bool(cfg.get("packing", False))
-    full_length = bool(cfg.get("full_length", False))
+    n_samples, seq_len, packing = int(cfg.n_samples), int(cfg.seq_len), bool(_setting(cfg, "packing"))
+    full_length = bool(_setting(cfg, "full_length"))
     data = build_batches(docs, tokenizer, n_samples, seq_len, int(cfg.batch_size), int(cfg.seed), packing,
                          description=source.description, full_length=full_length)
     if data.n_samples < n_samples:

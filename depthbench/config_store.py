@@ -32,11 +32,13 @@ def folder_name(overrides: str) -> str:
 
 
 def register_configs() -> None:
-    """Store ``pruner/<name>`` for every pruner in the registry, and the ``folder_name`` resolver that
+    """Store ``pruner/<name>`` for every pruner in the registry, the typed settings of every other group as
+    ``schema/<group>/<kind>`` (`depthbench.settings`), and the ``folder_name`` resolver that
     conf/hydra/default.yaml names cells with (idempotent)."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+    register_group_schemas()
 
     from depthbench.pruners import pruner_registry
     from depthbench.pruners.options import run_seeded
@@ -51,3 +53,18 @@ def register_configs() -> None:
         store.store(group="pruner", name=name, node={"name": name, "options": options, "compensate": "none",
                                                      "compensate_mode": "iterative", "compensate_fold": "after"},
                     provider="depthbench")
+
+
+def register_group_schemas() -> None:
+    """``schema/<group>/<kind>``: the structured config a YAML entry of ``<group>`` extends (its defaults list
+    names it), so that composing refuses an unknown key or a mistyped value of that group."""
+    from omegaconf import OmegaConf
+
+    from depthbench.settings import group_schemas
+
+    store = ConfigStore.instance()
+    for group, kinds in group_schemas().items():
+        for kind, schema in kinds.items():
+            node = OmegaConf.structured(schema)
+            OmegaConf.set_readonly(node, False)  # a frozen settings class (healing) is a schema, not a constant
+            store.store(group=f"schema/{group}", name=kind, node=node, provider="depthbench")

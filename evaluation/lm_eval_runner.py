@@ -43,11 +43,12 @@ from tqdm.auto import tqdm
 from depthbench.errors import ConfigError
 from depthbench.evaluation import bigbench_offline, gold_bpb, standard_offline
 from depthbench.evaluation.metric_direction import higher_is_better
-from depthbench.evaluation.sampling import DEFAULT_SAMPLING, DEFAULT_SEED, check_sampling, sample_indices
+from depthbench.evaluation.sampling import check_sampling, sample_indices
+from depthbench.settings import BenchmarkSettings, declared_defaults, field_names
 
 log = logging.getLogger(__name__)
 
-BENCHMARK_KEYS = ("name", "offline", "tasks", "limit", "limit_sampling", "sample_seed", "batch_size", "description")
+BENCHMARK_KEYS = tuple(field_names(BenchmarkSettings))
 TASK_KEYS = ("name", "num_fewshot", "metric", "limit", "batch_size")
 
 
@@ -93,16 +94,13 @@ def _check_batch_size(value, where: str) -> int:
 
 def parse_benchmark(benchmark_cfg) -> list[TaskSpec]:
     """Validate a benchmark config (no model, no data): keys, limits, batch sizes, few-shot counts."""
-    cfg = _plain(benchmark_cfg)
-    unknown = sorted(set(cfg) - set(BENCHMARK_KEYS))
-    if unknown:
-        raise ConfigError(f"benchmark: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(BENCHMARK_KEYS)}")
+    cfg = benchmark_values(benchmark_cfg)
     tasks = cfg.get("tasks") or []
     if not tasks:
         raise ConfigError(f"benchmark {cfg.get('name')!r} lists no tasks")
     limit = _check_limit(cfg.get("limit"), "benchmark.limit")
     check_sampling(*_sampling(cfg))
-    batch_size = _check_batch_size(cfg.get("batch_size", 8), "benchmark.batch_size")
+    batch_size = _check_batch_size(cfg["batch_size"], "benchmark.batch_size")
     specs = []
     for i, entry in enumerate(tasks):
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
@@ -162,7 +160,7 @@ def check_tasks(benchmark_cfg, task_manager=None) -> None:
     """Cheap check before any model is loaded: every task is one lm-eval knows (lists close matches)."""
     specs = parse_benchmark(benchmark_cfg)
     tm = task_manager or _task_manager()
-    offline = _plain(benchmark_cfg).get("offline")
+    offline = benchmark_values(benchmark_cfg)["offline"]
     for s in specs:
         if offline and gold_bpb.is_gold_task(s.name):
             continue  # a config of its own (gold_bpb.task_config), not in lm-eval's index
@@ -257,7 +255,17 @@ def _lean_lm_eval_metadata():
 
 
 def _sampling(cfg: dict) -> tuple:
-    return cfg.get("limit_sampling", DEFAULT_SAMPLING), cfg.get("sample_seed", DEFAULT_SEED)
+    return cfg["limit_sampling"], cfg["sample_seed"]
+
+
+def benchmark_values(benchmark_cfg) -> dict:
+    """The ``benchmark`` settings as a plain dict: a composed config's node, or a Python caller's dict completed
+    with `BenchmarkSettings`' defaults (the only ones); an unknown key is refused naming what is allowed."""
+    cfg = _plain(benchmark_cfg)
+    unknown = sorted(set(cfg) - set(BENCHMARK_KEYS))
+    if unknown:
+        raise ConfigError(f"benchmark: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(BENCHMARK_KEYS)}")
+    return {**declared_defaults(BenchmarkSettings), **cfg}
 
 
 def choose_examples(task, spec: TaskSpec, method: str, seed: int, task_manager) -> dict[str, dict] | None:
@@ -288,8 +296,8 @@ def evaluate_benchmark(model, tokenizer, benchmark_cfg, cache_dir: str | Path, p
     from lm_eval.models.huggingface import HFLM
 
     specs = parse_benchmark(benchmark_cfg)
-    cfg = _plain(benchmark_cfg)
-    offline = bool(cfg.get("offline"))
+    cfg = benchmark_values(benchmark_cfg)
+    offline = bool(cfg["offline"])
     method, seed = _sampling(cfg)
     tm = _task_manager()
     check_tasks(benchmark_cfg, tm)

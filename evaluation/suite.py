@@ -26,10 +26,9 @@ def check_evaluation(evaluation_cfg: DictConfig, efficiency_cfg: DictConfig | No
     if "path" in evaluation_cfg.keys() and OmegaConf.is_missing(evaluation_cfg, "path"):
         raise ConfigError("evaluation=local needs evaluation.path=FILE (.txt, .jsonl or .parquet)")
     build_source(evaluation_cfg.perplexity).check()
-    fid = evaluation_cfg.get("fidelity")
-    if fid is not None and fid.get("enabled", True):
-        check_top_k(fid.get("top_k", 64))
-    if efficiency_cfg is not None and efficiency_cfg.get("enabled", True):
+    if fidelity_enabled(evaluation_cfg):
+        check_top_k(evaluation_cfg.fidelity.top_k)
+    if efficiency_cfg is not None and efficiency_cfg.enabled:
         check_speed_settings(**speed_settings(efficiency_cfg))
 
 
@@ -40,8 +39,8 @@ def speed_settings(cfg: DictConfig) -> dict:
 
 
 def fidelity_enabled(evaluation_cfg: DictConfig) -> bool:
-    fid = evaluation_cfg.get("fidelity")
-    return bool(fid is not None and fid.get("enabled", True))
+    """``evaluation.fidelity.enabled`` (typed by `depthbench.settings.FidelitySettings`, which holds its default)."""
+    return bool(evaluation_cfg.fidelity.enabled)
 
 
 def quality(model, tokenizer, windows, benchmark_cfg, data_dir: Path, progress: bool, label: str,
@@ -78,7 +77,7 @@ def fidelity_reference(model, windows, evaluation_cfg: DictConfig, cache_dir: Pa
     given (computed and stored on a miss), else computed. ``(reference, from_cache)``."""
     from depthbench.evaluation.fidelity import cached_reference, dense_reference
 
-    top_k = int(evaluation_cfg.fidelity.get("top_k", 64))
+    top_k = int(evaluation_cfg.fidelity.top_k)
 
     def compute():
         return dense_reference(model, windows.batches, top_k, progress)
@@ -98,6 +97,6 @@ def dense_copy(model):
 
 def speed(base_model, pruned_model, tokenizer, cfg: DictConfig) -> dict | None:
     """``{"base", "pruned", "speedup"}`` from `measure_speedup` with the ``efficiency`` settings."""
-    if not cfg.get("enabled", True):
+    if not cfg.enabled:
         return None
     return measure_speedup(base_model, pruned_model, tokenizer, **speed_settings(cfg))

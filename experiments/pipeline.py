@@ -26,6 +26,7 @@ from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
 from depthbench.paths import RunPaths, run_paths
 from depthbench.provenance import provenance
+from depthbench.settings import without_added_defaults
 from depthbench.evaluation.base_cache import cached_base_result, key_material
 from depthbench.evaluation.perplexity import heldout_windows
 from depthbench.evaluation.retention import retention_report
@@ -121,8 +122,8 @@ def statistics_dir(cfg: DictConfig, sweep_dir: Path | None) -> Path:
 
 def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
     """What the base model's quality numbers depend on: the weights, the benchmark, the held-out text."""
-    return key_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype,
-                        OmegaConf.to_container(cfg.benchmark, resolve=True),
+    benchmark = without_added_defaults(OmegaConf.to_container(cfg.benchmark, resolve=True), ("benchmark",))
+    return key_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype, benchmark,
                         extra={"perplexity": OmegaConf.to_container(cfg.evaluation.perplexity, resolve=True)})
 
 
@@ -256,7 +257,7 @@ def check_config(cell: Cell) -> None:
 
 def finished_record(cell: Cell) -> dict | None:
     """The finished record of this cell (``resume``), marked ``resumed``; ``None`` when it must run."""
-    if not cell.cfg.get("resume", True):
+    if not cell.cfg.resume:
         return None
     finished = find_finished(cell.output_dir, cell.digest, cell.sweep_dir)
     if finished is None:
@@ -313,7 +314,7 @@ def evaluate_base(cell: Cell) -> None:
             cell.metrics["base_from_cache"] = hit
         else:
             cell.metrics["base"] = compute()
-    if cfg.efficiency.get("enabled", True) or needs_teacher(cell):
+    if cfg.efficiency.enabled or needs_teacher(cell):
         with timer.stage("dense_copy"):
             cell.dense, cell.dense_bytes = dense_copy(loaded.model)
 
@@ -358,7 +359,7 @@ def evaluate_pruned(cell: Cell) -> None:
         stale_after_s=cell.cache.lock_stale_s)
     metrics.update(pruned_only)
     speeds = None
-    if cell.dense is not None and cfg.efficiency.get("enabled", True):
+    if cell.dense is not None and cfg.efficiency.enabled:
         with timer.stage("speed"):
             speeds = speed(cell.dense, loaded.model, loaded.tokenizer, cfg.efficiency)
             speeds["dense_copy_bytes"] = cell.dense_bytes

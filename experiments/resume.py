@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from depthbench.settings import without_added_defaults
+
 # Keys that do not influence what a run computes.
 NON_SEMANTIC_KEYS = ("progress", "debug", "logger", "resume", "hydra", "cache", "paths")
 RESULT_FILE = "result.json"
@@ -21,7 +23,7 @@ RESULT_FILE = "result.json"
 
 def config_hash(cfg: DictConfig | dict) -> str:
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    data = {k: v for k, v in data.items() if k not in NON_SEMANTIC_KEYS}
+    data = {k: v for k, v in without_added_defaults(data).items() if k not in NON_SEMANTIC_KEYS}
     if data.get("healing") == {"name": "none"}:  # the default: runs from before the healing group keep their hash
         del data["healing"]
     pruner = data.get("pruner")

@@ -13,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Union
 
 from omegaconf import DictConfig, OmegaConf
 
 from depthbench.errors import ConfigError
+
+Number = Union[int, float]  # a YAML integer stays an integer (the resolved config and its hash unchanged)
 
 NAMES = ("none", "lora", "partial_layers")
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -40,12 +43,13 @@ class _StepBudget:
 
 @dataclass(frozen=True)
 class LoraSettings(_StepBudget):
-    """``healing=lora``: every field is a key of ``conf/healing/lora.yaml``."""
+    """``healing=lora``: every key of ``healing`` (the schema of conf/healing/lora*.yaml)."""
 
+    name: str = "lora"
     targets: tuple[str, ...] = ("attention", "mlp")
     target_modules: tuple[str, ...] | None = None
     rank: int = 8
-    alpha: float = 16.0
+    alpha: Number = 16
     dropout: float = 0.05
     lr: float = 2e-4
     schedule: str = "cosine"
@@ -64,7 +68,7 @@ class LoraSettings(_StepBudget):
         return self.distillation_weight > 0
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         out["targets"] = list(self.targets)
         out["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
         return {"name": "lora", **out, "num_steps": self.num_steps, "tokens_per_step": self.tokens_per_step}
@@ -72,8 +76,9 @@ class LoraSettings(_StepBudget):
 
 @dataclass(frozen=True)
 class PartialLayerSettings(_StepBudget):
-    """``healing=partial_layers``: every field is a key of ``conf/healing/partial_layers.yaml``."""
+    """``healing=partial_layers``: every key of ``healing`` (the schema of conf/healing/partial_layers.yaml)."""
 
+    name: str = "partial_layers"
     layers: int = 3              # k: the last k decoder layers of the pruned model are trained (0: norm + head)
     lr: float = 1e-5             # AdamW peak learning rate
     warmup_steps: int = 100      # linear warm-up from 0, then linear decay to 0 (capped at steps - 1)
@@ -96,9 +101,16 @@ class PartialLayerSettings(_StepBudget):
         return min(self.warmup_steps, self.num_steps - 1)
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         return {"name": "partial_layers", **out, "num_steps": self.num_steps, "tokens_per_step": self.tokens_per_step,
                 "warmup_steps_used": self.warmup_steps_used}
+
+
+@dataclass(frozen=True)
+class NoHealing:
+    """``healing=none``: the pruned model is the run's result."""
+
+    name: str = "none"
 
 
 SETTINGS = {"lora": LoraSettings, "partial_layers": PartialLayerSettings}

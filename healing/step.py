@@ -34,7 +34,7 @@ def prepare(cfg, tokenizer) -> HealingPlan | None:
     settings = healing_settings(cfg.get("healing"))
     if settings is None:
         return None
-    heldout = cfg.evaluation.perplexity if cfg.get("evaluate", True) else None
+    heldout = cfg.evaluation.perplexity if cfg.evaluate else None
     return HealingPlan(settings, healing_text(cfg.calibration, tokenizer, settings, heldout))
 
 

@@ -196,7 +196,9 @@ def test_evaluation_local_errors_on_bad_files(tmp_path):
     from depthbench.calibration.sources import build_source
     from depthbench.evaluation.suite import check_evaluation
 
-    local = OmegaConf.load(str(files("depthbench.conf") / "evaluation" / "local.yaml"))
+    from tests.composed_configs import compose
+
+    local = compose("evaluation=local").evaluation  # the entry on its schema, as a run composes it
     efficiency = OmegaConf.load(str(files("depthbench.conf") / "config.yaml")).efficiency
 
     def composed(**values):

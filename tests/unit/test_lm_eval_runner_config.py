@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from depthbench.errors import ConfigError
 from depthbench.evaluation.lm_eval_runner import parse_benchmark
@@ -12,9 +11,16 @@ from tests.offline_packages import bigbench_installed
 CONF = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 
 
+def _benchmark(preset: str) -> dict:
+    """The preset as a run sees it: composed on its schema (the keys the YAML leaves at their defaults)."""
+    from tests.composed_configs import resolved
+
+    return resolved(f"benchmark={preset}")["benchmark"]
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "none"))
 def test_every_preset_parses(preset):
-    cfg = yaml.safe_load((CONF / f"{preset}.yaml").read_text())
+    cfg = _benchmark(preset)
     if preset == "bigbench" and not bigbench_installed():  # optional: one clear error before any model
         with pytest.raises(ConfigError, match=r"benchmark=bigbench .*needs the package `bigbench`"):
             parse_benchmark(cfg)
@@ -25,7 +31,7 @@ def test_every_preset_parses(preset):
 
 
 def test_replaceme_preset_matches_the_paper():
-    cfg = yaml.safe_load((CONF / "replaceme_paper.yaml").read_text())
+    cfg = _benchmark("replaceme_paper")
     shots = {s.name: s.num_fewshot for s in parse_benchmark(cfg)}
     assert shots == {"winogrande": 5, "boolq": 0, "race": 0, "openbookqa": 0, "piqa": 0, "sciq": 0,
                      "lambada_openai": 0}
