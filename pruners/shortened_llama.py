@@ -9,7 +9,8 @@ and remove the first R of that order (one shot: nothing is re-scored after a rem
   W * dloss/dW`` (signed, summed before the absolute value), with ``loss`` the model's own mean
   cross-entropy of the batch (labels = input ids, padding targets -100).
 
-Accumulating ``S_W`` (``accumulator``, default ``float32``). The sum runs over all decoder weights at once,
+Accumulating ``S_W`` (``accumulator``, default ``auto``: float32 for 16-bit weights, float64 otherwise). The
+sum runs over all decoder weights at once,
 so its buffer is as large as the decoder: at Llama-3-8B shape in bfloat16 (15.0 GiB of weights, 13.0 GiB of
 decoder weights) a float64 buffer is 52.0 GiB and, when `torch.autograd.grad` returned every gradient at
 once, a further 13.0 GiB of gradients lived beside it: 95.2 GiB measured on an H200, over an 80 GB card.
@@ -28,7 +29,10 @@ Two changes bring it inside one:
   offloading the buffer to host memory would cost extra passes or transfers for the same effect.
 
 ``accumulator: float64`` keeps the exact path (the scores of earlier runs bit for bit; 8 bytes per decoder
-parameter, for cards with the room). Offloading and chunking are not implemented.
+parameter, for cards with the room). ``auto`` (the default) takes float32 only where the products are exact in
+it, i.e. every decoder weight is bfloat16 or float16 (the GPU case the buffer must fit); a float32 model (the CPU
+default) keeps float64 sums, so its scores are those of earlier runs bit for bit.
+Offloading and chunking are not implemented.
 
 The "+" rule (``plus: true``): the first ``keep_first`` and last ``keep_last`` layers (4 and 2) are taken
 out of the order before the first R are picked. The reference applies it to both criteria (no script
@@ -72,6 +76,15 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 ACCUMULATORS = {"float32": torch.float32, "float64": torch.float64}
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def effective_accumulator(accumulator: str, weights: list[torch.Tensor]) -> str:
+    """``auto``: ``float32`` where every weight is 16-bit (its products with a 16-bit gradient are exact in float32),
+    else ``float64``; an explicit choice is returned as is."""
+    if accumulator != "auto":
+        return accumulator
+    return "float32" if all(w.dtype in SIXTEEN_BIT for w in weights) else "float64"
 
 
 def taylor_importance(adapter, batches, accumulator: str = "float32", progress: bool = True) -> list[float]:
@@ -218,17 +231,20 @@ class ShortenedTaylorPruner(_ShortenedLlama):
 
     @dataclass
     class Options(_ShortenedLlama.Options):
-        accumulator: str = option("float32", "Precision of S_W's sum over calibration batches: float32 (4 bytes "
-                                             "per decoder parameter, inside an 80 GB card at 8B; products of "
-                                             "16-bit weights and gradients are exact in it) or float64 (exact, "
-                                             "the scores of runs before it became the default; 8 bytes).")
+        accumulator: str = option("auto", "Precision of S_W's sum over calibration batches: float32 (4 bytes "
+                                          "per decoder parameter, inside an 80 GB card at 8B; products of "
+                                          "16-bit weights and gradients are exact in it), float64 (exact; 8 "
+                                          "bytes), or auto: float32 where every decoder weight is bfloat16 / "
+                                          "float16, float64 otherwise (a float32 model's scores unchanged).")
 
     def validate_options(self) -> None:
         super().validate_options()
-        if self.options.accumulator not in ACCUMULATORS:
-            raise ConfigError(f"{self.name} accumulator={self.options.accumulator!r}; allowed: "
+        if self.options.accumulator not in ("auto", *ACCUMULATORS):
+            raise ConfigError(f"{self.name} accumulator={self.options.accumulator!r}; allowed: auto, "
                               f"{', '.join(ACCUMULATORS)}")
 
     def importance(self, adapter, service) -> tuple[list[float], dict]:
-        return taylor_importance(adapter, service.batches, self.options.accumulator,
-                                 progress=service.progress), {"accumulator": self.options.accumulator}
+        weights = [p for layer in adapter.decoder_layers() for n, p in layer.named_parameters() if n.endswith("weight")]
+        accumulator = effective_accumulator(self.options.accumulator, weights)
+        return taylor_importance(adapter, service.batches, accumulator, progress=service.progress), \
+            {"accumulator": accumulator}

@@ -16,7 +16,11 @@ BEFORE = Path(__file__).resolve().parents[1] / "data" / "composed_configs_before
 #: Keys the schemas add with the value the code used when they were absent (its former fallback, now removed):
 #: (a predicate on the cell, flat key, value). Benchmark sampling: every config; Hub text: entries that lacked them.
 ADDED = [(lambda cell: True, "benchmark.limit_sampling", "stratified"),
-         (lambda cell: True, "benchmark.sample_seed", 0)]
+         (lambda cell: True, "benchmark.sample_seed", 0),
+         # a new setting (calibration/strategy.py), not a former fallback: on a CPU `auto` chooses the store as before
+         (lambda cell: True, "cache.activation_strategy", "auto"),
+         # a new option (Shortened-Taylor's accumulator, issue 29): auto keeps float64 sums on float32 models
+         (lambda cell: "shortened_taylor" in cell, "pruner.options.accumulator", "auto")]
 for _key, _value in (("streaming", False), ("max_documents", 20000), ("chat", False)):
     ADDED += [(lambda cell: True, f"calibration.{_key}", _value),
               (lambda cell: True, f"evaluation.perplexity.{_key}", _value)]

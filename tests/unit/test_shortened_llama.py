@@ -171,7 +171,7 @@ def test_taylor_frees_each_gradient_before_the_next_and_restores_a_callers_grad(
 
 
 def test_taylor_unknown_accumulator_fails_naming_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"shortened_taylor accumulator='float16'; allowed: float32, float64"):
+    with pytest.raises(ConfigError, match=r"shortened_taylor accumulator='float16'; allowed: auto, float32, float64"):
         build_pruner("shortened_taylor", {"accumulator": "float16"})
 
 
@@ -210,3 +210,20 @@ def test_ppl_with_padding_in_the_data_equals_the_unpadded_windows():
                                                                                     progress=False))
            for b in (batches, padded)]
     assert run[1].scores["values"] == pytest.approx(run[0].scores["values"], rel=1e-10)
+
+
+def test_taylor_auto_accumulator_is_float32_for_16_bit_weights_and_float64_otherwise():
+    """``auto`` (the default): float32 only where the products are exact in it (bfloat16 / float16 weights); a
+    float32 model keeps the float64 sums, bit for bit the explicit float64 run's scores."""
+    from depthbench.pruners.shortened_llama import effective_accumulator
+
+    assert effective_accumulator("auto", [torch.zeros(2, dtype=torch.bfloat16)] * 2) == "float32"
+    assert effective_accumulator("auto", [torch.zeros(2, dtype=torch.float16), torch.zeros(2)]) == "float64"
+    assert effective_accumulator("float32", [torch.zeros(2)]) == "float32"
+    runs = {}
+    for accumulator in ("auto", "float64"):
+        pruner = build_pruner("shortened_taylor", {"plus": False, "accumulator": accumulator})
+        result = pruner.prune(adapter_for(tiny_model()), calibration(), 2, progress=False)
+        runs[accumulator] = result.selection.scores
+    assert runs["auto"]["accumulator"] == "float64"
+    assert runs["auto"] == runs["float64"]
