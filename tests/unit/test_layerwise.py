@@ -140,8 +140,6 @@ def test_layerwise_save_loads_with_the_projects_loader_and_computes_the_pruned_f
     directory, _ = _checkpoint(tmp_path)
     _prune_in_memory(directory, "replaceme_ls", 2, tmp_path / "memory")
     _prune_layerwise(directory, "replaceme_ls", 2, tmp_path / "layerwise")
-    for name in ("tokenizer.json",):  # no tokenizer here: load_model needs one, give it the same for both
-        assert not (tmp_path / "layerwise" / name).exists()
     ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
     from transformers import AutoModelForCausalLM
 
@@ -156,10 +154,10 @@ class _FakeTokenizer:
 
 
 def test_refusals(tmp_path):
-    directory, model = _checkpoint(tmp_path)
+    directory, _ = _checkpoint(tmp_path)
     # a checkpoint without safetensors
     bin_dir = tmp_path / "bin"
-    model.save_pretrained(bin_dir, safe_serialization=False) if _saves_bin(model) else _fake_bin(directory, bin_dir)
+    _fake_bin(directory, bin_dir)
     with pytest.raises(ConfigError, match="no safetensors checkpoint.*pytorch_model.bin"):
         LayerwiseModel(bin_dir, torch.float32)
     # a method that re-scores the model per candidate: the service refuses what needs the whole model
@@ -176,15 +174,82 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
-def _saves_bin(model) -> bool:
-    import inspect
-
-    return "safe_serialization" in inspect.signature(model.save_pretrained).parameters
-
-
 def _fake_bin(source, target):
     import shutil
 
     target.mkdir()
     shutil.copy(source / "config.json", target / "config.json")
     (target / "pytorch_model.bin").write_bytes(b"")
+
+
+# -- the pipeline: `depthbench model=hf model.name_or_path=DIR model.layerwise=true` ------------------------------
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from depthbench.config_store import register_configs
+    from tests.unit.test_newcomer_checks import CONF
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=["logger=none", "benchmark=none", *overrides])
+
+
+@pytest.fixture
+def sharded_model_dir(tmp_path):
+    from tests.unit.test_newcomer_checks import _word_tokenizer
+
+    directory, _ = _checkpoint(tmp_path)
+    _word_tokenizer(101).save_pretrained(directory)
+    return directory
+
+
+def _run_config(model_dir, tmp_path, *extra):
+    from tests.unit.test_newcomer_checks import _text_file
+
+    return _compose("model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32", "ratio=0.25",
+                    "pruner=replaceme_ls", "calibration=local", f"calibration.path={_text_file(tmp_path, 3000)}",
+                    "calibration.seq_len=16", "calibration.n_samples=8", "calibration.batch_size=4",
+                    "calibration.packing=true", "progress=false", "device=cpu", *extra)
+
+
+def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model_dir, tmp_path):
+    from depthbench.experiments.pipeline import run
+
+    memory = run(_run_config(sharded_model_dir, tmp_path, "evaluate=false"), tmp_path / "memory")
+    layerwise = run(_run_config(sharded_model_dir, tmp_path, "evaluate=false", "model.layerwise=true",
+                                "model.layerwise_buffer_gb=0.00001"), tmp_path / "layerwise")
+    assert layerwise["pruning"]["removed_layers"] == memory["pruning"]["removed_layers"]
+    assert layerwise["config_hash"] != memory["config_hash"]
+    _assert_same_saved_weights(tmp_path / "memory" / "pruned_model", tmp_path / "layerwise" / "pruned_model",
+                               rtol=1e-5, atol=1e-6)
+    saved = tmp_path / "layerwise" / "pruned_model"
+    assert (saved / "tokenizer.json").is_file() and (saved / "pruning.json").is_file()
+    assert json.loads((saved / "pruning.json").read_text())["removed_layers"] == layerwise["pruning"]["removed_layers"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["evaluate=true"], "model.layerwise=true needs evaluate=false"),
+    (["evaluate=false", "save_model=false"], "needs save_model=true"),
+    (["evaluate=false", "pruner=sleb"], "pruner=sleb is not supported with model.layerwise=true.*replaceme_ls"),
+    (["evaluate=false", "pruner=llm_streamline"], "pruner=llm_streamline is not supported"),
+    (["evaluate=false", "pruner=uidl", "pruner.compensate=magnitude"], "pruner.compensate=magnitude is not supported"),
+    (["evaluate=false", "healing=lora"], "needs healing=none"),
+    (["evaluate=false", "model.layerwise_buffer_gb=-1"], "layerwise_buffer_gb=-1"),
+])
+def test_pipeline_refuses_before_any_weights(sharded_model_dir, tmp_path, monkeypatch, overrides, message):
+    from depthbench.experiments.pipeline import run
+    import depthbench.modeling.safetensors_io as io
+
+    monkeypatch.setattr(io.SafetensorsCheckpoint, "read", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(ConfigError, match=message):
+        run(_run_config(sharded_model_dir, tmp_path, "model.layerwise=true", *overrides), tmp_path / "run")
+
+
+def test_pipeline_refuses_a_checkpoint_without_safetensors(sharded_model_dir, tmp_path):
+    from depthbench.experiments.pipeline import run
+
+    for shard in sharded_model_dir.glob("*.safetensors*"):
+        shard.unlink()
+    (sharded_model_dir / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no safetensors checkpoint \\(found pytorch_model.bin\\)"):
+        run(_run_config(sharded_model_dir, tmp_path, "model.layerwise=true", "evaluate=false"), tmp_path / "run")
