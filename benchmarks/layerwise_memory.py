@@ -120,6 +120,41 @@ def check_output(directory: Path, layers_after: int) -> dict:
             "bytes": sum((directory / f).stat().st_size for f in shards)}
 
 
+def render_record(record: dict, verdicts: list) -> list[str]:
+    """The layer-wise section of docs/PERFORMANCE.md (called by benchmarks/performance.py's render)."""
+    gb = 1e9
+    fraction = record["peak_rss_fraction_of_checkpoint"]
+    verdicts.append(("a ~6 GB float32 Llama pruned by ReplaceMe-LS with model.layerwise=true at peak RSS < 1/3 of "
+                     "its checkpoint", f"{fraction:.3f} of {record['checkpoint_bytes'] / gb:.2f} GB",
+                     record["within_bound"]))
+    m, load = record["model"], ", ".join(f"{x:.1f}" for x in record["load_average_at_end"])
+    stages = record["stages"]
+    stage_text = ", ".join(f"{name} {stages[name]['seconds']:.1f} s" for name in
+                           ("load", "prune.score", "prune.fit", "prune.apply", "save") if name in stages)
+    return [
+        "## A model larger than memory, pruned layer by layer (issue #29)", "",
+        f"Measured {record['date']} on {record['cpus']} CPUs (load average at the end {load}) by "
+        f"`{record['command']}`: a randomly initialised Llama-architecture model ({m['layers']} layers, hidden "
+        f"{m['hidden']}, MLP {m['intermediate']}, vocabulary {m['vocab']}, untied head, float32) written tensor by "
+        f"tensor as {record['checkpoint_shards']} safetensors shards, pruned by ReplaceMe-LS at ratio "
+        f"{record['ratio']} with `model.layerwise=true evaluate=false` on {record['calibration']['n_samples']} x "
+        f"{record['calibration']['seq_len']} calibration tokens, in a subprocess whose peak RSS is "
+        "`getrusage(RUSAGE_CHILDREN).ru_maxrss`.", "",
+        "| checkpoint | peak RSS of the prune | peak RSS / checkpoint | importing the modules alone | prune (whole "
+        "process) | removed layers |",
+        "|---|---|---|---|---|---|",
+        f"| {record['checkpoint_bytes'] / gb:.2f} GB | {record['peak_rss_bytes'] / gb:.2f} GB | **{fraction:.3f}** "
+        f"| {record['import_only_peak_rss_bytes'] / gb:.2f} GB | {record['prune_seconds']:.1f} s | "
+        f"{' '.join(map(str, record['removed_layers']))} |", "",
+        f"Stages: {stage_text}. The pruned directory ({record['pruned_model']['num_hidden_layers']} layers, "
+        f"{record['pruned_model']['bytes'] / gb:.2f} GB in {record['pruned_model']['shards']} shards) was checked "
+        "from its config and shard headers. What stays in memory: the interpreter with torch and transformers (the "
+        "import-only column), the input embedding, one decoder layer, the carried calibration activations and "
+        "ReplaceMe-LS's float64 moments (2 x hidden^2); the score pass reads every layer once and the moments pass "
+        "the layers up to the block's end again, and the save copies each kept tensor from the input shards.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28)

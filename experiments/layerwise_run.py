@@ -3,9 +3,10 @@ weights, the skeleton instead of the loaded model, the layer-wise calibration se
 (`depthbench.modeling.layerwise`, `depthbench.calibration.layerwise`).
 
 What a layer-wise run does not do, and why (docs/USAGE.md, "Models larger than memory"): it evaluates nothing
-(the base model would have to be loaded whole, and the pruned one is usually still larger than memory: evaluate
-the saved ``pruned_model/`` in a run of its own, where it loads normally); it heals nothing (training needs the
-model); it caches no statistics and stores no activations (each pass is read from the checkpoint again).
+(the base model would have to be loaded whole, and the pruned one is usually still larger than memory: the saved
+``pruned_model/`` is a plain transformers directory, evaluated with lm-eval or any tool that loads it whole); it
+heals nothing (training needs the model); it caches no statistics and stores no activations (each pass is read
+from the checkpoint again).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def check(cfg: DictConfig, pruner) -> None:
         raise ConfigError(f"{what} is not supported with model.layerwise=true (it re-scores, trains on or changes the "
                           f"model beyond one layer at a time, so it needs the whole model in memory); layer-wise "
                           f"methods: {supported}")
-    for key, allowed, why in (("evaluate", False, "evaluation needs the whole model in memory: evaluate the saved "
-                                                  "pruned_model/ in a run of its own"),
+    for key, allowed, why in (("evaluate", False, "evaluation needs the whole model in memory: the saved "
+                                                  "pruned_model/ loads with from_pretrained for lm-eval"),
                               ("save_model", True, "the saved model is what a layer-wise run produces")):
         if bool(cfg.get(key)) != allowed:
             raise ConfigError(f"model.layerwise=true needs {key}={str(allowed).lower()} ({why})")
