@@ -5,7 +5,8 @@
    generated (seeded normal, std 0.02; norms 1) when its turn comes and written at once
    (`depthbench.modeling.safetensors_io.write_sharded`), with a word-level tokenizer and a calibration text.
 2. Prunes it with ReplaceMe-LS through the ``depthbench`` command in a subprocess (``model.layerwise=true
-   evaluate=false``, 4 x 64 calibration tokens, ratio 0.25) and takes that subprocess's peak resident set size
+   evaluate=false``, 4 x 64 calibration tokens, ratio 0.25, ridge alpha 1e-3: 256 tokens are fewer than the hidden
+   size, so the plain least-squares system is singular) and takes that subprocess's peak resident set size
    (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the largest child waited for; the only child before it is a
    subprocess that imports the same modules and exits, measured first as the fixed cost of the interpreter,
    torch and transformers).
@@ -89,11 +90,13 @@ def import_baseline_rss() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
-def prune(checkpoint: Path, text: Path, run_dir: Path, n_samples: int, seq_len: int, ratio: float) -> tuple[float, int]:
+def prune(checkpoint: Path, text: Path, run_dir: Path, n_samples: int, seq_len: int, ratio: float,
+          alpha: float) -> tuple[float, int]:
     """The layer-wise ReplaceMe-LS run in a subprocess; returns its seconds and its peak RSS in bytes."""
     command = [sys.executable, "-c", "from depthbench.cli import main; main()", "model=hf",
                f"model.name_or_path={checkpoint}", "model.layerwise=true", "model.dtype=float32", "device=cpu",
-               "pruner=replaceme_ls", f"ratio={ratio}", "evaluate=false", "logger=none", "benchmark=none",
+               "pruner=replaceme_ls", f"pruner.options.alpha={alpha}", f"ratio={ratio}", "evaluate=false",
+               "logger=none", "benchmark=none",
                "calibration=local", f"calibration.path={text}", f"calibration.n_samples={n_samples}",
                f"calibration.seq_len={seq_len}", f"calibration.batch_size={n_samples}", "calibration.packing=true",
                "progress=false", f"hydra.run.dir={run_dir}"]
@@ -136,8 +139,9 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         f"Measured {record['date']} on {record['cpus']} CPUs (load average at the end {load}) by "
         f"`{record['command']}`: a randomly initialised Llama-architecture model ({m['layers']} layers, hidden "
         f"{m['hidden']}, MLP {m['intermediate']}, vocabulary {m['vocab']}, untied head, float32) written tensor by "
-        f"tensor as {record['checkpoint_shards']} safetensors shards, pruned by ReplaceMe-LS at ratio "
-        f"{record['ratio']} with `model.layerwise=true evaluate=false` on {record['calibration']['n_samples']} x "
+        f"tensor as {record['checkpoint_shards']} safetensors shards, pruned by ReplaceMe-LS (ridge alpha "
+        f"{record['alpha']:g}) at ratio {record['ratio']} with `model.layerwise=true evaluate=false` on "
+        f"{record['calibration']['n_samples']} x "
         f"{record['calibration']['seq_len']} calibration tokens, in a subprocess whose peak RSS is "
         "`getrusage(RUSAGE_CHILDREN).ru_maxrss`.", "",
         "| checkpoint | peak RSS of the prune | peak RSS / checkpoint | importing the modules alone | prune (whole "
@@ -165,6 +169,8 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--alpha", type=float, default=1e-3,
+                        help="ReplaceMe-LS ridge: 4 x 64 tokens are fewer than the hidden size, so A alone is singular")
     parser.add_argument("--work-dir", default=None, help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the pruned model")
     parser.add_argument("--output", default=None)
@@ -180,7 +186,8 @@ def main() -> None:
         text.write_text(" ".join(f"w{4 + (i * 7919) % (args.vocab - 4)}" for i in range(args.n_samples * args.seq_len
                                                                                         * 4)) + "\n")
         baseline = import_baseline_rss()
-        seconds, peak = prune(work / "checkpoint", text, work / "run", args.n_samples, args.seq_len, args.ratio)
+        seconds, peak = prune(work / "checkpoint", text, work / "run", args.n_samples, args.seq_len, args.ratio,
+                              args.alpha)
         result = json.loads((work / "run" / "result.json").read_text())
         output = check_output(work / "run" / "pruned_model", result["pruning"]["num_layers_after"])
         record = {
@@ -193,7 +200,7 @@ def main() -> None:
             "checkpoint_bytes": checkpoint_bytes,
             "checkpoint_shards": len(list((work / "checkpoint").glob("*.safetensors"))),
             "checkpoint_write_seconds": round(write_seconds, 1),
-            "method": "replaceme_ls", "ratio": args.ratio,
+            "method": "replaceme_ls", "alpha": args.alpha, "ratio": args.ratio,
             "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len,
                             "n_tokens": result["calibration"]["n_tokens"]},
             "removed_layers": result["pruning"]["removed_layers"],
