@@ -7,9 +7,8 @@
 2. Prunes it with ReplaceMe-LS through the ``depthbench`` command in a subprocess (``model.layerwise=true
    evaluate=false``, 4 x 64 calibration tokens, ratio 0.25, ridge alpha 1e-3: 256 tokens are fewer than the hidden
    size, so the plain least-squares system is singular) and takes that subprocess's peak resident set size
-   (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the largest child waited for; the only child before it is a
-   subprocess that imports the same modules and exits, measured first as the fixed cost of the interpreter,
-   torch and transformers).
+   (its own ``VmHWM``, written at exit; a subprocess that imports the same modules and exits is measured the same
+   way first, the fixed cost of the interpreter, torch and transformers).
 3. Checks the pruned directory's config and index (layer count, every tensor present) and records peak RSS /
    checkpoint bytes, which must stay below 1/3 (issue 29). Deletes the checkpoint and the output unless --keep.
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -82,18 +80,35 @@ def word_tokenizer(vocab: int):
                                    unk_token="<unk>")
 
 
-def import_baseline_rss() -> int:
+#: Prepended to a subprocess's code: at exit it writes its own peak RSS (``VmHWM`` of /proc/self/status, the
+#: high-water mark of its address space since exec) to the file named by DEPTHBENCH_PEAK_RSS_FILE.
+REPORT_PEAK = ("import atexit, os\n"
+               "def _peak():\n"
+               "    kb = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+               "    open(os.environ['DEPTHBENCH_PEAK_RSS_FILE'], 'w').write(kb)\n"
+               "atexit.register(_peak)\n")
+
+
+def run_measured(code: str, args: list[str], peak_file: Path, env: dict | None = None) -> int:
+    """Run ``python -c code args`` and return its own peak RSS in bytes. Not ``getrusage(RUSAGE_CHILDREN)``:
+    Linux carries the parent's high-water mark into a child started by vfork + exec (Python's subprocess), so
+    that figure is at least the benchmark process's own peak (it generated the checkpoint)."""
+    environment = {**os.environ, **(env or {}), "DEPTHBENCH_PEAK_RSS_FILE": str(peak_file)}
+    subprocess.run([sys.executable, "-c", REPORT_PEAK + code, *args], check=True, cwd=ROOT, env=environment)
+    return int(peak_file.read_text()) * 1024
+
+
+def import_baseline_rss(work: Path) -> int:
     """Peak RSS (bytes) of a subprocess that imports what the prune imports and exits."""
-    code = ("import torch, transformers, hydra; from transformers import AutoModelForCausalLM, LlamaForCausalLM; "
-            "import depthbench.cli, depthbench.experiments.pipeline, depthbench.calibration.layerwise")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    code = ("import torch, transformers, hydra\nfrom transformers import AutoModelForCausalLM, LlamaForCausalLM\n"
+            "import depthbench.cli, depthbench.experiments.pipeline, depthbench.calibration.layerwise\n")
+    return run_measured(code, [], work / "peak-import")
 
 
 def prune(checkpoint: Path, text: Path, run_dir: Path, n_samples: int, seq_len: int, ratio: float,
           alpha: float) -> tuple[float, int]:
     """The layer-wise ReplaceMe-LS run in a subprocess; returns its seconds and its peak RSS in bytes."""
-    command = [sys.executable, "-c", "from depthbench.cli import main; main()", "model=hf",
+    args = ["model=hf",
                f"model.name_or_path={checkpoint}", "model.layerwise=true", "model.dtype=float32", "device=cpu",
                "pruner=replaceme_ls", f"pruner.options.alpha={alpha}", f"ratio={ratio}", "evaluate=false",
                "logger=none", "benchmark=none",
@@ -101,9 +116,9 @@ def prune(checkpoint: Path, text: Path, run_dir: Path, n_samples: int, seq_len: 
                f"calibration.seq_len={seq_len}", f"calibration.batch_size={n_samples}", "calibration.packing=true",
                "progress=false", f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "DEPTHBENCH_CACHE": str(run_dir.parent / "cache")})
-    seconds = time.perf_counter() - started
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = run_measured("from depthbench.cli import main\nmain()\n", args, run_dir.parent / "peak-prune",
+                        {"DEPTHBENCH_CACHE": str(run_dir.parent / "cache")})
+    return time.perf_counter() - started, peak
 
 
 def check_output(directory: Path, layers_after: int) -> dict:
@@ -143,7 +158,7 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         f"{record['alpha']:g}) at ratio {record['ratio']} with `model.layerwise=true evaluate=false` on "
         f"{record['calibration']['n_samples']} x "
         f"{record['calibration']['seq_len']} calibration tokens, in a subprocess whose peak RSS is "
-        "`getrusage(RUSAGE_CHILDREN).ru_maxrss`.", "",
+        "its own `VmHWM` (/proc/self/status) at exit.", "",
         "| checkpoint | peak RSS of the prune | peak RSS / checkpoint | importing the modules alone | prune (whole "
         "process) | removed layers |",
         "|---|---|---|---|---|---|",
@@ -185,7 +200,7 @@ def main() -> None:
         text = work / "calibration.txt"
         text.write_text(" ".join(f"w{4 + (i * 7919) % (args.vocab - 4)}" for i in range(args.n_samples * args.seq_len
                                                                                         * 4)) + "\n")
-        baseline = import_baseline_rss()
+        baseline = import_baseline_rss(work)
         seconds, peak = prune(work / "checkpoint", text, work / "run", args.n_samples, args.seq_len, args.ratio,
                               args.alpha)
         result = json.loads((work / "run" / "result.json").read_text())
