@@ -212,7 +212,8 @@ OTHER_PARTS = {"eval_throughput": "eval_throughput"}
 # (each has ``render_record(record, verdicts) -> lines``).
 RECORD_SECTIONS = {"sleb_cost.json": "sleb_cost", "cold_single_run.json": "cold_single_run",
                    "parallel_sweep.json": "parallel_sweep", "real_scale.json": "real_scale",
-                   "finercut_cost.json": "finercut_cost", "taylor_memory.json": "taylor_memory"}
+                   "finercut_cost.json": "finercut_cost", "taylor_memory.json": "taylor_memory",
+                   "layerwise_memory.json": "layerwise_memory"}
 
 
 def render(results: dict) -> str:

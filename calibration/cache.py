@@ -132,13 +132,8 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
     not, as ``strategy`` decides (`depthbench.calibration.strategy`; None: store).
     """
     requested = unique(statistics)
-    pairwise = [s for s in requested if isinstance(s, PairwiseSimilarity)]
-    tables = {s.tokens: LayerSimilarityTable(s.num_layers, s.tokens) for s in pairwise}
-    if cache is not None and pairwise:
-        # Both token sets in the same pass: later runs of other methods then need no pass at all.
-        depth = pairwise[0].num_layers
-        tables = {tokens: tables.get(tokens) or LayerSimilarityTable(depth, tokens) for tokens in ("last", "all")}
-    sources = list(tables.values()) + [s for s in requested if not isinstance(s, PairwiseSimilarity)]
+    # Both token sets in the same pass where cached: later runs of other methods then need no pass at all.
+    sources, fill = similarity_sources(requested, both_token_sets=cache is not None)
     data_hash = data_fingerprint(batches) if cache is not None else ""
     missing = [s for s in sources if not (cache is not None and s.cacheable and cache.load(s, data_hash))]
     if missing and cache is not None and not (activations is not None and activations.complete()):
@@ -151,10 +146,28 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
                               strategy)
     else:
         _compute_and_save(adapter, batches, missing, cache, data_hash, activations, progress, description,
-                              strategy)
-    for stat in pairwise:
-        stat.fill_from(tables[stat.tokens])
+                          strategy)
+    fill()
     return requested
+
+
+def similarity_sources(requested: list[Statistic], both_token_sets: bool = False):
+    """What a pass computes for ``requested``: every `PairwiseSimilarity` comes from one `LayerSimilarityTable`
+    per token set (any gap is a slice of it; ``both_token_sets`` computes the other set's table too), the rest
+    as they are. Returns the statistics to feed and a function that fills the pairwise ones from the tables
+    once they are fed."""
+    pairwise = [s for s in requested if isinstance(s, PairwiseSimilarity)]
+    tables = {s.tokens: LayerSimilarityTable(s.num_layers, s.tokens) for s in pairwise}
+    if both_token_sets and pairwise:
+        depth = pairwise[0].num_layers
+        tables = {tokens: tables.get(tokens) or LayerSimilarityTable(depth, tokens) for tokens in ("last", "all")}
+    sources = list(tables.values()) + [s for s in requested if not isinstance(s, PairwiseSimilarity)]
+
+    def fill() -> None:
+        for stat in pairwise:
+            stat.fill_from(tables[stat.tokens])
+
+    return sources, fill
 
 
 def _compute_and_save(adapter, batches, missing: list[Statistic], cache: StatisticsCache | None, data_hash: str,

@@ -98,7 +98,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _embedding_output(adapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def embedding_output(adapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``h_0``: the input of layer 0 in the model's own forward (embeddings, positions, scaling)."""
     seen: list[torch.Tensor] = []
 
@@ -176,7 +176,7 @@ def masked_scores(adapter, batches: list[dict[str, torch.Tensor]], candidates: I
     for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
         ids = batch["input_ids"].to(embed_device)
         mask = batch["attention_mask"].to(embed_device)
-        h0 = _embedding_output(adapter, ids, mask)
+        h0 = embedding_output(adapter, ids, mask)
         score = scorer.for_batch(ids, mask, partial(_dense_logits, adapter, layers, h0, mask))
         for cand, logits in _tail_logits(adapter, layers, order, base, h0, mask):
             total, count = score(logits)
@@ -206,7 +206,7 @@ def masked_logits(adapter, batch: dict[str, torch.Tensor], candidates: Iterable[
     order = sorted(todo.values(), key=lambda c: c.unit.layer)
     layers = list(adapter.decoder_layers())
     return {cand.key: logits for cand, logits in
-            _tail_logits(adapter, layers, order, base, _embedding_output(adapter, ids, mask), mask)}
+            _tail_logits(adapter, layers, order, base, embedding_output(adapter, ids, mask), mask)}
 
 
 @torch.no_grad()

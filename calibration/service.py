@@ -72,16 +72,24 @@ class CalibrationService:
 
     def original(self, statistics: Iterable[Statistic], what: str = "calibration") -> list[Statistic]:
         """Statistics of the original model: cache, stored activations, else one (storing) pass."""
-        if self.adapter.num_layers != self._original_depth:
-            raise RuntimeError(
-                f"statistics of the original model requested after it was changed ({self._original_depth} -> "
-                f"{self.adapter.num_layers} layers); ask `current` for the model as it is now")
+        self._check_original()
         try:
             return gather(self.adapter, self.batches, statistics, cache=self.cache, progress=self.progress,
                           description=self._describe(what), activations=self.activations, strategy=self.strategy)
         finally:
             if self.strategy is not None:
                 self.strategy.requests += 1
+
+    def _check_original(self) -> None:
+        if self.adapter.num_layers != self._original_depth:
+            raise RuntimeError(
+                f"statistics of the original model requested after it was changed ({self._original_depth} -> "
+                f"{self.adapter.num_layers} layers); ask `current` for the model as it is now")
+
+    def before_apply(self, layers: Iterable[int]) -> None:
+        """Called before a method's ``apply`` with the decoder layers whose weights it changes (original
+        numbering, `depthbench.pruners.base.Pruner.layers_apply_changes`): nothing to do where the whole model
+        is in memory; a layer-wise prune reads them in (`depthbench.calibration.layerwise.LayerwiseService`)."""
 
     def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
         """Statistics of the model as it is now (``skip``: units left out of the pass); a fresh pass."""

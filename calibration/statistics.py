@@ -389,17 +389,8 @@ def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
             captured[point] = tensor.detach()
         return observe
 
-    for kind, k in sorted(needed):
-        if kind == RESIDUAL:
-            handles.append(adapter.observe_residual(k, keep((RESIDUAL, k))))
-        elif kind == MLP_OUT:
-            handles.append(adapter.observe_mlp_output(k, keep((MLP_OUT, k))))
-        elif kind == ATTN_RESIDUAL:
-            handles.append(adapter.observe_attention_residual(k, keep((ATTN_RESIDUAL, k))))
-        elif kind in SUB_BLOCK_POINTS:
-            handles.append(adapter.observe_sub_block(k, *SUB_BLOCK_POINTS[kind], keep((kind, k))))
-        else:
-            raise ValueError(f"unknown hook point {kind!r}")
+    for point in sorted(needed):
+        handles.append(observe_point(adapter, point, keep(point)))
     num_layers = adapter.num_layers
     last_needed = max([k - 1 if kind == RESIDUAL else k for kind, k in needed], default=num_layers - 1)
     if last_needed < num_layers - 1:  # nothing later is needed: skip the rest of the network
@@ -407,6 +398,27 @@ def _register_hooks(adapter, needed: set[HookPoint], captured: dict) -> list:
             raise _StopForward
         handles.append(adapter.after_layer(max(last_needed, 0), stop))
     return handles
+
+
+def observe_point(adapter, point: HookPoint, fn):
+    """Call ``fn(x)`` with the activation at ``point`` on every forward, through the adapter's observer for its
+    kind; returns the handle."""
+    kind, k = point
+    if kind == RESIDUAL:
+        return adapter.observe_residual(k, fn)
+    if kind == MLP_OUT:
+        return adapter.observe_mlp_output(k, fn)
+    if kind == ATTN_RESIDUAL:
+        return adapter.observe_attention_residual(k, fn)
+    if kind in SUB_BLOCK_POINTS:
+        return adapter.observe_sub_block(k, *SUB_BLOCK_POINTS[kind], fn)
+    raise ValueError(f"unknown hook point {kind!r}")
+
+
+def producing_layer(point: HookPoint) -> int:
+    """The decoder layer whose forward produces ``point`` (-1: the embeddings produce ``h_0``)."""
+    kind, k = point
+    return k - 1 if kind == RESIDUAL else k
 
 
 def check_finite(acts: BatchActivations) -> None:

@@ -33,6 +33,7 @@ from depthbench.evaluation.retention import retention_report
 from depthbench.evaluation.fidelity import reference_perplexity
 from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity_enabled, fidelity_reference,
                                          has_benchmark, quality, speed)
+from depthbench.experiments import layerwise_run
 from depthbench.experiments.cache_settings import CacheSettings
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
@@ -89,6 +90,8 @@ def validate(cfg: DictConfig, output_dir: Path):
     if cfg.evaluate:
         check_evaluation(cfg.evaluation, cfg.efficiency)
     check_model_reference(cfg.model)
+    if layerwise_run.enabled(cfg):
+        layerwise_run.check(cfg, pruner)
     num_layers = num_layers_of(cfg.model, run_paths(cfg).models_dir)  # config.json or the GGUF header: no weights
     if num_layers is not None:
         pruner.check_feasible(num_layers, layers_to_remove(ratio, num_layers))
@@ -139,8 +142,9 @@ def compare(base: dict, pruned: dict, speeds: dict | None) -> dict:
 
 
 def check_finite_parameters(model) -> None:
-    """Stop before anything is saved if pruning produced a NaN/Inf weight."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    """Stop before anything is saved if pruning produced a NaN/Inf weight (of those in memory: a layer-wise
+    prune leaves the layers it did not change on the checkpoint, where they are the original weights)."""
+    bad = [name for name, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()]
     if bad:
         raise NumericalError(f"non-finite weights after pruning in {', '.join(bad[:5])}"
                              f"{' ...' if len(bad) > 5 else ''}; nothing was saved")
@@ -179,6 +183,7 @@ class Cell:
     dense: Any = None
     dense_bytes: int = 0
     result: Any = None
+    weights: Any = None  # depthbench.modeling.layerwise.LayerwiseModel of a layer-wise run, else None
     model_dir: Path | None = None
     healing_plan: Any = None  # depthbench.healing.step.HealingPlan, None for healing=none
     healing: dict = field(default_factory=lambda: dict(NO_HEALING))
@@ -281,10 +286,16 @@ def load_weights(cell: Cell) -> None:
     """The model, its adapter, and the number of layers to remove (checked against the real depth)."""
     cfg = cell.cfg
     with cell.timer.stage("load"):
-        cell.loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else resolve_device(cfg.device),
-                                 tokenizer=cell.tokenizer, models_dir=cell.paths.models_dir)
+        if layerwise_run.enabled(cfg):  # the skeleton: embeddings and final norm in memory, layers on disk
+            cell.weights, cell.loaded = layerwise_run.load(cfg, cell.tokenizer, resolve_device(cfg.device))
+        else:
+            cell.loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else
+                                     resolve_device(cfg.device), tokenizer=cell.tokenizer,
+                                     models_dir=cell.paths.models_dir)
     cell.adapter = adapter_for(cell.loaded.model)
     cell.pruner.check_model(cell.adapter)
+    if cell.weights is not None:
+        cell.pruner.check_layerwise(cell.adapter)
     cell.n_remove = layers_to_remove(cell.ratio, cell.adapter.num_layers)
     cell.pruner.check_feasible(cell.adapter.num_layers, cell.n_remove)
     cell.fingerprint = model_fingerprint(cell.loaded, cfg.model)
@@ -328,6 +339,14 @@ def prune(cell: Cell) -> None:
     if needs_teacher(cell) and cell.dense is None:  # the distillation teacher (evaluate=false made none)
         with cell.timer.stage("dense_copy"):
             cell.dense, cell.dense_bytes = dense_copy(cell.loaded.model)
+    if cell.weights is not None:  # one layer at a time from the checkpoint: no cache, no activation store
+        from depthbench.calibration.layerwise import open_layerwise_service
+
+        with open_layerwise_service(cell.weights, cell.calibration, buffer_bytes=layerwise_run.buffer_bytes(cell.cfg),
+                                    progress=cell.progress, label=cell.pruner.name) as service:
+            cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
+        cell.timer.add(cell.result.stages, prefix="prune.")
+        return
     statistics = cell.paths.statistics_dir(cell.sweep_dir)
     stats_cache = (StatisticsCache(statistics, cell.fingerprint, cell.cache.lock_stale_s)
                    if cell.cache.statistics else None)
@@ -407,7 +426,11 @@ def save_model(cell: Cell) -> None:
             "config": cell.outcome["config"],
             "provenance": cell.outcome["provenance"],
         }
-        cell.model_dir = save_pruned(loaded.model, loaded.tokenizer, cell.output_dir / MODEL_DIR, metadata)
+        if cell.weights is not None:  # shard by shard, unchanged tensors copied from the checkpoint
+            cell.model_dir = cell.weights.save(cell.output_dir / MODEL_DIR, loaded.tokenizer, metadata,
+                                               progress=cell.progress)
+        else:
+            cell.model_dir = save_pruned(loaded.model, loaded.tokenizer, cell.output_dir / MODEL_DIR, metadata)
 
 
 def write_record(cell: Cell) -> dict:

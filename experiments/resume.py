@@ -26,6 +26,13 @@ def config_hash(cfg: DictConfig | dict) -> str:
     data = {k: v for k, v in without_added_defaults(data).items() if k not in NON_SEMANTIC_KEYS}
     if data.get("healing") == {"name": "none"}:  # the default: runs from before the healing group keep their hash
         del data["healing"]
+    model = data.get("model")
+    if isinstance(model, dict) and not model.get("layerwise", False):
+        # in memory (the default): runs from before the layer-wise setting existed keep their hash; the
+        # buffer size changes where activations live, never a result
+        data["model"] = {k: v for k, v in model.items() if not k.startswith("layerwise")}
+    elif isinstance(model, dict):
+        data["model"] = {k: v for k, v in model.items() if k != "layerwise_buffer_gb"}
     pruner = data.get("pruner")
     if isinstance(pruner, dict) and pruner.get("compensate", "none") == "none":
         # Prune&Comp off (the default): runs from before the setting existed keep their hash

@@ -178,6 +178,20 @@ class Pruner(ABC):
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
 
+    #: Whether the method runs with ``model.layerwise=true`` (one decoder layer in memory at a time,
+    #: `depthbench.calibration.layerwise`): it needs only statistics of the original model from single passes,
+    #: removes layers, and changes no weight outside `layers_apply_changes`. Methods that re-score or train on
+    #: the model as it is being pruned need the whole model in memory.
+    supports_layerwise: ClassVar[bool] = False
+
+    def layers_apply_changes(self, selection: Selection) -> list[int]:
+        """The decoder layers (original numbering) whose weights `apply` changes: a layer-wise prune reads them
+        into memory before `apply` (and refuses to save a change made anywhere else)."""
+        return []
+
+    def check_layerwise(self, adapter: ModelAdapter) -> None:
+        """Raise `ConfigError` if this method cannot run layer-wise on this model (beyond `supports_layerwise`)."""
+
     # -- stages ----------------------------------------------------------------------------
     @abstractmethod
     def statistics(self, adapter: ModelAdapter, n_remove: int) -> list[Statistic]:
@@ -241,6 +255,7 @@ class Pruner(ABC):
             with timer.stage("fit"):
                 replacement = self.fit(adapter, selection, service)
             with timer.stage("apply"):
+                service.before_apply(self.layers_apply_changes(selection))
                 replacement_info = self.apply(adapter, selection, replacement, service)
         reads_calibration = self.uses_calibration or (removal is not None and removal.reads_calibration)
         return PruneResult(

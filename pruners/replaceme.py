@@ -275,6 +275,7 @@ class ReplaceMeLSPruner(_ReplaceMe):
     """ReplaceMe with the closed-form least-squares transform (reference: ``lstsq``)."""
 
     name = "replaceme_ls"
+    supports_layerwise = True
 
     @dataclass
     class Options(_BlockOptions):
@@ -294,6 +295,15 @@ class ReplaceMeLSPruner(_ReplaceMe):
                 raise ConfigError(
                     f"replaceme_ls: blocks [{a.start}, {a.end}) and [{b.start}, {b.end}) touch, so the second has "
                     f"no kept layer of the original model before it; set merge_consecutive: true")
+
+    def layers_apply_changes(self, selection: Selection) -> list[int]:
+        """The kept layer before each block: T folds into its MLP output projection."""
+        return [block.start - 1 for block in selection.blocks]
+
+    def check_layerwise(self, adapter) -> None:
+        if self.norm_route(adapter) is not None:
+            raise ConfigError(f"{self.name} with model.layerwise=true folds T into the MLP output projection only; "
+                              f"{adapter.family} has a norm after the MLP (its routes need the whole model)")
 
     def fit(self, adapter, selection, service) -> list[tuple[Block, torch.Tensor, dict]]:
         device = adapter.embeddings().weight.device

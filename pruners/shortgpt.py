@@ -39,6 +39,7 @@ def block_influence(statistics) -> list[float]:
 @pruner_registry.register("shortgpt")
 class ShortGPTPruner(Pruner):
     name = "shortgpt"
+    supports_layerwise = True
     paper = ("Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect "
              "(arXiv 2403.03853)")
 

@@ -28,6 +28,7 @@ def last_token_angular_distances(statistics, n: int, min_start: int) -> tuple[li
 @pruner_registry.register("uidl")
 class UIDLPruner(Pruner):
     name = "uidl"
+    supports_layerwise = True
     paper = "Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv 2403.17887)"
 
     @dataclass

@@ -108,6 +108,24 @@ def test_default_compensation_keeps_earlier_config_hashes():
     assert config_hash(_compose("pruner=shortgpt", "pruner.compensate=magnitude")) != config_hash(cfg)
 
 
+def test_in_memory_default_keeps_earlier_config_hashes():
+    """``model.layerwise=false`` (the default) hashes as a config without the layer-wise keys, whatever the buffer
+    size; turning it on changes the hash, its buffer size (where activations live) does not."""
+    from omegaconf import OmegaConf
+
+    from depthbench.experiments.resume import config_hash
+
+    cfg = _compose("model=hf", "model.name_or_path=/m")
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["model"] = {k: v for k, v in data["model"].items() if not k.startswith("layerwise")}
+    assert config_hash(cfg) == config_hash(data)
+    assert config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise_buffer_gb=3")) == config_hash(cfg)
+    layerwise = config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise=true"))
+    assert layerwise != config_hash(cfg)
+    assert config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise=true",
+                                "model.layerwise_buffer_gb=3")) == layerwise
+
+
 @pytest.mark.parametrize("preset", ["leaderboard", "ratio_sweep"])
 def test_method_grids_cover_every_builtin_method(preset):
     """The leaderboard and ratio-sweep presets sweep every built-in method and baseline (not a hand-kept subset
