@@ -32,6 +32,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.safetensors_io import SafetensorsCheckpoint, TensorEntry, write_sharded
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE
+from depthbench.modeling.surgery import ModelSurgery
 
 #: Files besides the weights and config.json that a pruned directory takes over from the input (generation
 #: settings; the tokenizer's files when no tokenizer object is given).
@@ -216,8 +217,9 @@ class LayerwiseModel:
         if changed:
             raise RuntimeError(f"the method changed {changed[:4]} outside the layers it declared for apply "
                                "(Pruner.layers_apply_changes); a layer-wise save would lose that change")
-        if self.adapter.custom_modules():
-            raise ConfigError(f"the pruned model needs depthbench's custom modules ({self.adapter.custom_modules()}); "
+        custom = ModelSurgery(self.adapter).custom_modules()
+        if custom:
+            raise ConfigError(f"the pruned model needs depthbench's custom modules ({custom}); "
                               "model.layerwise=true saves plain transformers checkpoints only")
         entries = self._entries()
         directory = Path(directory)

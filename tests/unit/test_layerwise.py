@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
 
+from depthbench.modeling.surgery import ModelSurgery
 from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.layerwise import TensorBuffer, open_layerwise_service
 from depthbench.errors import ConfigError
@@ -168,7 +169,7 @@ def test_refusals(tmp_path):
     # the apply of a method changed a weight the layer-wise prune did not read in: refused at save
     weights.edit([])
     with torch.no_grad():
-        weights.adapter.fold_into_mlp_output(2, torch.eye(32) * 2)
+        ModelSurgery(weights.adapter).fold_into_mlp_output(2, torch.eye(32) * 2)
     with pytest.raises(RuntimeError, match=r"model\.layers\.2\.mlp\.down_proj\.weight"):
         weights.save(tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
