@@ -15,7 +15,7 @@ from depthbench.calibration.spill import LinearMapRows, ResidualPairSequences, S
 from depthbench.calibration.statistics import LayerSimilarityTable, LinearMapMoments, collect
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _statistics(adapter, directory):

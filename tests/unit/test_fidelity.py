@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from depthbench.errors import ConfigError
 from depthbench.evaluation import fidelity as fid
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _pair():

@@ -29,7 +29,7 @@ from depthbench.pruners import build_pruner
 from depthbench.pruners.finercut import candidate_pool
 from depthbench.pruners.llm_drop import candidate_units
 from depthbench.selection.greedy import ranked_removal
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import nll_float64
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,6 +1,5 @@
 """Benchmark configs are validated before any model is loaded: one clear line per mistake."""
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,13 +7,13 @@ import yaml
 from depthbench.errors import ConfigError
 from depthbench.evaluation.lm_eval_runner import parse_benchmark
 from tests.offline_packages import bigbench_installed
+from tests.helpers import CONF
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "none"))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml") if p.stem != "none"))
 def test_every_preset_parses(preset):
-    cfg = yaml.safe_load((CONF / f"{preset}.yaml").read_text())
+    cfg = yaml.safe_load((CONF / "benchmark" / f"{preset}.yaml").read_text())
     if preset == "bigbench" and not bigbench_installed():  # optional: one clear error before any model
         with pytest.raises(ConfigError, match=r"benchmark=bigbench .*needs the package `bigbench`"):
             parse_benchmark(cfg)
@@ -25,7 +24,7 @@ def test_every_preset_parses(preset):
 
 
 def test_replaceme_preset_matches_the_paper():
-    cfg = yaml.safe_load((CONF / "replaceme_paper.yaml").read_text())
+    cfg = yaml.safe_load((CONF / "benchmark" / "replaceme_paper.yaml").read_text())
     shots = {s.name: s.num_fewshot for s in parse_benchmark(cfg)}
     assert shots == {"winogrande": 5, "boolq": 0, "race": 0, "openbookqa": 0, "piqa": 0, "sciq": 0,
                      "lambada_openai": 0}

@@ -17,8 +17,8 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.adapters.base import ModelAdapter
 from depthbench.modeling.units import Unit
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.unit.test_architectures import FAMILIES, LAYOUT_VARIANTS, _config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
+from tests.families import FAMILIES, LAYOUT_VARIANTS, family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = dict(rel=1e-11, abs=1e-12)
@@ -43,7 +43,7 @@ ALL = ["llama"] + FAMILIES + LAYOUT_VARIANTS + ["falcon_alibi", "mistral_sliding
 
 @pytest.mark.parametrize("family", ALL)
 def test_fast_nll_equals_a_whole_pass_with_the_candidate_skipped(family):
-    config = tiny_llama_config(num_layers=L) if family == "llama" else _config(family)
+    config = tiny_llama_config(num_layers=L) if family == "llama" else family_config(family)
     service = _service(build_tiny_model(config, dtype=torch.float64))
     rng = random.Random(family)
     for skip in ([], _random_units(rng, 1), _random_units(rng, 2), [1, "3.mlp", "4.attn"]):

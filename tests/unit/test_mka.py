@@ -18,7 +18,7 @@ from depthbench.pruners import build_pruner
 from depthbench.pruners.base import Selection
 from depthbench.pruners.mka import (diffusion_map, knn_entropy, npib_alpha, npib_matrix, plan_merges,
                                     prompt_distances, rank_normalise, reference_distances)
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, compose, random_batches, tiny_llama_config
 
 LINEAR = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -198,9 +198,8 @@ def test_too_few_calibration_sequences_are_refused_from_the_config_alone(tmp_pat
     """The run's config check (no weights read, nothing written) refuses MKA with n <= 50 sequences, naming the
     value and the minimum; scale=fast's MKA budget (conf/budget/fast_mka.yaml) passes it."""
     from depthbench.experiments.pipeline import validate
-    from tests.unit.test_configs import _compose
 
     with pytest.raises(ConfigError, match=r"calibration.n_samples=8; allowed: at least 51"):
-        validate(_compose("pruner=mka", "calibration.n_samples=8", "logger=none"), tmp_path / "bad")
+        validate(compose("pruner=mka", "calibration.n_samples=8", "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    assert _compose("pruner=mka", "scale=fast").calibration.n_samples == 56
+    assert compose("pruner=mka", "scale=fast").calibration.n_samples == 56

@@ -13,7 +13,7 @@ from depthbench.calibration.cache import PASS_COUNTER_ENV, StatisticsCache, data
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.locking import OWNER_FILE
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _requests(adapter):

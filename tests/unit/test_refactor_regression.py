@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT_DIR = REPO / "benchmarks"
 # setuptools package-dir: these top-level folders are installed as depthbench.<name>
 SUBPACKAGES = ("calibration", "conf", "evaluation", "experiments", "modeling", "pruners", "selection", "healing")

@@ -17,7 +17,7 @@ from depthbench.calibration.service import CalibrationService
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import nll_float64
 from tests.unit.test_sleb import without_layers
 

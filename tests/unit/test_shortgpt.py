@@ -7,7 +7,7 @@ import torch
 from depthbench.calibration.batches import CalibrationData
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import residual_states_np
 
 

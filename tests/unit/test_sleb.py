@@ -16,9 +16,9 @@ from depthbench.calibration.service import CalibrationService
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import nll_float64
-from tests.unit.test_architectures import _config
+from tests.families import family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 6
@@ -90,7 +90,7 @@ def harmful_gpt2(k: int):
     """A tiny GPT-2 whose layer k adds a large constant along the (large) embedding of token 2, which never
     occurs in the data: with layer k, every position predicts token 2 (NLL in the tens); without it, the
     plain random model (NLL near log V). Removing k is then the best single removal by far."""
-    model = build_tiny_model(_config("gpt2"), seed=3, dtype=torch.float64)
+    model = build_tiny_model(family_config("gpt2"), seed=3, dtype=torch.float64)
     u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0),
                                                   dtype=torch.float64), dim=0)
     with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import random_batches
+from tests.helpers import random_batches
 
 
 def _requests(adapter):
@@ -81,7 +81,7 @@ def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_col
 
     from depthbench.calibration.batches import CalibrationData
     from depthbench.pruners import build_pruner
-    from tests.conftest import build_tiny_model, tiny_llama_config
+    from tests.helpers import build_tiny_model, tiny_llama_config
 
     base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
     data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
