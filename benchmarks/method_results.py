@@ -3,7 +3,8 @@
     python benchmarks/method_results.py --output docs/method_results.json          # record
     python benchmarks/method_results.py --compare docs/method_results.json         # rerun and compare
 
-Each method prunes SmolLM2 (bfloat16, the embedded default) at 25% with the same calibration data and
+Each method prunes SmolLM2 (the embedded default, in its ``model.dtype``: ``auto`` is float32 on a CPU without
+native bfloat16; the committed records pin float32 by ``extra_overrides``) at 25% with the same calibration data and
 is evaluated on the same held-out windows (no lm-eval tasks, no speed: only what the method decides).
 A record keeps, per method, the removed layers, the held-out perplexity of the pruned model and the
 replacement's own diagnostics (fit residuals, training objectives). ``--compare`` reruns the same
@@ -111,8 +112,8 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
     finally:
         shutil.rmtree(root, ignore_errors=True)
     prov = provenance()
-    return {"settings": {"model": "smollm2_135m (bfloat16)", "ratio": 0.25, "calibration_samples": samples,
-                         "heldout_windows": windows, "extra_overrides": extra or {}},
+    return {"settings": {"model": "smollm2_135m (model.dtype=auto unless extra_overrides set it)", "ratio": 0.25,
+                         "calibration_samples": samples, "heldout_windows": windows, "extra_overrides": extra or {}},
             "commit": prov.get("depthbench_git_sha") or commit, "code": str(root_of_code),
             "provenance": prov, "cells": cells}
 

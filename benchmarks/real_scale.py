@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     # Meta-Llama-3-8B's config.json
     "llama3_8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
@@ -170,8 +169,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON record to write (default: print only)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-
     from depthbench.errors import ConfigError
     from depthbench.provenance import git_sha
     from depthbench.pruners import build_pruner, pruner_registry

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Re-exported: branches written before tests/helpers.py import these from here.
-from tests.helpers import build_tiny_model, random_batches, tiny_llama_config  # noqa: F401
+from tests.helpers import build_tiny_llama64, build_tiny_model, tiny_llama_config
+# Re-exported: branches written before tests/helpers.py import it from here.
+from tests.helpers import random_batches  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,7 +28,7 @@ def tiny_llama():
 @pytest.fixture
 def tiny_llama64():
     """A float64 tiny Llama, for comparisons against float64 references."""
-    return build_tiny_model(tiny_llama_config(), dtype=torch.float64)
+    return build_tiny_llama64()
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def build_tiny_model(config, seed: int = 0, dtype=torch.float32):
 SCALE_INVARIANT_NORM_EPS = 1e-14
 
 
-def tiny_llama64(seed: int = 0, **config):
+def build_tiny_llama64(seed: int = 0, **config):
     """A float64 tiny Llama (`tiny_llama_config` keywords), for comparisons against float64 references."""
     return build_tiny_model(tiny_llama_config(**config), seed=seed, dtype=torch.float64)
 

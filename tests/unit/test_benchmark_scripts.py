@@ -45,11 +45,8 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
 
 
 def test_real_scale_starts_a_new_record_when_the_setting_changes(tmp_path):
-    import importlib.util
+    from depthbench.benchmarks import real_scale
 
-    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
-    real_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_scale)
     out = tmp_path / "record.json"
     setting = {"shape": {"layers": 8}, "dtype": "float32", "samples": 4, "seq_len": 16, "ratio": 0.25,
                "activations_gb": 0.0}

@@ -11,13 +11,13 @@ from depthbench.calibration.statistics import PairwiseSimilarity, collect
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner, pruner_registry
-from tests.helpers import random_batches, tiny_llama64
+from tests.helpers import random_batches, build_tiny_llama64
 from tests.reference import nll_float64
 
 
 @pytest.fixture
 def model64():
-    return tiny_llama64(num_layers=6, hidden=16)
+    return build_tiny_llama64(num_layers=6, hidden=16)
 
 
 @pytest.mark.parametrize("skip", [[], [2], [1, 4]])

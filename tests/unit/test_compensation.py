@@ -13,15 +13,15 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from depthbench.pruners.compensation import ChannelMagnitudeRatios, maximal_gaps, remove_and_compensate
-from tests.helpers import (SCALE_INVARIANT_NORM_EPS, build_tiny_model, compose, padded_masks, random_batches,
-                           real_token_logits, tiny_llama64, tiny_llama_config)
-from tests.reference import residual_states_np
+from tests.helpers import (SCALE_INVARIANT_NORM_EPS, compose, padded_masks, random_batches,
+                           real_token_logits, build_tiny_llama64)
+from tests.reference import block_influence_np, residual_states_np
 
 L = 6
 
 
 #: This file's model: keywords `tie` and `seed` (default 3) pick the variant.
-model64 = partial(tiny_llama64, seed=3, num_layers=L, rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
+model64 = partial(build_tiny_llama64, seed=3, num_layers=L, rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
 
 
 def direct_ratios(model, batches, s, e):
@@ -108,8 +108,8 @@ def test_fold_after_keeps_tied_embeddings_and_alpha_one_is_a_no_op():
 
 
 def test_output_biases_are_scaled_with_the_weights():
-    model = build_tiny_model(tiny_llama_config(num_layers=4, attention_bias=True, mlp_bias=True, tie=False,
-                                               rms_norm_eps=1e-14), seed=1, dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=4, attention_bias=True, mlp_bias=True, tie=False,
+                               rms_norm_eps=1e-14, seed=1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):  # transformers initialises biases to zero: make them matter
@@ -170,7 +170,6 @@ def test_post_mode_keeps_the_base_set_and_records_alpha_per_gap():
 def test_iterative_mode_rescores_on_the_compensated_model():
     """Round 1 = ShortGPT's lowest-BI layer of the original; round 2 = the lowest BI of the model after round 1's
     removal and fold, with alpha measured there (both recomputed here from brute-force float64 states)."""
-    from tests.unit.test_shortgpt import block_influence_np
 
     batches = random_batches(n_batches=3, seed=11)
     masks = padded_masks(batches)

@@ -238,24 +238,13 @@ def test_paper_scale_sets_each_references_calibration():
     assert compose("pruner=replaceme_ls", "scale=paper", "calibration.n_samples=16").calibration.n_samples == 16
 
 
-def faithfulness_module():
-    """benchmarks/faithfulness.py (a script, not a package module) loaded by path."""
-    import importlib.util
-
-
-    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_faithfulness_grid_cells_compose_and_build():
     """Every cell of benchmarks/faithfulness.py is a valid config whose pruner builds (the study itself runs
     SmolLM2 and is not run here)."""
     from omegaconf import OmegaConf
 
+    from depthbench.benchmarks import faithfulness as module
 
-    module = faithfulness_module()
     cells = module.grid([1, 10], [15], [1e-4])
     # uidl, LS; cosine x {cosine, mse} x 2 epochs; mse whitened x 2 epochs; Streamline mse x 2 layouts; lm unpacked
     assert len(cells) == 2 + 2 * 2 + 2 + 2 + 1 and len({label for label, _ in cells}) == len(cells)
@@ -283,7 +272,8 @@ def test_leaderboard_has_the_budget_columns():
 def test_faithfulness_render_states_the_orderings_from_the_record(tmp_path):
     """docs/FAITHFULNESS.md is rendered from the study's record: flatness over the last quarter, and each ordering
     decided by the numbers in the record (here made so that one holds and one does not)."""
-    module = faithfulness_module()
+    from depthbench.benchmarks import faithfulness as module
+
     curve = [{"step": s, "train": None, "held_out": v} for s, v in ((0, 10.0), (50, 5.0), (80, 4.02), (100, 4.0))]
     assert module.flat(curve) is True  # 4.02 -> 4.0 over steps 75..100: 0.5%
     assert module.flat(curve, tolerance=0.001) is False
@@ -370,8 +360,8 @@ def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, se
     Where no measured budget is flat yet (LLM-Streamline), the file holds the largest one and says so."""
     from omegaconf import OmegaConf
 
+    from depthbench.benchmarks import faithfulness as module
 
-    module = faithfulness_module()
     cells = json.loads((CONF.parent / "docs" / "faithfulness.json").read_text())["cells"]
     budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options[key]
     chosen = cells[f"{series} {unit}={budget}"]

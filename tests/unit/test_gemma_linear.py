@@ -17,7 +17,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
 from depthbench.pruners import build_pruner
-from tests.helpers import build_tiny_model, logits, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_llama64, logits, random_batches
 from tests.families import family_config
 
 GEMMA = ["gemma2", "gemma3"]
@@ -139,7 +139,7 @@ def test_norm_fold_is_irrelevant_without_a_norm_after_the_mlp(tmp_path):
     batches = random_batches(n_batches=2)
     models = {}
     for value in ("linear", "through_norm"):
-        model = build_tiny_model(tiny_llama_config(), dtype=torch.float64)
+        model = build_tiny_llama64()
         result = build_pruner("replaceme_ls", {"norm_fold": value}).prune(adapter_for(model),
                                                                           CalibrationData(batches, 16), 2,
                                                                           progress=False)

@@ -19,14 +19,15 @@ from depthbench.pruners.compensation import ChannelMagnitudeRatios, remove_and_c
 from depthbench.pruners.hadamard import HadamardRotation, hadamard_factors, paley, sylvester
 from depthbench.pruners.linearpatch import patch_matrix
 from tests.helpers import (SCALE_INVARIANT_NORM_EPS, build_tiny_model, padded_masks, random_batches,
-                           real_token_logits, tiny_llama64, tiny_llama_config)
+                           real_token_logits, build_tiny_llama64, tiny_llama_config)
 from tests.reference import residual_states_np
 
 L, D = 7, 48  # 48 = 12 * 4: Paley I (q = 11) kron Sylvester 4
 
 
 #: This file's model: keyword `seed` (default 3) and `tiny_llama_config` keywords pick the variant.
-model64 = partial(tiny_llama64, seed=3, num_layers=L, hidden=D, head_dim=12, rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
+model64 = partial(build_tiny_llama64, seed=3, num_layers=L, hidden=D, head_dim=12,
+                  rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 12, 20, 28, 36, 48, 576, 1536])
@@ -52,8 +53,8 @@ def test_paley_and_sylvester_constructions():
 def test_a_hidden_size_without_a_known_hadamard_is_refused_by_name(counting_collect):
     with pytest.raises(ConfigError, match="hidden size 92: .*insert_type=diag"):
         hadamard_factors(92)  # 92 = 23 * 4 = 46 * 2: no Paley order (order 92 exists, but not from Paley)
-    model = build_tiny_model(tiny_llama_config(num_layers=5, hidden=92, head_dim=46, num_attention_heads=2,
-                                               num_key_value_heads=1), dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=5, hidden=92, head_dim=46, num_attention_heads=2,
+                               num_key_value_heads=1)
     with pytest.raises(ConfigError, match="hidden size 92"):
         build_pruner("linearpatch").prune(adapter_for(model), CalibrationData(random_batches(), 16), 2, progress=False)
     assert counting_collect == []

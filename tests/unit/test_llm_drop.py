@@ -21,7 +21,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from depthbench.pruners.llm_drop import LLMDropPruner
-from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches, tiny_llama_config
 from tests.families import ALL_FAMILIES, family_model, window_batch
 from tests.reference import manual_llama_forward
 
@@ -31,7 +31,7 @@ TOL = dict(rtol=1e-6, atol=1e-8)
 
 
 def _llama(seed=3):
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=seed)
 
 
 def _cos(a, b):

@@ -9,31 +9,22 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.service import CalibrationService
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
-from tests.reference import nll_float64
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches
+from tests.reference import nll_float64, without_layers
 from tests.families import family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 6
 
 
-def without_layers(model, removed: list[int]):
-    """A deep copy of a tiny Llama with the listed layers (indices into its current list) deleted."""
-    out = copy.deepcopy(model)
-    out.model.layers = nn.ModuleList([layer for k, layer in enumerate(out.model.layers) if k not in removed])
-    out.config.num_hidden_layers = len(out.model.layers)
-    return out
-
-
 def tiny_model(seed: int = 3):
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=seed)
 
 
 def calibration():
