@@ -4,13 +4,12 @@ do not rot between the sessions that run them at full size (on this machine or a
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 TINY_SHAPE = ("--device", "cpu", "--dtype", "float32", "--hidden", "64", "--layers", "8", "--intermediate", "128",
@@ -130,13 +129,13 @@ def test_performance_page_renders_every_committed_record(tmp_path):
     proc = run("benchmarks/performance.py", "--render-only", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    sleb = json.loads((ROOT / "docs" / "sleb_cost.json").read_text())
+    sleb = json.loads((REPO / "docs" / "sleb_cost.json").read_text())
     assert "## SLEB: one selection" in text and f"**{sleb['sleb_over_evaluations_x_masked_pass']:.2f}x**" in text
-    cold = ROOT / "docs" / "cold_single_run.json"
+    cold = REPO / "docs" / "cold_single_run.json"
     if cold.is_file():
         record = json.loads(cold.read_text())
         assert f"**{record['auto_over_fixed_4gib']:.2f}x**" in text
-    real = ROOT / "docs" / "real_scale.json"
+    real = REPO / "docs" / "real_scale.json"
     if real.is_file():
         record = json.loads(real.read_text())
         assert "## Every method at real scale" in text
@@ -150,8 +149,8 @@ def test_text_page_is_the_render_of_its_committed_record(tmp_path):
     out = tmp_path / "TEXT.md"
     proc = run("benchmarks/default_text.py", "--render", "docs/text.json", "--markdown", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.read_text() == (ROOT / "docs" / "TEXT.md").read_text()
-    record = json.loads((ROOT / "docs" / "text.json").read_text())
+    assert out.read_text() == (REPO / "docs" / "TEXT.md").read_text()
+    record = json.loads((REPO / "docs" / "text.json").read_text())
     sets, splits, d = record["sets"], record["splits"], record["defaults"]
     assert sum(s["documents"] for s in sets.values()) == sum(s["documents"] for s in splits.values())
     assert sum(s["tokens"] for s in sets.values()) == sum(s["tokens"] for s in splits.values())
