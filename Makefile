@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.depthbench-installed
 
-.PHONY: install demo leaderboard-all test test-all test-unit test-integration clean
+.PHONY: install methods demo leaderboard-all test test-all test-unit test-integration clean
 
 install: $(STAMP)
 
@@ -40,12 +40,18 @@ $(STAMP): pyproject.toml Makefile
 	@$(call pip_pinned,--no-deps,$(OFFLINE_PACKAGES))
 	touch $(STAMP)
 
+# The registered methods (built-ins and installed plugins), read from the pruner registry: what the presets
+# experiment=leaderboard and experiment=ratio_sweep sweep (conf/experiment/*.yaml: pruner=glob(*)).
+PRINT_METHODS = $(PY) -c "from depthbench.pruners import pruner_registry; print(','.join(pruner_registry.names()))"
+methods: install
+	@$(PRINT_METHODS)
+
 # The leaderboard preset on the embedded default at 25% on SmolLM2 with the offline suite (a Hydra
 # multirun; reruns resume), then the leaderboard table, CSV, Markdown and plots, then docs/DEMO.md rendered
 # from them with this invocation's wall time (benchmarks/demo_report.py). The CPU time budget (25 minutes
-# on a 2-core CPU, set-up excluded) sets two things: the five first-wave methods (the preset has all 12
-# methods and 2 baselines: `depthbench experiment=leaderboard`; SLEB, Shortened-PPL and BlockPruner
-# re-score the model once per candidate unit, hours on a 2-core CPU) and DEMO_LIMIT examples per task
+# on a 2-core CPU, set-up excluded) sets two things: five methods that finish in minutes (the preset runs every
+# registered method, `make methods`: `depthbench experiment=leaderboard`; SLEB, Shortened-PPL, BlockPruner and
+# FinerCut re-score the model once per candidate unit, hours on a 2-core CPU) and DEMO_LIMIT examples per task
 # (float32 on a CPU scores about 200 tokens a second: the default limit 200 is ~15 minutes per model).
 DEMO_METHODS ?= replaceme_ls,replaceme_cosine,uidl,llm_streamline,shortgpt
 DEMO_LIMIT ?= 15
@@ -57,7 +63,8 @@ demo: install
 	  --seconds $$(( $$(date +%s) - start )) \
 	  --command "make demo DEMO_METHODS=$(DEMO_METHODS) DEMO_LIMIT=$(DEMO_LIMIT)"
 
-# Every method (14 and the 2 baselines) of the leaderboard preset at 25% on the embedded default, at the default
+# Every registered method of the leaderboard preset (`make methods`: the built-ins, the 2 baselines and any installed
+# plugin) at 25% on the embedded default, at the default
 # 128 x 256 calibration tokens with scale=cpu's per-method budgets (conf/scale/cpu.yaml: the methods that re-score
 # the model per candidate score on a declared subset of the calibration sequences, the trained methods train at
 # their converged budgets), held-out perplexity and fidelity on 32 windows of 256 tokens, and the

@@ -17,8 +17,7 @@ import torch
 
 
 def main(overrides: list[str]) -> None:
-    sys.path.insert(0, ".")
-    from tests.integration.conftest import compose
+    from depthbench.benchmarks._config import compose
     from depthbench.calibration.batches import load_calibration
     from depthbench.calibration.cache import StatisticsCache
     from pathlib import Path

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -29,11 +28,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from depthbench import atomic
+from depthbench.evaluation import bigbench_offline
 
-from depthbench import atomic  # noqa: E402
-from depthbench.evaluation import bigbench_offline  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Every task screened (``--limit 50``). First and second screens: the English JSON tasks of the
 # ``bigbench`` package without subtasks, with integer scores and one correct choice, that lm-eval

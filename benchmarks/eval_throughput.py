@@ -72,12 +72,11 @@ def bare_forward(model, rows: list[torch.Tensor], batch_size: int, pad_id: int) 
 
 
 def measure(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
 
     from depthbench.evaluation.lm_eval_runner import evaluate_benchmark, parse_benchmark
     from depthbench.modeling.loading import default_cache_dir, load_model
-    from tests.integration.conftest import compose
+    from depthbench.benchmarks._config import compose
 
     cfg = compose(*args.overrides)
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
@@ -160,8 +159,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. benchmark=offline model.dtype=float32")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import performance
+    from depthbench.benchmarks import performance
 
     from depthbench import atomic
 

@@ -26,7 +26,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,10 +124,9 @@ def text_of_record(record: dict) -> str:
 
 
 def measure(cells: list[tuple[str, list[str]]], common: list[str], output: Path, cache_dir: Path | None) -> dict:
-    sys.path.insert(0, str(REPO))
     from depthbench.atomic import write_json
     from depthbench.provenance import package_versions
-    from tests.integration.conftest import compose
+    from depthbench.benchmarks._config import compose
 
     record = json.loads(output.read_text()) if output.is_file() else {}
     record.setdefault("cells", {})
@@ -459,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, default=None, help="render docs/FAITHFULNESS.md from this record")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "FAITHFULNESS.md")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     if args.render:
         render(args.render, args.doc)
         print(f"wrote {args.doc}")

@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -28,13 +25,12 @@ def main() -> None:
     parser.add_argument("--remove", default="11-18", help="first-last layer (inclusive) to remove")
     parser.add_argument("--k", default="16,64,256,1024")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from depthbench.evaluation import fidelity as fid
     from depthbench.evaluation.perplexity import heldout_windows
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.surgery import ModelSurgery
     from depthbench.modeling.loading import load_model
-    from tests.integration.conftest import compose
+    from depthbench.benchmarks._config import compose
 
     cfg = compose(f"evaluation.perplexity.max_windows={args.windows}")
     loaded = load_model(cfg.model)

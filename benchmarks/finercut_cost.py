@@ -23,7 +23,6 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 #: (label, L, ratio or None, K, exclude_front): the spec's L = 32, K = 16 and SmolLM2 at ratio 0.25 (K from the
 #: pipeline's R = round(r L): 2R = 16; the reference's int(r 2L) = 15 is pruner.options.n_modules=15).

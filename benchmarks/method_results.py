@@ -10,7 +10,8 @@ with SmolLM2's tokenizer (16 layers, hidden 32, seeded; the ratio-sweep test's m
 2 x 32 calibration tokens (MKA: 56 sequences, it needs more than 50), in float32, and also keeps every removed
 sub-block and the KL to the dense model: a before/after check for refactors that takes minutes, not hours.
 
-Each method prunes SmolLM2 (bfloat16, the embedded default) at 25% with the same calibration data and
+Each method prunes SmolLM2 (the embedded default, in its ``model.dtype``: ``auto`` is float32 on a CPU without
+native bfloat16; the committed records pin float32 by ``extra_overrides``) at 25% with the same calibration data and
 is evaluated on the same held-out windows (no lm-eval tasks, no speed: only what the method decides).
 A record keeps, per method, the removed layers, the held-out perplexity of the pruned model and the
 replacement's own diagnostics (fit residuals, training objectives). ``--compare`` reruns the same
@@ -165,8 +166,10 @@ def measure(methods: list[str], samples: int, windows: int, extra: dict[str, lis
     finally:
         shutil.rmtree(root, ignore_errors=True)
     prov = provenance()
-    model = (f"tiny random Llama ({TINY_LAYERS} layers, hidden {TINY_HIDDEN}, seed {TINY_SEED}, float32; "
-             f"{' '.join(TINY_OVERRIDES)})" if tiny else "smollm2_135m (bfloat16)")
+    model = "smollm2_135m (model.dtype=auto unless extra_overrides set it)"
+    if tiny:
+        model = (f"tiny random Llama ({TINY_LAYERS} layers, hidden {TINY_HIDDEN}, seed {TINY_SEED}, float32; "
+                 f"{' '.join(TINY_OVERRIDES)})")
     return {"settings": {"model": model, "tiny": tiny, "ratio": 0.25, "calibration_samples": samples,
                          "heldout_windows": windows, "extra_overrides": extra or {}},
             "commit": prov.get("depthbench_git_sha") or commit, "code": str(root_of_code),

@@ -21,14 +21,11 @@ normal equations (ridge 1e-6 x mean diagonal, stated in the record).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
-
-ROOT = Path(__file__).resolve().parents[1]
+from depthbench.benchmarks._record import emit, machine_fields
 
 
 def conditioning(m: torch.Tensor) -> dict:
@@ -56,18 +53,12 @@ def main() -> None:
     parser.add_argument("--end", type=int, default=19, help="first kept layer after the block, e")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from hydra import compose, initialize_config_dir
-
+    from depthbench.benchmarks._config import compose
     from depthbench.calibration.batches import load_calibration
-    from depthbench.config_store import register_configs
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.loading import load_model
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"calibration.n_samples={args.samples}",
-                                                        f"calibration.seq_len={args.seq_len}", "model.dtype=float32"])
+    cfg = compose(f"calibration.n_samples={args.samples}", f"calibration.seq_len={args.seq_len}", "model.dtype=float32")
     loaded = load_model(cfg.model, device="cpu")
     adapter = adapter_for(loaded.model)
     batches = load_calibration(cfg.calibration, loaded.tokenizer).batches

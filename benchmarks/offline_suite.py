@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,11 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from depthbench import atomic
+from depthbench.evaluation import standard_offline
 
-from depthbench import atomic  # noqa: E402
-from depthbench.evaluation import standard_offline  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 # The model card of HuggingFaceTB/SmolLM2-135M-Instruct ("Instruction model" table; lighteval, zero-shot,

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import emit, machine_fields  # sibling module (the script's folder is on sys.path)
+from depthbench.benchmarks._record import emit, machine_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["pruner=replaceme_ls", "ratio=0.1,0.2"]

@@ -226,14 +226,14 @@ def render(results: dict) -> str:
             sections += ["", *RENDER[name](results[name], verdicts)]
     for name, module in OTHER_PARTS.items():
         if name in results:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            sections += ["", *importlib.import_module(module).render_part(results[name], verdicts)]
+            study = importlib.import_module(f"depthbench.benchmarks.{module}")
+            sections += ["", *study.render_part(results[name], verdicts)]
     for file, module in RECORD_SECTIONS.items():
         record_path = ROOT / "docs" / file
         if record_path.is_file():
-            sys.path.insert(0, str(ROOT / "benchmarks"))
             record = json.loads(record_path.read_text())
-            sections += ["", *importlib.import_module(module).render_record(record, verdicts)]
+            study = importlib.import_module(f"depthbench.benchmarks.{module}")
+            sections += ["", *study.render_record(record, verdicts)]
     head = ["# Performance", "",
             "Produced by `benchmarks/performance.py` (measurements in `docs/performance.json`; each part below",
             "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct,",

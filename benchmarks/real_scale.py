@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     # Meta-Llama-3-8B's config.json
     "llama3_8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
@@ -52,7 +51,10 @@ def paper_ls_tokens() -> tuple[int, int]:
     read from conf/scale/paper.yaml so that the quoted budget is the one the preset runs."""
     from omegaconf import OmegaConf
 
-    budget = OmegaConf.load(ROOT / "conf" / "scale" / "paper.yaml")["paper_budget"]["replaceme_ls"]
+    import depthbench.conf
+
+    paper = Path(depthbench.conf.__file__).resolve().parent / "scale" / "paper.yaml"
+    budget = OmegaConf.load(paper)["paper_budget"]["replaceme_ls"]
     return int(budget["n_samples"]), int(budget["seq_len"])
 
 
@@ -237,8 +239,6 @@ def main() -> None:
                         help="one method's option (repeatable), recorded in its row")
     parser.add_argument("--output", default=None, help="JSON record to write (default: print only)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-
     from depthbench.errors import ConfigError
     from depthbench.provenance import git_sha
     from depthbench.pruners import build_pruner, pruner_registry

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,11 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from depthbench import atomic
+from depthbench.evaluation import gold_bpb
 
-from depthbench import atomic  # noqa: E402
-from depthbench.evaluation import gold_bpb  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench(name: str) -> dict:

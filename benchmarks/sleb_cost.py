@@ -170,7 +170,6 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="also time evaluation=full (a whole pass per candidate)")
     parser.add_argument("--output", type=Path, default=None, help="JSON record (written atomically)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from depthbench.atomic import write_json
 
     record = measure(args.samples, args.seq_len, args.batch_size, args.remove, args.repeats, args.full)

@@ -12,10 +12,9 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def makefile_pins() -> dict[str, dict[str, str]]:

@@ -3,10 +3,12 @@ depthbench's hooks or transformers' modules."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def _rms(x, w, eps):
@@ -121,3 +123,22 @@ def third_party_imports(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module)
     return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"__future__"}}
+
+
+def block_influence_np(hs, masks):
+    """BI_k = 1 - mean over real tokens of cos(h_k, h_{k+1}); h_L taken before the final norm."""
+    out = []
+    for k in range(len(hs) - 1):
+        a, b = hs[k][masks], hs[k + 1][masks]
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        out.append(float(1 - np.mean(cos)))
+    return out
+
+
+def without_layers(model, removed: list[int]):
+    """A deep copy of a tiny Llama with the listed layers (indices into its current list) deleted by hand, not by the
+    adapter's surgery: the model that skipping or removing those layers must reproduce."""
+    out = copy.deepcopy(model)
+    out.model.layers = nn.ModuleList([layer for k, layer in enumerate(out.model.layers) if k not in removed])
+    out.config.num_hidden_layers = len(out.model.layers)
+    return out

@@ -8,30 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import PROBE_IDS, compose
 from tests.offline_packages import needs_bigbench, needs_offline_packages  # noqa: F401  (used by the tests)
-
-REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from depthbench.config_store import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "depthbench.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-#: A fixed prompt whose logits compare an in-memory pruned model with the model reloaded from disk.
-PROBE_IDS = [[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]]
 
 
 def run_small_cells(root: Path, cells: dict[str, list[str]]) -> tuple[dict, dict]:

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tests.integration.conftest import compose, needs_offline_packages, run_cli
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages, run_cli
 from tests.offline_packages import bigbench_installed
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]

@@ -16,7 +16,8 @@ from depthbench.errors import ConfigError
 from depthbench.evaluation.perplexity import heldout_windows
 from depthbench.healing.step import prepare as prepare_healing
 from depthbench.modeling.loading import load_tokenizer
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

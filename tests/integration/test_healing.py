@@ -13,7 +13,8 @@ from depthbench.errors import NumericalError
 from depthbench.evaluation.perplexity import heldout_windows, perplexity
 from depthbench.experiments.pipeline import run
 from depthbench.healing import lora as lora_module
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

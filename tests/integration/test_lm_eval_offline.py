@@ -18,7 +18,8 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
-from tests.integration.conftest import CONF, compose, needs_bigbench, needs_offline_packages
+from tests.helpers import CONF, compose
+from tests.integration.conftest import needs_bigbench, needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

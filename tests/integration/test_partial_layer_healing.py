@@ -14,7 +14,8 @@ from depthbench.evaluation.perplexity import heldout_windows, perplexity
 from depthbench.experiments.pipeline import run
 from depthbench.modeling.loading import load_model
 from depthbench.paths import run_paths
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

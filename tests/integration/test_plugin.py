@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import REPO, needs_offline_packages, run_cli
+from tests.helpers import REPO
+from tests.integration.conftest import needs_offline_packages, run_cli
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import build_tiny_model, tiny_llama_config
-from tests.integration.conftest import compose, needs_offline_packages, run_cli
+from tests.helpers import build_tiny_model, compose, tiny_llama_config
+from tests.integration.conftest import needs_offline_packages, run_cli
 
 # 42 cells in 167 s on the 2-core CPU (alone; about 11 minutes when another job shares the cores): in CI
 pytestmark = [pytest.mark.integration, needs_offline_packages]

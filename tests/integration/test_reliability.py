@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from depthbench.experiments.pipeline import run
-from tests.integration.conftest import compose, needs_offline_packages, run_cli
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages, run_cli
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

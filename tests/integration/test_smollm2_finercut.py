@@ -15,7 +15,8 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import load_pruned
 from depthbench.modeling.units import as_unit
-from tests.integration.conftest import PROBE_IDS, needs_offline_packages, run_small_cells
+from tests.helpers import PROBE_IDS
+from tests.integration.conftest import needs_offline_packages, run_small_cells
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

@@ -13,11 +13,12 @@ from depthbench.experiments.pipeline import run
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import PROBE_IDS, compose
+from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 
-PROBE = torch.tensor([[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]])
+PROBE = torch.tensor(PROBE_IDS)
 LAYERS = 30
 
 

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned
-from tests.integration.conftest import PROBE_IDS, needs_offline_packages, run_small_cells
+from tests.helpers import PROBE_IDS
+from tests.integration.conftest import needs_offline_packages, run_small_cells
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

@@ -9,12 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depthbench.experiments.pipeline import run
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import PROBE_IDS, compose
+from tests.integration.conftest import needs_offline_packages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_offline_packages]
 
 METHODS = ["uidl", "replaceme_ls", "replaceme_cosine", "shortgpt", "llm_streamline"]
-PROBE = torch.tensor([[1, 504, 3145, 314, 1345, 28, 1329, 253, 2752, 282, 260, 1343]])
+PROBE = torch.tensor(PROBE_IDS)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from depthbench.experiments.pipeline import run
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model
-from tests.integration.conftest import compose, needs_offline_packages
+from tests.helpers import compose
+from tests.integration.conftest import needs_offline_packages
 from tests.reference import last_token_angular_distance_np, residual_states_np
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_offline_packages]

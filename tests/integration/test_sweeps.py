@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.integration.conftest import CONF, needs_offline_packages, run_cli
+from tests.helpers import CONF
+from tests.integration.conftest import needs_offline_packages, run_cli
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
 

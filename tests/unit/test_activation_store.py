@@ -15,7 +15,7 @@ from depthbench.calibration.spill import LinearMapRows, ResidualPairSequences, S
 from depthbench.calibration.statistics import LayerSimilarityTable, LinearMapMoments, collect
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import random_batches, build_tiny_llama64
 
 
 def _statistics(adapter, directory):
@@ -105,7 +105,7 @@ def test_over_budget_nothing_is_stored(tiny_llama64, tmp_path, counting_collect)
 def test_fit_needs_no_second_pass_and_equals_the_two_pass_result(method, options, counting_collect):
     """With stored activations, the method runs ONE forward pass; the pruned model is identical to
     the one from the fallback (no store: the fit runs its own pass)."""
-    base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+    base = build_tiny_llama64(num_layers=6, hidden=16)
     data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
     stored = copy.deepcopy(base)
     build_pruner(method, options).prune(adapter_for(stored), data, 2, progress=False)
@@ -124,7 +124,7 @@ def test_a_sweep_shares_one_pass(tmp_path, counting_collect):
     """Every method and ratio on the same model and data: one forward pass in all (the cosine
     method's second block is fitted on the already-pruned model, as the reference does, so it has
     its own pass; single-block fits have none)."""
-    base = build_tiny_model(tiny_llama_config(num_layers=8, hidden=16), dtype=torch.float64)
+    base = build_tiny_llama64(num_layers=8, hidden=16)
     data = CalibrationData(random_batches(n_batches=2, batch_size=8, seq_len=16), 16)
     cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
     cells = [(m, o, n) for n in (2, 3) for m, o in [("replaceme_ls", {}), ("replaceme_cosine", {"epochs": 1}),

@@ -22,59 +22,11 @@ from depthbench.modeling.adapters import adapter_for, supported_model_types
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import load_pruned, save_pruned
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches
+from tests.families import ALL_FAMILIES, FAMILIES, IDS, LAYERS, LAYOUT_VARIANTS, SLIDING, family_model
+from tests.helpers import build_tiny_model, logits, random_batches
 
-IDS = dict(vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ROPE = dict(IDS, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)
-SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention",
-           "sliding_attention"]
-
-
-def _config(family: str):
-    import transformers as t
-
-    return {
-        "mistral": lambda: t.MistralConfig(**ROPE, sliding_window=None),
-        "mistral_sliding": lambda: t.MistralConfig(**ROPE, sliding_window=4),
-        "qwen2_sliding": lambda: t.Qwen2Config(**ROPE, use_sliding_window=True, sliding_window=4, max_window_layers=2),
-        "qwen2": lambda: t.Qwen2Config(**ROPE, tie_word_embeddings=False),  # q/k/v biases
-        "qwen3": lambda: t.Qwen3Config(**ROPE, head_dim=8),  # q/k norms
-        "phi3": lambda: t.Phi3Config(**ROPE),  # fused gate/up projection
-        "gemma2": lambda: t.Gemma2Config(**ROPE, head_dim=8, sliding_window=4, layer_types=SLIDING),
-        "gemma3": lambda: t.Gemma3TextConfig(**ROPE, head_dim=8, sliding_window=4, layer_types=SLIDING),
-        "opt": lambda: t.OPTConfig(**IDS, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,
-                                   max_position_embeddings=128, word_embed_proj_dim=32),
-        "gpt2": lambda: t.GPT2Config(**IDS, n_embd=32, n_layer=6, n_head=4, n_positions=128),
-        "gpt_neox": lambda: t.GPTNeoXConfig(**IDS, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                                            num_attention_heads=4, max_position_embeddings=128),
-        "falcon": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4),
-        "falcon_alibi": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                                               alibi=True),
-        # the layouts beside each family's default: NeoX with attention then MLP (not parallel), Falcon
-        # attention then MLP, and Falcon-40B/180B's new decoder architecture (two input norms, grouped KV)
-        "gpt_neox_sequential": lambda: t.GPTNeoXConfig(**IDS, hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=6, num_attention_heads=4,
-                                                       max_position_embeddings=128, use_parallel_residual=False),
-        "falcon_sequential": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                                                    parallel_attn=False),
-        "falcon_new_arch": lambda: t.FalconConfig(**IDS, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                                                  new_decoder_architecture=True, num_kv_heads=2),
-    }[family]()
-
-
-# Written out here, not taken from the adapters: where each family keeps its layers and the module
-# whose output is what the MLP adds to the residual stream (the fold's target for exact families).
-LAYERS = {
-    "mistral": lambda m: m.model.layers, "qwen2": lambda m: m.model.layers,
-    "mistral_sliding": lambda m: m.model.layers, "qwen2_sliding": lambda m: m.model.layers,
-    "qwen3": lambda m: m.model.layers,
-    "phi3": lambda m: m.model.layers, "gemma2": lambda m: m.model.layers, "gemma3": lambda m: m.model.layers,
-    "opt": lambda m: m.model.decoder.layers, "gpt2": lambda m: m.transformer.h,
-    "gpt_neox": lambda m: m.gpt_neox.layers, "falcon": lambda m: m.transformer.h,
-    "falcon_alibi": lambda m: m.transformer.h, "gpt_neox_sequential": lambda m: m.gpt_neox.layers,
-    "falcon_sequential": lambda m: m.transformer.h, "falcon_new_arch": lambda m: m.transformer.h,
-}
+# Written out here, not taken from the adapters: the module whose output is what the MLP adds to the residual
+# stream (the fold's target for exact families).
 MLP_OUTPUT_MODULE = {
     "mistral": lambda b: b.mlp.down_proj, "qwen2": lambda b: b.mlp.down_proj, "qwen3": lambda b: b.mlp.down_proj,
     "phi3": lambda b: b.mlp.down_proj, "opt": lambda b: b.fc2, "gpt2": lambda b: b.mlp.c_proj,
@@ -83,36 +35,20 @@ MLP_OUTPUT_MODULE = {
     "falcon_sequential": lambda b: b.mlp.dense_4h_to_h, "falcon_new_arch": lambda b: b.mlp.dense_4h_to_h,
     "gemma2": lambda b: b.post_feedforward_layernorm, "gemma3": lambda b: b.post_feedforward_layernorm,
 }
-FAMILIES = ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox", "falcon"]
 EXACT_FOLD = [f for f in FAMILIES if not f.startswith("gemma")]
-LAYOUT_VARIANTS = ["gpt_neox_sequential", "falcon_sequential", "falcon_new_arch"]
 PRUNERS = {"shortgpt": {}, "uidl": {}, "replaceme_ls": {}, "replaceme_cosine": {"epochs": 1},
            "llm_streamline": {"max_steps": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
-    hand-offs cost seconds per call."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread hand-offs cost seconds
+# per call.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _model(family, dtype=torch.float32):
-    return build_tiny_model(_config(family), dtype=dtype)
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-@pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS + ["falcon_alibi", "mistral_sliding", "qwen2_sliding"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_layer_forward_reproduces_the_model(family):
     """Sequences of 12 tokens: longer than the sliding windows (4), so a wrong mask shows."""
-    model = _model(family)
+    model = family_model(family)
     adapter = adapter_for(model)
     assert adapter.decoder_layers() is LAYERS[family](model)
     batch = random_batches(n_batches=1, seq_len=12)[0]
@@ -142,7 +78,7 @@ class _Keep(Statistic):
 def test_mlp_hook_point_is_the_residual_update(family):
     """M_k from the statistics hooks == h_{k+1} minus h_{k+1} of a copy whose layer-k MLP adds nothing."""
     dtype = torch.float32 if family == "gemma2" else torch.float64  # Gemma-2 eager sliding attention NaNs in float64
-    model, k = _model(family, dtype), 2
+    model, k = family_model(family, dtype), 2
     batch = random_batches(n_batches=1)[0]
     (stat,) = collect(adapter_for(model), [batch], [_Keep(k)], progress=False)
     m, h_next, mask = stat.seen[0]
@@ -161,7 +97,7 @@ def test_mlp_hook_point_is_the_residual_update(family):
 
 @pytest.mark.parametrize("family", EXACT_FOLD + LAYOUT_VARIANTS)
 def test_fold_equals_explicit_float64_linear(family):
-    model = _model(family, torch.float64)
+    model = family_model(family, torch.float64)
     d, k = model.config.hidden_size, 2
     g = torch.Generator().manual_seed(1)
     T = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
@@ -172,8 +108,8 @@ def test_fold_equals_explicit_float64_linear(family):
     MLP_OUTPUT_MODULE[family](LAYERS[family](explicit)[k]).register_forward_hook(lambda mod, a, out: linear(out))
     ModelSurgery(adapter_for(model)).fold_into_mlp_output(k, T)
     batch = random_batches(n_batches=1)[0]
-    folded, want = _logits(model, batch), _logits(explicit, batch)
-    assert not torch.allclose(want, _logits(_model(family, torch.float64), batch))  # T changed something
+    folded, want = logits(model, batch), logits(explicit, batch)
+    assert not torch.allclose(want, logits(family_model(family, torch.float64), batch))  # T changed something
     torch.testing.assert_close(folded, want, rtol=1e-10, atol=1e-10)
 
 
@@ -185,7 +121,7 @@ def _gemma_dtype(family):
 def test_gemma_diagonal_fold_equals_explicit_scaling_of_the_normalised_output(family):
     """A diagonal T goes into the post-FFN norm's weight; the reference multiplies that norm's output by t."""
     dtype = _gemma_dtype(family)
-    model, k = _model(family, dtype), 2
+    model, k = family_model(family, dtype), 2
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(1)
     t = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
@@ -196,8 +132,8 @@ def test_gemma_diagonal_fold_equals_explicit_scaling_of_the_normalised_output(fa
         lambda mod, a, out: (out.to(torch.float64) * t).to(out.dtype))
     ModelSurgery(adapter_for(model)).fold_into_mlp_output(k, torch.diag(t))
     batch = random_batches(n_batches=1)[0]
-    folded, want = _logits(model, batch), _logits(explicit, batch)
-    assert not torch.allclose(want, _logits(_model(family, dtype), batch))  # t changed something
+    folded, want = logits(model, batch), logits(explicit, batch)
+    assert not torch.allclose(want, logits(family_model(family, dtype), batch))  # t changed something
     torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-5)  # Gemma's RMSNorm runs in float32 in any dtype
 
 
@@ -205,7 +141,7 @@ def test_gemma_diagonal_fold_equals_explicit_scaling_of_the_normalised_output(fa
 def test_gemma_fold_through_the_norm_equals_explicit_float64_computation(family):
     """down_proj <- P^T W, norm gain <- g': the layer's MLP output is RMSNorm(u P) * g', u = down_proj's output."""
     dtype = _gemma_dtype(family)
-    model, k = _model(family, dtype), 2
+    model, k = family_model(family, dtype), 2
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(2)
     P = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
@@ -220,12 +156,12 @@ def test_gemma_fold_through_the_norm_equals_explicit_float64_computation(family)
     norm.register_forward_hook(through_norm)
     ModelSurgery(adapter_for(model)).fold_through_output_norm(k, P, gain)
     batch = random_batches(n_batches=1)[0]
-    torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)  # norm: float32
+    torch.testing.assert_close(logits(model, batch), logits(explicit, batch), rtol=1e-5, atol=1e-5)  # norm: float32
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_refuses_an_inexact_full_fold_and_leaves_the_model_alone(family):
-    model = _model(family)
+    model = family_model(family)
     adapter = adapter_for(model)
     assert adapter.mlp_output_is_residual_update is False
     before = copy.deepcopy(model.state_dict())
@@ -239,7 +175,7 @@ def test_gemma_refuses_an_inexact_full_fold_and_leaves_the_model_alone(family):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_replaceme_says_how_t_was_applied(family, options):
     """The zero-parameter routes; the default explicit linear module: tests/unit/test_gemma_linear.py."""
-    model = _model(family)
+    model = family_model(family)
     result = build_pruner("replaceme_ls", options).prune(adapter_for(model), CalibrationData(random_batches(), 16), 2,
                                                           progress=False)
     info = result.replacement
@@ -255,7 +191,7 @@ def test_gemma_replaceme_says_how_t_was_applied(family, options):
 @pytest.mark.parametrize("pruner", list(PRUNERS))
 @pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS)
 def test_pruner_then_save_reload_and_cached_generation(family, pruner, tmp_path):
-    model = _model(family)
+    model = family_model(family)
     batches = random_batches(n_batches=2)
     result = build_pruner(pruner, PRUNERS[pruner]).prune(adapter_for(model), CalibrationData(batches, 16), 2,
                                                          progress=False)
@@ -267,7 +203,7 @@ def test_pruner_then_save_reload_and_cached_generation(family, pruner, tmp_path)
     reloaded = (load_pruned if custom else AutoModelForCausalLM.from_pretrained)(tmp_path / "pruned").eval()
     assert type(reloaded) is type(model) and reloaded.config.num_hidden_layers == 4
     batch = batches[0]
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
     prompt = batch["input_ids"][:1, :6]
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with_cache = reloaded.generate(prompt, use_cache=True, **kwargs)
@@ -278,7 +214,7 @@ def test_pruner_then_save_reload_and_cached_generation(family, pruner, tmp_path)
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_sliding_and_global_layers_stay_right_after_renumbering(family, tmp_path):
-    model = _model(family)
+    model = family_model(family)
     layers = list(LAYERS[family](model))
     windows = [layer.self_attn.sliding_window for layer in layers]
     ModelSurgery(adapter_for(model)).remove_layers([0, 4])  # drops one sliding and one global layer
@@ -289,7 +225,7 @@ def test_sliding_and_global_layers_stay_right_after_renumbering(family, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert [layer.self_attn.sliding_window for layer in LAYERS[family](reloaded)] == [windows[i] for i in keep]
     batch = random_batches(n_batches=1, seq_len=16)[0]  # longer than the window of 4
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
     prompt = batch["input_ids"][:1, :8]
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(reloaded.generate(prompt, use_cache=True, **kwargs),

@@ -3,7 +3,6 @@ global-``random`` call), a pruned model equal to one rebuilt without those layer
 
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from depthbench.calibration.service import open_service
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from depthbench.pruners.baselines import last_layer_indices, random_layer_indices
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import REPO, build_tiny_model, random_batches, build_tiny_llama64, tiny_llama_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def reference_random_removed(num_layers, n_remove, seed):
@@ -105,7 +103,7 @@ def test_pruned_model_equals_a_model_rebuilt_without_the_layers_and_runs_no_pass
             torch.testing.assert_close(model(**batch, use_cache=False).logits,
                                        rebuilt(**batch, use_cache=False).logits, rtol=0, atol=0)
 
-    again = build_tiny_model(tiny_llama_config(num_layers=8), seed=3, dtype=torch.float64)
+    again = build_tiny_llama64(num_layers=8, seed=3)
     counter = ForwardCounter(again)
     build_pruner(name, options).prune(adapter_for(again), CalibrationData(batches, 16), 3, progress=False)
     assert counter.calls == 0
@@ -130,7 +128,7 @@ def test_keep_last_at_the_largest_removal_keeps_only_the_final_layer():
 def test_baselines_use_only_the_public_pruner_interface():
     from tests.reference import third_party_imports
 
-    depthbench = third_party_imports(REPO_ROOT / "pruners" / "baselines.py")
+    depthbench = third_party_imports(REPO / "pruners" / "baselines.py")
     assert depthbench == {"depthbench.pruners"}, depthbench
 
 

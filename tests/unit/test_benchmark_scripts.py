@@ -4,15 +4,14 @@ do not rot between the sessions that run them at full size (on this machine or a
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 TINY_SHAPE = ("--device", "cpu", "--dtype", "float32", "--hidden", "64", "--layers", "8", "--intermediate", "128",
@@ -64,11 +63,8 @@ def test_strategy_decision_records_the_first_batch_decision(tmp_path):
 
 
 def test_real_scale_starts_a_new_record_when_the_setting_changes(tmp_path):
-    import importlib.util
+    from depthbench.benchmarks import real_scale
 
-    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
-    real_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_scale)
     out = tmp_path / "record.json"
     setting = {"shape": {"layers": 8}, "dtype": "float32", "samples": 4, "seq_len": 16, "ratio": 0.25,
                "activations_gb": 0.0}
@@ -104,11 +100,8 @@ def test_real_scale_refuses_a_bad_method_option_before_building_anything(option,
 
 
 def test_real_scale_quotes_the_paper_time_with_both_calibration_volumes():
-    import importlib.util
+    from depthbench.benchmarks import real_scale
 
-    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
-    real_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_scale)
     ls = {"prune_s": 26.9}
     small = " ".join(real_scale.paper_comparison({"paper_ls_seconds": 689, "samples": 128, "seq_len": 256}, ls))
     # conf/scale/paper.yaml's ReplaceMe-LS volume, 8000 x 1024, against 128 x 256 = 32768 tokens: 250x
@@ -189,19 +182,19 @@ def test_performance_page_renders_every_committed_record(tmp_path):
     proc = run("benchmarks/performance.py", "--render-only", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    sleb = json.loads((ROOT / "docs" / "sleb_cost.json").read_text())
+    sleb = json.loads((REPO / "docs" / "sleb_cost.json").read_text())
     assert "## SLEB: one selection" in text and f"**{sleb['sleb_over_evaluations_x_masked_pass']:.2f}x**" in text
-    cold = ROOT / "docs" / "cold_single_run.json"
+    cold = REPO / "docs" / "cold_single_run.json"
     if cold.is_file():
         record = json.loads(cold.read_text())
         assert f"**{record['auto_over_fixed_4gib']:.2f}x**" in text
-    real = ROOT / "docs" / "real_scale.json"
+    real = REPO / "docs" / "real_scale.json"
     if real.is_file():
         record = json.loads(real.read_text())
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
-    taylor = ROOT / "docs" / "taylor_memory.json"
+    taylor = REPO / "docs" / "taylor_memory.json"
     if taylor.is_file():
         record = json.loads(taylor.read_text())
         # the 8B bound: the GPU peak of the float64 path less the buffer's shrink, 8 - 4 bytes a decoder parameter
@@ -215,8 +208,8 @@ def test_text_page_is_the_render_of_its_committed_record(tmp_path):
     out = tmp_path / "TEXT.md"
     proc = run("benchmarks/default_text.py", "--render", "docs/text.json", "--markdown", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.read_text() == (ROOT / "docs" / "TEXT.md").read_text()
-    record = json.loads((ROOT / "docs" / "text.json").read_text())
+    assert out.read_text() == (REPO / "docs" / "TEXT.md").read_text()
+    record = json.loads((REPO / "docs" / "text.json").read_text())
     sets, splits, d = record["sets"], record["splits"], record["defaults"]
     assert sum(s["documents"] for s in sets.values()) == sum(s["documents"] for s in splits.values())
     assert sum(s["tokens"] for s in sets.values()) == sum(s["tokens"] for s in splits.values())

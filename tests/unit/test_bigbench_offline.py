@@ -21,10 +21,10 @@ import yaml
 from depthbench.errors import ConfigError
 
 from tests.offline_packages import needs_bigbench
+from tests.helpers import REPO
 
 pytestmark = needs_bigbench
 
-REPO = Path(__file__).resolve().parents[2]
 OFFLINE = yaml.safe_load((REPO / "conf" / "benchmark" / "bigbench.yaml").read_text())  # the BIG-bench preset
 TASKS = [t["name"] if isinstance(t, dict) else t for t in OFFLINE["tasks"]]
 BB_ROOT = Path(importlib.util.find_spec("bigbench").origin).parent if importlib.util.find_spec("bigbench") else None
@@ -62,13 +62,6 @@ def _bigbench_default_format_fn():
     namespace = {"np": np, **{k: getattr(typing, k) for k in ("Dict", "Any", "List", "Optional", "Union")}}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), "json_task.py", "exec"), namespace)
     return namespace["default_format_fn"]
-
-
-@pytest.fixture(scope="module")
-def task_manager():
-    from depthbench.evaluation.lm_eval_runner import _task_manager
-
-    return _task_manager()
 
 
 def test_offline_tasks_are_between_6_and_10():

@@ -6,14 +6,13 @@ ties to the earlier candidate, and the ``params`` budget's stopping point."""
 import copy
 
 import pytest
-import torch
 
 from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_llama64, random_batches
 from tests.reference import nll_float64
 
 L = 4
@@ -21,7 +20,7 @@ CANDIDATES = [f"{k}.attn" for k in range(L)] + [f"{k}.mlp" for k in range(L)]
 
 
 def _model():
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=5, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=5)
 
 
 def nll_without(model, batches, units) -> float:

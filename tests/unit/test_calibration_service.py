@@ -12,13 +12,13 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner, pruner_registry
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import random_batches, build_tiny_llama64
 from tests.reference import nll_float64
 
 
 @pytest.fixture
 def model64():
-    return build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+    return build_tiny_llama64(num_layers=6, hidden=16)
 
 
 @pytest.mark.parametrize("skip", [[], [2], [1, 4]])

@@ -1,6 +1,7 @@
 """Prune&Comp: alpha against a direct float64 computation, the folds against explicit scaling, the setting's checks."""
 
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,23 +14,15 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.compensation import ChannelMagnitudeRatios, maximal_gaps, remove_and_compensate
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.reference import residual_states_np
+from tests.helpers import (SCALE_INVARIANT_NORM_EPS, compose, padded_masks, random_batches,
+                           real_token_logits, build_tiny_llama64)
+from tests.reference import block_influence_np, residual_states_np
 
 L = 6
 
 
-def model64(tie: bool = True, seed: int = 3):
-    # a tiny norm epsilon: RMSNorm is then scale-invariant up to its float32 arithmetic (transformers' Llama
-    # RMSNorm computes in float32 even for a float64 model: agreement to ~1e-7 relative, not 1e-15)
-    return build_tiny_model(tiny_llama_config(num_layers=L, tie=tie, rms_norm_eps=1e-14), seed=seed,
-                            dtype=torch.float64)
-
-
-def padded_masks(batches):
-    width = max(b["input_ids"].shape[1] for b in batches)
-    return np.concatenate([np.pad(b["attention_mask"].numpy(), ((0, 0), (0, width - b["input_ids"].shape[1])))
-                           for b in batches]).astype(bool)
+#: This file's model: keywords `tie` and `seed` (default 3) pick the variant.
+model64 = partial(build_tiny_llama64, seed=3, num_layers=L, rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
 
 
 def direct_ratios(model, batches, s, e):
@@ -41,11 +34,6 @@ def direct_ratios(model, batches, s, e):
         rows = masks[n]
         ratios.append(np.abs(hs[e][n][rows]).mean(0) / np.abs(hs[s][n][rows]).mean(0))
     return np.mean(ratios, 0)
-
-
-@torch.no_grad()
-def logits(model, batches):
-    return torch.cat([model(**b, use_cache=False).logits[b["attention_mask"].bool()] for b in batches])
 
 
 @torch.no_grad()
@@ -89,7 +77,8 @@ def test_fold_before_scales_the_stream_up_to_the_gap_and_matches_an_explicit_sca
     hook = adapter_for(plain).layer(s).register_forward_pre_hook(
         lambda module, args, kwargs: ((alpha * args[0],) + args[1:], kwargs) if args else
         (args, {**kwargs, "hidden_states": alpha * kwargs["hidden_states"]}), with_kwargs=True)
-    torch.testing.assert_close(logits(model, [batch]), logits(plain, [batch]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(real_token_logits(model, [batch]), real_token_logits(plain, [batch]),
+                               rtol=1e-5, atol=1e-6)
     hook.remove()
 
 
@@ -100,11 +89,12 @@ def test_fold_before_and_after_give_the_same_logits(gap):
     reference = copy.deepcopy(model)
     remove_and_compensate(adapter_for(model), *gap, 0.6, "after")
     remove_and_compensate(adapter_for(reference), *gap, 0.6, "before")
-    torch.testing.assert_close(logits(model, batches), logits(reference, batches), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(reference, batches),
+                               rtol=1e-5, atol=1e-6)
     # and the fold did something: without it the logits differ
     uncompensated = model64(tie=False)
     ModelSurgery(adapter_for(uncompensated)).remove_layers(range(*gap))
-    assert (logits(model, batches) - logits(uncompensated, batches)).abs().max() > 1e-4
+    assert (real_token_logits(model, batches) - real_token_logits(uncompensated, batches)).abs().max() > 1e-4
 
 
 def test_fold_after_keeps_tied_embeddings_and_alpha_one_is_a_no_op():
@@ -115,12 +105,12 @@ def test_fold_after_keeps_tied_embeddings_and_alpha_one_is_a_no_op():
     remove_and_compensate(adapter_for(model), 2, 4, 1.0, "after")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
-    torch.testing.assert_close(logits(model, batches), logits(plain, batches), rtol=0, atol=0)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(plain, batches), rtol=0, atol=0)
 
 
 def test_output_biases_are_scaled_with_the_weights():
-    model = build_tiny_model(tiny_llama_config(num_layers=4, attention_bias=True, mlp_bias=True, tie=False,
-                                               rms_norm_eps=1e-14), seed=1, dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=4, attention_bias=True, mlp_bias=True, tie=False,
+                               rms_norm_eps=1e-14, seed=1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):  # transformers initialises biases to zero: make them matter
@@ -131,7 +121,8 @@ def test_output_biases_are_scaled_with_the_weights():
     remove_and_compensate(adapter_for(other), 1, 2, 2.5, "before")
     o_proj = model.model.layers[2].self_attn.o_proj
     assert o_proj.bias is not None
-    torch.testing.assert_close(logits(model, batches), logits(other, batches), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(other, batches),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_maximal_gaps():
@@ -180,7 +171,6 @@ def test_post_mode_keeps_the_base_set_and_records_alpha_per_gap():
 def test_iterative_mode_rescores_on_the_compensated_model():
     """Round 1 = ShortGPT's lowest-BI layer of the original; round 2 = the lowest BI of the model after round 1's
     removal and fold, with alpha measured there (both recomputed here from brute-force float64 states)."""
-    from tests.unit.test_shortgpt import block_influence_np
 
     batches = random_batches(n_batches=3, seed=11)
     masks = padded_masks(batches)
@@ -205,21 +195,21 @@ def test_iterative_mode_rescores_on_the_compensated_model():
         expected.append(k)
     assert model.config.num_hidden_layers == L - 2
     assert sorted(result.removed_layers) == result.removed_layers and len(result.removed_layers) == 2
-    torch.testing.assert_close(logits(model, batches), logits(replica, batches), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(replica, batches),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_the_setting_composes_from_the_command_line_and_validate_refuses_before_weights(tmp_path):
     from depthbench.experiments.pipeline import validate
-    from tests.unit.test_configs import _compose
 
-    cfg = _compose("pruner=shortgpt", "pruner.compensate=magnitude", "pruner.compensate_mode=post", "logger=none")
+    cfg = compose("pruner=shortgpt", "pruner.compensate=magnitude", "pruner.compensate_mode=post", "logger=none")
     assert (cfg.pruner.compensate, cfg.pruner.compensate_mode, cfg.pruner.compensate_fold) == ("magnitude", "post",
                                                                                                "after")
     _, pruner, _ = validate(cfg, tmp_path / "ok")
     assert pruner.settings.active and pruner.settings.mode == "post"
-    assert _compose("pruner=uidl").pruner.compensate == "none"
+    assert compose("pruner=uidl").pruner.compensate == "none"
     with pytest.raises(ConfigError, match="'replaceme_ls' puts something in their place"):
-        validate(_compose("pruner=replaceme_ls", "pruner.compensate=magnitude", "logger=none"), tmp_path / "bad")
+        validate(compose("pruner=replaceme_ls", "pruner.compensate=magnitude", "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -229,10 +219,10 @@ def test_fold_after_equals_an_explicit_scaling_on_every_family(family):
     pruned model fed ``alpha h_s`` by a hook; the embeddings are scaled up first so the norms' epsilon is negligible."""
     from transformers import AutoModelForCausalLM
 
-    from tests.unit.test_architectures import _config
+    from tests.families import family_config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float64).eval()
     with torch.no_grad():
         adapter_for(model).embeddings().weight.mul_(100.0)
     if family == "gemma2":
@@ -241,12 +231,12 @@ def test_fold_after_equals_an_explicit_scaling_on_every_family(family):
     s, e, alpha = 2, 4, 1.8
     explicit = copy.deepcopy(model)
     ModelSurgery(adapter_for(explicit)).remove_layers(range(s, e))
-    uncompensated = logits(explicit, batches)
+    uncompensated = real_token_logits(explicit, batches)
     adapter_for(explicit).layer(s).register_forward_pre_hook(
         lambda module, args, kwargs: ((alpha * args[0],) + args[1:], kwargs) if args else
         (args, {**kwargs, "hidden_states": alpha * kwargs["hidden_states"]}), with_kwargs=True)
     remove_and_compensate(adapter_for(model), s, e, alpha, "after")
-    expected, got = logits(explicit, batches), logits(model, batches)
+    expected, got = real_token_logits(explicit, batches), real_token_logits(model, batches)
     assert (expected - got).abs().max() <= 1e-5 * expected.abs().max()
     assert (expected - uncompensated).abs().max() > 1e-4 * expected.abs().max()  # the scaling matters here
 
@@ -275,4 +265,4 @@ def test_a_gap_ending_at_the_last_layer_is_removed_without_compensation(caplog):
         entries = result.compensation["gaps" if mode == "post" else "rounds"]
         assert all(e["alpha"] is None and "last layer" in e["skipped"] for e in entries)
         assert "ends at the last layer" in caplog.text or "removes the last layer" in caplog.text
-        torch.testing.assert_close(logits(model, batches), logits(plain, batches), rtol=0, atol=0)
+        torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(plain, batches), rtol=0, atol=0)

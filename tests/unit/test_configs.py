@@ -1,37 +1,31 @@
 """The config tree composes: every group entry, presets and launcher configs."""
 
-from pathlib import Path
+import dataclasses
+import shutil
+import subprocess
+import sys
 
 import pytest
-import dataclasses
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from depthbench.config_store import register_configs
 from depthbench.pruners import build_pruner, pruner_registry
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _compose(*overrides, hydra_cfg=False):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+from depthbench.pruners.uidl import UIDLPruner
+from tests.helpers import CONF, REPO, compose, swept_values
 
 
 @pytest.mark.parametrize("group", ["model", "calibration", "logger", "scale"])
 def test_every_group_entry_composes(group):
     for entry in sorted((CONF / group).glob("*.yaml")):
-        cfg = _compose(f"{group}={entry.stem}")
+        cfg = compose(f"{group}={entry.stem}")
         assert group == "scale" or cfg[group] is not None
 
 
 @pytest.mark.parametrize("name", pruner_registry.names())
 def test_every_pruner_entry_composes_and_builds(name):
     """``pruner=<name>`` is the method's Options dataclass: its defaults compose, and build the pruner."""
-    cfg = _compose(f"pruner={name}")
+    cfg = compose(f"pruner={name}")
     assert cfg.pruner.name == name
     options = OmegaConf.to_container(cfg.pruner.options, resolve=True)
     assert options == dataclasses.asdict(pruner_registry.get(name).Options())
@@ -40,9 +34,9 @@ def test_every_pruner_entry_composes_and_builds(name):
 
 def test_hydra_refuses_a_mistyped_or_unknown_pruner_option():
     with pytest.raises(ConfigCompositionException, match="lr=abc"):
-        _compose("pruner=replaceme_cosine", "pruner.options.lr=abc")
+        compose("pruner=replaceme_cosine", "pruner.options.lr=abc")
     with pytest.raises(ConfigCompositionException, match="bogus"):
-        _compose("pruner=uidl", "pruner.options.bogus=1")
+        compose("pruner=uidl", "pruner.options.bogus=1")
 
 
 @pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
@@ -50,27 +44,27 @@ def test_a_trained_methods_seed_follows_the_run_seed(name):
     """``seed=3`` reseeds the row / sequence shuffling and held-out split of the methods that train (their
     ``pruner.options.seed``); an explicit ``pruner.options.seed`` still wins; the random baseline's draw keeps
     its own documented axis (reference seed 42)."""
-    assert OmegaConf.to_container(_compose(f"pruner={name}", "seed=3").pruner.options, resolve=True)["seed"] == 3
-    assert _compose(f"pruner={name}", "seed=3", "pruner.options.seed=5").pruner.options.seed == 5
-    assert _compose("pruner=random_layers", "seed=3").pruner.options.seed == 42
+    assert OmegaConf.to_container(compose(f"pruner={name}", "seed=3").pruner.options, resolve=True)["seed"] == 3
+    assert compose(f"pruner={name}", "seed=3", "pruner.options.seed=5").pruner.options.seed == 5
+    assert compose("pruner=random_layers", "seed=3").pruner.options.seed == 42
 
 
-def test_launchers_compose():
-    slurm = _compose("hydra/launcher=slurm", hydra_cfg=True).hydra.launcher
+def test_launcherscompose():
+    slurm = compose("hydra/launcher=slurm", hydra_cfg=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
-    joblib = _compose("hydra/launcher=local_parallel", hydra_cfg=True).hydra.launcher
+    joblib = compose("hydra/launcher=local_parallel", hydra_cfg=True).hydra.launcher
     assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 2
 
 
 def test_variant_overrides_pruner():
-    cfg = _compose("+variant=ls_diag")
+    cfg = compose("+variant=ls_diag")
     assert cfg.pruner.name == "replaceme_ls" and cfg.pruner.options.diag is True
-    cfg = _compose("+variant=cosine_accurate")
+    cfg = compose("+variant=cosine_accurate")
     assert cfg.pruner.name == "replaceme_cosine" and cfg.pruner.options.accurate is True
 
 
 def test_fast_scale_shrinks_budgets():
-    cfg = _compose("scale=fast")
+    cfg = compose("scale=fast")
     assert cfg.calibration.n_samples == 8 and cfg.evaluation.perplexity.max_windows == 2
 
 
@@ -80,18 +74,18 @@ def test_paths_group_places_runs_sweeps_and_caches(tmp_path, monkeypatch):
     from depthbench.paths import run_paths
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cfg = _compose(f"paths.output_dir={out}", f"paths.cache_dir={cache}", "experiment=leaderboard", hydra_cfg=True)
+    cfg = compose(f"paths.output_dir={out}", f"paths.cache_dir={cache}", "experiment=leaderboard", hydra_cfg=True)
     assert str(cfg.hydra.run.dir).startswith(f"{out}/runs/")
     assert cfg.hydra.sweep.dir == f"{out}/sweeps/leaderboard"
     paths = run_paths(cfg)
     assert paths.models_dir == cache / "models" and paths.data_dir == cache
     assert paths.shared_cache(None) == cache and paths.shared_cache(tmp_path / "sweep") == tmp_path / "sweep" / ".cache"
-    assert run_paths(_compose(f"cache.dir={tmp_path / 'shared'}")).statistics_dir(tmp_path) == \
+    assert run_paths(compose(f"cache.dir={tmp_path / 'shared'}")).statistics_dir(tmp_path) == \
         tmp_path / "shared" / "statistics"
     monkeypatch.setenv("DEPTHBENCH_CACHE", str(tmp_path / "env"))
-    assert run_paths(_compose()).cache_dir == tmp_path / "env"  # null: the environment's user cache
+    assert run_paths(compose()).cache_dir == tmp_path / "env"  # null: the environment's user cache
     # where things are written is not what a result depends on: the resume hash ignores it
-    assert config_hash(_compose(f"paths.output_dir={out}")) == config_hash(_compose())
+    assert config_hash(compose(f"paths.output_dir={out}")) == config_hash(compose())
 
 
 def test_default_compensation_keeps_earlier_config_hashes():
@@ -101,11 +95,11 @@ def test_default_compensation_keeps_earlier_config_hashes():
 
     from depthbench.experiments.resume import config_hash
 
-    cfg = _compose("pruner=shortgpt")
+    cfg = compose("pruner=shortgpt")
     data = OmegaConf.to_container(cfg, resolve=True)
     data["pruner"] = {k: v for k, v in data["pruner"].items() if not k.startswith("compensate")}
     assert config_hash(cfg) == config_hash(data)
-    assert config_hash(_compose("pruner=shortgpt", "pruner.compensate=magnitude")) != config_hash(cfg)
+    assert config_hash(compose("pruner=shortgpt", "pruner.compensate=magnitude")) != config_hash(cfg)
 
 
 def test_in_memory_default_keeps_earlier_config_hashes():
@@ -115,28 +109,89 @@ def test_in_memory_default_keeps_earlier_config_hashes():
 
     from depthbench.experiments.resume import config_hash
 
-    cfg = _compose("model=hf", "model.name_or_path=/m")
+    cfg = compose("model=hf", "model.name_or_path=/m")
     data = OmegaConf.to_container(cfg, resolve=True)
     data["model"] = {k: v for k, v in data["model"].items() if not k.startswith("layerwise")}
     assert config_hash(cfg) == config_hash(data)
-    assert config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise_buffer_gb=3")) == config_hash(cfg)
-    layerwise = config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise=true"))
+    assert config_hash(compose("model=hf", "model.name_or_path=/m", "model.layerwise_buffer_gb=3")) == config_hash(cfg)
+    layerwise = config_hash(compose("model=hf", "model.name_or_path=/m", "model.layerwise=true"))
     assert layerwise != config_hash(cfg)
-    assert config_hash(_compose("model=hf", "model.name_or_path=/m", "model.layerwise=true",
+    assert config_hash(compose("model=hf", "model.name_or_path=/m", "model.layerwise=true",
                                 "model.layerwise_buffer_gb=3")) == layerwise
 
 
-@pytest.mark.parametrize("preset", ["leaderboard", "ratio_sweep"])
-def test_method_grids_cover_every_builtin_method(preset):
-    """The leaderboard and ratio-sweep presets sweep every built-in method and baseline (not a hand-kept subset
-    that silently misses a new one)."""
-    from depthbench.pruners import pruner_registry
+def _builtin_pruners() -> set[str]:
+    return {name for name in pruner_registry.names() if pruner_registry.get(name).__module__.startswith("depthbench.")}
 
-    builtin = {name for name in pruner_registry.names()
-               if pruner_registry.get(name).__module__.startswith("depthbench.")}
-    swept = _compose(f"experiment={preset}", hydra_cfg=True).hydra.sweeper.params.pruner.split(",")
-    assert len(swept) == len(set(swept)) and set(swept) == builtin
-    assert len(builtin) == 16
+
+#: What each method-grid preset leaves out of the registry's methods, written here independently of the YAML (whose
+#: comments say why): a method that a preset should run but does not, or runs but should not, fails the test below.
+PRESET_EXCLUSIONS = {
+    "leaderboard": set(),
+    "ratio_sweep": set(),
+    "healing": {"sleb", "shortened_ppl", "blockpruner", "finercut", "shortened_taylor", "llm_drop", "laco",
+                "linearpatch", "mka", "last_layers", "random_layers"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXCLUSIONS))
+def test_method_grids_are_the_registry_minus_declared_exclusions(preset):
+    """The presets sweep the pruner registry's methods as Hydra expands them (not a hand-kept list that silently
+    misses a new method): every built-in method and baseline but the preset's declared exclusions."""
+    builtin = _builtin_pruners()
+    assert len(builtin) == 16 and PRESET_EXCLUSIONS[preset] <= builtin
+    swept = swept_values(f"experiment={preset}")
+    assert len(swept) == len(set(swept)) and set(swept) == builtin - PRESET_EXCLUSIONS[preset]
+
+
+def test_method_grids_run_today_what_they_ran_before_they_were_derived():
+    """The lists the presets held when they were hand-written (the derived grids run the same methods)."""
+    every = {"replaceme_ls", "replaceme_cosine", "uidl", "llm_streamline", "shortgpt", "sleb", "shortened_ppl",
+             "shortened_taylor", "llm_drop", "blockpruner", "finercut", "laco", "linearpatch", "mka", "last_layers",
+             "random_layers"}
+    assert set(swept_values("experiment=leaderboard")) == set(swept_values("experiment=ratio_sweep")) == every
+    assert set(swept_values("experiment=healing")) == {"replaceme_ls", "replaceme_cosine", "uidl", "llm_streamline",
+                                                       "shortgpt"}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_makefiles_method_subsets_and_make_methods_name_registered_pruners(tmp_path):
+    """The Makefile's chosen subsets (the demo's methods, the seeded leaderboard methods) name registered pruners, and
+    `make methods` prints the registry (its recipe run here through a wrapper, without the `install` prerequisite)."""
+    wrapper = tmp_path / "wrapper.mk"
+    wrapper.write_text(f"include {REPO / 'Makefile'}\nt:\n\t@echo $(DEMO_METHODS) $(LEADERBOARD_SEED_METHODS)\n"
+                       f"m:\n\t@$(PRINT_METHODS)\n")
+    out = subprocess.run(["make", "-s", "-f", str(wrapper), "t", f"PY={sys.executable}"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.split()
+    subsets = [set(v.split(",")) for v in out]
+    assert len(subsets) == 2 and all(s and s <= _builtin_pruners() for s in subsets)
+    printed = subprocess.run(["make", "-s", "-f", str(wrapper), "m", f"PY={sys.executable}"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert printed.split(",") == sorted(pruner_registry.names())
+
+
+class PluginMethod(UIDLPruner):
+    """A stand-in for an installed plugin pruner (registered below as the entry point group would register it)."""
+
+    name = "plugin_method"
+
+
+def test_a_plugin_pruner_joins_the_method_grids(monkeypatch):
+    """A pruner installed through the ``depthbench.pruners`` entry point is a ``pruner=<name>`` option, so the presets
+    that sweep the registry run it too (and a preset's explicit exclusions do not drop it)."""
+    from hydra.core.config_store import ConfigStore
+
+    pruner_registry.names()  # the installed entry points are read once; the plugin is then added as they would be
+    monkeypatch.setattr(pruner_registry, "_entries",
+                        {**pruner_registry._entries, "plugin_method": f"{__name__}:PluginMethod"})
+    monkeypatch.setattr(pruner_registry, "_from_entry_points", {*pruner_registry._from_entry_points, "plugin_method"})
+    try:
+        for preset in PRESET_EXCLUSIONS:
+            assert "plugin_method" in swept_values(f"experiment={preset}"), preset
+    finally:
+        monkeypatch.undo()
+        ConfigStore.instance().repo["pruner"].pop("plugin_method.yaml", None)
+    assert "plugin_method" not in swept_values("experiment=leaderboard")  # other tests see the built-ins only
 
 
 @pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
@@ -144,14 +199,14 @@ def test_converged_scale_sets_the_trained_methods_budgets(name):
     """scale=converged takes each trained method's budget from conf/budget/converged_<name>.yaml (the values the
     reproduction study found flat); other methods are untouched, and the command line still wins."""
     budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options
-    cfg = _compose(f"pruner={name}", "scale=converged")
-    default = _compose(f"pruner={name}")
+    cfg = compose(f"pruner={name}", "scale=converged")
+    default = compose(f"pruner={name}")
     assert budget and all(cfg.pruner.options[k] == v for k, v in budget.items())
     assert any(default.pruner.options[k] != v for k, v in budget.items())
     key = next(iter(budget))
-    assert _compose(f"pruner={name}", "scale=converged", f"pruner.options.{key}=3").pruner.options[key] == 3
+    assert compose(f"pruner={name}", "scale=converged", f"pruner.options.{key}=3").pruner.options[key] == 3
     assert build_pruner(name, OmegaConf.to_container(cfg.pruner.options, resolve=True)).name == name
-    assert _compose("pruner=uidl", "scale=converged").pruner == _compose("pruner=uidl").pruner
+    assert compose("pruner=uidl", "scale=converged").pruner == compose("pruner=uidl").pruner
 
 
 def test_cache_settings_parse_the_yaml_and_refuse_bad_values_naming_them(tmp_path):
@@ -162,7 +217,7 @@ def test_cache_settings_parse_the_yaml_and_refuse_bad_values_naming_them(tmp_pat
     from depthbench.experiments.pipeline import validate
 
     yaml = OmegaConf.load(CONF / "config.yaml").cache
-    settings = CacheSettings.from_config(_compose().cache)
+    settings = CacheSettings.from_config(compose().cache)
     assert settings.activations_gb == yaml.activations_gb == "auto"
     assert settings.lock_stale_s == yaml.lock_stale_s and settings.statistics is True
     assert CacheSettings.from_config({**OmegaConf.to_container(yaml), "activations_gb": 0.5}).activation_budget() \
@@ -170,7 +225,7 @@ def test_cache_settings_parse_the_yaml_and_refuse_bad_values_naming_them(tmp_pat
     for key, value, allowed in (("activations_gb", "lots", "auto, or a number of GiB >= 0"),
                                 ("lock_stale_s", 0, "a number of seconds > 0"), ("statistics", "yes", "true, false")):
         with pytest.raises(ConfigError, match=rf"cache.{key}={value!r}; allowed: {allowed}"):
-            validate(_compose(f"cache.{key}={value}", "logger=none"), tmp_path / "bad")
+            validate(compose(f"cache.{key}={value}", "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -181,7 +236,7 @@ def test_a_candidate_subset_larger_than_the_calibration_set_is_refused_from_the_
 
     with pytest.raises(ConfigError, match=rf"{name} score_samples=9: calibration.n_samples is 8; allowed: 0 \(all\) "
                                           r"or at most 8"):
-        validate(_compose(f"pruner={name}", "pruner.options.score_samples=9", "calibration.n_samples=8",
+        validate(compose(f"pruner={name}", "pruner.options.score_samples=9", "calibration.n_samples=8",
                           "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -192,12 +247,12 @@ def test_cpu_scale_declares_candidate_subsets_and_the_converged_training_budgets
     defaults."""
     for name in ("sleb", "shortened_ppl", "blockpruner", "finercut"):
         declared = OmegaConf.load(CONF / "budget" / f"cpu_{name}.yaml").pruner.options.score_samples
-        cfg = _compose(f"pruner={name}", "scale=cpu")
+        cfg = compose(f"pruner={name}", "scale=cpu")
         assert cfg.pruner.options.score_samples == declared > 0 and cfg.calibration.n_samples == 128
     for name in ("llm_streamline", "replaceme_cosine"):
-        converged = _compose(f"pruner={name}", "scale=converged").pruner.options
-        assert _compose(f"pruner={name}", "scale=cpu").pruner.options == converged
-    assert _compose("pruner=uidl", "scale=cpu").pruner.options == _compose("pruner=uidl").pruner.options
+        converged = compose(f"pruner={name}", "scale=converged").pruner.options
+        assert compose(f"pruner={name}", "scale=cpu").pruner.options == converged
+    assert compose("pruner=uidl", "scale=cpu").pruner.options == compose("pruner=uidl").pruner.options
 
 
 def test_a_path_override_names_one_cell_folder_not_a_nest():
@@ -205,7 +260,7 @@ def test_a_path_override_names_one_cell_folder_not_a_nest():
     does not nest the cell several folders below the sweep."""
     from omegaconf import open_dict
 
-    cfg = _compose("ratio=0.1", hydra_cfg=True)
+    cfg = compose("ratio=0.1", hydra_cfg=True)
     with open_dict(cfg):
         cfg.hydra.job.override_dirname = "calibration.path=/data/x.jsonl,ratio=0.1"
     assert cfg.hydra.sweep.subdir == "calibration.path=_data_x.jsonl,ratio=0.1"

@@ -16,7 +16,7 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from depthbench.pruners.convergence import ConvergenceLog, holdout_split
 from depthbench.pruners.replaceme import train_transform
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import CONF, build_tiny_model, compose, random_batches, tiny_llama_config
 
 
 def synthetic_rows(rows=240, d=6, noise=0.3, seed=0):
@@ -227,28 +227,15 @@ def test_cosine_improvement_options_are_checked():
 def test_paper_scale_sets_each_references_calibration():
     """scale=paper: ReplaceMe's 8,000 x 1,024 per-document sequences, LLM-Streamline's packed 2,048-token ones,
     the default sizes for other methods; a command-line override still wins."""
-    from tests.unit.test_configs import _compose
 
     for name in ("replaceme_cosine", "replaceme_ls"):
-        cal = _compose(f"pruner={name}", "scale=paper").calibration
+        cal = compose(f"pruner={name}", "scale=paper").calibration
         assert (cal.n_samples, cal.seq_len, cal.packing) == (8000, 1024, False)
-    cal = _compose("pruner=llm_streamline", "scale=paper").calibration
+    cal = compose("pruner=llm_streamline", "scale=paper").calibration
     assert (cal.seq_len, cal.packing) == (2048, True)
-    cal = _compose("pruner=uidl", "scale=paper").calibration
+    cal = compose("pruner=uidl", "scale=paper").calibration
     assert (cal.n_samples, cal.seq_len, cal.packing) == (128, 256, False)
-    assert _compose("pruner=replaceme_ls", "scale=paper", "calibration.n_samples=16").calibration.n_samples == 16
-
-
-def faithfulness_module():
-    """benchmarks/faithfulness.py (a script, not a package module) loaded by path."""
-    import importlib.util
-
-    from tests.unit.test_configs import CONF
-
-    spec = importlib.util.spec_from_file_location("faithfulness", CONF.parent / "benchmarks" / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert compose("pruner=replaceme_ls", "scale=paper", "calibration.n_samples=16").calibration.n_samples == 16
 
 
 def test_faithfulness_grid_cells_compose_and_build():
@@ -256,16 +243,15 @@ def test_faithfulness_grid_cells_compose_and_build():
     SmolLM2 and is not run here)."""
     from omegaconf import OmegaConf
 
-    from tests.unit.test_configs import _compose
+    from depthbench.benchmarks import faithfulness as module
 
-    module = faithfulness_module()
     cells = module.grid([1, 10], [15], [1e-4])
     # uidl, LS; cosine x {cosine, mse} x 2 epochs; mse whitened x 2 epochs; Streamline mse x 2 layouts; lm unpacked
     assert len(cells) == 2 + 2 * 2 + 2 + 2 + 1 and len({label for label, _ in cells}) == len(cells)
     packed = next(o for label, o in cells if "packed=2048" in label)
     assert {"calibration.packing=true", "calibration.seq_len=2048", "calibration.n_samples=16"} <= set(packed)
     for _, overrides in cells:
-        cfg = _compose(*overrides)
+        cfg = compose(*overrides)
         build_pruner(cfg.pruner.name, OmegaConf.to_container(cfg.pruner.options, resolve=True))
 
 
@@ -286,7 +272,8 @@ def test_leaderboard_has_the_budget_columns():
 def test_faithfulness_render_states_the_orderings_from_the_record(tmp_path):
     """docs/FAITHFULNESS.md is rendered from the study's record: flatness over the last quarter, and each ordering
     decided by the numbers in the record (here made so that one holds and one does not)."""
-    module = faithfulness_module()
+    from depthbench.benchmarks import faithfulness as module
+
     curve = [{"step": s, "train": None, "held_out": v} for s, v in ((0, 10.0), (50, 5.0), (80, 4.02), (100, 4.0))]
     assert module.flat(curve) is True  # 4.02 -> 4.0 over steps 75..100: 0.5%
     assert module.flat(curve, tolerance=0.001) is False
@@ -373,9 +360,8 @@ def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, se
     Where no measured budget is flat yet (LLM-Streamline), the file holds the largest one and says so."""
     from omegaconf import OmegaConf
 
-    from tests.unit.test_configs import CONF
+    from depthbench.benchmarks import faithfulness as module
 
-    module = faithfulness_module()
     cells = json.loads((CONF.parent / "docs" / "faithfulness.json").read_text())["cells"]
     budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options[key]
     chosen = cells[f"{series} {unit}={budget}"]

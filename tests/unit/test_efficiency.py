@@ -130,7 +130,7 @@ def test_interleaved_timing_stops_at_the_budget_and_reports_the_t_interval():
 
 def test_analytic_flops_equal_a_hand_count():
     from depthbench.evaluation.efficiency import analytic_speedup, flops_per_token
-    from tests.conftest import build_tiny_model, tiny_llama_config
+    from tests.helpers import build_tiny_model, tiny_llama_config
 
     base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
     pruned = build_tiny_model(tiny_llama_config())
@@ -153,7 +153,7 @@ def test_analytic_flops_of_removed_attention_and_a_patch_equal_a_hand_count():
     import torch
 
     from depthbench.evaluation.efficiency import analytic_speedup, flops_per_token
-    from tests.conftest import build_tiny_model, tiny_llama_config
+    from tests.helpers import build_tiny_model, tiny_llama_config
 
     base = build_tiny_model(tiny_llama_config())  # d 32, d_ff 64, 4 heads x 8, 2 kv heads, V 101, 6 layers
     pruned = build_tiny_model(tiny_llama_config())
@@ -178,7 +178,7 @@ def test_measure_speedup_on_tiny_models_reports_intervals_and_analytic_ratio():
     import copy
 
     from depthbench.evaluation.efficiency import measure_speedup
-    from tests.conftest import build_tiny_model, tiny_llama_config
+    from tests.helpers import build_tiny_model, tiny_llama_config
 
     base = build_tiny_model(tiny_llama_config())
     pruned = copy.deepcopy(base)

@@ -1,14 +1,9 @@
 """benchmarks/eval_throughput.py: the spy records the token rows a model is fed, without their right
 padding, and the bare baseline runs exactly those rows (same logits as calling the model directly)."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import eval_throughput  # noqa: E402
+from depthbench.benchmarks import eval_throughput
 
 
 def test_spy_records_unpadded_rows_and_bare_forward_replays_them(tiny_llama):

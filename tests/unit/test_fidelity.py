@@ -14,7 +14,7 @@ from depthbench.errors import ConfigError
 from depthbench.evaluation import fidelity as fid
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 
 def _pair():

@@ -8,10 +8,8 @@ candidate, against a calibration set that holds only the first N sequences.
 """
 
 import copy
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +27,7 @@ from depthbench.pruners import build_pruner
 from depthbench.pruners.finercut import candidate_pool
 from depthbench.pruners.llm_drop import candidate_units
 from depthbench.selection.greedy import ranked_removal
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import REPO, build_tiny_llama64, random_batches
 from tests.reference import nll_float64
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -82,7 +80,7 @@ def logits_of(model, batches) -> list[np.ndarray]:
 
 
 def tiny(seed: int = 5, layers: int = L):
-    return build_tiny_model(tiny_llama_config(num_layers=layers), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=layers, seed=seed)
 
 
 def data(n_batches: int = 2, batch_size: int = 3, seed: int = 3) -> CalibrationData:
@@ -368,10 +366,7 @@ def test_the_cost_script_counts_the_layer_runs_of_a_real_selection():
     """benchmarks/finercut_cost.py's counts (docs/PERFORMANCE.md) against decoder-layer calls counted by hooks
     during a real greedy selection on one batch (L=6, x=0.4: layers 0-2 withheld until 5 removals; K=6 makes
     them rejoin and may empty a layer)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "finercut_cost.py"
-    spec = importlib.util.spec_from_file_location("finercut_cost", path)
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
+    from depthbench.benchmarks import finercut_cost as cost
 
     model, calibration = tiny(seed=9, layers=6), data(n_batches=1)
     adapter = adapter_for(model)
@@ -390,4 +385,4 @@ def test_the_cost_script_counts_the_layer_runs_of_a_real_selection():
     assert counted["layer_runs"] == len(calls) and counted["heads"] == len(heads)
     assert counted["reference_layer_runs"] == 6 * (scores["evaluations"] + 1)
     # the committed record (docs/PERFORMANCE.md's FinerCut section) is what the script computes now
-    assert json.loads((path.parents[1] / "docs" / "finercut_cost.json").read_text()) == cost.measure()
+    assert json.loads((REPO / "docs" / "finercut_cost.json").read_text()) == cost.measure()

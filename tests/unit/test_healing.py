@@ -28,8 +28,8 @@ from depthbench.healing.targets import check_targets_for_model, target_module_na
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from tests.offline_packages import needs
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.unit.test_architectures import FAMILIES, LAYERS, LAYOUT_VARIANTS, _config
+from tests.helpers import CONF, build_tiny_model, compose, logits, random_batches, swept_values, tiny_llama_config
+from tests.families import FAMILIES, LAYERS, LAYOUT_VARIANTS, family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,11 +53,6 @@ def _settings(**overrides):
     return healing_settings(OmegaConf.create(values))
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
 def _expected_names(model, family, layers):
     kind = KIND.get(family, family.split("_sequential")[0].split("_new_arch")[0])
     index = {id(m): n for n, m in model.named_modules()}
@@ -66,14 +61,14 @@ def _expected_names(model, family, layers):
 
 @pytest.mark.parametrize("family", FAMILIES + LAYOUT_VARIANTS)
 def test_merged_lora_equals_the_unmerged_adapter(family):
-    model = build_tiny_model(_config(family), dtype=torch.float64)
+    model = build_tiny_model(family_config(family), dtype=torch.float64)
     adapter = adapter_for(model)
     ModelSurgery(adapter).remove_layers([1, 4])  # LoRA goes on the kept layers only
     kept = list(LAYERS[family](model))
     pruned_keys = set(model.state_dict())
     batch = random_batches(n_batches=1, seq_len=12)[0]
     real = batch["attention_mask"].bool()
-    before = _logits(model, batch)
+    before = logits(model, batch)
     settings = _settings(rank=3, alpha=5)
     peft_model, names = attach_lora(model, adapter, settings)
     assert names == _expected_names(model, family, kept)
@@ -88,7 +83,7 @@ def test_merged_lora_equals_the_unmerged_adapter(family):
             base = module.base_layer.weight.detach().double()
             expected_weights[name] = base + (delta.T if isinstance(module.base_layer, Conv1D) else delta)  # [in, out]
     peft_model.eval()
-    unmerged = _logits(peft_model, batch)
+    unmerged = logits(peft_model, batch)
     assert not torch.allclose(unmerged[real], before[real])  # the adapters change the output
     merged = peft_model.merge_and_unload()
     assert merged is model
@@ -96,7 +91,7 @@ def test_merged_lora_equals_the_unmerged_adapter(family):
     assert not any("lora" in type(m).__name__.lower() for m in model.modules())
     for name, weight in expected_weights.items():
         torch.testing.assert_close(model.get_submodule(name).weight.double(), weight, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_logits(model, batch)[real], unmerged[real], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits(model, batch)[real], unmerged[real], rtol=1e-10, atol=1e-10)
 
 
 def _tiny_llama():
@@ -141,11 +136,11 @@ def test_zero_learning_rate_reproduces_the_untrained_model():
     model = _tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = random_batches(n_batches=1, seq_len=12)[0]
-    logits = _logits(model, batch)
+    untrained = logits(model, batch)
     heal(model, adapter_for(model), _train_batches(), _settings(lr=0.0, dropout=0.1, weight_decay=0.1),
          progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(_logits(model, batch), logits)
+    assert torch.equal(logits(model, batch), untrained)
     assert all(p.requires_grad for p in model.parameters()) and not model.training  # as before healing
 
 
@@ -183,7 +178,7 @@ def test_healed_model_reloads_with_plain_from_pretrained(tmp_path):
     assert reloaded.config.num_hidden_layers == 3
     assert set(reloaded.state_dict()) == set(model.state_dict())
     batch = random_batches(n_batches=1, seq_len=12)[0]
-    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -326,32 +321,20 @@ def test_pruned_only_metrics_are_computed_once_per_pruned_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- configs
-def _compose(*overrides, hydra_cfg=False):
-    from hydra import compose, initialize_config_dir
-
-    from depthbench.config_store import register_configs
-    from tests.unit.test_configs import CONF
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_cfg)
-
-
 def test_healing_entries_the_fast_scale_and_the_preset_compose():
-    from tests.unit.test_configs import CONF
-
-    assert _compose().healing.name == "none" and healing_settings(_compose().healing) is None
+    assert compose().healing.name == "none" and healing_settings(compose().healing) is None
     for entry in sorted((CONF / "healing").glob("lora*.yaml")):
-        assert healing_settings(_compose(f"healing={entry.stem}").healing) is not None
-    lora = healing_settings(_compose("healing=lora", "seed=3").healing)
+        assert healing_settings(compose(f"healing={entry.stem}").healing) is not None
+    lora = healing_settings(compose("healing=lora", "seed=3").healing)
     assert (lora.num_steps, lora.batch_size, lora.seq_len, lora.seed) == (100, 8, 256, 3)
-    short, long = (healing_settings(_compose(f"healing={e}").healing) for e in ("lora_short", "lora_long"))
+    short, long = (healing_settings(compose(f"healing={e}").healing) for e in ("lora_short", "lora_long"))
     assert short.num_steps < long.num_steps and short.tokens_per_step == long.tokens_per_step
-    fast = healing_settings(_compose("healing=lora_long", "scale=fast").healing)
+    fast = healing_settings(compose("healing=lora_long", "scale=fast").healing)
     assert (fast.num_steps, fast.batch_size, fast.seq_len) == (2, 2, 32)
-    assert healing_settings(_compose("healing=lora", "healing.steps=null", "healing.tokens=1000").healing
+    assert healing_settings(compose("healing=lora", "healing.steps=null", "healing.tokens=1000").healing
                             ).num_steps == 1
-    preset = _compose("experiment=healing", hydra_cfg=True)
+    preset = compose("experiment=healing", hydra_cfg=True)
     params = preset.hydra.sweeper.params
-    assert params.healing == "none,lora_short,lora_long" and {"uidl", "shortgpt"} <= set(params.pruner.split(","))
+    assert params.healing == "none,lora_short,lora_long"
+    assert {"uidl", "shortgpt"} <= set(swept_values("experiment=healing"))
     assert preset.ratio == 0.25 and not preset.benchmark.get("tasks")

@@ -13,7 +13,7 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.laco import MergeState, capacity, merge_weights, scan
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, build_tiny_llama64, tiny_llama_config
 
 LINEAR = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -118,7 +118,7 @@ def _rebuild(model, merges):
 
 
 def test_similarity_and_merged_model_equal_a_direct_rebuild():
-    model = build_tiny_model(tiny_llama_config(num_layers=8), seed=5, dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=8, seed=5)
     original = copy.deepcopy(model)
     batches = random_batches(n_batches=2, batch_size=4, seed=5)  # ragged: padding must not count
     result = build_pruner("laco", {"C": 3, "T": 0.3, "sentences": 6}).prune(

@@ -2,6 +2,7 @@
 reference selection, exactness of the interface patch (saved and reloaded), and its relation to Prune&Comp."""
 
 import copy
+from functools import partial
 import json
 
 import numpy as np
@@ -18,26 +19,16 @@ from depthbench.pruners import build_pruner
 from depthbench.pruners.compensation import ChannelMagnitudeRatios, remove_and_compensate
 from depthbench.pruners.hadamard import HadamardRotation, hadamard_factors, paley, sylvester
 from depthbench.pruners.linearpatch import patch_matrix
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import (SCALE_INVARIANT_NORM_EPS, build_tiny_model, padded_masks, random_batches,
+                           real_token_logits, build_tiny_llama64, tiny_llama_config)
 from tests.reference import residual_states_np
 
 L, D = 7, 48  # 48 = 12 * 4: Paley I (q = 11) kron Sylvester 4
 
 
-def model64(seed: int = 3, **overrides):
-    config = tiny_llama_config(num_layers=L, hidden=D, head_dim=12, rms_norm_eps=1e-14, **overrides)
-    return build_tiny_model(config, seed=seed, dtype=torch.float64)
-
-
-@torch.no_grad()
-def logits(model, batches):
-    return torch.cat([model(**b, use_cache=False).logits[b["attention_mask"].bool()] for b in batches])
-
-
-def padded_masks(batches):
-    width = max(b["input_ids"].shape[1] for b in batches)
-    return np.concatenate([np.pad(b["attention_mask"].numpy(), ((0, 0), (0, width - b["input_ids"].shape[1])))
-                           for b in batches]).astype(bool)
+#: This file's model: keyword `seed` (default 3) and `tiny_llama_config` keywords pick the variant.
+model64 = partial(build_tiny_llama64, seed=3, num_layers=L, hidden=D, head_dim=12,
+                  rms_norm_eps=SCALE_INVARIANT_NORM_EPS)
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 12, 20, 28, 36, 48, 576, 1536])
@@ -63,8 +54,8 @@ def test_paley_and_sylvester_constructions():
 def test_a_hidden_size_without_a_known_hadamard_is_refused_by_name(counting_collect):
     with pytest.raises(ConfigError, match="hidden size 92: .*insert_type=diag"):
         hadamard_factors(92)  # 92 = 23 * 4 = 46 * 2: no Paley order (order 92 exists, but not from Paley)
-    model = build_tiny_model(tiny_llama_config(num_layers=5, hidden=92, head_dim=46, num_attention_heads=2,
-                                               num_key_value_heads=1), dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=5, hidden=92, head_dim=46, num_attention_heads=2,
+                               num_key_value_heads=1)
     with pytest.raises(ConfigError, match="hidden size 92"):
         build_pruner("linearpatch").prune(adapter_for(model), CalibrationData(random_batches(), 16), 2, progress=False)
     assert counting_collect == []
@@ -106,7 +97,8 @@ def test_constant_one_patch_leaves_the_pruned_logits_unchanged():
     surgery.remove_layers([3, 4])
     surgery.insert_residual_patch(2, patch_matrix(torch.ones(D, dtype=torch.float64), HadamardRotation(D).matrix()))
     assert surgery.residual_patch_layers() == [2]
-    torch.testing.assert_close(logits(model, batches), logits(plain, batches), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(plain, batches),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_diag_patch_with_constant_scale_equals_the_prune_and_comp_fold():
@@ -118,7 +110,8 @@ def test_diag_patch_with_constant_scale_equals_the_prune_and_comp_fold():
     ModelSurgery(adapter).remove_layers([3, 4])
     ModelSurgery(adapter).insert_residual_patch(2, patch_matrix(torch.full((D,), alpha, dtype=torch.float64), None))
     remove_and_compensate(adapter_for(folded), 3, 5, alpha, "before")
-    torch.testing.assert_close(logits(model, batches), logits(folded, batches), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(folded, batches),
+                               rtol=1e-5, atol=1e-6)
 
 
 def token_axis_cosine_np(hs, masks, s, e):
@@ -161,7 +154,8 @@ def test_reference_selection_and_patched_model_against_direct_computation(cos_ax
     assert result.replacement["patches"][0]["after_layer"] == best - 1
     assert result.parameters_after["total"] == (result.parameters_before["total"]
                                                 - n * result.parameters_before["per_layer"] + D * D)
-    torch.testing.assert_close(logits(model, batches), logits(reference, batches), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(real_token_logits(model, batches), real_token_logits(reference, batches),
+                               rtol=1e-9, atol=1e-11)
 
 
 def test_interface_patch_saves_needs_depthbench_and_reloads_with_the_same_logits(tmp_path):
@@ -178,7 +172,7 @@ def test_interface_patch_saves_needs_depthbench_and_reloads_with_the_same_logits
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     reloaded = load_pruned(tmp_path / "pruned")
     assert ModelSurgery(adapter_for(reloaded)).residual_patch_layers() == layers
-    torch.testing.assert_close(logits(reloaded, batches), logits(model, batches), rtol=0, atol=0)
+    torch.testing.assert_close(real_token_logits(reloaded, batches), real_token_logits(model, batches), rtol=0, atol=0)
     prompt = batches[0]["input_ids"][:1, :6]
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(reloaded.generate(prompt, use_cache=True, **kwargs),
@@ -200,7 +194,7 @@ def test_mlp_fold_changes_only_the_down_projection_and_loads_plainly(tmp_path):
         "per_layer"]
     save_pruned(model, None, tmp_path / "plain", result.to_dict())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float64)
-    torch.testing.assert_close(logits(plain, batches), logits(model, batches), rtol=0, atol=0)
+    torch.testing.assert_close(real_token_logits(plain, batches), real_token_logits(model, batches), rtol=0, atol=0)
 
 
 def test_bad_options_are_refused():

@@ -22,9 +22,9 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.llm_drop import LLMDropPruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches, tiny_llama_config
+from tests.families import ALL_FAMILIES, family_model, window_batch
 from tests.reference import manual_llama_forward
-from tests.unit.test_skipping import ALL, _batch, _model
 
 L = 6
 #: Against the float64 reference: the model's RMSNorm computes in float32 even in a float64 model.
@@ -32,7 +32,7 @@ TOL = dict(rtol=1e-6, atol=1e-8)
 
 
 def _llama(seed=3):
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=seed)
 
 
 def _cos(a, b):
@@ -122,11 +122,11 @@ class _Points:
         self.seen = {p: batch.points[p].to(torch.float64) for p in self.points}
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_hooked_y_is_h_next_minus_mlp_output_on_every_family(family):
-    batch = _batch()
+    batch = window_batch()
     real = batch["attention_mask"].bool()
-    model = _model(family)
+    model = family_model(family, torch.float64)
     points = {(ATTN_RESIDUAL, 1), (RESIDUAL, 2), (MLP_OUT, 1), (RESIDUAL, 1)}
     (stat,) = collect(adapter_for(model), [batch], [_Points(points)], progress=False)
     y = stat.seen[(ATTN_RESIDUAL, 1)]
@@ -187,6 +187,7 @@ def test_bad_options_fail_before_any_work():
         build_pruner("llm_drop", {"budget": "params", "n_modules": 3})
     with pytest.raises(ConfigError, match="cannot drop 7 modules"):
         build_pruner("llm_drop", {"n_modules": 7}).check_feasible(6, 2)
-    opt = _model("opt")  # OPT's MLP has two output-side modules (fc1, fc2): no single raw module output
+    # OPT's MLP has two output-side modules (fc1, fc2): no single raw module output
+    opt = family_model("opt", torch.float64)
     with pytest.raises(ConfigError, match="drop_norm=false"):
         build_pruner("llm_drop", {"drop_norm": False}).check_model(adapter_for(opt))

@@ -1,14 +1,12 @@
 """Benchmark configs are validated before any model is loaded: one clear line per mistake."""
 
-from pathlib import Path
 
 import pytest
 
 from depthbench.errors import ConfigError
 from depthbench.evaluation.lm_eval_runner import parse_benchmark
 from tests.offline_packages import bigbench_installed
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
+from tests.helpers import CONF
 
 
 def _benchmark(preset: str) -> dict:
@@ -18,7 +16,7 @@ def _benchmark(preset: str) -> dict:
     return resolved(f"benchmark={preset}")["benchmark"]
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "none"))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml") if p.stem != "none"))
 def test_every_preset_parses(preset):
     cfg = _benchmark(preset)
     if preset == "bigbench" and not bigbench_installed():  # optional: one clear error before any model

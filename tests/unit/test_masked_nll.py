@@ -17,8 +17,8 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.adapters.base import ModelAdapter
 from depthbench.modeling.units import Unit
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.unit.test_architectures import FAMILIES, LAYOUT_VARIANTS, _config
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches, tiny_llama_config
+from tests.families import FAMILIES, LAYOUT_VARIANTS, family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = dict(rel=1e-11, abs=1e-12)
@@ -43,7 +43,7 @@ ALL = ["llama"] + FAMILIES + LAYOUT_VARIANTS + ["falcon_alibi", "mistral_sliding
 
 @pytest.mark.parametrize("family", ALL)
 def test_fast_nll_equals_a_whole_pass_with_the_candidate_skipped(family):
-    config = tiny_llama_config(num_layers=L) if family == "llama" else _config(family)
+    config = tiny_llama_config(num_layers=L) if family == "llama" else family_config(family)
     service = _service(build_tiny_model(config, dtype=torch.float64))
     rng = random.Random(family)
     for skip in ([], _random_units(rng, 1), _random_units(rng, 2), [1, "3.mlp", "4.attn"]):
@@ -58,7 +58,7 @@ def test_fast_nll_equals_a_whole_pass_with_the_candidate_skipped(family):
 
 
 def test_candidate_already_skipped_gets_the_nll_of_the_skip_set_and_keys_are_as_given():
-    service = _service(build_tiny_model(tiny_llama_config(num_layers=L), dtype=torch.float64))
+    service = _service(build_tiny_llama64(num_layers=L))
     got = service.masked_nll([2, "2.attn", Unit(4, "mlp"), "3.mlp"], skip=[2, "3.attn"])
     assert set(got) == {2, "2.attn", Unit(4, "mlp"), "3.mlp"}
     assert got[2] == pytest.approx(service.nll(skip=[2, "3.attn"]), **TOL)
@@ -77,7 +77,7 @@ def _count_layer_calls(model, adapter):
 def test_each_candidate_runs_only_the_layers_from_its_own_up():
     """Per batch: the walk runs layers 0..L-2 once, candidate j runs layers j+1..L-1 (layer j skipped),
     so L-1 + L(L-1)/2 layer calls against L(L-1) for a whole pass per candidate."""
-    model = build_tiny_model(tiny_llama_config(num_layers=L), dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=L)
     service = _service(model)
     calls, handles = _count_layer_calls(model, service.adapter)
     try:
@@ -96,7 +96,7 @@ def test_each_candidate_runs_only_the_layers_from_its_own_up():
 
 
 def test_bad_units_fail_before_any_pass():
-    model = build_tiny_model(tiny_llama_config(num_layers=L), dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=L)
     service = _service(model)
     calls, handles = _count_layer_calls(model, service.adapter)
     try:
@@ -113,7 +113,7 @@ def test_bad_units_fail_before_any_pass():
 
 
 def test_an_adapter_without_single_layer_forward_falls_back_to_whole_passes():
-    model = build_tiny_model(tiny_llama_config(num_layers=L), dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=L)
     adapter = adapter_for(model)
 
     class NoSingleLayers(type(adapter)):

@@ -19,7 +19,7 @@ from depthbench.pruners import build_pruner
 from depthbench.pruners.base import Selection
 from depthbench.pruners.mka import (diffusion_map, knn_entropy, npib_alpha, npib_matrix, plan_merges,
                                     prompt_distances, rank_normalise, reference_distances)
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, compose, random_batches, build_tiny_llama64, tiny_llama_config
 
 LINEAR = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -48,7 +48,7 @@ def test_entropy_ranks_and_coefficient():
 def test_four_layers_two_merges_at_alpha_06_give_the_hand_formula():
     """L=4, R=2, pair=last, alpha fixed at 0.6 (alpha=similarity on a constant S): kept theta_0 and
     0.6 theta_1 + 0.24 theta_2 + 0.16 theta_3, layer 1's norms."""
-    model = build_tiny_model(tiny_llama_config(num_layers=4), seed=3, dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=4, seed=3)
     dense = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in model.model.layers]
     merges = plan_merges(np.full((4, 4), 0.6), 2, pair="last", alpha="similarity")
     assert [(m["into"], m["merged"], m["alpha"]) for m in merges] == [(2, 3, 0.6), (1, 2, 0.6)]
@@ -161,7 +161,7 @@ def test_reference_merge_equals_reverse_order_pruning():
 @pytest.mark.parametrize("options", [{}, {"points": "reference", "pair": "most_similar_adjacent"}])
 def test_merged_model_equals_a_rebuild_from_the_recorded_coefficients(options):
     data = _calibration(seed=1)
-    model = build_tiny_model(tiny_llama_config(num_layers=6), seed=4, dtype=torch.float64)
+    model = build_tiny_llama64(num_layers=6, seed=4)
     rebuilt = copy.deepcopy(model)
     result = build_pruner("mka", options).prune(adapter_for(model), data, 3, progress=False)
     scores = result.selection.scores
@@ -199,9 +199,8 @@ def test_too_few_calibration_sequences_are_refused_from_the_config_alone(tmp_pat
     """The run's config check (no weights read, nothing written) refuses MKA with n <= 50 sequences, naming the
     value and the minimum; scale=fast's MKA budget (conf/budget/fast_mka.yaml) passes it."""
     from depthbench.experiments.pipeline import validate
-    from tests.unit.test_configs import _compose
 
     with pytest.raises(ConfigError, match=r"calibration.n_samples=8; allowed: at least 51"):
-        validate(_compose("pruner=mka", "calibration.n_samples=8", "logger=none"), tmp_path / "bad")
+        validate(compose("pruner=mka", "calibration.n_samples=8", "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    assert _compose("pruner=mka", "scale=fast").calibration.n_samples == 56
+    assert compose("pruner=mka", "scale=fast").calibration.n_samples == 56

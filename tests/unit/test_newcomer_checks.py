@@ -6,20 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from depthbench.errors import ConfigError
-from tests.conftest import tiny_llama_config
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
+from tests.helpers import compose, tiny_llama_config
 
 def _compose(*overrides):
-    from depthbench.config_store import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=["logger=none", "benchmark=none", *overrides])
+    return compose("logger=none", "benchmark=none", *overrides)
 
 
 def _word_tokenizer(vocab: int):

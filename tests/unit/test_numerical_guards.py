@@ -7,7 +7,7 @@ from depthbench.calibration.statistics import PairwiseSimilarity, collect
 from depthbench.errors import NumericalError
 from depthbench.experiments.pipeline import check_finite_parameters
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import random_batches
+from tests.helpers import random_batches
 
 
 def test_non_finite_activations_stop_calibration_naming_the_layer(tiny_llama):

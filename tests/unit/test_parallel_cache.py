@@ -13,7 +13,7 @@ from depthbench.calibration.cache import PASS_COUNTER_ENV, StatisticsCache, data
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.locking import OWNER_FILE
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import random_batches, build_tiny_llama64
 
 
 def _requests(adapter):
@@ -26,7 +26,7 @@ def _cell(cache_dir: str, counter: str, out: str) -> None:
     import os
 
     os.environ[PASS_COUNTER_ENV] = counter
-    adapter = adapter_for(build_tiny_model(tiny_llama_config(), dtype=torch.float64))
+    adapter = adapter_for(build_tiny_llama64())
     batches = random_batches(n_batches=3)
     cache = StatisticsCache(cache_dir, model_fingerprint="m", stale_after_s=30)
     slot = cache.activation_slot(data_fingerprint(batches), budget_bytes=1 << 30)
@@ -51,7 +51,7 @@ def _run_cells(tmp_path, n: int):
 
 
 def _reference():
-    adapter = adapter_for(build_tiny_model(tiny_llama_config(), dtype=torch.float64))
+    adapter = adapter_for(build_tiny_llama64())
     batches = random_batches(n_batches=3)
     scores = collect(adapter, batches, _requests(adapter), progress=False)
     (moments,) = collect(adapter, batches, [LinearMapMoments(1, 4, adapter.hidden_size)], progress=False)

@@ -25,7 +25,7 @@ from depthbench.healing.partial_layers import heal, trainable_set
 from depthbench.healing.settings import PartialLayerSettings, check_healing, healing_settings
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, compose, logits, random_batches, tiny_llama_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,11 +45,6 @@ def _text(steps=3, seed=5, validation_seed=9) -> HealingText:
 
 def _tiny(tie=True, num_layers=4, dtype=torch.float32):
     return build_tiny_model(tiny_llama_config(num_layers=num_layers, tie=tie), dtype=dtype)
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
 
 
 # ------------------------------------------------------------------------------- the spec's test vectors
@@ -118,10 +113,10 @@ def test_frozen_tensors_are_bit_identical_and_the_trained_ones_change(tie):
 def test_zero_learning_rate_reproduces_the_untrained_model():
     model = _tiny()
     batch = random_batches(n_batches=1, seq_len=12, seed=3)[0]
-    logits = _logits(model, batch)
+    untrained = logits(model, batch)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     heal(model, adapter_for(model), _text(), _settings(lr=0.0, select="best"), progress=False)
-    assert torch.equal(_logits(model, batch), logits)
+    assert torch.equal(logits(model, batch), untrained)
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
@@ -138,7 +133,7 @@ def test_healed_untied_model_reloads_with_plain_from_pretrained(tmp_path):
     assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert not torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
     batch = random_batches(n_batches=1, seq_len=12)[0]
-    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))
 
 
 # ----------------------------------------------------------------------------------- checkpoint choice
@@ -146,9 +141,9 @@ def _validation_ce(model, batches) -> float:
     """float64 cross-entropy over the predicted real tokens, from the model's own logits."""
     total, count = 0.0, 0
     for b in batches:
-        logits = _logits(model, b)[:, :-1].double()
+        predicted = logits(model, b)[:, :-1].double()
         keep = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).bool()
-        total += float(F.cross_entropy(logits[keep], b["input_ids"][:, 1:][keep], reduction="sum"))
+        total += float(F.cross_entropy(predicted[keep], b["input_ids"][:, 1:][keep], reduction="sum"))
         count += int(keep.sum())
     return total / count
 
@@ -255,24 +250,13 @@ def test_too_many_layers_fail_from_config_json_before_weights(tmp_path):
         check_healing(cfg)
 
 
-def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    from depthbench.config_store import register_configs
-    from tests.unit.test_configs import CONF
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 def test_the_entry_composes_with_the_reference_defaults_and_the_fast_scale():
-    s = healing_settings(_compose("healing=partial_layers", "seed=4").healing)
+    s = healing_settings(compose("healing=partial_layers", "seed=4").healing)
     assert isinstance(s, PartialLayerSettings)
     assert (s.layers, s.lr, s.warmup_steps, s.weight_decay, s.max_grad_norm, s.select) == (3, 1e-5, 100, 0.0, 1.0,
                                                                                             "best")
     assert (s.num_steps, s.batch_size, s.seq_len, s.seed, s.warmup_steps_used) == (250, 4, 256, 4, 100)
-    fast = healing_settings(_compose("healing=partial_layers", "scale=fast").healing)
+    fast = healing_settings(compose("healing=partial_layers", "scale=fast").healing)
     assert (fast.num_steps, fast.batch_size, fast.seq_len, fast.warmup_steps_used) == (1, 2, 32, 0)
 
 

@@ -20,10 +20,10 @@ from depthbench.calibration import reading_passages
 from depthbench.calibration.sources import build_source
 from depthbench.errors import ConfigError
 from tests.offline_packages import needs
+from tests.helpers import REPO
 
 pytestmark = needs("olmo_eval")
 
-REPO = Path(__file__).resolve().parents[2]
 _STRIP = str.maketrans(string.punctuation + "\u2013\u2014\u2019\u201c\u201d", " " * (len(string.punctuation) + 5))
 
 

@@ -9,7 +9,6 @@ layout and an installed copy's layout and check that the script refuses the firs
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT_DIR = REPO / "benchmarks"
 # setuptools package-dir: these top-level folders are installed as depthbench.<name>
-SUBPACKAGES = ("calibration", "conf", "evaluation", "experiments", "modeling", "pruners", "selection", "healing")
+SUBPACKAGES = ("calibration", "conf", "evaluation", "experiments", "modeling", "pruners", "selection", "healing",
+               "benchmarks")
 
 
 def _python(code: str, *path: Path) -> subprocess.CompletedProcess:
@@ -32,10 +31,8 @@ def _python(code: str, *path: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_checked_out_code_is_one_tree():
-    spec = importlib.util.spec_from_file_location("method_results", SCRIPT_DIR / "method_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     import depthbench.pruners
+    from depthbench.benchmarks import method_results as module
 
     if not Path(depthbench.pruners.__file__).resolve().is_relative_to(REPO):
         pytest.skip("depthbench is not installed from this checkout")
@@ -46,10 +43,11 @@ def test_an_old_checkout_on_sys_path_over_the_editable_install_is_refused(tmp_pa
     old = tmp_path / "old_checkout"
     (old / "depthbench").mkdir(parents=True)
     shutil.copy(REPO / "depthbench" / "__init__.py", old / "depthbench" / "__init__.py")
+    # the scenario under test: the old checkout's folder first on sys.path, over this checkout's editable install
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import depthbench, depthbench.pruners\n"
             "print('TOP', depthbench.__file__); print('PRUNERS', depthbench.pruners.__file__, flush=True)\n"
-            "sys.path.insert(0, %r); import method_results; method_results.code_root()\n") % (str(old), str(SCRIPT_DIR))
+            "from depthbench.benchmarks import method_results; method_results.code_root()\n") % str(old)
     proc = _python(code, tmp_path)
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("TOP", "PRUNERS")))
     if not Path(lines.get("PRUNERS", "/")).resolve().is_relative_to(REPO):
@@ -72,11 +70,25 @@ def test_an_installed_copy_is_measured_with_its_own_config_tree(tmp_path):
     # a marker only the copy has: the composed config must come from the copy's conf/, not the checkout's
     (site / "depthbench" / "conf" / "config.yaml").write_text(
         (REPO / "conf" / "config.yaml").read_text().replace("\nseed: 0\n", "\nseed: 4242\n", 1))
-    code = ("import sys; sys.path.insert(0, %r); import method_results\n"
+    code = ("from depthbench.benchmarks import method_results\n"
             "print('ROOT', method_results.code_root())\n"
-            "print('SEED', method_results.compose('pruner=replaceme_cosine').seed)\n") % str(SCRIPT_DIR)
+            "print('SEED', method_results.compose('pruner=replaceme_cosine').seed)\n")
     proc = _python(code, site)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("ROOT", "SEED")))
     assert Path(out["ROOT"]).resolve() == site.resolve()
     assert out["SEED"] == "4242"
+
+
+def test_the_interface_change_records_agree_on_every_method():
+    """docs/method_results.json (before the interface change) and docs/method_results_after.json (the same cells on
+    the new code, changed defaults pinned back) hold the same layers and perplexity for each method (docs/DESIGN.md)."""
+    import json
+
+    before, after = (json.loads((REPO / "docs" / name).read_text())
+                     for name in ("method_results.json", "method_results_after.json"))
+    assert before["commit"] != after["commit"] and set(before["cells"]) == set(after["cells"])
+    assert len(before["cells"]) == 5
+    for method, cell in before["cells"].items():
+        assert after["cells"][method]["removed_layers"] == cell["removed_layers"], method
+        assert after["cells"][method]["perplexity"] == cell["perplexity"], method

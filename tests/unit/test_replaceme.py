@@ -12,7 +12,7 @@ from depthbench.calibration.statistics import collect
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import last_token_angular_distance_np, residual_states_np
 
 

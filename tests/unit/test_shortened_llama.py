@@ -19,16 +19,15 @@ from depthbench.calibration.service import CalibrationService
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.reference import nll_float64
-from tests.unit.test_sleb import without_layers
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches, tiny_llama_config
+from tests.reference import nll_float64, without_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 10
 
 
 def tiny_model(seed: int = 5):
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=seed)
 
 
 def calibration():

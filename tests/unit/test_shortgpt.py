@@ -7,18 +7,8 @@ import torch
 from depthbench.calibration.batches import CalibrationData
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.reference import residual_states_np
-
-
-def block_influence_np(hs, masks):
-    """BI_k = 1 - mean over real tokens of cos(h_k, h_{k+1}); h_L taken before the final norm."""
-    out = []
-    for k in range(len(hs) - 1):
-        a, b = hs[k][masks], hs[k + 1][masks]
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-        out.append(float(1 - np.mean(cos)))
-    return out
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
+from tests.reference import block_influence_np, residual_states_np
 
 
 @pytest.mark.parametrize("n_remove", [1, 3])

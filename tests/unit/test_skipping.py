@@ -22,10 +22,9 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned, save_pruned
 from depthbench.modeling.units import Unit, normalize_units
-from tests.conftest import build_tiny_model, random_batches
-from tests.unit.test_architectures import FAMILIES, LAYERS, LAYOUT_VARIANTS, _config
+from tests.families import ALL_FAMILIES, LAYERS, family_model, window_batch
+from tests.helpers import build_tiny_model, logits
 
-ALL = FAMILIES + LAYOUT_VARIANTS + ["falcon_alibi", "mistral_sliding", "qwen2_sliding"]
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
@@ -47,19 +46,6 @@ MLP_OUTPUT = {"llama": lambda b: b.mlp.down_proj, "gemma": lambda b: b.mlp.down_
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _model(family, dtype=torch.float64):
-    return build_tiny_model(_config(family), dtype=dtype)
-
-
-def _batch():
-    return random_batches(n_batches=1, seq_len=12)[0]  # longer than the sliding windows (4)
-
-
-def _logits(model, batch, **kwargs):
-    with torch.no_grad():
-        return model(**batch, **kwargs).logits
-
-
 def _snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -70,7 +56,7 @@ def _assert_untouched(model, snapshot, batch, logits_before):
     for key, value in state.items():
         assert torch.equal(value, snapshot[key]), key
     assert not any("forward" in vars(m) for m in model.modules()), "a forward patch was left behind"
-    assert torch.equal(_logits(model, batch, use_cache=False), logits_before)
+    assert torch.equal(logits(model, batch, use_cache=False), logits_before)
 
 
 def _zeroed(model, family, units):
@@ -86,39 +72,39 @@ def _zeroed(model, family, units):
     return ref
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_skipping_layers_equals_the_model_without_them(family):
-    model, batch = _model(family), _batch()
+    model, batch = family_model(family, torch.float64), window_batch()
     real = batch["attention_mask"].bool()
-    before, snapshot = _logits(model, batch, use_cache=False), _snapshot(model)
+    before, snapshot = logits(model, batch, use_cache=False), _snapshot(model)
     adapter = adapter_for(model)
     with adapter.skipping([4, 1]) as units:
         assert units == [Unit(1), Unit(4)]
-        got = _logits(model, batch)
+        got = logits(model, batch, use_cache=None)
     without = copy.deepcopy(model)
     ModelSurgery(adapter_for(without)).remove_layers([1, 4])
     assert len(LAYERS[family](without)) == 4
-    torch.testing.assert_close(got[real], _logits(without, batch, use_cache=False)[real], **TOL)
+    torch.testing.assert_close(got[real], logits(without, batch, use_cache=False)[real], **TOL)
     assert not torch.allclose(got[real], before[real])  # skipping changed something
     _assert_untouched(model, snapshot, batch, before)
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_skipping_sub_blocks_equals_a_copy_whose_sub_blocks_add_zero(family):
-    model, batch = _model(family), _batch()
+    model, batch = family_model(family, torch.float64), window_batch()
     real = batch["attention_mask"].bool()
-    before, snapshot = _logits(model, batch, use_cache=False), _snapshot(model)
+    before, snapshot = logits(model, batch, use_cache=False), _snapshot(model)
     adapter = adapter_for(model)
     units = [(1, "attention"), (3, "mlp"), (4, "attention")]
     for one in units:  # each sub-block alone, then together
         with adapter.skipping([Unit(*one)]):
-            got = _logits(model, batch)
-        torch.testing.assert_close(got[real], _logits(_zeroed(model, family, [one]), batch, use_cache=False)[real],
+            got = logits(model, batch, use_cache=None)
+        torch.testing.assert_close(got[real], logits(_zeroed(model, family, [one]), batch, use_cache=False)[real],
                                    **TOL)
         assert not torch.allclose(got[real], before[real])
     with adapter.skipping(["1.attn", "3.mlp", "4.attn"]):
-        got = _logits(model, batch)
-    torch.testing.assert_close(got[real], _logits(_zeroed(model, family, units), batch, use_cache=False)[real], **TOL)
+        got = logits(model, batch, use_cache=None)
+    torch.testing.assert_close(got[real], logits(_zeroed(model, family, units), batch, use_cache=False)[real], **TOL)
     _assert_untouched(model, snapshot, batch, before)
 
 
@@ -126,7 +112,7 @@ def test_skipping_sub_blocks_equals_a_copy_whose_sub_blocks_add_zero(family):
 def test_parallel_layer_with_attention_skipped_is_residual_plus_mlp_branch(family):
     """Parallel attention + MLP: skipping attention leaves ``h + mlp(norm(h))`` (its norm: NeoX's
     ``post_attention_layernorm``, Falcon's shared ``input_layernorm`` or new-architecture ``ln_mlp``)."""
-    model = _model(family)
+    model = family_model(family, torch.float64)
     adapter = adapter_for(model)
     layer = LAYERS[family](model)[2]
     norm = {"gpt_neox": "post_attention_layernorm", "falcon_new_arch": "ln_mlp"}.get(family, "input_layernorm")
@@ -159,7 +145,7 @@ def test_statistics_inside_skipping_are_those_of_the_model_without_the_units(fam
     """Inside the context the adapter numbers layers as the model without the skipped layers does:
     h_0..h_5 and M_k of the skipped model equal those of a copy with layer 1 removed and the two
     sub-blocks' projections zeroed; the skipped MLP's M_k is exactly 0."""
-    model, batch = _model(family), _batch()
+    model, batch = family_model(family, torch.float64), window_batch()
     real = batch["attention_mask"].bool()
     adapter = adapter_for(model)
     points = {(RESIDUAL, k) for k in range(6)} | {(MLP_OUT, k) for k in range(5)}
@@ -176,7 +162,7 @@ def test_statistics_inside_skipping_are_those_of_the_model_without_the_units(fam
 
 
 def test_surgery_is_refused_inside_skipping():
-    model = _model("mistral")
+    model = family_model("mistral", torch.float64)
     adapter = adapter_for(model)
     with adapter.skipping([2]):
         surgery = ModelSurgery(adapter)
@@ -192,18 +178,18 @@ def test_surgery_is_refused_inside_skipping():
 
 @pytest.mark.parametrize("family", ["mistral", "falcon"])
 def test_everything_is_restored_after_an_exception(family):
-    model, batch = _model(family), _batch()
-    before, snapshot = _logits(model, batch, use_cache=False), _snapshot(model)
+    model, batch = family_model(family, torch.float64), window_batch()
+    before, snapshot = logits(model, batch, use_cache=False), _snapshot(model)
     adapter = adapter_for(model)
     with pytest.raises(KeyError, match="inside"), adapter.skipping([0, "2.mlp", "3.attn"]):
-        _logits(model, batch)
+        logits(model, batch, use_cache=None)
         raise KeyError("inside")
     _assert_untouched(model, snapshot, batch, before)
     # an exception raised by the model's own forward (a cache is refused) restores as well
     with pytest.raises(ValueError, match="without a KV cache"), adapter.skipping([2]):
         model.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="use_cache=True"), adapter.skipping(["1.attn"]):
-        _logits(model, batch, use_cache=True)
+        logits(model, batch, use_cache=True)
     _assert_untouched(model, snapshot, batch, before)
 
 
@@ -211,7 +197,7 @@ def test_nested_skipping_and_a_forward_set_by_someone_else_are_restored():
     """A module whose forward is already an instance attribute (as accelerate's dispatch sets it) gets
     that attribute back; nested contexts combine (the inner one numbers layers as the outer one left
     them: its 4.mlp is the original 5.mlp) and unwind in order."""
-    model, batch = _model("mistral"), _batch()
+    model, batch = family_model("mistral", torch.float64), window_batch()
     real = batch["attention_mask"].bool()
     layer = LAYERS["mistral"](model)[2]
     calls = []
@@ -225,16 +211,16 @@ def test_nested_skipping_and_a_forward_set_by_someone_else_are_restored():
     adapter = adapter_for(model)
     with adapter.skipping([2]):
         with adapter.skipping(["4.mlp"]):
-            inner = _logits(model, batch)
-        outer = _logits(model, batch)
+            inner = logits(model, batch, use_cache=None)
+        outer = logits(model, batch, use_cache=None)
     assert layer.forward is wrapped and not calls
     both = copy.deepcopy(model)
     del LAYERS["mistral"](both)[2].forward
     with adapter_for(both).skipping([2, "5.mlp"]):
-        torch.testing.assert_close(inner[real], _logits(both, batch)[real], rtol=0, atol=0)
+        torch.testing.assert_close(inner[real], logits(both, batch, use_cache=None)[real], rtol=0, atol=0)
     with adapter_for(both).skipping([2]):
-        torch.testing.assert_close(outer[real], _logits(both, batch)[real], rtol=0, atol=0)
-    _logits(model, batch, use_cache=False)
+        torch.testing.assert_close(outer[real], logits(both, batch, use_cache=None)[real], rtol=0, atol=0)
+    logits(model, batch, use_cache=False)
     assert calls
 
 
@@ -262,23 +248,23 @@ def _removed_parameter_names(model, family, layer_index, part) -> set[str]:
     return {f"{prefix}.{name}.{p}" for name in own for p, _ in getattr(layers[layer_index], name).named_parameters()}
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_sub_block_removal_then_save_and_reload(family, tmp_path):
     """remove_units == skipping the same units (float64); the parameters of the removed sub-blocks
     are gone; the saved directory refuses plain from_pretrained and `load_pruned` gives identical
     logits (float32: transformers' own float64 reload of Gemma recomputes a buffer in float64)."""
-    batch = _batch()
+    batch = window_batch()
     real = batch["attention_mask"].bool()
     units = ["1.attn", "4.mlp", 2]  # layer 2 goes first: 4.mlp becomes 3.mlp
-    model = _model(family)
+    model = family_model(family, torch.float64)
     gone = _removed_parameter_names(model, family, 1, "attention") | _removed_parameter_names(model, family, 4, "mlp")
     with adapter_for(model).skipping(units):
-        skipped = _logits(model, batch)
+        skipped = logits(model, batch, use_cache=None)
     adapter = adapter_for(model)
     ModelSurgery(adapter).remove_units(units)
     assert ModelSurgery(adapter).removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
     assert model.config.num_hidden_layers == 5 == len(LAYERS[family](model))
-    torch.testing.assert_close(_logits(model, batch, use_cache=False)[real], skipped[real], **TOL)
+    torch.testing.assert_close(logits(model, batch, use_cache=False)[real], skipped[real], **TOL)
     names = {n for n, _ in model.named_parameters()}
     renamed = {n.replace(".4.", ".3.") if ".4." in n else n for n in gone}  # layer 4 is now layer 3
     assert not names & renamed and len(gone) >= 2
@@ -292,8 +278,8 @@ def test_sub_block_removal_then_save_and_reload(family, tmp_path):
     reloaded = load_pruned(tmp_path / "pruned")
     assert ModelSurgery(adapter_for(reloaded)).removed_sub_blocks() == [Unit(1, "attention"), Unit(3, "mlp")]
     assert {n for n, _ in reloaded.named_parameters()} == {n for n, _ in model32.named_parameters()}
-    torch.testing.assert_close(_logits(reloaded, batch, use_cache=False)[real],
-                               _logits(model32, batch, use_cache=False)[real], rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch, use_cache=False)[real],
+                               logits(model32, batch, use_cache=False)[real], rtol=0, atol=0)
     prompt = batch["input_ids"][:1, :5]
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(reloaded.generate(prompt, use_cache=True, **kwargs),
@@ -301,7 +287,7 @@ def test_sub_block_removal_then_save_and_reload(family, tmp_path):
 
 
 def test_parameter_counts_of_units_are_the_sums_of_their_modules():
-    model = _model("mistral")
+    model = family_model("mistral", torch.float64)
     adapter = adapter_for(model)
     layer = LAYERS["mistral"](model)[1]
 
@@ -336,7 +322,7 @@ def test_units_print_parse_sort_and_normalise():
 def test_bad_units_are_refused_before_anything_changes():
     import transformers as t
 
-    model = _model("mistral")
+    model = family_model("mistral", torch.float64)
     adapter = adapter_for(model)
     snapshot = _snapshot(model)
     with pytest.raises(ConfigError, match=r"units \['6.mlp'\]: the model has layers 0..5"):

@@ -9,31 +9,22 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.service import CalibrationService
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-from tests.reference import nll_float64
-from tests.unit.test_architectures import _config
+from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches
+from tests.reference import nll_float64, without_layers
+from tests.families import family_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L = 6
 
 
-def without_layers(model, removed: list[int]):
-    """A deep copy of a tiny Llama with the listed layers (indices into its current list) deleted."""
-    out = copy.deepcopy(model)
-    out.model.layers = nn.ModuleList([layer for k, layer in enumerate(out.model.layers) if k not in removed])
-    out.config.num_hidden_layers = len(out.model.layers)
-    return out
-
-
 def tiny_model(seed: int = 3):
-    return build_tiny_model(tiny_llama_config(num_layers=L), seed=seed, dtype=torch.float64)
+    return build_tiny_llama64(num_layers=L, seed=seed)
 
 
 def calibration():
@@ -90,7 +81,7 @@ def harmful_gpt2(k: int):
     """A tiny GPT-2 whose layer k adds a large constant along the (large) embedding of token 2, which never
     occurs in the data: with layer k, every position predicts token 2 (NLL in the tens); without it, the
     plain random model (NLL near log V). Removing k is then the best single removal by far."""
-    model = build_tiny_model(_config("gpt2"), seed=3, dtype=torch.float64)
+    model = build_tiny_model(family_config("gpt2"), seed=3, dtype=torch.float64)
     u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0),
                                                   dtype=torch.float64), dim=0)
     with torch.no_grad():

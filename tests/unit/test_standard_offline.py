@@ -36,13 +36,6 @@ SPLIT_SIZES = {"arc_easy@validation": 570, "arc_challenge@validation": 299, "hel
 
 
 @pytest.fixture(scope="module")
-def task_manager():
-    from depthbench.evaluation.lm_eval_runner import _task_manager
-
-    return _task_manager()
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("standard_offline")
 

@@ -10,7 +10,7 @@ from depthbench.calibration.statistics import (
     collect,
 )
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import random_batches
+from tests.helpers import random_batches
 from tests.reference import manual_llama_forward
 
 

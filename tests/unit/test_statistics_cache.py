@@ -4,7 +4,7 @@ import torch
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity, collect
 from depthbench.modeling.adapters import adapter_for
-from tests.conftest import random_batches
+from tests.helpers import random_batches, build_tiny_llama64
 
 
 def _requests(adapter):
@@ -81,9 +81,8 @@ def test_replaceme_ablation_reuses_moments_without_a_pass(tmp_path, counting_col
 
     from depthbench.calibration.batches import CalibrationData
     from depthbench.pruners import build_pruner
-    from tests.conftest import build_tiny_model, tiny_llama_config
 
-    base = build_tiny_model(tiny_llama_config(num_layers=6, hidden=16), dtype=torch.float64)
+    base = build_tiny_llama64(num_layers=6, hidden=16)
     data = CalibrationData(random_batches(n_batches=3, batch_size=8, seq_len=16), 16)
     cache = StatisticsCache(tmp_path, model_fingerprint="tiny")
     _prune_cached(build_pruner("replaceme_ls"), adapter_for(copy.deepcopy(base)), data, cache)

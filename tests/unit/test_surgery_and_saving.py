@@ -8,12 +8,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import METADATA_FILE, save_pruned
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
+from tests.helpers import build_tiny_model, logits, random_batches, tiny_llama_config
 
 
 def test_remove_save_reload_identical_logits_and_generation(tiny_llama, tmp_path):
@@ -31,7 +26,7 @@ def test_remove_save_reload_identical_logits_and_generation(tiny_llama, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert reloaded.config.num_hidden_layers == 3
     batch = random_batches(n_batches=1)[0]
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
 
     prompt = batch["input_ids"][:1, :6]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -58,7 +53,7 @@ def test_per_layer_config_lists_follow_the_kept_layers(tmp_path):
     model.save_pretrained(tmp_path / "q")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert reloaded.config.layer_types == model.config.layer_types
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
     out = reloaded.generate(batch["input_ids"][:1, :12], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 16
 
@@ -112,7 +107,7 @@ def test_custom_layout_versions_1_and_2_load_and_others_are_refused(tmp_path):
     batch = random_batches(n_batches=1)[0]
     version1 = {k: v for k, v in written.items() if k != "removed_sub_blocks"} | {"format_version": 1}
     sidecar.write_text(json.dumps(version1))
-    torch.testing.assert_close(_logits(load_pruned(tmp_path / "pruned"), batch), _logits(model, batch), rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "pruned"), batch), logits(model, batch), rtol=0, atol=0)
     sidecar.write_text(json.dumps(written | {"format_version": 3}))
     with pytest.raises(ValueError, match="format_version 3; this depthbench reads 1, 2"):
         load_pruned(tmp_path / "pruned")
@@ -125,9 +120,9 @@ def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(fa
     loads every key (nothing randomly initialised); load_pruned puts the stand-ins back; the old layout
     stays available (``sub_blocks="removed"``)."""
     from depthbench.modeling.saving import load_pruned
-    from tests.unit.test_architectures import _config
+    from tests.families import family_config
 
-    model = build_tiny_model(tiny_llama_config() if family == "llama" else _config(family))
+    model = build_tiny_model(tiny_llama_config() if family == "llama" else family_config(family))
     adapter = adapter_for(model)
     ModelSurgery(adapter).remove_units(["1.attn", "3.mlp", 2])  # layer 2 goes: 3.mlp becomes 2.mlp
     batch = random_batches(n_batches=1)[0]
@@ -139,7 +134,7 @@ def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(fa
     reloaded, info = plain[0].eval(), plain[1]
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert reloaded.config.num_hidden_layers == 5
-    torch.testing.assert_close(_logits(reloaded, batch)[real], _logits(model, batch)[real], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits(reloaded, batch)[real], logits(model, batch)[real], rtol=1e-6, atol=1e-6)
     layers = adapter_for(reloaded).decoder_layers()
     out_proj = {"llama": lambda b: b.self_attn.o_proj, "gemma2": lambda b: b.self_attn.o_proj,
                 "gpt_neox": lambda b: b.attention.dense}[family](layers[1])
@@ -151,12 +146,12 @@ def test_removed_sub_blocks_save_zeroed_and_reload_with_plain_from_pretrained(fa
     in_memory = load_pruned(tmp_path / "pruned")
     assert [str(u) for u in ModelSurgery(adapter_for(in_memory)).removed_sub_blocks()] == ["1.attn", "2.mlp"]
     assert adapter_for(in_memory).parameter_counts() == adapter.parameter_counts()
-    torch.testing.assert_close(_logits(in_memory, batch)[real], _logits(model, batch)[real], rtol=0, atol=0)
+    torch.testing.assert_close(logits(in_memory, batch)[real], logits(model, batch)[real], rtol=0, atol=0)
 
     save_pruned(model, None, tmp_path / "layout", {}, sub_blocks="removed")
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(tmp_path / "layout")
-    torch.testing.assert_close(_logits(load_pruned(tmp_path / "layout"), batch)[real], _logits(model, batch)[real],
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "layout"), batch)[real], logits(model, batch)[real],
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="sub_blocks='identity'; allowed: zeroed, removed"):
         save_pruned(model, None, tmp_path / "bad", {}, sub_blocks="identity")
