@@ -185,6 +185,14 @@ class ModelSettings:
     dtype: str = setting("auto", "auto (bfloat16 where native, float16 on older GPUs, float32 on CPUs without "
                                  "bfloat16 kernels), float32, bfloat16 or float16.")
     device_map: Optional[Any] = setting(None, "transformers device_map (auto: shard over the GPUs); null: `device`.")
+    layerwise: bool = setting(False, "Prune a model larger than memory: read config.json, build the model without "
+                                     "weights, read one decoder layer at a time from the checkpoint's safetensors "
+                                     "shards for the calibration passes and save the pruned model shard by shard. A "
+                                     "local safetensors directory (model=hf model.name_or_path=DIR); single-pass "
+                                     "methods only (replaceme_ls, uidl, shortgpt); needs evaluate=false (docs/USAGE.md "
+                                     "'Models larger than memory').")
+    layerwise_buffer_gb: float = setting(1.0, "Layer-wise only: GiB of memory for the carried residual stream and "
+                                            "captured activations before they spill to files in the temp dir.")
 
 
 # ---------------------------------------------------------------------------------------------- logger, paths

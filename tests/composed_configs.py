@@ -73,8 +73,22 @@ def diff(base: dict, other: dict) -> dict:
 
 def preset_cells(preset: str) -> list[list[str]]:
     """The override lists of a preset's sweep cells (the product of its sweeper params)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not GlobalHydra.instance().is_initialized():
+        with composing():
+            return preset_cells(preset)
     params = compose(f"experiment={preset}", hydra_cfg=True).hydra.sweeper.params or {}
-    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    axes = []
+    for key, values in params.items():
+        if str(values).startswith("glob("):  # over the config group's options, as the sweeper expands it
+            (override,) = parser.parse_overrides([f"{key}={values}"])
+            values = list(override.sweep_string_iterator())
+        else:  # "a,b": the values as written (cell names as in the recorded dump)
+            values = str(values).split(",")
+        axes.append([f"{key}={value}" for value in values])
     return [[f"experiment={preset}", *cell] for cell in itertools.product(*axes)]
 
 

@@ -20,7 +20,7 @@ from depthbench.calibration.strategy import REPLAY_POINTS, ActivationStrategy
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 N_BATCHES = 3
 
@@ -210,7 +210,7 @@ def test_the_setting_is_checked_once_with_the_allowed_values():
     from omegaconf import OmegaConf
 
     from depthbench.experiments.cache_settings import CacheSettings
-    from tests.unit.test_configs import _compose
+    from tests.helpers import compose as _compose
 
     yaml = _compose().cache
     assert CacheSettings.from_config(yaml).activation_strategy == "auto"
@@ -225,7 +225,7 @@ def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, s
     """The pipeline's prune step builds the strategy from ``cache.activation_strategy`` and puts its record in
     the outcome that result.json and pruning.json carry (``calibration.activations``)."""
     from depthbench.experiments.pipeline import Cell, prune as prune_step
-    from tests.unit.test_configs import _compose
+    from tests.helpers import compose as _compose
 
     cell = Cell(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
     model = copy.deepcopy(base)

@@ -22,7 +22,7 @@ from depthbench.calibration.batches import CalibrationData
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.saving import load_pruned, save_pruned
 from depthbench.pruners import build_pruner, pruner_registry
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

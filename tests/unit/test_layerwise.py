@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import build_tiny_model, random_batches, tiny_llama_config
+from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.calibration.batches import CalibrationData
@@ -185,14 +185,9 @@ def _fake_bin(source, target):
 
 # -- the pipeline: `depthbench model=hf model.name_or_path=DIR model.layerwise=true` ------------------------------
 def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
+    from tests.helpers import compose
 
-    from depthbench.config_store import register_configs
-    from tests.unit.test_newcomer_checks import CONF
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=["logger=none", "benchmark=none", *overrides])
+    return compose("logger=none", "benchmark=none", *overrides)
 
 
 @pytest.fixture

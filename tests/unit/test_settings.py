@@ -20,7 +20,10 @@ ADDED = [(lambda cell: True, "benchmark.limit_sampling", "stratified"),
          # a new setting (calibration/strategy.py), not a former fallback: on a CPU `auto` chooses the store as before
          (lambda cell: True, "cache.activation_strategy", "auto"),
          # a new option (Shortened-Taylor's accumulator, issue 29): auto keeps float64 sums on float32 models
-         (lambda cell: "shortened_taylor" in cell, "pruner.options.accumulator", "auto")]
+         (lambda cell: "shortened_taylor" in cell, "pruner.options.accumulator", "auto"),
+         # new settings (model.layerwise, issue 29), off by default; left out of the config hash while off
+         (lambda cell: True, "model.layerwise", False),
+         (lambda cell: True, "model.layerwise_buffer_gb", 1.0)]
 for _key, _value in (("streaming", False), ("max_documents", 20000), ("chat", False)):
     ADDED += [(lambda cell: True, f"calibration.{_key}", _value),
               (lambda cell: True, f"evaluation.perplexity.{_key}", _value)]
