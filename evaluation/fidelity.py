@@ -343,13 +343,13 @@ def cached_reference(cache_dir, material: Mapping, compute, stale_after_s: float
     """``(reference, hit)``: the dense reference for ``material`` from the cache, else ``compute()``.
 
     The tensors live in ``<cache_dir>/fidelity_reference/<key>.safetensors`` (written atomically); the
-    base-result cache (`depthbench.evaluation.base_cache`) holds a small manifest with the file's
+    result cache (`depthbench.evaluation.result_cache`) holds a small manifest with the file's
     SHA-256, so a reference is reused only when its file is intact."""
     from pathlib import Path
 
-    from depthbench.evaluation import base_cache
+    from depthbench.evaluation import result_cache
 
-    key = base_cache.cache_key(material)
+    key = result_cache.cache_key(material)
     path = Path(cache_dir) / REFERENCE_SUBDIR / f"{key}.safetensors"
     computed: dict = {}
 
@@ -359,13 +359,13 @@ def cached_reference(cache_dir, material: Mapping, compute, stale_after_s: float
         return {"file": path.name, "sha256": sha, "tokens": int(computed["reference"]["topk_ids"].shape[0])}
 
     lock = {} if stale_after_s is None else {"stale_after_s": stale_after_s}
-    entry, hit = base_cache.cached_base_result(cache_dir, material, manifest, **lock)
+    entry, hit = result_cache.cached_result(cache_dir, material, manifest, "the dense fidelity reference", **lock)
     if not hit:
         return computed["reference"], False
     ref = _load_reference(path, entry.get("sha256", ""))
     if ref is None:  # manifest without an intact file: recompute and replace both
         ref = compute()
-        base_cache.store(cache_dir, material, {"file": path.name, "sha256": _save_reference(path, ref),
-                                               "tokens": int(ref["topk_ids"].shape[0])})
+        result_cache.store(cache_dir, material, {"file": path.name, "sha256": _save_reference(path, ref),
+                                                 "tokens": int(ref["topk_ids"].shape[0])})
         return ref, False
     return ref, True

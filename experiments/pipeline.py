@@ -27,7 +27,7 @@ from depthbench.measure import StageTimer
 from depthbench.paths import RunPaths, run_paths
 from depthbench.provenance import provenance
 from depthbench.settings import without_added_defaults
-from depthbench.evaluation.base_cache import cached_base_result, key_material
+from depthbench.evaluation.result_cache import base_evaluation_material, cached_result
 from depthbench.evaluation.perplexity import heldout_windows
 from depthbench.evaluation.retention import retention_report
 from depthbench.evaluation.fidelity import reference_perplexity
@@ -126,7 +126,7 @@ def statistics_dir(cfg: DictConfig, sweep_dir: Path | None) -> Path:
 def base_result_material(cfg: DictConfig, fingerprint: str) -> dict:
     """What the base model's quality numbers depend on: the weights, the benchmark, the held-out text."""
     benchmark = without_added_defaults(OmegaConf.to_container(cfg.benchmark, resolve=True), ("benchmark",))
-    return key_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype, benchmark,
+    return base_evaluation_material(fingerprint, cfg.model.get("revision"), cfg.model.dtype, benchmark,
                         extra={"perplexity": OmegaConf.to_container(cfg.evaluation.perplexity, resolve=True)})
 
 
@@ -302,7 +302,7 @@ def load_weights(cell: Cell) -> None:
 
 
 def evaluate_base(cell: Cell) -> None:
-    """The dense model's quality (shared across a sweep's cells through the base-result cache), its
+    """The dense model's quality (shared across a sweep's cells through the result cache), its
     fidelity reference, and a copy of it for the interleaved speed measurement (pruning edits in place)."""
     cfg, loaded, timer = cell.cfg, cell.loaded, cell.timer
     material = base_result_material(cfg, cell.fingerprint)
@@ -320,8 +320,8 @@ def evaluate_base(cell: Cell) -> None:
                            cell.progress, "base", heldout=heldout)[0]
 
         if cell.shares_base_results:
-            cell.metrics["base"], hit = cached_base_result(cell.caches, material, compute,
-                                                           stale_after_s=cell.cache.lock_stale_s)
+            cell.metrics["base"], hit = cached_result(cell.caches, material, compute, "the base model's evaluation",
+                                                      stale_after_s=cell.cache.lock_stale_s)
             cell.metrics["base_from_cache"] = hit
         else:
             cell.metrics["base"] = compute()

@@ -3,8 +3,8 @@
 A sweep over ``healing`` prunes the same model once per cell (pruning is cheap once the calibration
 statistics are cached) but evaluates the pruned-only model once: the entry is keyed by the run's config
 hash with ``healing`` set to ``none`` and without ``save_model`` (so the ``healing=none`` cell and every
-``lora`` cell of the same method, ratio, data and evaluation share it), stored in the base-result cache
-(`depthbench.evaluation.base_cache`, same atomic writes, same lock so concurrent cells compute it
+``lora`` cell of the same method, ratio, data and evaluation share it), stored in the result cache
+(`depthbench.evaluation.result_cache`, same atomic writes, same lock so concurrent cells compute it
 once). The entry also holds a SHA-256 of the pruned weights: a hit whose weights differ from this
 cell's pruned model (pruning that is not reproducible) is not used, and the numbers are recomputed.
 """
@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import depthbench
-from depthbench.evaluation import base_cache
+from depthbench.evaluation import result_cache
 from depthbench.experiments.resume import config_hash
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ METRICS_FORMAT = 2
 
 
 def material(cfg: DictConfig) -> dict:
-    return {"kind": KIND, "format": base_cache.FORMAT, "metrics_format": METRICS_FORMAT,
+    return {"kind": KIND, "format": result_cache.FORMAT, "metrics_format": METRICS_FORMAT,
             "config_hash_without_healing": unhealed_hash(cfg),
             "depthbench": depthbench.__version__}
 
@@ -71,11 +71,11 @@ def cached_pruned_metrics(cache_dir: Path | None, cfg: DictConfig, model, comput
         return {"weights_sha256": digest, "metrics": compute()}
 
     lock = {} if stale_after_s is None else {"stale_after_s": stale_after_s}
-    stored, hit = base_cache.cached_base_result(cache_dir, key, entry, **lock)
+    stored, hit = result_cache.cached_result(cache_dir, key, entry, "the pruned-only metrics", **lock)
     if hit and stored.get("weights_sha256") != digest:
         log.warning("cached pruned-only metrics were computed on other pruned weights (pruning not reproducible?); "
                     "recomputing them for this cell")
         stored = entry()
-        base_cache.store(cache_dir, key, stored)
+        result_cache.store(cache_dir, key, stored)
         hit = False
     return stored["metrics"], hit

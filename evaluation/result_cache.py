@@ -1,10 +1,13 @@
-"""The base model's benchmark results, computed once per (model, benchmark) and reused by every pruner.
+"""Results computed once and reused by every cell of a sweep: JSON entries keyed by a SHA-256 of their material.
 
-The key is a SHA-256 of everything that determines the numbers: the model's source, revision and
-dtype, the benchmark config, the data version (for the offline suite), the lm-eval version and the
-depthbench version. Entries are JSON files written atomically; a file that cannot be read, or whose
-stored key does not match, is treated as absent and recomputed. Concurrent cells compute an entry
-once (`depthbench.locking.EntryLock`).
+Three kinds of entry live here, each with its own material (everything that determines the numbers):
+the base model's evaluation (`base_evaluation_material`: the model's source, revision and dtype, the benchmark
+config, the data version, the lm-eval and depthbench versions), the manifest of a dense fidelity reference
+(`depthbench.evaluation.fidelity.cached_reference`) and a pruned model's metrics shared by its healing cells
+(`depthbench.healing.pruned_cache`). Entries are JSON files written atomically; a file that cannot be read,
+or whose stored key does not match, is treated as absent and recomputed. Concurrent cells compute an entry
+once (`depthbench.locking.EntryLock`). The folder keeps its first name, ``base_results``, so that caches
+written before stay valid.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _plain(obj):
     return obj
 
 
-def key_material(model_source: str, revision: str | None, dtype: str, benchmark_cfg: Mapping,
+def base_evaluation_material(model_source: str, revision: str | None, dtype: str, benchmark_cfg: Mapping,
                  extra: Mapping | None = None) -> dict:
     """What the base result depends on (stored next to the result, so a hit can be verified)."""
     from depthbench.evaluation.lm_eval_runner import lm_eval_version, offline_data_version
@@ -73,7 +76,7 @@ def load(cache_dir: str | Path, material: Mapping) -> dict | None:
         if entry["key"] != key or cache_key(entry["material"]) != key or not isinstance(entry["result"], dict):
             raise ValueError("key mismatch")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("ignoring unreadable base-result cache file %s (%s); recomputing", path, err)
+        log.warning("ignoring unreadable result-cache file %s (%s); recomputing", path, err)
         return None
     return entry["result"]
 
@@ -85,15 +88,16 @@ def store(cache_dir: str | Path, material: Mapping, result: dict) -> Path:
     return path
 
 
-def cached_base_result(cache_dir: str | Path, material: Mapping, compute: Callable[[], dict],
-                       stale_after_s: float = STALE_AFTER_S) -> tuple[dict, bool]:
-    """``(result, hit)``: the cached base result, or ``compute()`` stored for the next run. Cells running
-    at the same time compute it once: the first takes the entry's `EntryLock`, the others wait and read."""
+def cached_result(cache_dir: str | Path, material: Mapping, compute: Callable[[], dict], what: str,
+                  stale_after_s: float = STALE_AFTER_S) -> tuple[dict, bool]:
+    """``(result, hit)``: the cached entry for ``material``, or ``compute()`` stored for the next run. Cells
+    running at the same time compute it once: the first takes the entry's `EntryLock` (``what`` names the
+    entry in the lock's messages), the others wait and read."""
     result = load(cache_dir, material)
     if result is not None:
         return result, True
     path = cache_path(cache_dir, cache_key(material))
-    with EntryLock(path.with_name(f".{path.stem}.lock"), what="the base model's evaluation",
+    with EntryLock(path.with_name(f".{path.stem}.lock"), what=what,
                    stale_after_s=stale_after_s):
         result = load(cache_dir, material)
         if result is not None:
