@@ -1,7 +1,7 @@
 """What one FinerCut selection costs, counted: masked evaluations, decoder-layer runs and head runs per calibration
 batch, under depthbench's prefix caching against the reference's one full masked pass per evaluation.
 
-FinerCut (greedy) scores, at step t, every candidate sub-block of its pool C_t (`depthbench.pruners.finercut`:
+FinerCut (greedy) scores, at step t, every candidate sub-block of its pool C_t (`depthbench.pruners.methods.finercut`:
 both sub-blocks of layers 0..int(2L x / 2) withheld until int(2L x) + 1 are removed): ``sum_t |C_t|``
 evaluations. The reference runs each as one whole forward pass of the masked model (every layer runs: it
 multiplies the module's output by 0), plus one dense pass for its stored ``z0``: ``(E + 1) x L`` layer runs
@@ -35,8 +35,8 @@ def selection_cost(num_layers: int, exclude_front: float, picks: list[str], dive
     order): evaluations, depthbench's layer and head runs, and the reference's (one full pass per evaluation
     plus one dense pass). ``divergence`` false (``divergence: ppl``): no dense pass."""
     from depthbench.modeling.units import as_unit
-    from depthbench.pruners.finercut import candidate_pool
-    from depthbench.pruners.llm_drop import candidate_units
+    from depthbench.pruners.methods.finercut import candidate_pool
+    from depthbench.pruners.methods.llm_drop import candidate_units
 
     L = num_layers
     candidates = candidate_units(L, "joint")
@@ -64,8 +64,8 @@ def selection_cost(num_layers: int, exclude_front: float, picks: list[str], dive
 
 def picks_in_pool_order(num_layers: int, exclude_front: float, k: int, highest_first: bool) -> list[str]:
     """K picks that always take the pool's lowest (or highest) candidate layer, attention before MLP."""
-    from depthbench.pruners.finercut import candidate_pool
-    from depthbench.pruners.llm_drop import candidate_units
+    from depthbench.pruners.methods.finercut import candidate_pool
+    from depthbench.pruners.methods.llm_drop import candidate_units
 
     candidates = candidate_units(num_layers, "joint")
     chosen: list = []

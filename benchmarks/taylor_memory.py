@@ -89,7 +89,7 @@ def child(variant: str, args) -> None:
     from real_scale import build_model, random_calibration
 
     from depthbench.modeling.adapters import adapter_for
-    from depthbench.pruners.shortened_llama import taylor_importance
+    from depthbench.pruners.methods.shortened_llama import taylor_importance
 
     torch.set_num_threads(1)
     model = build_model(SMALL, torch.bfloat16, "cpu", args.seed)

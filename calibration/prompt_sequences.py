@@ -1,5 +1,5 @@
 """Every calibration sequence's residual stream ``h_k``, k = 0..L-1, as a fixed-size ``[positions x d]`` array per
-sequence, spilled to disk in float32 (MKA's activations, `depthbench.pruners.mka`).
+sequence, spilled to disk in float32 (MKA's activations, `depthbench.pruners.methods.mka`).
 
 A sequence's real tokens (attention mask 1), in order, are cut to ``positions`` and zero-padded after that, so
 row ``t`` of a sequence is its ``t``-th real token whatever side the batch was padded on, and every position past

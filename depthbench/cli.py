@@ -98,7 +98,7 @@ def methods_help() -> str:
         lines.append(f"{name}: {pruner.paper}" if pruner.paper else name)
         for key, kind, default, text in option_help(pruner.Options):
             lines.append(f"    {key} ({kind}, default {default!r}): {text}")
-    from depthbench.pruners.compensation import FOLDS, METHODS, MODES
+    from depthbench.pruners.methods.compensation import FOLDS, METHODS, MODES
 
     lines += ["", "== Any layer-removal method: Prune&Comp magnitude compensation (docs/METHODS.md) ==",
               f"pruner.compensate ({' | '.join(METHODS)}, default none), pruner.compensate_mode "

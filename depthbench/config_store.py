@@ -49,7 +49,7 @@ def register_configs() -> None:
         options = OmegaConf.structured(pruner.Options)
         for key in run_seeded(pruner.Options):  # a method's own seed follows the run's unless set
             options[key] = "${seed}"
-        # compensate*: the pruner-level Prune&Comp setting (`depthbench.pruners.compensation`), any method
+        # compensate*: the pruner-level Prune&Comp setting (`depthbench.pruners.methods.compensation`), any method
         store.store(group="pruner", name=name, node={"name": name, "options": options, "compensate": "none",
                                                      "compensate_mode": "iterative", "compensate_fold": "after"},
                     provider="depthbench")

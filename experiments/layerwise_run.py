@@ -30,7 +30,7 @@ def check(cfg: DictConfig, pruner) -> None:
     """Every refusal of a layer-wise run, before any weights (config.json and the shards' index are read)."""
     from depthbench.modeling.layerwise import check_layerwise_source
     from depthbench.pruners import pruner_registry
-    from depthbench.pruners.compensation import CompensatedPruner
+    from depthbench.pruners.methods.compensation import CompensatedPruner
 
     supported = ", ".join(n for n in pruner_registry.names() if pruner_registry.get(n).supports_layerwise)
     compensated = isinstance(pruner, CompensatedPruner)

@@ -82,7 +82,7 @@ class PruneResult:
     #: ``calibration_tokens``, ``training_tokens``, ``optimizer_steps``, ``epochs`` of this prune (0 where
     #: nothing is trained), from the replacement's ``budget`` where it has one.
     budget: dict = field(default_factory=dict)
-    #: Prune&Comp's record (settings, alpha per gap or round; `depthbench.pruners.compensation`), or None:
+    #: Prune&Comp's record (settings, alpha per gap or round; `depthbench.pruners.methods.compensation`), or None:
     #: what a `RemovalStage` that replaces select / fit / apply recorded.
     compensation: dict | None = None
 
@@ -237,7 +237,7 @@ class Pruner(ABC):
     def run_stages(self, adapter: ModelAdapter, service: CalibrationService, n_remove: int,
                    removal: "RemovalStage | None" = None) -> PruneResult:
         """score, then select / fit / apply, timed; ``removal`` replaces the last three (Prune&Comp removes and
-        compensates in one stage, `depthbench.pruners.compensation.CompensatedPruner`)."""
+        compensates in one stage, `depthbench.pruners.methods.compensation.CompensatedPruner`)."""
         num_layers = adapter.num_layers
         timer = StageTimer()
         params_before = adapter.parameter_counts()

@@ -1,10 +1,10 @@
 """Building a pruner from its config: the registered method with its options, wrapped by the pruner-level
-features that apply to any method (Prune&Comp, `depthbench.pruners.compensation`)."""
+features that apply to any method (Prune&Comp, `depthbench.pruners.methods.compensation`)."""
 
 from __future__ import annotations
 
 from depthbench.pruners.base import Pruner, pruner_registry
-from depthbench.pruners.compensation import CompensatedPruner, parse_compensation
+from depthbench.pruners.methods.compensation import CompensatedPruner, parse_compensation
 
 
 def build_pruner(name: str, options: dict | None = None, compensate: str = "none", compensate_mode: str = "iterative",

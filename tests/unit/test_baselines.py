@@ -13,7 +13,7 @@ from depthbench.calibration.cache import StatisticsCache
 from depthbench.calibration.service import open_service
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from depthbench.pruners.baselines import last_layer_indices, random_layer_indices
+from depthbench.pruners.methods.baselines import last_layer_indices, random_layer_indices
 from tests.helpers import REPO, build_tiny_model, random_batches, build_tiny_llama64, tiny_llama_config
 
 
@@ -128,7 +128,7 @@ def test_keep_last_at_the_largest_removal_keeps_only_the_final_layer():
 def test_baselines_use_only_the_public_pruner_interface():
     from tests.reference import third_party_imports
 
-    depthbench = third_party_imports(REPO / "pruners" / "baselines.py")
+    depthbench = third_party_imports(REPO / "pruners" / "methods" / "baselines.py")
     assert depthbench == {"depthbench.pruners"}, depthbench
 
 

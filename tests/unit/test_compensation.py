@@ -13,7 +13,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
-from depthbench.pruners.compensation import ChannelMagnitudeRatios, maximal_gaps, remove_and_compensate
+from depthbench.pruners.methods.compensation import ChannelMagnitudeRatios, maximal_gaps, remove_and_compensate
 from tests.helpers import (SCALE_INVARIANT_NORM_EPS, compose, padded_masks, random_batches,
                            real_token_logits, build_tiny_llama64)
 from tests.reference import block_influence_np, residual_states_np
@@ -243,7 +243,7 @@ def test_fold_after_equals_an_explicit_scaling_on_every_family(family):
 
 def test_a_gap_ending_at_the_last_layer_is_removed_without_compensation(caplog):
     from depthbench.pruners.base import Pruner, Selection
-    from depthbench.pruners.compensation import CompensatedPruner, parse_compensation
+    from depthbench.pruners.methods.compensation import CompensatedPruner, parse_compensation
 
     class LastTwo(Pruner):
         name = "last_two_for_test"

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from depthbench.pruners import build_pruner, pruner_registry
-from depthbench.pruners.uidl import UIDLPruner
+from depthbench.pruners.methods.uidl import UIDLPruner
 from tests.helpers import CONF, REPO, compose, swept_values
 
 

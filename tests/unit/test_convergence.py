@@ -15,7 +15,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
 from depthbench.pruners.convergence import ConvergenceLog, holdout_split
-from depthbench.pruners.replaceme import train_transform
+from depthbench.pruners.methods.replaceme import train_transform
 from tests.helpers import CONF, build_tiny_model, compose, random_batches, tiny_llama_config
 
 
@@ -315,7 +315,7 @@ def ill_conditioned_rows(rows=400, d=6, seed=1):
 
 
 def test_whitening_makes_the_mse_hessian_the_identity():
-    from depthbench.pruners.replaceme import whitening
+    from depthbench.pruners.methods.replaceme import whitening
 
     arrays = ill_conditioned_rows()
     index = np.arange(0, 400, 2)

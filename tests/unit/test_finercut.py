@@ -24,8 +24,8 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.adapters.base import ModelAdapter
 from depthbench.pruners import build_pruner
-from depthbench.pruners.finercut import candidate_pool
-from depthbench.pruners.llm_drop import candidate_units
+from depthbench.pruners.methods.finercut import candidate_pool
+from depthbench.pruners.methods.llm_drop import candidate_units
 from depthbench.selection.greedy import ranked_removal
 from tests.helpers import REPO, build_tiny_llama64, random_batches
 from tests.reference import nll_float64

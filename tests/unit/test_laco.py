@@ -12,7 +12,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
-from depthbench.pruners.laco import MergeState, capacity, merge_weights, scan
+from depthbench.pruners.methods.laco import MergeState, capacity, merge_weights, scan
 from tests.helpers import build_tiny_model, random_batches, build_tiny_llama64, tiny_llama_config
 
 LINEAR = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",

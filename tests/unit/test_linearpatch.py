@@ -16,9 +16,9 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.saving import CUSTOM_MODULES_FILE, load_pruned, save_pruned
 from depthbench.pruners import build_pruner
-from depthbench.pruners.compensation import ChannelMagnitudeRatios, remove_and_compensate
+from depthbench.pruners.methods.compensation import ChannelMagnitudeRatios, remove_and_compensate
 from depthbench.pruners.hadamard import HadamardRotation, hadamard_factors, paley, sylvester
-from depthbench.pruners.linearpatch import patch_matrix
+from depthbench.pruners.methods.linearpatch import patch_matrix
 from tests.helpers import (SCALE_INVARIANT_NORM_EPS, build_tiny_model, padded_masks, random_batches,
                            real_token_logits, build_tiny_llama64, tiny_llama_config)
 from tests.reference import residual_states_np

@@ -21,7 +21,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
-from depthbench.pruners.llm_drop import LLMDropPruner
+from depthbench.pruners.methods.llm_drop import LLMDropPruner
 from tests.helpers import build_tiny_llama64, build_tiny_model, random_batches, tiny_llama_config
 from tests.families import ALL_FAMILIES, family_model, window_batch
 from tests.reference import manual_llama_forward

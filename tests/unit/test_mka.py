@@ -17,7 +17,7 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners import build_pruner
 from depthbench.pruners.base import Selection
-from depthbench.pruners.mka import (diffusion_map, knn_entropy, npib_alpha, npib_matrix, plan_merges,
+from depthbench.pruners.methods.mka import (diffusion_map, knn_entropy, npib_alpha, npib_matrix, plan_merges,
                                     prompt_distances, rank_normalise, reference_distances)
 from tests.helpers import build_tiny_model, compose, random_batches, build_tiny_llama64, tiny_llama_config
 

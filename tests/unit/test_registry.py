@@ -3,7 +3,7 @@ import pytest
 from depthbench.errors import ConfigError
 from depthbench.registry import Registry
 from depthbench.pruners import Pruner, build_pruner, pruner_registry
-from depthbench.pruners.uidl import UIDLPruner
+from depthbench.pruners.methods.uidl import UIDLPruner
 
 
 def test_unknown_pruner_lists_available():
@@ -38,7 +38,7 @@ def test_entry_point_plugins_are_found(monkeypatch):
 
 def test_a_plugin_whose_names_disagree_is_refused(monkeypatch):
     """The entry-point name (the config name) and the class's ``name`` (what records show) are one name."""
-    reg = _registry_with_entry_point(monkeypatch, "my_method", "depthbench.pruners.uidl:UIDLPruner")
+    reg = _registry_with_entry_point(monkeypatch, "my_method", "depthbench.pruners.methods.uidl:UIDLPruner")
     with pytest.raises(ConfigError, match=r"entry point is named 'my_method' but its class says name = 'uidl'"):
         reg.get("my_method")
 
@@ -51,7 +51,7 @@ def test_a_plugin_reusing_a_builtin_name_is_named_in_a_warning(monkeypatch, capl
         name, value = "uidl", "my_package.pruners:MyUIDL"
 
     class SameObject:  # the built-in itself exposed as an entry point (e.g. an editable install): no warning
-        name, value = "shortgpt", "depthbench.pruners.uidl:UIDLPruner"
+        name, value = "shortgpt", "depthbench.pruners.methods.uidl:UIDLPruner"
 
     monkeypatch.setattr(registry_module, "entry_points",
                         lambda group: [Clashing(), SameObject()] if group == "depthbench.pruners" else [])

@@ -214,7 +214,7 @@ def test_ppl_with_padding_in_the_data_equals_the_unpadded_windows():
 def test_taylor_auto_accumulator_is_float32_for_16_bit_weights_and_float64_otherwise():
     """``auto`` (the default): float32 only where the products are exact in it (bfloat16 / float16 weights); a
     float32 model keeps the float64 sums, bit for bit the explicit float64 run's scores."""
-    from depthbench.pruners.shortened_llama import effective_accumulator
+    from depthbench.pruners.methods.shortened_llama import effective_accumulator
 
     assert effective_accumulator("auto", [torch.zeros(2, dtype=torch.bfloat16)] * 2) == "float32"
     assert effective_accumulator("auto", [torch.zeros(2, dtype=torch.float16), torch.zeros(2)]) == "float64"

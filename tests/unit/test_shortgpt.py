@@ -32,7 +32,7 @@ def test_block_influence_and_removed_layers_equal_brute_force(n_remove):
 
 
 def test_removed_layers_need_not_be_contiguous():
-    from depthbench.pruners.shortgpt import ShortGPTPruner
+    from depthbench.pruners.methods.shortgpt import ShortGPTPruner
     from depthbench.calibration.statistics import PairwiseSimilarity
 
     stat = PairwiseSimilarity(6, gap=1, tokens="all")

@@ -103,7 +103,7 @@ def test_barriers_keep_the_first_and_last_layer_even_when_removing_them_is_best(
 
 
 def test_first_minimum_wins_on_ties():
-    from depthbench.pruners.sleb import first_argmin
+    from depthbench.pruners.methods.sleb import first_argmin
 
     assert first_argmin([3, 1, 2], {1: 0.5, 2: 0.5, 3: 0.7}) == 1
     assert first_argmin([1, 2, 3], {1: 0.5, 2: 0.5, 3: 0.5}) == 1

@@ -10,7 +10,7 @@ from depthbench.calibration.batches import CalibrationData
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.pruners import build_pruner
-from depthbench.pruners.llm_streamline import warmup_cosine
+from depthbench.pruners.methods.llm_streamline import warmup_cosine
 from tests.helpers import build_tiny_model, random_batches, tiny_llama_config
 from tests.reference import residual_states_np
 
@@ -169,7 +169,7 @@ def test_bfloat16_model_trains_in_mixed_precision():
 
 def test_a_device_without_bfloat16_autocast_is_refused_before_calibration(monkeypatch):
     """As torch does on a CUDA device without bfloat16: the autocast context raises on entry."""
-    import depthbench.pruners.llm_streamline as streamline
+    import depthbench.pruners.methods.llm_streamline as streamline
 
     class NoBf16Autocast:
         def __init__(self, device_type, dtype):

@@ -36,7 +36,7 @@ from depthbench.errors import ConfigError
 from depthbench.modeling.saving import LOAD_INSTRUCTIONS
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
-from depthbench.pruners.compensation import ChannelMagnitudeRatios
+from depthbench.pruners.methods.compensation import ChannelMagnitudeRatios
 from depthbench.pruners.hadamard import HadamardRotation, hadamard_factors
 from depthbench.pruners.options import option
 from depthbench.selection.blocks import Block

@@ -11,7 +11,7 @@ Where a norm sits after the MLP (Gemma-2/3), a diagonal T folds exactly into the
 is applied as option ``norm_fold`` says: ``linear`` (default, docs/METHODS.md) inserts an explicit
 ``Linear(d, d)`` holding ``T^T`` after the norm (exact; d x d new parameters per kept layer; the saved
 model needs ``depthbench.modeling.saving.load_pruned``), ``through_norm`` refits ``down_proj`` and the norm's gain
-to approximate ``M T`` (zero new parameters; `depthbench.pruners.replaceme_norm`). ``pruning.json`` says which.
+to approximate ``M T`` (zero new parameters; `depthbench.pruners.methods.replaceme_norm`). ``pruning.json`` says which.
 
 - ``replaceme_ls``: T from the float64 normal equations ``(A + alpha I) T = B`` (``A = sum M^T M``,
   ``B = sum M^T (h_e - Y)``); every block's moments from one pass over the original model.
@@ -39,8 +39,8 @@ from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import (SCHEDULES, ConvergenceLog, check_holdout, eval_interval, holdout_split,
                                             sum_budgets, training_budget)
 from depthbench.pruners.options import option, run_seed_option
-from depthbench.pruners.replaceme_norm import ThroughNormFit
-from depthbench.pruners.uidl import last_token_angular_distances
+from depthbench.pruners.methods.replaceme_norm import ThroughNormFit
+from depthbench.pruners.methods.uidl import last_token_angular_distances
 from depthbench.selection.blocks import Block, greedy_blocks, merge_touching
 
 
@@ -193,7 +193,7 @@ class _ReplaceMe(Pruner):
 
     def check_model(self, adapter) -> None:
         if adapter.mlp_output_norm(adapter.layer(0)) is not None:
-            return  # a norm after the MLP (Gemma-2/3): T goes into / through it, see pruners/replaceme_norm.py
+            return  # a norm after the MLP (Gemma-2/3): T goes into / through it, see pruners/methods/replaceme_norm.py
         try:
             ModelSurgery(adapter).check_exact_fold()
         except NotImplementedError as err:

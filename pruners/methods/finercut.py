@@ -43,7 +43,7 @@ from depthbench.modeling.units import Unit
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.candidate_scoring import (ScoresCandidates, ScoreSubset, check_score_samples,
                                                   score_samples_option, scoring_subset)
-from depthbench.pruners.llm_drop import candidate_units
+from depthbench.pruners.methods.llm_drop import candidate_units
 from depthbench.pruners.options import option
 from depthbench.pruners.sub_block_budget import Budget, check_budget, module_count, removed_parameters
 from depthbench.selection.greedy import greedy_removal, ranked_removal

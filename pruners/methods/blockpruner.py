@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.candidate_scoring import (ScoresCandidates, ScoreSubset, check_score_samples,
                                                   scoring_subset)
-from depthbench.pruners.llm_drop import candidate_units
+from depthbench.pruners.methods.llm_drop import candidate_units
 from depthbench.pruners.options import option
 from depthbench.pruners.sub_block_budget import Budget, check_budget
 from depthbench.selection.greedy import greedy_removal
