@@ -1,8 +1,8 @@
 """ReplaceMe-LS (and the other methods) at real scale on a randomly initialised model of Llama-3-8B's
 shape: prune time against one bare forward pass over the same calibration data. The 689 s the ReplaceMe
 paper reports for LS (its Figure 1) is quoted beside the record only with both calibration volumes (the
-reference's, ``scale=paper`` in conf/scale/paper.yaml, against the run's), and called comparable only when
-they are equal (``--samples 8000 --seq-len 1024``). Timing needs no trained weights, and the
+reference's, ``scale=paper`` in conf/budget/pruner/paper_replaceme_ls.yaml, against the run's), and called
+comparable only when they are equal (``--samples 8000 --seq-len 1024``). Timing needs no trained weights, and the
 calibration tokens are random ids, so this runs on a GPU machine without internet.
 
     .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
@@ -48,13 +48,13 @@ PAPER_LS_SECONDS = 689  # ReplaceMe (arXiv 2505.02819), Figure 1, Llama-3-8B-Ins
 
 def paper_ls_tokens() -> tuple[int, int]:
     """ReplaceMe-LS's calibration volume at ``scale=paper`` (the reference's: sequences, tokens per sequence),
-    read from conf/scale/paper.yaml so that the quoted budget is the one the preset runs."""
+    read from conf/budget/pruner/paper_replaceme_ls.yaml so that the quoted budget is the one the preset runs."""
     from omegaconf import OmegaConf
 
     import depthbench.conf
 
-    paper = Path(depthbench.conf.__file__).resolve().parent / "scale" / "paper.yaml"
-    budget = OmegaConf.load(paper)["paper_budget"]["replaceme_ls"]
+    paper = Path(depthbench.conf.__file__).resolve().parent / "budget" / "pruner" / "paper_replaceme_ls.yaml"
+    budget = OmegaConf.load(paper)["calibration"]
     return int(budget["n_samples"]), int(budget["seq_len"])
 
 

@@ -18,7 +18,7 @@ from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.modeling.loading import load_model, resolve_dtype
 from depthbench.modeling.saving import save_pruned
-from tests.helpers import CONF, compose
+from tests.helpers import compose
 from tests.integration.conftest import needs_bigbench, needs_offline_packages
 
 pytestmark = [pytest.mark.integration, needs_offline_packages]
@@ -37,10 +37,10 @@ def cfg():
 
 
 def _small(cfg, limit, preset="bigbench"):
-    """conf/benchmark/<preset>.yaml with a small limit (read directly: independent of the defaults list)."""
+    """conf/benchmark/<preset>.yaml as a run composes it (on its schema) with a small limit."""
     from omegaconf import OmegaConf
 
-    bench = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / f"{preset}.yaml"), resolve=True)
+    bench = OmegaConf.to_container(compose(f"benchmark={preset}").benchmark, resolve=True)
     bench["limit"] = limit
     return bench
 

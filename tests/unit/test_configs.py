@@ -196,9 +196,9 @@ def test_a_plugin_pruner_joins_the_method_grids(monkeypatch):
 
 @pytest.mark.parametrize("name", ["replaceme_cosine", "llm_streamline"])
 def test_converged_scale_sets_the_trained_methods_budgets(name):
-    """scale=converged takes each trained method's budget from conf/budget/converged_<name>.yaml (the values the
+    """scale=converged takes each trained method's budget from conf/budget/pruner/converged_<name>.yaml (the values the
     reproduction study found flat); other methods are untouched, and the command line still wins."""
-    budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options
+    budget = OmegaConf.load(CONF / "budget" / "pruner" / f"converged_{name}.yaml").pruner.options
     cfg = compose(f"pruner={name}", "scale=converged")
     default = compose(f"pruner={name}")
     assert budget and all(cfg.pruner.options[k] == v for k, v in budget.items())
@@ -243,10 +243,10 @@ def test_a_candidate_subset_larger_than_the_calibration_set_is_refused_from_the_
 
 def test_cpu_scale_declares_candidate_subsets_and_the_converged_training_budgets():
     """scale=cpu (make leaderboard-all): the default calibration; the per-candidate methods score on the subset their
-    conf/budget/cpu_<name>.yaml declares; the trained methods get exactly scale=converged's budgets; others: the
+    conf/budget/pruner/cpu_<name>.yaml declares; the trained methods get exactly scale=converged's budgets; others: the
     defaults."""
     for name in ("sleb", "shortened_ppl", "blockpruner", "finercut"):
-        declared = OmegaConf.load(CONF / "budget" / f"cpu_{name}.yaml").pruner.options.score_samples
+        declared = OmegaConf.load(CONF / "budget" / "pruner" / f"cpu_{name}.yaml").pruner.options.score_samples
         cfg = compose(f"pruner={name}", "scale=cpu")
         assert cfg.pruner.options.score_samples == declared > 0 and cfg.calibration.n_samples == 128
     for name in ("llm_streamline", "replaceme_cosine"):

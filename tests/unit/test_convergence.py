@@ -354,7 +354,7 @@ def test_precondition_is_validated():
     ("replaceme_cosine", "replaceme_cosine loss=cosine lr=0.0001", "epochs", "epochs"),
     ("llm_streamline", "llm_streamline loss=mse unpacked", "max_steps", "steps")])
 def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, series, key, unit):
-    """conf/budget/converged_<name>.yaml holds a budget the study measured at the method's reference settings
+    """conf/budget/pruner/converged_<name>.yaml holds a budget the study measured at the method's reference settings
     (docs/faithfulness.json): that cell's held-out objective is flat over its last quarter, and every smaller
     budget of the same series that moved the objective was not (a run too short to move it is trivially flat).
     Where no measured budget is flat yet (LLM-Streamline), the file holds the largest one and says so."""
@@ -363,12 +363,12 @@ def test_converged_scale_is_the_smallest_flat_budget_the_study_measured(name, se
     from depthbench.benchmarks import faithfulness as module
 
     cells = json.loads((CONF.parent / "docs" / "faithfulness.json").read_text())["cells"]
-    budget = OmegaConf.load(CONF / "budget" / f"converged_{name}.yaml").pruner.options[key]
+    budget = OmegaConf.load(CONF / "budget" / "pruner" / f"converged_{name}.yaml").pruner.options[key]
     chosen = cells[f"{series} {unit}={budget}"]
     if not module.flat(chosen["convergence"][0]["curve"]):
         measured = [parsed[1] for parsed in map(module._series, cells) if parsed and parsed[0] == series]
         assert budget == max(measured)
-        assert "not yet flat" in (CONF / "budget" / f"converged_{name}.yaml").read_text()  # and says so
+        assert "not yet flat" in (CONF / "budget" / "pruner" / f"converged_{name}.yaml").read_text()  # and says so
         return
     for label, cell in cells.items():
         parsed = module._series(label)

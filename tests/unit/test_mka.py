@@ -197,7 +197,7 @@ def test_too_few_samples_and_bad_options_fail_before_any_pass(counting_collect):
 
 def test_too_few_calibration_sequences_are_refused_from_the_config_alone(tmp_path):
     """The run's config check (no weights read, nothing written) refuses MKA with n <= 50 sequences, naming the
-    value and the minimum; scale=fast's MKA budget (conf/budget/fast_mka.yaml) passes it."""
+    value and the minimum; scale=fast's MKA budget (conf/budget/pruner/fast_mka.yaml) passes it."""
     from depthbench.experiments.pipeline import validate
 
     with pytest.raises(ConfigError, match=r"calibration.n_samples=8; allowed: at least 51"):

@@ -29,6 +29,11 @@ for _key, _value in (("streaming", False), ("max_documents", 20000), ("chat", Fa
               (lambda cell: True, f"evaluation.perplexity.{_key}", _value)]
 
 
+#: Keys that are gone, with why: scale=paper's and scale=fast's budget tables became files of the one budget mechanism
+#: (conf/budget/pruner/, conf/budget/healing/); the settings they fed (calibration.*, healing.*) are compared as before.
+REMOVED_PREFIXES = ("paper_budget.", "healing_budget.")
+
+
 def _strict(value) -> str:
     """Values compared as JSON, so that 16 and 16.0 differ (a config hash would)."""
     return json.dumps(value, sort_keys=True)
@@ -43,6 +48,8 @@ def _unexplained(cell: str, before: dict, after: dict) -> dict:
         if _strict(old) == _strict(new):
             continue
         if old == ABSENT and any(pred(cell) and key == k and _strict(new) == _strict(v) for pred, k, v in ADDED):
+            continue
+        if new == ABSENT and key.startswith(REMOVED_PREFIXES):
             continue
         out[key] = (old, new)
     return out
