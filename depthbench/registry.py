@@ -19,10 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, base: type | None = None, entry_point_group: str | None = None):
+    def __init__(self, kind: str, base: type | None = None, entry_point_group: str | None = None,
+                 builtin_modules: tuple[str, ...] = ()):
+        """``builtin_modules``: modules that register the built-in entries when imported, imported on the first
+        lookup (before the entry points, so that a built-in name wins), not when the registry is created: the
+        package that defines the registry then never imports its own entries at import time (no cycle)."""
         self.kind = kind
         self.base = base
         self.entry_point_group = entry_point_group
+        self.builtin_modules = builtin_modules
         self._entries: dict[str, T | str] = {}
         self._from_entry_points: set[str] = set()
         self._entry_points_loaded = False
@@ -79,9 +84,13 @@ class Registry(Generic[T]):
             raise TypeError(f"{self.kind} {name!r} must be a subclass of {self.base.__name__}, got {obj!r}")
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded or self.entry_point_group is None:
+        if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        for module in self.builtin_modules:
+            importlib.import_module(module)
+        if self.entry_point_group is None:
+            return
         for ep in entry_points(group=self.entry_point_group):
             existing = self._entries.get(ep.name)
             if existing is None:

@@ -10,15 +10,7 @@ from depthbench.pruners.base import PruneResult, Pruner, Selection, pruner_regis
 from depthbench.pruners.factory import build_pruner
 from depthbench.pruners.options import option
 
-# Built-in methods register themselves on import; third parties use the `depthbench.pruners`
-# entry-point group instead (see docs/PLUGINS.md).
-from depthbench.pruners.methods import uidl  # noqa: E402,F401
-from depthbench.pruners.methods import replaceme, shortgpt, llm_streamline  # noqa: E402,F401
-from depthbench.pruners.methods import sleb, shortened_llama  # noqa: E402,F401
-from depthbench.pruners.methods import llm_drop, blockpruner  # noqa: E402,F401
-from depthbench.pruners.methods import finercut  # noqa: E402,F401
-from depthbench.pruners.methods import baselines  # noqa: E402,F401
-from depthbench.pruners.methods import laco, linearpatch  # noqa: E402,F401
-from depthbench.pruners.methods import mka  # noqa: E402,F401
+# The built-in methods (depthbench.pruners.methods) register themselves when the registry first looks up a name
+# (pruner_registry's builtin_modules), not here: this package never imports its methods at import time.
 
 __all__ = ["CalibrationService", "PruneResult", "Pruner", "Selection", "build_pruner", "option", "pruner_registry"]

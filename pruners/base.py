@@ -301,4 +301,10 @@ def prune_budget(calibration_tokens: int, replacement_info: dict | None) -> dict
             "epochs": float(trained.get("epochs", 0.0))}
 
 
-pruner_registry: Registry[type[Pruner]] = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners")
+#: The built-in methods' modules (`depthbench.pruners.methods`), imported by the registry on its first lookup; third
+#: parties use the `depthbench.pruners` entry-point group instead (docs/PLUGINS.md).
+BUILTIN_METHOD_MODULES = tuple(f"depthbench.pruners.methods.{name}" for name in (
+    "uidl", "replaceme", "shortgpt", "llm_streamline", "sleb", "shortened_llama", "llm_drop", "blockpruner", "finercut",
+    "baselines", "laco", "linearpatch", "mka"))
+pruner_registry: Registry[type[Pruner]] = Registry("pruner", base=Pruner, entry_point_group="depthbench.pruners",
+                                                    builtin_modules=BUILTIN_METHOD_MODULES)
