@@ -218,3 +218,20 @@ def test_text_page_is_the_render_of_its_committed_record(tmp_path):
     h = d["healing"]
     assert splits["calibration"]["packed_windows"] * record["seq_len"] >= h["steps"] * h["batch_size"] * h["seq_len"]
     assert all(o["rows_sharing_a_13gram"] == 0 for o in record["benchmark_overlap"].values())
+
+
+def test_the_newcomer_path_times_what_the_guides_say_and_the_guide_quotes_its_record():
+    """benchmarks/newcomer_path.py runs the commands README.md and docs/PLUGINS.md give (less the .venv/bin/ prefix
+    their "activate" makes unnecessary), and docs/PLUGINS.md quotes docs/newcomer_path.json's seconds."""
+    from depthbench.benchmarks import newcomer_path
+
+    guides = (REPO / "README.md").read_text() + (REPO / "docs" / "PLUGINS.md").read_text()
+    for _, command in newcomer_path.STEPS:
+        assert command.replace(".venv/bin/", "").replace(" -q", "") in guides, command
+    record = json.loads((REPO / "docs" / "newcomer_path.json").read_text())
+    steps = {row["step"]: row["seconds"] for row in record["steps"]}
+    assert list(steps) == [name for name, _ in newcomer_path.STEPS]
+    assert abs(sum(steps.values()) - record["total_seconds"]) < 0.2 and record["within_goal"]
+    plugins = (REPO / "docs" / "PLUGINS.md").read_text()
+    quoted = f"took {record['total_seconds']:.0f} s: install {steps['install']:.0f} s, first run {steps['first_run']:.0f} s"
+    assert quoted in plugins
