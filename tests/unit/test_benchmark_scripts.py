@@ -233,5 +233,6 @@ def test_the_newcomer_path_times_what_the_guides_say_and_the_guide_quotes_its_re
     assert list(steps) == [name for name, _ in newcomer_path.STEPS]
     assert abs(sum(steps.values()) - record["total_seconds"]) < 0.2 and record["within_goal"]
     plugins = (REPO / "docs" / "PLUGINS.md").read_text()
-    quoted = f"took {record['total_seconds']:.0f} s: install {steps['install']:.0f} s, first run {steps['first_run']:.0f} s"
+    quoted = (f"took {record['total_seconds']:.0f} s: install {steps['install']:.0f} s, "
+              f"first run {steps['first_run']:.0f} s")
     assert quoted in plugins
