@@ -23,7 +23,7 @@ def main(overrides: list[str]) -> None:
     from pathlib import Path
 
     from depthbench.calibration.activations import ActivationSlot
-    from depthbench.experiments.cache_settings import CacheSettings
+    from depthbench.settings import CacheSettings
     from depthbench.experiments.pipeline import layers_to_remove
     from depthbench.modeling.adapters import adapter_for
     from depthbench.modeling.loading import load_model, model_fingerprint

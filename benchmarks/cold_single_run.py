@@ -71,6 +71,9 @@ def cold_run(work: Path, models: Path, dtype: str, budget: str) -> dict:
     record = json.loads((work / f"run-{budget}" / "result.json").read_text())
     return {"seconds": round(seconds, 1), "calibration_passes": len(counter.read_text().splitlines()),
             "removed_layers": record["pruning"]["removed_layers"],
+            # the store-or-recompute choice (calibration/strategy.py): what ran and why
+            "activations": {k: v for k, v in ((record.get("calibration") or {}).get("activations") or {}).items()
+                            if k in ("strategy", "ran", "reason")},
             "prune_seconds": {k: v["seconds"] for k, v in record["stages"].items() if k.startswith("prune.")}}
 
 
@@ -91,6 +94,8 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         *(f"| {name} | {r['seconds']:.1f} s | {r['calibration_passes']} | {r['prune_seconds']['prune.score']:.1f} s | "
           f"{r['prune_seconds']['prune.fit']:.1f} s | {' '.join(map(str, r['removed_layers']))} |"
           for name, r in (("auto (default)", auto), ("4 GiB (the old fixed default)", fixed))), "",
+        *([f"With the default `cache.activation_strategy=auto` the run chose **{auto['activations']['ran']}**: "
+           f"{auto['activations']['reason']}", ""] if auto.get("activations") else []),
         f"One bare forward pass over the same batches (no hooks, no statistics): {record['bare_forward_pass_seconds']}"
         f" s. The whole cold run with `auto` takes **{record['auto_over_fixed_4gib']:.2f}x** the run with the old "
         f"fixed 4 GiB budget and {record['auto_over_bare_forward']:.2f}x one bare forward pass: the float32 "

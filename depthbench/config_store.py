@@ -62,7 +62,14 @@ def register_group_schemas() -> None:
 
     from depthbench.settings import group_schemas
 
+    from depthbench.settings import RunSettings
+
     store = ConfigStore.instance()
+    # the run level (conf/config.yaml's knobs, cache, efficiency): the primary config extends it
+    run = OmegaConf.structured(RunSettings)
+    for node in (run, run.cache):  # CacheSettings is frozen at run time, not as a schema (its node sets its own flag)
+        OmegaConf.set_readonly(node, False)
+    store.store(group="schema", name="run", node=run, provider="depthbench")
     for group, kinds in group_schemas().items():
         for kind, schema in kinds.items():
             node = OmegaConf.structured(schema)

@@ -223,6 +223,119 @@ class PathsSettings:
     output_dir: str = setting("outputs", "Runs land in <output_dir>/runs/<time>, sweeps in <output_dir>/sweeps/.")
 
 
+# ---------------------------------------------------------------------------------------------- run level
+@dataclass(frozen=True)
+class CacheSettings:
+    """``cache``: the shared caches, keyed by content hashes and checksummed: calibration statistics (computed once
+    per model x calibration data, reused by every method and ratio) and the base model's evaluation (once per model
+    x benchmark). Parsed and range-checked once, before any weights are read (`from_config`)."""
+
+    dir: Optional[str] = setting(None, "Cache folder: null = <sweep dir>/.cache for sweeps, else paths.cache_dir "
+                                       "($DEPTHBENCH_CACHE, default ~/.cache/depthbench).")
+    statistics: bool = setting(True, "Cache calibration statistics (shared by every method and ratio).")
+    base_results: bool = setting(True, "Cache the base model's evaluation (shared by every cell of a sweep).")
+    activations_gb: Union[int, float, str] = setting(
+        "auto", "Disk space (GiB) for every layer's activations on the calibration data, stored by the first pass so "
+                "that fits need no second forward pass: auto = half the free space of the store's file system, at "
+                "least 4 GiB unless that exceeds 90% of it; a number = GiB; 0 = never store. Above it, fits run "
+                "their own pass.")
+    lock_stale_s: Number = setting(300, "Cells running at once share the caches through lock directories with a "
+                                        "heartbeat; a lock silent this many seconds (a killed job) is taken over. "
+                                        "Must exceed the hosts' clock skew and the NFS attribute cache time.")
+    keep_activations: bool = setting(False, "Keep a sweep's stored activations when its multirun ends (a killed "
+                                            "sweep keeps them for its resume; an explicit cache.dir is never cleaned).")
+    activation_strategy: str = setting(
+        "auto", "Whether the first pass stores those activations: store (within the budget); recompute (never: a fit "
+                "runs its own forward pass); auto (decided on the first calibration batch from its measured forward "
+                "time against the store's measured write and read throughput; result.json's "
+                "calibration.activations says which ran and why; calibration/strategy.py).")
+
+    @classmethod
+    def from_config(cls, node) -> "CacheSettings":
+        """The typed settings of a composed ``cache`` node (or a plain dict: missing keys take the declared
+        defaults), ranges checked; `ConfigError` naming the value and what is allowed."""
+        from omegaconf import DictConfig, OmegaConf
+
+        from depthbench.calibration.strategy import STRATEGIES
+        from depthbench.errors import ConfigError
+
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        unknown = sorted(set(values) - set(field_names(cls)))
+        if unknown:
+            raise ConfigError(f"cache: unknown keys {unknown}; allowed: {', '.join(field_names(cls))}")
+        values = {**declared_defaults(cls), **values}
+        gb = values["activations_gb"]
+        if gb != "auto" and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 <= gb < float("inf")):
+            raise ConfigError(f"cache.activations_gb={gb!r}; allowed: auto, or a number of GiB >= 0 (0 = do not "
+                              f"store activations)")
+        stale = values["lock_stale_s"]
+        if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not 0 < stale < float("inf"):
+            raise ConfigError(f"cache.lock_stale_s={stale!r}; allowed: a number of seconds > 0")
+        for key in ("statistics", "base_results", "keep_activations"):
+            if not isinstance(values[key], bool):
+                raise ConfigError(f"cache.{key}={values[key]!r}; allowed: true, false")
+        if values["activation_strategy"] not in STRATEGIES:
+            raise ConfigError(f"cache.activation_strategy={values['activation_strategy']!r}; allowed: "
+                              f"{', '.join(STRATEGIES)}")
+        return cls(**{**values, "lock_stale_s": float(stale)})
+
+    def activation_budget(self, store_dir=None) -> int:
+        """The disk space (bytes) one model's stored calibration activations may take: 0 = never store them;
+        ``auto`` = `depthbench.calibration.activations.auto_budget` of the file system of ``store_dir`` (default:
+        the temporary directory single runs use)."""
+        import tempfile
+
+        from depthbench.calibration.activations import auto_budget
+
+        if self.activations_gb == "auto":
+            return auto_budget(store_dir if store_dir is not None else tempfile.gettempdir())
+        return int(self.activations_gb * 1024**3)
+
+
+@dataclass
+class EfficiencySettings:
+    """``efficiency``: speed of the base and the pruned model, measured in the same process with the same settings,
+    timed interleaved (base, pruned, pruned, base, ...): one speed-up ratio per round, until the 95% interval of the
+    speed-up is narrower than ``rel_width`` for prefill and decode, or ``max_rounds`` or ``budget_s`` is reached.
+    Needs a copy of the dense model in memory (metrics.speed.dense_copy_bytes); the analytic FLOPs ratio is
+    reported beside it (`depthbench.evaluation.efficiency`)."""
+
+    enabled: bool = setting(True, "Measure the speed-up (false: skip; no dense copy kept for it).")
+    prompt_len: int = setting(256, "Prefill: tokens per prompt, one forward pass.")
+    new_tokens: int = setting(32, "Decode: greedy single-token steps from the KV cache.")
+    batch_size: int = setting(1, "Prompts per timed pass.")
+    repeats: int = setting(3, "Minimum rounds (one round = base and pruned once each), after a warm-up.")
+    max_rounds: int = setting(40, "At most this many rounds.")
+    rel_width: float = setting(0.05, "Stop when the speed-up interval's hi / lo - 1 is at most this.")
+    budget_s: Number = setting(30, "Or when this many seconds of timing have passed.")
+
+
+@dataclass
+class RunSettings:
+    """The run-level knobs of conf/config.yaml and the nodes its groups fill (typed by their own schemas)."""
+
+    ratio: float = setting(0.25, "Compression ratio r: remove round(r * L) decoder layers (half up), 0 < r < 1.")
+    seed: int = setting(0, "Seed for calibration sampling and any training (healing.seed and a trained method's "
+                           "pruner.options.seed follow it unless set); recorded in every result.")
+    evaluate: bool = setting(True, "Evaluate the base and the pruned model (false: prune and save only).")
+    save_model: bool = setting(True, "Save the pruned model under <run dir>/pruned_model/.")
+    device: str = setting("auto", "auto: cuda when available, else cpu. Ignored when model.device_map is set.")
+    progress: bool = setting(True, "Progress bars on stderr.")
+    debug: bool = setting(False, "Show full tracebacks instead of one-line errors.")
+    resume: bool = setting(True, "Skip the run when a result with the same config hash already exists.")
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    efficiency: EfficiencySettings = field(default_factory=EfficiencySettings)
+    # the groups' nodes, each typed by its group's schema (schema/<group>/<kind>) or the method's Options
+    model: Any = None
+    pruner: Any = None
+    calibration: Any = None
+    evaluation: Any = None
+    benchmark: Any = None
+    logger: Any = None
+    healing: Any = None
+    paths: Any = None
+
+
 def group_schemas() -> dict[str, dict[str, Any]]:
     """``{group: {kind: schema}}`` as stored under ``schema/<group>/<kind>``."""
     from depthbench.healing.settings import LoraSettings, NoHealing, PartialLayerSettings

@@ -34,7 +34,7 @@ from depthbench.evaluation.fidelity import reference_perplexity
 from depthbench.evaluation.suite import (check_evaluation, dense_copy, fidelity_enabled, fidelity_reference,
                                          has_benchmark, quality, speed)
 from depthbench.experiments import layerwise_run
-from depthbench.experiments.cache_settings import CacheSettings
+from depthbench.settings import CacheSettings
 from depthbench.experiments.resume import RESULT_FILE, config_hash, find_finished, remove_stale_temporaries
 from depthbench.experiments.tracking import build_tracker
 from depthbench.healing.pruned_cache import cached_pruned_metrics

@@ -209,7 +209,7 @@ def test_a_method_that_fits_nothing_records_none(base, data):
 def test_the_setting_is_checked_once_with_the_allowed_values():
     from omegaconf import OmegaConf
 
-    from depthbench.experiments.cache_settings import CacheSettings
+    from depthbench.settings import CacheSettings
     from tests.helpers import compose as _compose
 
     yaml = _compose().cache

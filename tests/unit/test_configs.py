@@ -209,21 +209,28 @@ def test_converged_scale_sets_the_trained_methods_budgets(name):
     assert compose("pruner=uidl", "scale=converged").pruner == compose("pruner=uidl").pruner
 
 
-def test_cache_settings_parse_the_yaml_and_refuse_bad_values_naming_them(tmp_path):
-    """``cache`` is parsed once into typed settings whose defaults are the YAML's (no fallback in code), and a bad
-    value stops the run's config check naming the key, the value and what is allowed."""
-    from depthbench.errors import ConfigError
-    from depthbench.experiments.cache_settings import CacheSettings
-    from depthbench.experiments.pipeline import validate
+def test_cache_settings_are_typed_at_composition_and_range_checked_before_any_weights(tmp_path):
+    """``cache`` has one default per setting (CacheSettings in depthbench/settings.py, the schema the primary config
+    extends; conf/config.yaml repeats none), a mistyped or unknown key is refused when Hydra composes, and a value
+    of the right type out of range stops the run's config check naming the key, the value and what is allowed."""
+    import dataclasses
 
-    yaml = OmegaConf.load(CONF / "config.yaml").cache
+    from hydra.errors import ConfigCompositionException
+
+    from depthbench.errors import ConfigError
+    from depthbench.experiments.pipeline import validate
+    from depthbench.settings import CacheSettings
+
+    assert "cache:" not in (CONF / "config.yaml").read_text()
     settings = CacheSettings.from_config(compose().cache)
-    assert settings.activations_gb == yaml.activations_gb == "auto"
-    assert settings.lock_stale_s == yaml.lock_stale_s and settings.statistics is True
-    assert CacheSettings.from_config({**OmegaConf.to_container(yaml), "activations_gb": 0.5}).activation_budget() \
-        == 512 * 1024**2
+    assert settings == CacheSettings(lock_stale_s=300.0)  # the declared defaults (lock_stale_s as a float)
+    assert settings.activations_gb == "auto" and settings.statistics is True
+    assert dataclasses.replace(settings, activations_gb=0.5).activation_budget() == 512 * 1024**2
+    for override in ("cache.statistics=maybe", "cache.colour=blue", "efficiency.repeats=many", "ratio=half"):
+        with pytest.raises(ConfigCompositionException):
+            compose(override)
     for key, value, allowed in (("activations_gb", "lots", "auto, or a number of GiB >= 0"),
-                                ("lock_stale_s", 0, "a number of seconds > 0"), ("statistics", "yes", "true, false")):
+                                ("lock_stale_s", 0, "a number of seconds > 0")):
         with pytest.raises(ConfigError, match=rf"cache.{key}={value!r}; allowed: {allowed}"):
             validate(compose(f"cache.{key}={value}", "logger=none"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

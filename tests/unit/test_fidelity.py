@@ -191,7 +191,6 @@ def test_task_flips_uses_only_tasks_with_per_example_results():
 
 
 def test_evaluation_local_errors_on_bad_files(tmp_path):
-    from importlib.resources import files
 
     from depthbench.calibration.sources import build_source
     from depthbench.evaluation.suite import check_evaluation
@@ -199,7 +198,7 @@ def test_evaluation_local_errors_on_bad_files(tmp_path):
     from tests.composed_configs import compose
 
     local = compose("evaluation=local").evaluation  # the entry on its schema, as a run composes it
-    efficiency = OmegaConf.load(str(files("depthbench.conf") / "config.yaml")).efficiency
+    efficiency = compose().efficiency
 
     def composed(**values):
         return OmegaConf.merge(local, values)

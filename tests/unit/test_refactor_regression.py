@@ -69,7 +69,7 @@ def test_an_installed_copy_is_measured_with_its_own_config_tree(tmp_path):
             shutil.copytree(REPO / name, site / "depthbench" / name, ignore=shutil.ignore_patterns("__pycache__"))
     # a marker only the copy has: the composed config must come from the copy's conf/, not the checkout's
     (site / "depthbench" / "conf" / "config.yaml").write_text(
-        (REPO / "conf" / "config.yaml").read_text().replace("\nseed: 0\n", "\nseed: 4242\n", 1))
+        (REPO / "conf" / "config.yaml").read_text() + "\nseed: 4242\n")
     code = ("from depthbench.benchmarks import method_results\n"
             "print('ROOT', method_results.code_root())\n"
             "print('SEED', method_results.compose('pruner=replaceme_cosine').seed)\n")
