@@ -314,7 +314,9 @@ class EfficiencySettings:
 class RunSettings:
     """The run-level knobs of conf/config.yaml and the nodes its groups fill (typed by their own schemas)."""
 
-    ratio: float = setting(0.25, "Compression ratio r: remove round(r * L) decoder layers (half up), 0 < r < 1.")
+    # Any, not a number type: the run's config check names a bad ratio and the allowed range in one line
+    # (depthbench.experiments.pipeline.validate), which Hydra's type error would not
+    ratio: Any = setting(0.25, "Compression ratio r: remove round(r * L) decoder layers (half up), 0 < r < 1.")
     seed: int = setting(0, "Seed for calibration sampling and any training (healing.seed and a trained method's "
                            "pruner.options.seed follow it unless set); recorded in every result.")
     evaluate: bool = setting(True, "Evaluate the base and the pruned model (false: prune and save only).")

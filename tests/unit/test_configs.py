@@ -226,7 +226,7 @@ def test_cache_settings_are_typed_at_composition_and_range_checked_before_any_we
     assert settings == CacheSettings(lock_stale_s=300.0)  # the declared defaults (lock_stale_s as a float)
     assert settings.activations_gb == "auto" and settings.statistics is True
     assert dataclasses.replace(settings, activations_gb=0.5).activation_budget() == 512 * 1024**2
-    for override in ("cache.statistics=maybe", "cache.colour=blue", "efficiency.repeats=many", "ratio=half"):
+    for override in ("cache.statistics=maybe", "cache.colour=blue", "efficiency.repeats=many", "resume=sometimes"):
         with pytest.raises(ConfigCompositionException):
             compose(override)
     for key, value, allowed in (("activations_gb", "lots", "auto, or a number of GiB >= 0"),
