@@ -181,6 +181,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes on the host, flat (``uint8``): what the store writes, its probe times and a spill file holds."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def append_bytes(f, tensor: torch.Tensor, crc: int) -> tuple[int, int]:
+    """Append ``tensor``'s host bytes to the open file ``f``: ``(running CRC-32, bytes written)`` (the store
+    writer's step, and the one `depthbench.calibration.strategy.probe_store` times)."""
+    raw = host_bytes(tensor)
+    f.write(raw.data)
+    return zlib.crc32(raw, crc), raw.nbytes
+
+
 class ActivationWriter(Statistic):
     """Appends every hook point of every batch to its file; `commit` makes the store visible."""
 
@@ -212,9 +225,7 @@ class ActivationWriter(Statistic):
             if x.dtype != self.dtype or tuple(x.shape) != (*first.shape[:2], self.hidden_size):
                 raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
                                  f"{self.dtype} and {(*first.shape[:2], self.hidden_size)}")
-            raw = x.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-            self.crc[point] = zlib.crc32(raw, self.crc[point])
-            self.files[point].write(raw.data)
+            self.crc[point], _ = append_bytes(self.files[point], x, self.crc[point])
 
     def commit(self) -> None:
         """Close the files, write the manifest and move the store into place (atomically)."""

@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from depthbench.calibration.activations import host_bytes
 from depthbench.calibration.cache import similarity_sources
 from depthbench.calibration.service import CalibrationService
 from depthbench.calibration.statistics import (
@@ -68,7 +69,7 @@ class TensorBuffer:
             return
         self._names += 1
         path = self.directory / f"tensor-{self._names}.bin"
-        tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
+        host_bytes(tensor).tofile(path)
         self._files[key] = (path, tensor.dtype, tuple(tensor.shape), tensor.device)
         self.spilled_bytes += size
 

@@ -51,7 +51,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from depthbench.calibration.activations import ActivationSlot, ActivationWriter, _tmp_prefix, all_hook_points
+from depthbench.calibration.activations import (ActivationSlot, ActivationWriter, _tmp_prefix, all_hook_points,
+                                               append_bytes)
 from depthbench.calibration.statistics import BatchActivations, HookPoint, Statistic
 
 #: The strategies (``cache.activation_strategy``); ``auto`` decides per run from measured costs.
@@ -185,10 +186,8 @@ def probe_store(points: list[torch.Tensor], directory: Path, clock: Callable[[],
         started = clock()
         with open(path, "wb") as f:
             for x in points:
-                raw = x.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                crc = zlib.crc32(raw, crc)
-                f.write(raw.data)
-                written += raw.nbytes
+                crc, n = append_bytes(f, x, crc)
+                written += n
                 if written >= limit:
                     break
         write_s = clock() - started

@@ -30,7 +30,7 @@ class Registry(Generic[T]):
         self.builtin_modules = builtin_modules
         self._entries: dict[str, T | str] = {}
         self._from_entry_points: set[str] = set()
-        self._entry_points_loaded = False
+        self._entries_loaded = False
 
     def register(self, *aliases: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -50,7 +50,7 @@ class Registry(Generic[T]):
         self._entries[name] = obj
 
     def get(self, name: str) -> T:
-        self._load_entry_points()
+        self._load_entries()
         if name not in self._entries:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; available: {', '.join(self.names()) or '(none)'}"
@@ -72,21 +72,21 @@ class Registry(Generic[T]):
                               f"name = {declared!r}; the two must be the same (rename one)")
 
     def names(self) -> list[str]:
-        self._load_entry_points()
+        self._load_entries()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        self._load_entry_points()
+        self._load_entries()
         return name in self._entries
 
     def _check_base(self, name: str, obj: object) -> None:
         if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
             raise TypeError(f"{self.kind} {name!r} must be a subclass of {self.base.__name__}, got {obj!r}")
 
-    def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
+    def _load_entries(self) -> None:
+        if self._entries_loaded:
             return
-        self._entry_points_loaded = True
+        self._entries_loaded = True
         for module in self.builtin_modules:
             importlib.import_module(module)
         if self.entry_point_group is None:
