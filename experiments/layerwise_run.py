@@ -17,13 +17,15 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from depthbench.errors import ConfigError
+from depthbench.settings import ModelSettings
 
-#: Config keys of the layer-wise mode (conf/config.yaml, ``model:``).
+#: Config keys of the layer-wise mode (``model.*``; declared with their defaults and help by
+#: `depthbench.settings.ModelSettings`, whose defaults stand in for a node that lacks them).
 LAYERWISE, BUFFER_GB = "layerwise", "layerwise_buffer_gb"
 
 
 def enabled(cfg: DictConfig) -> bool:
-    return bool(cfg.model.get(LAYERWISE, False))
+    return bool(cfg.model.get(LAYERWISE, ModelSettings.layerwise))
 
 
 def check(cfg: DictConfig, pruner) -> None:
@@ -50,7 +52,7 @@ def check(cfg: DictConfig, pruner) -> None:
     if cfg.model.get("device_map"):
         raise ConfigError(f"model.layerwise=true places one layer at a time on `device`; set model.device_map=null "
                           f"(got {cfg.model.device_map!r})")
-    buffer_gb = cfg.model.get(BUFFER_GB, 1)
+    buffer_gb = cfg.model.get(BUFFER_GB, ModelSettings.layerwise_buffer_gb)
     if isinstance(buffer_gb, bool) or not isinstance(buffer_gb, (int, float)) or not buffer_gb >= 0 \
             or not math.isfinite(buffer_gb):
         raise ConfigError(f"model.{BUFFER_GB}={buffer_gb!r}; allowed: a number of GiB >= 0")
@@ -63,7 +65,7 @@ def check(cfg: DictConfig, pruner) -> None:
 
 
 def buffer_bytes(cfg: DictConfig) -> int:
-    return int(float(cfg.model.get(BUFFER_GB, 1)) * 1024**3)
+    return int(float(cfg.model.get(BUFFER_GB, ModelSettings.layerwise_buffer_gb)) * 1024**3)
 
 
 def load(cfg: DictConfig, tokenizer, device: str):
