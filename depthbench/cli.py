@@ -1,7 +1,9 @@
 """The ``depthbench`` console script: a Hydra app around `depthbench.experiments.pipeline.run`.
 
 User errors (`DepthbenchError`) print one line and exit with status 2; ``debug=true`` shows the
-traceback instead. A run that fails that way leaves nothing behind in its run directory.
+traceback instead. A run that fails that way leaves nothing behind in its run directory. A command line
+that Hydra cannot compose (an unknown config or key, a mistyped value) gets the same one line
+(`depthbench.composition_errors`); ``HYDRA_FULL_ERROR=1`` or ``debug=true`` shows Hydra's own report.
 """
 
 from __future__ import annotations
@@ -116,7 +118,17 @@ def main() -> None:
     if problem:
         print(f"depthbench: error: output directory {problem}", file=sys.stderr)
         sys.exit(2)
-    app()
+    wants_full_report = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv[1:]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its report: we print one line
+    try:
+        app()
+    except Exception as err:
+        from depthbench.composition_errors import is_composition_error, one_line
+
+        if wants_full_report or not is_composition_error(err):
+            raise
+        print(f"depthbench: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -156,9 +156,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-@dataclass
-class Cell:
-    """One grid cell as its steps see it: the config, where it writes, and what earlier steps produced."""
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one cell reads and no step changes: the concrete config (``model.dtype`` resolved),
+    where the cell writes, and the stage timer the steps measure into."""
 
     cfg: DictConfig
     output_dir: Path
@@ -167,27 +168,6 @@ class Cell:
     name: str | None = None
     timer: StageTimer = field(default_factory=StageTimer)
     started: float = field(default_factory=time.time)
-    ratio: float = 0.0
-    pruner: Any = None
-    tracker: Any = None
-    digest: str = ""
-    tokenizer: Any = None
-    calibration: Any = None
-    loaded: Any = None
-    adapter: Any = None
-    n_remove: int = 0
-    fingerprint: str = ""
-    windows: Any = None
-    metrics: dict = field(default_factory=dict)
-    reference: Any = None
-    dense: Any = None
-    dense_bytes: int = 0
-    result: Any = None
-    weights: Any = None  # depthbench.modeling.layerwise.LayerwiseModel of a layer-wise run, else None
-    model_dir: Path | None = None
-    healing_plan: Any = None  # depthbench.healing.step.HealingPlan, None for healing=none
-    healing: dict = field(default_factory=lambda: dict(NO_HEALING))
-    activations: dict = field(default_factory=dict)  # which activation strategy ran and why (`prune`)
 
     @property
     def progress(self) -> bool:
@@ -197,263 +177,341 @@ class Cell:
     def cache(self) -> CacheSettings:
         return CacheSettings.from_config(self.cfg.cache)
 
-    @property
+    @cached_property
     def paths(self) -> RunPaths:
         return run_paths(self.cfg)
 
     @property
-    def caches(self) -> Path:
-        """Calibration statistics and base-model results shared with other cells."""
-        return self.paths.shared_cache(self.sweep_dir)
+    def caches(self) -> Path | None:
+        """Where base-model and pruned-model results are shared with other cells; None when they are not."""
+        return self.paths.shared_cache(self.sweep_dir) if self.cache.base_results else None
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """`check_config`'s result: the validated ratio, the pruner built from its options, the tracker, the
+    config hash that names the cell (resume, caches, the record)."""
+
+    ratio: float
+    pruner: Any  # depthbench.pruners.base.Pruner
+    tracker: Any  # depthbench.experiments.tracking tracker
+    digest: str
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """`load_calibration_data`'s result: what is read before any weights."""
+
+    tokenizer: Any
+    calibration: Any  # depthbench.calibration.batches.CalibrationData
+    healing_plan: Any = None  # depthbench.healing.step.HealingPlan; None for healing=none
 
     @property
-    def shares_base_results(self) -> bool:
-        return self.cache.base_results
+    def needs_teacher(self) -> bool:
+        """LoRA healing with distillation needs the dense model's logits: a dense copy is kept for it."""
+        return self.healing_plan is not None and self.healing_plan.needs_dense_model
 
-    @cached_property
-    def outcome(self) -> dict:
-        """What ``pruning.json`` and ``result.json`` both carry, computed once (after the prune): the
-        pruning record, the calibration summary, the resolved config and the provenance."""
-        c = self.calibration
-        return {"pruning": self.result.to_dict(),
-                "calibration": {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens,
-                                "seq_len": c.seq_len, "activations": self.activations},
-                "config": OmegaConf.to_container(self.cfg, resolve=True), "provenance": provenance()}
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """`load_weights`' result: the model (edited in place by the prune), its adapter, the number of layers to
+    remove and the weights' fingerprint; ``layerwise`` is the `LayerwiseModel` of a layer-wise run, else None."""
+
+    loaded: Any  # depthbench.modeling.loading.LoadedModel
+    adapter: Any
+    n_remove: int
+    fingerprint: str
+    layerwise: Any = None
+
+
+@dataclass(frozen=True)
+class BaseEvaluation:
+    """`evaluate_base`'s result: the held-out windows, the dense model's fidelity reference and its metrics
+    (``base``, ``base_from_cache``)."""
+
+    windows: Any
+    reference: Any
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class DenseCopy:
+    """A copy of the dense model (the interleaved speed measurement, the distillation teacher)."""
+
+    model: Any
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """`prune`'s result: the pruner's record and which activation strategy ran and why."""
+
+    result: Any  # depthbench.pruners.base.PruningResult
+    activations: dict
+
+
+@dataclass(frozen=True)
+class HealOutcome:
+    """`heal`'s result: the healing record and, when evaluated, the healed model's metrics."""
+
+    record: dict
+    metrics: dict | None = None
 
 
 def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = None,
         group: str = "single", name: str | None = None, after_prune=None) -> dict:
-    """Run one cell as a sequence of named steps. With ``resume``, a finished record with the same config
-    hash in ``output_dir`` or anywhere under ``sweep_dir`` is returned as it is (marked ``resumed``) and
-    nothing is redone. ``after_prune(model, tokenizer)``, if given, sees the pruned model in memory
-    before it is saved."""
-    cell = Cell(cfg, Path(output_dir), Path(sweep_dir) if sweep_dir else None, group, name)
-    check_config(cell)
-    finished = finished_record(cell)
+    """Run one cell as a sequence of named steps, each taking the values it needs and returning what it
+    produced. With ``resume``, a finished record with the same config hash in ``output_dir`` or anywhere
+    under ``sweep_dir`` is returned as it is (marked ``resumed``) and nothing is redone. ``after_prune(model,
+    tokenizer)``, if given, sees the pruned model in memory before it is saved."""
+    ctx = RunContext(cfg, Path(output_dir), Path(sweep_dir) if sweep_dir else None, group, name)
+    checked = check_config(ctx)
+    finished = finished_record(ctx, checked)
     if finished is not None:
         return finished
-    remove_stale_temporaries(cell.output_dir)
-    load_calibration_data(cell)
-    load_weights(cell)
-    if cfg.evaluate:
-        evaluate_base(cell)
-    prune(cell)
-    if cfg.evaluate:
-        evaluate_pruned(cell)
-    heal(cell)
-    check_finite_parameters(cell.loaded.model)
+    remove_stale_temporaries(ctx.output_dir)
+    inputs = load_calibration_data(ctx)
+    model = load_weights(ctx, checked, inputs)
+    base = evaluate_base(ctx, model) if cfg.evaluate else None
+    dense = keep_dense_copy(ctx, model) if (base is not None and cfg.efficiency.enabled) or inputs.needs_teacher \
+        else None
+    pruned = prune(ctx, checked, inputs, model)
+    metrics = dict(base.metrics) if base is not None else {}
+    if base is not None:
+        metrics.update(evaluate_pruned(ctx, model, base, dense))
+    if not inputs.needs_teacher:
+        dense = None  # freed before healing and saving
+    healed = heal(ctx, inputs, model, base, dense, pruned.result.removed_layers)
+    dense = None
+    if healed.metrics is not None:
+        metrics["healed"] = healed.metrics
+    check_finite_parameters(model.loaded.model)
     if after_prune is not None:
-        after_prune(cell.loaded.model, cell.loaded.tokenizer)
-    if cfg.save_model:
-        save_model(cell)
-    return write_record(cell)
+        after_prune(model.loaded.model, model.loaded.tokenizer)
+    outcome = run_outcome(ctx, inputs, pruned)
+    model_dir = save_model(ctx, checked, model, outcome, healed.record) if cfg.save_model else None
+    return write_record(ctx, checked, model, outcome, healed.record, metrics, model_dir)
 
 
-def check_config(cell: Cell) -> None:
+def check_config(ctx: RunContext) -> CheckedRun:
     """Every check that needs no weights (`validate`), then ``model.dtype=auto`` made concrete and the
     config hash taken: the dtype is resolved before anything keys on the config (resume hash, caches, the
-    record), so runs in different dtypes are never mixed up."""
-    cfg = cell.cfg
-    cell.ratio, cell.pruner, cell.tracker = validate(cfg, cell.output_dir)
+    record), so runs in different dtypes are never mixed up. The config is the cell's own (Hydra composes one
+    per cell): its ``model.dtype`` is written back, so the record's config names the dtype that ran."""
+    cfg = ctx.cfg
+    ratio, pruner, tracker = validate(cfg, ctx.output_dir)
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, "cuda" if cfg.model.get("device_map") else
                                     resolve_device(cfg.device))
-    cell.digest = config_hash(cfg)
+    return CheckedRun(ratio, pruner, tracker, config_hash(cfg))
 
 
-def finished_record(cell: Cell) -> dict | None:
+def finished_record(ctx: RunContext, checked: CheckedRun) -> dict | None:
     """The finished record of this cell (``resume``), marked ``resumed``; ``None`` when it must run."""
-    if not cell.cfg.resume:
+    if not ctx.cfg.resume:
         return None
-    finished = find_finished(cell.output_dir, cell.digest, cell.sweep_dir)
+    finished = find_finished(ctx.output_dir, checked.digest, ctx.sweep_dir)
     if finished is None:
         return None
-    log.info("cell %s already finished; nothing to do", cell.digest)
+    log.info("cell %s already finished; nothing to do", checked.digest)
     return {**finished, "resumed": True}
 
 
-def load_calibration_data(cell: Cell) -> None:
+def load_calibration_data(ctx: RunContext) -> RunInputs:
     """The tokenizer alone, then the calibration text: text that is empty, too short or not UTF-8 fails
     before any weights are read (or the packaged GGUF is converted)."""
-    with cell.timer.stage("calibration_data"):
-        cell.tokenizer = load_tokenizer(cell.cfg.model, cell.paths.models_dir)
-        cell.calibration = load_calibration(cell.cfg.calibration, cell.tokenizer)
-    if (cell.cfg.get("healing") or {}).get("name", "none") != "none":
-        with cell.timer.stage("healing_data"):  # a budget larger than the text fails here, before weights
-            cell.healing_plan = prepare_healing(cell.cfg, cell.tokenizer)
+    with ctx.timer.stage("calibration_data"):
+        tokenizer = load_tokenizer(ctx.cfg.model, ctx.paths.models_dir)
+        calibration = load_calibration(ctx.cfg.calibration, tokenizer)
+    healing_plan = None
+    if (ctx.cfg.get("healing") or {}).get("name", "none") != "none":
+        with ctx.timer.stage("healing_data"):  # a budget larger than the text fails here, before weights
+            healing_plan = prepare_healing(ctx.cfg, tokenizer)
+    return RunInputs(tokenizer, calibration, healing_plan)
 
 
-def load_weights(cell: Cell) -> None:
+def load_weights(ctx: RunContext, checked: CheckedRun, inputs: RunInputs) -> LoadedRun:
     """The model, its adapter, and the number of layers to remove (checked against the real depth)."""
-    cfg = cell.cfg
-    with cell.timer.stage("load"):
+    cfg, pruner = ctx.cfg, checked.pruner
+    layerwise = None
+    with ctx.timer.stage("load"):
         if layerwise_run.enabled(cfg):  # the skeleton: embeddings and final norm in memory, layers on disk
-            cell.weights, cell.loaded = layerwise_run.load(cfg, cell.tokenizer, resolve_device(cfg.device))
+            layerwise, loaded = layerwise_run.load(cfg, inputs.tokenizer, resolve_device(cfg.device))
         else:
-            cell.loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else
-                                     resolve_device(cfg.device), tokenizer=cell.tokenizer,
-                                     models_dir=cell.paths.models_dir)
-    cell.adapter = adapter_for(cell.loaded.model)
-    cell.pruner.check_model(cell.adapter)
-    if cell.weights is not None:
-        cell.pruner.check_layerwise(cell.adapter)
-    cell.n_remove = layers_to_remove(cell.ratio, cell.adapter.num_layers)
-    cell.pruner.check_feasible(cell.adapter.num_layers, cell.n_remove)
-    cell.fingerprint = model_fingerprint(cell.loaded, cfg.model)
+            loaded = load_model(cfg.model, device=None if cfg.model.get("device_map") else
+                                resolve_device(cfg.device), tokenizer=inputs.tokenizer,
+                                models_dir=ctx.paths.models_dir)
+    adapter = adapter_for(loaded.model)
+    pruner.check_model(adapter)
+    if layerwise is not None:
+        pruner.check_layerwise(adapter)
+    n_remove = layers_to_remove(checked.ratio, adapter.num_layers)
+    pruner.check_feasible(adapter.num_layers, n_remove)
+    return LoadedRun(loaded, adapter, n_remove, model_fingerprint(loaded, cfg.model), layerwise)
 
 
-def evaluate_base(cell: Cell) -> None:
-    """The dense model's quality (shared across a sweep's cells through the result cache), its
-    fidelity reference, and a copy of it for the interleaved speed measurement (pruning edits in place)."""
-    cfg, loaded, timer = cell.cfg, cell.loaded, cell.timer
-    material = base_result_material(cfg, cell.fingerprint)
+def evaluate_base(ctx: RunContext, model: LoadedRun) -> BaseEvaluation:
+    """The dense model's quality (shared across a sweep's cells through the result cache) and its
+    fidelity reference."""
+    cfg, loaded, timer = ctx.cfg, model.loaded, ctx.timer
+    material = base_result_material(cfg, model.fingerprint)
     with timer.stage("evaluation_data"):
-        cell.windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
+        windows = heldout_windows(cfg.evaluation.perplexity, loaded.tokenizer)
+    reference = None
     if fidelity_enabled(cfg.evaluation):  # first: its pass also gives the dense held-out perplexity
         with timer.stage("fidelity_reference"):
-            cell.reference, _ = fidelity_reference(
-                loaded.model, cell.windows, cfg.evaluation, cell.caches if cell.shares_base_results else None,
-                material, cell.progress, stale_after_s=cell.cache.lock_stale_s)
+            reference, _ = fidelity_reference(loaded.model, windows, cfg.evaluation, ctx.caches, material,
+                                              ctx.progress, stale_after_s=ctx.cache.lock_stale_s)
     with timer.stage("evaluate_base"):
         def compute():
-            heldout = None if cell.reference is None else reference_perplexity(cell.reference)
-            return quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark, cell.paths.data_dir,
-                           cell.progress, "base", heldout=heldout)[0]
+            heldout = None if reference is None else reference_perplexity(reference)
+            return quality(loaded.model, loaded.tokenizer, windows, cfg.benchmark, ctx.paths.data_dir,
+                           ctx.progress, "base", heldout=heldout)[0]
 
-        if cell.shares_base_results:
-            cell.metrics["base"], hit = cached_result(cell.caches, material, compute, "the base model's evaluation",
-                                                      stale_after_s=cell.cache.lock_stale_s)
-            cell.metrics["base_from_cache"] = hit
+        if ctx.caches is not None:
+            base, hit = cached_result(ctx.caches, material, compute, "the base model's evaluation",
+                                      stale_after_s=ctx.cache.lock_stale_s)
+            metrics = {"base": base, "base_from_cache": hit}
         else:
-            cell.metrics["base"] = compute()
-    if cfg.efficiency.enabled or needs_teacher(cell):
-        with timer.stage("dense_copy"):
-            cell.dense, cell.dense_bytes = dense_copy(loaded.model)
+            metrics = {"base": compute()}
+    return BaseEvaluation(windows, reference, metrics)
 
 
-def prune(cell: Cell) -> None:
+def keep_dense_copy(ctx: RunContext, model: LoadedRun) -> DenseCopy:
+    """A copy of the dense model before the prune edits it in place: for the interleaved speed measurement
+    and as the distillation teacher of LoRA healing."""
+    with ctx.timer.stage("dense_copy"):
+        return DenseCopy(*dense_copy(model.loaded.model))
+
+
+def prune(ctx: RunContext, checked: CheckedRun, inputs: RunInputs, model: LoadedRun) -> PruneOutcome:
     """The method's stages over a calibration service with the run's caching: statistics cached per
     model x calibration data; stored activations kept where the caches are the user's own choice (a
     sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run; whether
     they are stored at all is ``cache.activation_strategy`` (a kept store serves any number of later
     runs, a temporary one this run's fit only), recorded in ``calibration.activations``."""
-    if needs_teacher(cell) and cell.dense is None:  # the distillation teacher (evaluate=false made none)
-        with cell.timer.stage("dense_copy"):
-            cell.dense, cell.dense_bytes = dense_copy(cell.loaded.model)
-    if cell.weights is not None:  # one layer at a time from the checkpoint: no cache, no activation store
+    pruner, calibration = checked.pruner, inputs.calibration
+    if model.layerwise is not None:  # one layer at a time from the checkpoint: no cache, no activation store
         from depthbench.calibration.layerwise import open_layerwise_service
 
-        with open_layerwise_service(cell.weights, cell.calibration, buffer_bytes=layerwise_run.buffer_bytes(cell.cfg),
-                                    progress=cell.progress, label=cell.pruner.name) as service:
-            cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
-        cell.timer.add(cell.result.stages, prefix="prune.")
-        return
-    statistics = cell.paths.statistics_dir(cell.sweep_dir)
-    stats_cache = (StatisticsCache(statistics, cell.fingerprint, cell.cache.lock_stale_s)
-                   if cell.cache.statistics else None)
-    keep = cell.sweep_dir is not None or bool(cell.cache.dir)
+        with open_layerwise_service(model.layerwise, calibration, buffer_bytes=layerwise_run.buffer_bytes(ctx.cfg),
+                                    progress=ctx.progress, label=pruner.name) as service:
+            result = pruner.prune(model.adapter, service, model.n_remove)
+        ctx.timer.add(result.stages, prefix="prune.")
+        return PruneOutcome(result, {})
+    settings = ctx.cache
+    statistics = ctx.paths.statistics_dir(ctx.sweep_dir)
+    stats_cache = (StatisticsCache(statistics, model.fingerprint, settings.lock_stale_s)
+                   if settings.statistics else None)
+    keep = ctx.sweep_dir is not None or bool(settings.dir)
     store_dir = statistics if keep and stats_cache is not None else None
-    budget = cell.cache.activation_budget(store_dir)
-    strategy = ActivationStrategy(cell.cache.activation_strategy, fits=None if store_dir is not None else 1)
-    with cell.pruner.service(cell.adapter, cell.calibration, cache=stats_cache, keep_activations=keep,
-                             progress=cell.progress, activation_budget_bytes=budget, strategy=strategy) as service:
-        cell.result = cell.pruner.prune(cell.adapter, service, cell.n_remove)
-    cell.activations = strategy.record()
-    cell.timer.add(cell.result.stages, prefix="prune.")
+    strategy = ActivationStrategy(settings.activation_strategy, fits=None if store_dir is not None else 1)
+    with pruner.service(model.adapter, calibration, cache=stats_cache, keep_activations=keep,
+                        progress=ctx.progress, activation_budget_bytes=settings.activation_budget(store_dir),
+                        strategy=strategy) as service:
+        result = pruner.prune(model.adapter, service, model.n_remove)
+    ctx.timer.add(result.stages, prefix="prune.")
+    return PruneOutcome(result, strategy.record())
 
 
-def evaluate_pruned(cell: Cell) -> None:
+def evaluate_pruned(ctx: RunContext, model: LoadedRun, base: BaseEvaluation, dense: DenseCopy | None) -> dict:
     """The pruned model's quality, its fidelity to the dense model, the interleaved speed-up, and the
-    comparison with the base numbers."""
-    cfg, loaded, timer, metrics = cell.cfg, cell.loaded, cell.timer, cell.metrics
+    comparison with the base numbers: the metrics beside ``base``."""
+    cfg, loaded, timer = ctx.cfg, model.loaded, ctx.timer
 
     def compute() -> dict:
         with timer.stage("evaluate_pruned"):  # perplexity and fidelity from one pass over the held-out windows
-            pruned, fidelity = quality(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
-                                       cell.paths.data_dir, cell.progress, "pruned", cell.reference, metrics["base"])
+            pruned, fidelity = quality(loaded.model, loaded.tokenizer, base.windows, cfg.benchmark,
+                                       ctx.paths.data_dir, ctx.progress, "pruned", base.reference,
+                                       base.metrics["base"])
         return {"pruned": pruned} if fidelity is None else {"pruned": pruned, "fidelity": fidelity}
 
     # once per pruned model: every healing budget of a sweep reuses it (keyed by the config without healing)
-    pruned_only, metrics["pruned_from_cache"] = cached_pruned_metrics(
-        cell.caches if cell.shares_base_results else None, cfg, loaded.model, compute,
-        stale_after_s=cell.cache.lock_stale_s)
-    metrics.update(pruned_only)
+    pruned_only, from_cache = cached_pruned_metrics(ctx.caches, cfg, loaded.model, compute,
+                                                    stale_after_s=ctx.cache.lock_stale_s)
+    metrics = {"pruned_from_cache": from_cache, **pruned_only}
     speeds = None
-    if cell.dense is not None and cfg.efficiency.enabled:
+    if dense is not None and cfg.efficiency.enabled:
         with timer.stage("speed"):
-            speeds = speed(cell.dense, loaded.model, loaded.tokenizer, cfg.efficiency)
-            speeds["dense_copy_bytes"] = cell.dense_bytes
-    if not needs_teacher(cell):
-        cell.dense = None
-    metrics.update(compare(metrics["base"], metrics["pruned"], speeds))
+            speeds = speed(dense.model, loaded.model, loaded.tokenizer, cfg.efficiency)
+            speeds["dense_copy_bytes"] = dense.bytes
+    metrics.update(compare(base.metrics["base"], metrics["pruned"], speeds))
+    return metrics
 
 
-def needs_teacher(cell: Cell) -> bool:
-    """LoRA healing with distillation needs the dense model's logits: the dense copy is kept for it."""
-    return cell.healing_plan is not None and cell.healing_plan.needs_dense_model
-
-
-def heal(cell: Cell) -> None:
+def heal(ctx: RunContext, inputs: RunInputs, model: LoadedRun, base: BaseEvaluation | None,
+         dense: DenseCopy | None, removed_layers) -> HealOutcome:
     """``healing=lora``: LoRA on the kept layers, trained and merged in place; ``healing=partial_layers``: the
     pruned model's last layers, final norm and head fine-tuned in place (the pruned-only numbers are already
-    in ``metrics.pruned``); the healed model's numbers go to ``metrics.healed``."""
-    if cell.healing_plan is None:
-        return
-    cfg, loaded = cell.cfg, cell.loaded
-    with cell.timer.stage("heal"):
-        cell.healing = heal_model(cell.healing_plan, loaded.model, cell.adapter, cell.dense, cell.dense_bytes,
-                                  cell.progress, removed_layers=cell.result.removed_layers)
-    cell.dense = None
-    if cfg.evaluate:
-        with cell.timer.stage("evaluate_healed"):
-            cell.metrics["healed"] = healed_metrics(loaded.model, loaded.tokenizer, cell.windows, cfg.benchmark,
-                                                    cell.paths.data_dir, cell.reference, cell.metrics["base"],
-                                                    cell.progress)
+    in ``metrics.pruned``); with an evaluation, the healed model's numbers (``metrics.healed``)."""
+    plan = inputs.healing_plan
+    if plan is None:
+        return HealOutcome(dict(NO_HEALING))
+    loaded = model.loaded
+    with ctx.timer.stage("heal"):
+        record = heal_model(plan, loaded.model, model.adapter, None if dense is None else dense.model,
+                            0 if dense is None else dense.bytes, ctx.progress, removed_layers=removed_layers)
+    if base is None:
+        return HealOutcome(record)
+    with ctx.timer.stage("evaluate_healed"):
+        metrics = healed_metrics(loaded.model, loaded.tokenizer, base.windows, ctx.cfg.benchmark, ctx.paths.data_dir,
+                                 base.reference, base.metrics["base"], ctx.progress)
+    return HealOutcome(record, metrics)
 
 
-def save_model(cell: Cell) -> None:
-    """``pruned_model/`` with its ``pruning.json`` (written atomically)."""
-    loaded = cell.loaded
-    with cell.timer.stage("save"):
+def run_outcome(ctx: RunContext, inputs: RunInputs, pruned: PruneOutcome) -> dict:
+    """What ``pruning.json`` and ``result.json`` both carry: the pruning record, the calibration summary, the
+    resolved config and the provenance."""
+    c = inputs.calibration
+    return {"pruning": pruned.result.to_dict(),
+            "calibration": {"description": c.description, "n_samples": c.n_samples, "n_tokens": c.n_tokens,
+                            "seq_len": c.seq_len, "activations": pruned.activations},
+            "config": OmegaConf.to_container(ctx.cfg, resolve=True), "provenance": provenance()}
+
+
+def save_model(ctx: RunContext, checked: CheckedRun, model: LoadedRun, outcome: dict, healing: dict) -> Path:
+    """``pruned_model/`` with its ``pruning.json`` (written atomically); returns the directory."""
+    loaded = model.loaded
+    with ctx.timer.stage("save"):
         metadata = {
             "schema_version": SCHEMA_VERSION,
-            "config_hash": cell.digest,
+            "config_hash": checked.digest,
             "base_model": {"name": loaded.name, "source": loaded.source},
-            "ratio": cell.ratio,
-            **cell.outcome["pruning"],
-            "healing": cell.healing,
-            "calibration": cell.outcome["calibration"],
-            "seed": cell.cfg.seed,
-            "config": cell.outcome["config"],
-            "provenance": cell.outcome["provenance"],
+            "ratio": checked.ratio,
+            **outcome["pruning"],
+            "healing": healing,
+            "calibration": outcome["calibration"],
+            "seed": ctx.cfg.seed,
+            "config": outcome["config"],
+            "provenance": outcome["provenance"],
         }
-        if cell.weights is not None:  # shard by shard, unchanged tensors copied from the checkpoint
-            cell.model_dir = cell.weights.save(cell.output_dir / MODEL_DIR, loaded.tokenizer, metadata,
-                                               progress=cell.progress)
-        else:
-            cell.model_dir = save_pruned(loaded.model, loaded.tokenizer, cell.output_dir / MODEL_DIR, metadata)
+        if model.layerwise is not None:  # shard by shard, unchanged tensors copied from the checkpoint
+            return model.layerwise.save(ctx.output_dir / MODEL_DIR, loaded.tokenizer, metadata,
+                                        progress=ctx.progress)
+        return save_pruned(loaded.model, loaded.tokenizer, ctx.output_dir / MODEL_DIR, metadata)
 
 
-def write_record(cell: Cell) -> dict:
+def write_record(ctx: RunContext, checked: CheckedRun, model: LoadedRun, outcome: dict, healing: dict,
+                 metrics: dict, model_dir: Path | None) -> dict:
     """``result.json`` (atomically), then the tracker (W&B); returns the record."""
-    cfg, loaded = cell.cfg, cell.loaded
+    cfg, loaded = ctx.cfg, model.loaded
     record = {
         "schema_version": SCHEMA_VERSION,
-        "config_hash": cell.digest,
+        "config_hash": checked.digest,
         "model": {"name": loaded.name, "source": loaded.source, "dtype": cfg.model.dtype},
-        "method": cell.pruner.name,
-        "ratio": cell.ratio,
+        "method": checked.pruner.name,
+        "ratio": checked.ratio,
         "seed": cfg.seed,
-        "pruning": cell.outcome["pruning"],
-        "healing": cell.healing,
-        "calibration": cell.outcome["calibration"],
-        "metrics": cell.metrics,
-        "stages": cell.timer.to_dict(),
-        "wall_seconds": round(time.time() - cell.started, 3),
-        "pruned_model_dir": str(cell.model_dir) if cell.model_dir else None,
-        "config": cell.outcome["config"],
-        "provenance": cell.outcome["provenance"],
+        "pruning": outcome["pruning"],
+        "healing": healing,
+        "calibration": outcome["calibration"],
+        "metrics": metrics,
+        "stages": ctx.timer.to_dict(),
+        "wall_seconds": round(time.time() - ctx.started, 3),
+        "pruned_model_dir": str(model_dir) if model_dir else None,
+        "config": outcome["config"],
+        "provenance": outcome["provenance"],
     }
-    atomic.write_json(cell.output_dir / RESULT_FILE, record)
-    cell.tracker.log_run(record, cell.output_dir, group=cell.group,
-                         name=cell.name or f"{cell.pruner.name}-r{cell.ratio}-{cell.digest[:6]}")
+    atomic.write_json(ctx.output_dir / RESULT_FILE, record)
+    checked.tracker.log_run(record, ctx.output_dir, group=ctx.group,
+                            name=ctx.name or f"{checked.pruner.name}-r{checked.ratio}-{checked.digest[:6]}")
     return record

@@ -224,16 +224,18 @@ def test_the_setting_is_checked_once_with_the_allowed_values():
 def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, setting):
     """The pipeline's prune step builds the strategy from ``cache.activation_strategy`` and puts its record in
     the outcome that result.json and pruning.json carry (``calibration.activations``)."""
-    from depthbench.experiments.pipeline import Cell, prune as prune_step
+    from depthbench.experiments.pipeline import (CheckedRun, LoadedRun, RunContext, RunInputs, prune as prune_step,
+                                                 run_outcome)
     from tests.helpers import compose as _compose
 
-    cell = Cell(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
+    ctx = RunContext(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
     model = copy.deepcopy(base)
     calls = model_calls(model)
-    cell.pruner, cell.adapter, cell.calibration = build_pruner("replaceme_ls", {}), adapter_for(model), data
-    cell.n_remove, cell.fingerprint = 2, str(tmp_path)  # its own statistics cache entries (the cache is per session)
-    prune_step(cell)
-    record = cell.outcome["calibration"]["activations"]
+    checked = CheckedRun(0.1, build_pruner("replaceme_ls", {}), None, "")
+    # its own statistics cache entries (the fingerprint; the cache is per session)
+    loaded = LoadedRun(None, adapter_for(model), n_remove=2, fingerprint=str(tmp_path))
+    inputs = RunInputs(None, data)
+    record = run_outcome(ctx, inputs, prune_step(ctx, checked, inputs, loaded))["calibration"]["activations"]
     assert record["strategy"] == setting and record["later_fits"] == 1
     assert record["forward_passes"] * N_BATCHES == len(calls)
     if setting == "recompute":
