@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from depthbench import atomic
 from depthbench.experiments.seed_rows import SPREAD_COLUMNS, table_rows
 
 #: The metrics of the model a run ends with (``final_metrics``): final column, pruned column, healed column.
@@ -70,9 +71,8 @@ def _legend_outside(ax) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic.file(path) as tmp:  # the format from the final name: the temporary one ends in .tmp
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path
 
 
