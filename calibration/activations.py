@@ -88,6 +88,7 @@ class ActivationSlot:
 
     directory: Path
     budget_bytes: int
+    where = "disk"
 
     def open(self) -> "ActivationStore | None":
         """The complete store in this slot, or ``None`` (a damaged one is deleted)."""
@@ -246,7 +247,39 @@ class ActivationWriter(Statistic):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-class ActivationStore:
+class StoredActivations:
+    """What a complete store replays, wherever it lives: ``shapes`` (per batch ``(B, T)``) and ``read(point, b)``.
+    On disk (`ActivationStore`) or, for a single run whose store fits in memory, held in memory
+    (`depthbench.calibration.memory_store.MemoryStore`)."""
+
+    shapes: list[tuple[int, int]]
+    where: str = "disk"
+
+    def read(self, point: HookPoint, batch_index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matches(self, batches: list[dict]) -> bool:
+        return self.shapes == [tuple(b["input_ids"].shape) for b in batches]
+
+    def replay(self, statistics: list[Statistic], batches: list[dict], progress: bool = True,
+               description: str = "stored activations") -> list[Statistic]:
+        """Feed ``statistics`` as `collect` would, reading activations instead of running the model
+        (call `check` first)."""
+        from tqdm.auto import tqdm
+
+        needed = sorted(set().union(*(s.hook_points() for s in statistics)))
+        for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", disable=not progress,
+                                           leave=False)):
+            real = batch["attention_mask"].bool()
+            acts = BatchActivations(points={p: self.read(p, index) for p in needed}, mask=real,
+                                    last_index=real.sum(1) - 1)
+            check_finite(acts)
+            for stat in statistics:
+                stat.update(acts)
+        return statistics
+
+
+class ActivationStore(StoredActivations):
     """A complete store: per hook point, every calibration batch's ``[B, T, d]`` activations."""
 
     def __init__(self, directory: Path):
@@ -265,9 +298,6 @@ class ActivationStore:
             size = (self.directory / _file_name(point)).stat().st_size
             if size != self.offsets[-1]:
                 raise ValueError(f"{_file_name(point)} has {size} bytes, expected {self.offsets[-1]}")
-
-    def matches(self, batches: list[dict]) -> bool:
-        return self.shapes == [tuple(b["input_ids"].shape) for b in batches]
 
     def read(self, point: HookPoint, batch_index: int) -> torch.Tensor:
         """Batch ``batch_index``'s activations at ``point``, ``[B, T, d]`` in the stored dtype."""
@@ -296,20 +326,3 @@ class ActivationStore:
         if unknown:
             raise ValueError(f"hook points {sorted(unknown)} are not stored")
         self.verify(sorted(needed))
-
-    def replay(self, statistics: list[Statistic], batches: list[dict], progress: bool = True,
-               description: str = "stored activations") -> list[Statistic]:
-        """Feed ``statistics`` as `collect` would, reading activations instead of running the model
-        (call `check` first)."""
-        from tqdm.auto import tqdm
-
-        needed = sorted(set().union(*(s.hook_points() for s in statistics)))
-        for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", disable=not progress,
-                                           leave=False)):
-            real = batch["attention_mask"].bool()
-            acts = BatchActivations(points={p: self.read(p, index) for p in needed}, mask=real,
-                                    last_index=real.sum(1) - 1)
-            check_finite(acts)
-            for stat in statistics:
-                stat.update(acts)
-        return statistics

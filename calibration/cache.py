@@ -138,7 +138,7 @@ def gather(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterable
     missing = [s for s in sources if not (cache is not None and s.cacheable and cache.load(s, data_hash))]
     if missing and cache is not None and not (activations is not None and activations.complete()):
         with cache.lock(data_hash) as lock:
-            if lock.took_over is not None and activations is not None:
+            if lock.took_over is not None and isinstance(activations, ActivationSlot):
                 remove_writes_of(activations.directory, lock.took_over.host, lock.took_over.pid)
             # another cell may have finished this entry while we waited
             missing = [s for s in missing if not (s.cacheable and cache.load(s, data_hash))]

@@ -39,6 +39,7 @@ import torch
 from depthbench.calibration.activations import ActivationSlot
 from depthbench.calibration.batches import CalibrationData, first_sequences
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
+from depthbench.calibration.memory_store import MemorySlot
 from depthbench.calibration.masked_nll import (DivergenceScorer, checked_mean, masked_nlls, masked_scores,
                                                runs_single_layers, token_nll_sum, whole_pass_scores)
 from depthbench.calibration.statistics import Statistic, collect
@@ -166,11 +167,14 @@ class CalibrationService:
 def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCache | None = None,
                  store_activations: bool = True, activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET,
                  keep_activations: bool = True, progress: bool = True, label: str = "",
-                 strategy: ActivationStrategy | None = None) -> Iterator[CalibrationService]:
+                 strategy: ActivationStrategy | None = None,
+                 memory_budget_bytes: int = 0) -> Iterator[CalibrationService]:
     """A service for one prune. ``store_activations`` (the method's fit replays activations): with a
-    ``cache`` and ``keep_activations`` they live in the cache's slot (shared with later runs), otherwise
-    in a temporary directory deleted when the block ends; ``activation_budget_bytes`` caps their size
-    (0: never stored, fits then run their own pass). ``strategy`` (`depthbench.calibration.strategy`) says
+    ``cache`` and ``keep_activations`` they live in the cache's slot on disk (shared with later runs);
+    otherwise they serve this prune only: held in memory on the model's device when the store fits
+    ``memory_budget_bytes`` (`depthbench.calibration.memory_store`: no copy, write or read back), else in a
+    temporary directory deleted when the block ends. ``activation_budget_bytes`` caps the disk store (0:
+    never stored, fits then run their own pass). ``strategy`` (`depthbench.calibration.strategy`) says
     whether the pass stores them at all (``recompute``: no slot) and records what ran; None = ``store``
     with no record (the pipeline passes the config's, ``auto`` by default)."""
     if strategy is not None and not store_activations:
@@ -183,6 +187,12 @@ def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCach
         elif cache is not None and keep_activations:
             slot = cache.activation_slot(data_fingerprint(calibration.batches), activation_budget_bytes)
         else:
-            slot = ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
-        yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress, label=label,
-                                 strategy=strategy)
+            memory = MemorySlot(memory_budget_bytes)
+            slot = (memory if memory.admits(memory.store_size(adapter, calibration.batches))
+                    else ActivationSlot(Path(tmp) / "store", activation_budget_bytes))
+        try:
+            yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress,
+                                     label=label, strategy=strategy)
+        finally:
+            if slot is not None and slot.where == "memory":
+                slot.discard()  # the tensors go with the prune, not with the service object

@@ -239,6 +239,10 @@ class CacheSettings:
                 "that fits need no second forward pass: auto = half the free space of the store's file system, at "
                 "least 4 GiB unless that exceeds 90% of it; a number = GiB; 0 = never store. Above it, fits run "
                 "their own pass.")
+    activations_memory_gb: Union[int, float, str] = setting(
+        "auto", "Memory (GiB) on the model's device for a single run's activations (not a sweep's: its store is "
+                "shared on disk): a store that fits is kept in memory, with no copy, write or read back; auto = half "
+                "the memory available on the device when the prune starts; a number = GiB; 0 = never in memory.")
     lock_stale_s: Number = setting(300, "Cells running at once share the caches through lock directories with a "
                                         "heartbeat; a lock silent this many seconds (a killed job) is taken over. "
                                         "Must exceed the hosts' clock skew and the NFS attribute cache time.")
@@ -268,6 +272,11 @@ class CacheSettings:
         if gb != "auto" and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 <= gb < float("inf")):
             raise ConfigError(f"cache.activations_gb={gb!r}; allowed: auto, or a number of GiB >= 0 (0 = do not "
                               f"store activations)")
+        memory = values["activations_memory_gb"]
+        if memory != "auto" and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                                 or not 0 <= memory < float("inf")):
+            raise ConfigError(f"cache.activations_memory_gb={memory!r}; allowed: auto, or a number of GiB >= 0 (0 = "
+                              f"never keep activations in memory)")
         stale = values["lock_stale_s"]
         if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not 0 < stale < float("inf"):
             raise ConfigError(f"cache.lock_stale_s={stale!r}; allowed: a number of seconds > 0")

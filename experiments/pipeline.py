@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from depthbench.calibration.batches import load_calibration, validate_sizes
 from depthbench.calibration.cache import StatisticsCache
 from depthbench.calibration.sources import build_source
+from depthbench.calibration.memory_store import memory_budget
 from depthbench.calibration.strategy import ActivationStrategy
 from depthbench import atomic
 from depthbench.errors import ConfigError, NumericalError
@@ -386,7 +387,8 @@ def keep_dense_copy(ctx: RunContext, model: LoadedRun) -> DenseCopy:
 def prune(ctx: RunContext, checked: CheckedRun, inputs: RunInputs, model: LoadedRun) -> PruneOutcome:
     """The method's stages over a calibration service with the run's caching: statistics cached per
     model x calibration data; stored activations kept where the caches are the user's own choice (a
-    sweep's directory or an explicit ``cache.dir``), in a temporary directory for a single run; whether
+    sweep's directory or an explicit ``cache.dir``); a single run's in memory where they fit
+    ``cache.activations_memory_gb``, else in a temporary directory; whether
     they are stored at all is ``cache.activation_strategy`` (a kept store serves any number of later
     runs, a temporary one this run's fit only), recorded in ``calibration.activations``."""
     pruner, calibration = checked.pruner, inputs.calibration
@@ -405,9 +407,10 @@ def prune(ctx: RunContext, checked: CheckedRun, inputs: RunInputs, model: Loaded
     keep = ctx.sweep_dir is not None or bool(settings.dir)
     store_dir = statistics if keep and stats_cache is not None else None
     strategy = ActivationStrategy(settings.activation_strategy, fits=None if store_dir is not None else 1)
+    memory = 0 if keep else memory_budget(settings.activations_memory_gb, model.adapter.embeddings().weight.device)
     with pruner.service(model.adapter, calibration, cache=stats_cache, keep_activations=keep,
                         progress=ctx.progress, activation_budget_bytes=settings.activation_budget(store_dir),
-                        strategy=strategy) as service:
+                        strategy=strategy, memory_budget_bytes=memory) as service:
         result = pruner.prune(model.adapter, service, model.n_remove)
     ctx.timer.add(result.stages, prefix="prune.")
     return PruneOutcome(result, strategy.record())

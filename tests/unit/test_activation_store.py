@@ -205,3 +205,50 @@ def test_an_ended_multirun_deletes_only_its_stored_activations(tmp_path, cache, 
     DropStoredActivations().on_multirun_end(config)
     assert kept_file.read_bytes() == b"statistics"
     assert [store.exists() for store in stores] == [kept, kept]
+
+
+def test_a_memory_store_replays_what_a_forward_pass_gives_and_writes_nothing(tiny_llama64, tmp_path,
+                                                                              counting_collect):
+    """A single run's store kept in memory (`MemorySlot`): every kind of statistic replayed from it equals the same
+    statistic fed by the model itself, one pass in all, and not a byte on disk; an interrupted pass keeps nothing."""
+    from depthbench.calibration.memory_store import MemorySlot
+
+    adapter = adapter_for(tiny_llama64)
+    batches = random_batches(n_batches=3, batch_size=4, seq_len=16)
+    slot = MemorySlot(budget_bytes=1 << 30)
+    compute(adapter, batches, [LayerSimilarityTable(adapter.num_layers, "last")], slot, False, "")
+    assert len(counting_collect) == 1 and slot.complete() and list(tmp_path.iterdir()) == []
+    (tmp_path / "replayed").mkdir()
+    (tmp_path / "direct").mkdir()
+    replayed = _statistics(adapter, tmp_path / "replayed")
+    compute(adapter, batches, replayed, slot, False, "")
+    assert len(counting_collect) == 1, "replayed, not recomputed"
+    direct = collect(adapter, batches, _statistics(adapter, tmp_path / "direct"), progress=False)
+    _assert_same(replayed, direct)
+
+    class Boom(LinearMapMoments):
+        def update(self, batch):
+            raise RuntimeError("killed mid-pass")
+
+    interrupted = MemorySlot(budget_bytes=1 << 30)
+    with pytest.raises(RuntimeError):
+        compute(adapter, batches, [Boom(1, 3, adapter.hidden_size)], interrupted, False, "")
+    assert not interrupted.complete()
+
+
+def test_a_single_runs_store_is_in_memory_when_it_fits_else_on_disk(tiny_llama64, monkeypatch):
+    """`open_service` keeps a single run's store in memory within ``memory_budget_bytes`` and falls back to a
+    temporary directory on disk beyond it; a sweep's shared store is never in memory."""
+    import tempfile
+
+    from depthbench.calibration.activations import store_bytes
+    from depthbench.calibration.service import open_service
+
+    adapter = adapter_for(tiny_llama64)
+    data = CalibrationData(random_batches(n_batches=2), 16)
+    size = store_bytes(adapter.num_layers, adapter.hidden_size, torch.float64, data.batches)
+    with open_service(adapter, data, keep_activations=False, memory_budget_bytes=size, progress=False) as service:
+        assert service.activations.where == "memory"
+    with open_service(adapter, data, keep_activations=False, memory_budget_bytes=size - 1, progress=False) as service:
+        assert service.activations.where == "disk"
+        assert str(service.activations.directory).startswith(tempfile.gettempdir())

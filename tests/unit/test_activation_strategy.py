@@ -220,15 +220,18 @@ def test_the_setting_is_checked_once_with_the_allowed_values():
         ActivationStrategy("never")
 
 
-@pytest.mark.parametrize("setting", ["recompute", "auto"])
-def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, setting):
+@pytest.mark.parametrize("setting,memory_gb", [("recompute", "auto"), ("auto", "auto"), ("auto", 0)])
+def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, setting, memory_gb):
     """The pipeline's prune step builds the strategy from ``cache.activation_strategy`` and puts its record in
-    the outcome that result.json and pruning.json carry (``calibration.activations``)."""
+    the outcome that result.json and pruning.json carry (``calibration.activations``). A single run's store that
+    fits ``cache.activations_memory_gb`` is kept in memory (one pass, nothing weighed); with no memory for it, auto
+    weighs the disk store's measured costs."""
     from depthbench.experiments.pipeline import (CheckedRun, LoadedRun, RunContext, RunInputs, prune as prune_step,
                                                  run_outcome)
     from tests.helpers import compose as _compose
 
-    ctx = RunContext(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}", "logger=none"), tmp_path)
+    ctx = RunContext(_compose("pruner=replaceme_ls", f"cache.activation_strategy={setting}",
+                              f"cache.activations_memory_gb={memory_gb}", "logger=none"), tmp_path)
     model = copy.deepcopy(base)
     calls = model_calls(model)
     checked = CheckedRun(0.1, build_pruner("replaceme_ls", {}), None, "")
@@ -240,6 +243,9 @@ def test_the_pipeline_records_which_strategy_ran_and_why(base, data, tmp_path, s
     assert record["forward_passes"] * N_BATCHES == len(calls)
     if setting == "recompute":
         assert record["ran"] == "recompute" and len(calls) == 2 * N_BATCHES
+    elif memory_gb == "auto":  # the tiny model's store fits in memory: kept there, one pass, nothing measured
+        assert record["ran"] == "store" and record["where"] == "memory" and "measured" not in record
+        assert len(calls) == N_BATCHES and record["replays"] == 1
     else:  # the tiny model's real costs decide; whichever ran, the numbers behind it are recorded
         assert record["ran"] in ("store", "recompute") and set(record["measured"]) >= {"forward_s", "write_s"}
         assert len(calls) == (N_BATCHES if record["ran"] == "store" else 2 * N_BATCHES)

@@ -19,6 +19,8 @@ ADDED = [(lambda cell: True, "benchmark.limit_sampling", "stratified"),
          (lambda cell: True, "benchmark.sample_seed", 0),
          # a new setting (calibration/strategy.py), not a former fallback: on a CPU `auto` chooses the store as before
          (lambda cell: True, "cache.activation_strategy", "auto"),
+         # a new setting (calibration/memory_store.py): where a single run's store fits, it stays in memory
+         (lambda cell: True, "cache.activations_memory_gb", "auto"),
          # a new option (Shortened-Taylor's accumulator, issue 29): auto keeps float64 sums on float32 models
          (lambda cell: "shortened_taylor" in cell, "pruner.options.accumulator", "auto"),
          # new settings (model.layerwise, issue 29), off by default; left out of the config hash while off
