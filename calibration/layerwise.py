@@ -187,8 +187,8 @@ def layerwise_collect(weights, batches: list[dict[str, torch.Tensor]], statistic
 class LayerwiseService(CalibrationService):
     """The calibration service of a layer-wise prune: statistics of the original model from `layerwise_collect`
     (a fresh pass per request: no statistics cache, no activation store), the layers a method changes read into
-    memory before its ``apply``; everything that needs the whole model (the current model's statistics, NLL
-    re-scoring) is refused."""
+    memory before its ``apply``, statistics of the model as pruned so far by the same kind of pass (`current`);
+    everything that re-scores candidates (units skipped, NLL, divergence) is refused."""
 
     weights: object = None
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -196,6 +196,18 @@ class LayerwiseService(CalibrationService):
 
     def original(self, statistics: Iterable[Statistic], what: str = "calibration") -> list[Statistic]:
         self._check_original()
+        return self._pass(statistics, what)
+
+    def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
+        """Statistics of the model as pruned so far, by a layer-wise pass over the skeleton as it is now: the
+        layers the method changed (read in by `before_apply`) stay in memory, the others are read from the
+        checkpoint, removed ones are gone. Nothing may be skipped (``skip`` would need stand-ins swapped into
+        layers that are not in memory): a method that re-scores candidates this way is refused."""
+        if list(skip):
+            self._refuse("statistics of the model with units skipped")
+        return self._pass(statistics, what)
+
+    def _pass(self, statistics: Iterable[Statistic], what: str) -> list[Statistic]:
         requested = unique(statistics)
         sources, fill = similarity_sources(requested)
         with self.scratch("depthbench-layerwise-", self.scratch_dir) as tmp:
@@ -210,9 +222,6 @@ class LayerwiseService(CalibrationService):
     def _refuse(self, what: str):
         raise ConfigError(f"{self.label or 'this method'} asks for {what}, which needs the whole model in memory; "
                           "not available with model.layerwise=true")
-
-    def current(self, statistics, what: str = "calibration", skip=()):
-        self._refuse("statistics of the model as it is being pruned")
 
     def nll(self, skip=(), what: str = "calibration NLL"):
         self._refuse("the calibration NLL of the model")

@@ -140,25 +140,20 @@ class LayerwiseModel:
                 else:
                     module._buffers[attr] = tensor
 
-    @staticmethod
-    def _drop(slots: Iterable[Slot]) -> None:
-        for module, attr in slots:
-            if attr in module._parameters:
-                p = module._parameters[attr]
-                module._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                        requires_grad=False)
-
     @contextlib.contextmanager
     def layer_weights(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` (current numbering) with its weights read from the checkpoint; they go back
-        to ``meta`` when the block ends (a layer `edit` read for good stays)."""
+        """Decoder layer ``index`` (current numbering) with its weights read from the checkpoint; when the block
+        ends its parameters are the very ``meta`` placeholders they were before (a layer `edit` read for good
+        stays), so a pass after `edit` (a method's `current` statistics) leaves its snapshot as it was."""
         layer = self.adapter.layer(index)
         slots = [s for s in self._slots(layer) if (id(s[0]), s[1]) not in self._edited]
+        placeholders = [(m, attr, m._parameters[attr]) for m, attr in slots if attr in m._parameters]
         self._load(slots)
         try:
             yield layer
         finally:
-            self._drop(slots)
+            for module, attr, placeholder in placeholders:
+                module._parameters[attr] = placeholder
 
     def embedding_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``h_0`` for a batch: the model's own forward stopped before layer 0 (embeddings, scaling, positions)."""
