@@ -219,6 +219,11 @@ class LayerwiseService(CalibrationService):
     def before_apply(self, layers: Iterable[int]) -> None:
         self.weights.edit(layers)
 
+    @contextlib.contextmanager
+    def layer_in_memory(self, index: int):
+        with self.weights.layer_weights(index) as layer:
+            yield layer
+
     def _refuse(self, what: str):
         raise ConfigError(f"{self.label or 'this method'} asks for {what}, which needs the whole model in memory; "
                           "not available with model.layerwise=true")

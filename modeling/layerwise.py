@@ -76,6 +76,7 @@ class LayerwiseModel:
         self._modules = list(model.modules())  # keeps every module alive: its id stays its own
         self._source = self._checkpoint_keys()
         self._edited: set[tuple[int, str]] = set()
+        self._edited_layers: set[int] = set()  # ids of the decoder layers `edit` read in (may be replaced)
         self._snapshot: dict[tuple[int, str], tuple] | None = None
         self._move_buffers()
         layers = {id(m) for layer in self.adapter.decoder_layers() for m in layer.modules()}
@@ -165,6 +166,7 @@ class LayerwiseModel:
         """Read decoder layers ``layers`` (current numbering) into memory for good, for a method's ``apply`` to
         change, and snapshot every other parameter so that `save` can tell a change made elsewhere."""
         for index in sorted(set(int(k) for k in layers)):
+            self._edited_layers.add(id(self.adapter.layer(index)))
             slots = self._slots(self.adapter.layer(index))
             self._load([s for s in slots if (id(s[0]), s[1]) not in self._edited])
             self._edited.update((id(m), attr) for m, attr in slots)
@@ -177,12 +179,35 @@ class LayerwiseModel:
         storage = tensor.untyped_storage()
         return tensor, storage, storage._cdata, tensor._version
 
+    def replacement_modules(self) -> set[int]:
+        """Ids of the modules of decoder layers a method put in place of layers `edit` read in (LLM-Streamline's
+        trained layer): saved from memory under their position's name. More new layers than edited layers gone,
+        or a new layer with a parameter not in memory, is refused (its tensors would have no source)."""
+        known = {id(m) for m in self._modules}
+        current = list(self.adapter.decoder_layers())
+        new = [(k, layer) for k, layer in enumerate(current) if id(layer) not in known]
+        gone = self._edited_layers - {id(layer) for layer in current}
+        if len(new) > len(gone):
+            raise RuntimeError(f"decoder layers {[k for k, _ in new]} are new modules but only {len(gone)} layer(s) "
+                               "the method declared (Pruner.layers_apply_changes) were replaced; a layer-wise save "
+                               "has no source for the others")
+        ids = set()
+        for k, layer in new:
+            on_meta = [name for name, p in layer.named_parameters() if p.device.type == "meta"]
+            if on_meta:
+                raise RuntimeError(f"the new decoder layer {k} has parameters without values ({on_meta[:4]})")
+            ids.update(id(m) for m in layer.modules())
+        return ids
+
     def changed_parameters(self) -> list[str]:
-        """Parameters outside the edited layers that differ from the `edit` snapshot (replaced or changed in place)."""
+        """Parameters outside the edited layers that differ from the `edit` snapshot (replaced or changed in place),
+        those of the layers that replaced edited ones (`replacement_modules`) aside."""
         if self._snapshot is None:
             raise RuntimeError("LayerwiseModel.edit was not called before the method's apply")
-        changed = []
+        changed, replacements = [], self.replacement_modules()
         for prefix, module in self.model.named_modules():
+            if id(module) in replacements:
+                continue
             for attr in self._attributes(module):
                 key = (id(module), attr)
                 if key in self._edited:
@@ -236,15 +261,20 @@ class LayerwiseModel:
         """One entry per tensor of the pruned model (its current name; a tied head is not stored, as
         transformers does), produced from memory where it was edited or is resident, else from the checkpoint."""
         entries, seen = [], set()
+        replacements = self.replacement_modules()
         for prefix, module in self.model.named_modules():
             for attr in self._attributes(module):
                 slot = (id(module), attr)
+                name = f"{prefix}.{attr}" if prefix else attr
+                if id(module) in replacements:
+                    entries.append(self._new_entry(name, module, attr))
+                    continue
                 if slot not in self._source:
                     continue  # a tied head: the checkpoint stores it once, as the embedding
                 if slot in seen:
                     continue
                 seen.add(slot)
-                entries.append(self._entry(f"{prefix}.{attr}" if prefix else attr, module, attr))
+                entries.append(self._entry(name, module, attr))
         return entries
 
     def _entry(self, name: str, module: nn.Module, attr: str) -> TensorEntry:
@@ -260,4 +290,10 @@ class LayerwiseModel:
             return value.to(dtype) if value.is_floating_point() else value
 
         return TensorEntry(name, dtype, shape, produce)
+
+    def _new_entry(self, name: str, module: nn.Module, attr: str) -> TensorEntry:
+        """A tensor of a replacement layer (`replacement_modules`): from memory, in the run's dtype."""
+        tensor = module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return TensorEntry(name, dtype, tuple(tensor.shape), lambda t=tensor: t.detach().to(dtype))
 

@@ -189,6 +189,10 @@ class Pruner(ABC):
         into memory before `apply` (and refuses to save a change made anywhere else)."""
         return []
 
+    def check_layerwise_options(self) -> None:
+        """Raise `ConfigError` if this method's options need the whole model with ``model.layerwise=true``
+        (checked from the config, before any weights are read; beyond `supports_layerwise`)."""
+
     def check_layerwise(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if this method cannot run layer-wise on this model (beyond `supports_layerwise`)."""
 

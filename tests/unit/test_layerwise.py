@@ -149,6 +149,28 @@ def test_replaceme_cosine_layerwise_equals_in_memory(tmp_path, n_remove, options
     _assert_only_layers_changed(original, tmp_path / "layerwise", memory.removed_layers, folded)
 
 
+@pytest.mark.parametrize("replacement, trained", [
+    ("layer", ("self_attn.", "mlp.", "input_layernorm.", "post_attention_layernorm.")),
+    ("ffn", ("self_attn.o_proj.", "mlp.", "post_attention_layernorm.")),  # o_proj zeroed, q/k/v kept
+])
+def test_llm_streamline_layerwise_equals_in_memory(tmp_path, replacement, trained):
+    """The trained module (a copy of layer j* read from the checkpoint, trained on pairs of the layer-wise pass,
+    same seed and sequence order) takes layer j*'s place in the saved shards exactly as in memory."""
+    options = {"replacement": replacement, "max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0}
+    directory, original = _checkpoint(tmp_path)
+    memory = _prune_in_memory(directory, "llm_streamline", 2, tmp_path / "memory", options)
+    layerwise = _prune_layerwise(directory, "llm_streamline", 2, tmp_path / "layerwise", options,
+                                 buffer_bytes=20_000)
+    assert layerwise.removed_layers == memory.removed_layers
+    assert layerwise.replacement["replaced_range"] == memory.replacement["replaced_range"]
+    assert layerwise.replacement["mse_after_training"] == pytest.approx(memory.replacement["mse_after_training"],
+                                                                        rel=1e-6)
+    _assert_same_saved_weights(tmp_path / "memory", tmp_path / "layerwise", rtol=1e-6, atol=1e-7)
+    j = memory.replacement["replaced_range"][0]
+    names = {name for name in original.model.layers[j].state_dict() if name.startswith(trained)}
+    _assert_only_layers_changed(original, tmp_path / "layerwise", memory.removed_layers, {j: names})
+
+
 def test_layerwise_spills_beyond_its_budget(tmp_path):
     """A budget smaller than one batch's hidden states writes them to disk and reads them back unchanged."""
     buffer = TensorBuffer(100, tmp_path)
@@ -215,6 +237,19 @@ def test_refusals(tmp_path):
     with pytest.raises(RuntimeError, match=r"model\.layers\.2\.mlp\.down_proj\.weight"):
         weights.save(tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
+    # a new decoder layer that takes the place of no layer the method declared: no source for its tensors
+    weights = LayerwiseModel(directory, torch.float32)
+    weights.edit([])
+    ModelSurgery(weights.adapter).replace_layer(3, _original_layer(directory, 3))
+    with pytest.raises(RuntimeError, match=r"decoder layers \[3\] are new modules but only 0 layer"):
+        weights.save(tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
+def _original_layer(directory, index):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).model.layers[index]
 
 
 def _fake_bin(source, target):
@@ -269,7 +304,9 @@ def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model
     (["evaluate=true"], "model.layerwise=true needs evaluate=false"),
     (["evaluate=false", "save_model=false"], "needs save_model=true"),
     (["evaluate=false", "pruner=sleb"], "pruner=sleb is not supported with model.layerwise=true.*replaceme_ls"),
-    (["evaluate=false", "pruner=llm_streamline"], "pruner=llm_streamline is not supported"),
+    (["evaluate=false", "pruner=laco"], "pruner=laco is not supported"),
+    (["evaluate=false", "pruner=llm_streamline", "pruner.options.loss=lm"],
+     "llm_streamline loss='lm' trains through every layer.*allowed: loss=mse"),
     (["evaluate=false", "pruner=uidl", "pruner.compensate=magnitude"], "pruner.compensate=magnitude is not supported"),
     (["evaluate=false", "healing=lora"], "needs healing=none"),
     (["evaluate=false", "model.layerwise_buffer_gb=-1"], "layerwise_buffer_gb=-1"),
