@@ -31,7 +31,8 @@ from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.safetensors_io import SafetensorsCheckpoint, TensorEntry, write_sharded
-from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE
+from depthbench.modeling.saving import (CUSTOM_MODULES_FILE, METADATA_FILE, zeroed_metadata,
+                                        zeroed_sub_block_shapes)
 from depthbench.modeling.surgery import ModelSurgery
 
 #: Files besides the weights and config.json that a pruned directory takes over from the input (generation
@@ -228,9 +229,10 @@ class LayerwiseModel:
              max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> Path:
         """Write the pruned model to ``directory`` (atomically: a temporary sibling renamed into place) as a plain
         transformers directory: config.json of the pruned skeleton, the weights shard by shard in the run's dtype
-        (unchanged tensors copied from the input checkpoint one at a time, changed ones from memory), the
-        index json, the tokenizer (``tokenizer`` saved, else the input's tokenizer files copied), and
-        ``pruning.json`` from ``metadata``."""
+        (unchanged tensors copied from the input checkpoint one at a time, changed ones from memory; a removed
+        attention / MLP sub-block as zeros, listed in ``pruning.json`` as `save_pruned` does), the index json,
+        the tokenizer (``tokenizer`` saved, else the input's tokenizer files copied), and ``pruning.json`` from
+        ``metadata``."""
         from tqdm.auto import tqdm
 
         changed = self.changed_parameters()
@@ -238,10 +240,18 @@ class LayerwiseModel:
             raise RuntimeError(f"the method changed {changed[:4]} outside the layers it declared for apply "
                                "(Pruner.layers_apply_changes); a layer-wise save would lose that change")
         custom = ModelSurgery(self.adapter).custom_modules()
+        zeroed = None
+        if set(custom) == {"removed_sub_blocks"}:  # saved as zeros, as save_pruned's default does
+            zeroed = zeroed_sub_block_shapes(self.model)
+            if zeroed is not None:
+                metadata = zeroed_metadata(metadata or {}, custom.pop("removed_sub_blocks"), zeroed[1])
         if custom:
             raise ConfigError(f"the pruned model needs depthbench's custom modules ({custom}); "
                               "model.layerwise=true saves plain transformers checkpoints only")
         entries = self._entries()
+        if zeroed is not None:
+            entries += [TensorEntry(name, self.dtype, shape, lambda shape=shape: torch.zeros(shape, dtype=self.dtype))
+                        for name, shape in zeroed[0].items()]
         directory = Path(directory)
         with atomic.directory(directory) as tmp:
             self.model.config.save_pretrained(tmp)

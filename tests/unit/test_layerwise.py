@@ -171,6 +171,34 @@ def test_llm_streamline_layerwise_equals_in_memory(tmp_path, replacement, traine
     _assert_only_layers_changed(original, tmp_path / "layerwise", memory.removed_layers, {j: names})
 
 
+@pytest.mark.parametrize("options", [{}, {"target": "joint"}, {"target": "mlp", "drop_norm": False}])
+def test_llm_drop_layerwise_equals_in_memory(tmp_path, options):
+    """One shot: the same sub-blocks dropped from the same scores, saved as zeros (pruning.json listing them as
+    save_pruned does), every other tensor the original one."""
+    directory, original = _checkpoint(tmp_path)
+    memory = _prune_in_memory(directory, "llm_drop", 2, tmp_path / "memory", options)
+    layerwise = _prune_layerwise(directory, "llm_drop", 2, tmp_path / "layerwise", options, buffer_bytes=20_000)
+    assert layerwise.selection.units() == memory.selection.units()
+    torch.testing.assert_close(torch.tensor(layerwise.selection.scores["values"], dtype=torch.float64),
+                               torch.tensor(memory.selection.scores["values"], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-9)
+    _assert_same_saved_weights(tmp_path / "memory", tmp_path / "layerwise", rtol=0, atol=0)
+    metadata = [json.loads((tmp_path / run / "pruning.json").read_text()) for run in ("memory", "layerwise")]
+    assert metadata[1]["zeroed_sub_blocks"] == metadata[0]["zeroed_sub_blocks"]
+    assert metadata[1]["zeroed_parameters"] == metadata[0]["zeroed_parameters"]
+
+    saved = SafetensorsCheckpoint(tmp_path / "layerwise")
+    # a Llama sub-block is its pre-norm and its module
+    parts = {"attention": ("input_layernorm.", "self_attn."), "mlp": ("post_attention_layernorm.", "mlp.")}
+    zeroed = {(u.layer, prefix) for u in memory.selection.units() for prefix in parts[u.part]}
+    assert len(zeroed) == (8 if options.get("target") == "joint" else 4)
+    for k in range(LAYERS):  # no whole layer went: numbering unchanged
+        for name, value in original.model.layers[k].state_dict().items():
+            stored = saved.read(f"model.layers.{k}.{name}")
+            expected = torch.zeros_like(value) if (k, name[:name.index(".") + 1]) in zeroed else value
+            assert torch.equal(stored, expected), (k, name)
+
+
 def test_layerwise_spills_beyond_its_budget(tmp_path):
     """A budget smaller than one batch's hidden states writes them to disk and reads them back unchanged."""
     buffer = TensorBuffer(100, tmp_path)
@@ -305,6 +333,8 @@ def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model
     (["evaluate=false", "save_model=false"], "needs save_model=true"),
     (["evaluate=false", "pruner=sleb"], "pruner=sleb is not supported with model.layerwise=true.*replaceme_ls"),
     (["evaluate=false", "pruner=laco"], "pruner=laco is not supported"),
+    (["evaluate=false", "pruner=llm_drop", "pruner.options.iterative=true"],
+     "llm_drop iterative=true re-scores.*allowed: iterative=false"),
     (["evaluate=false", "pruner=llm_streamline", "pruner.options.loss=lm"],
      "llm_streamline loss='lm' trains through every layer.*allowed: loss=mse"),
     (["evaluate=false", "pruner=uidl", "pruner.compensate=magnitude"], "pruner.compensate=magnitude is not supported"),
