@@ -199,6 +199,34 @@ def test_llm_drop_layerwise_equals_in_memory(tmp_path, options):
             assert torch.equal(stored, expected), (k, name)
 
 
+@pytest.mark.parametrize("options", [{}, {"insert_type": "diag", "cos_axis": "hidden"}])
+def test_linearpatch_layerwise_equals_in_memory(tmp_path, options):
+    """placement=mlp_fold: the same block, the same d from the one pass, P folded into layer s-1's down
+    projection (W <- P^T W, checked against the original W) and nothing else changed."""
+    from depthbench.pruners.hadamard import HadamardRotation
+    from depthbench.pruners.methods.linearpatch import patch_matrix
+
+    options = {"placement": "mlp_fold", **options}
+    directory, original = _checkpoint(tmp_path)
+    memory = _prune_in_memory(directory, "linearpatch", 2, tmp_path / "memory", options)
+    layerwise = _prune_layerwise(directory, "linearpatch", 2, tmp_path / "layerwise", options, buffer_bytes=20_000)
+    assert layerwise.removed_layers == memory.removed_layers
+    assert layerwise.selection.scores["values"] == pytest.approx(memory.selection.scores["values"], rel=1e-6)
+    (span,) = memory.selection.scores["patch_scale"]
+    assert layerwise.selection.scores["patch_scale"][span] == pytest.approx(
+        memory.selection.scores["patch_scale"][span], rel=1e-6)
+    _assert_same_saved_weights(tmp_path / "memory", tmp_path / "layerwise", rtol=0, atol=0)
+    (block,) = memory.selection.blocks
+    _assert_only_layers_changed(original, tmp_path / "layerwise", memory.removed_layers,
+                                {block.start - 1: {"mlp.down_proj.weight"}})
+    scale = torch.tensor(memory.selection.scores["patch_scale"][f"{block.start}-{block.end}"], dtype=torch.float64)
+    rotation = None if options.get("insert_type") == "diag" else HadamardRotation(32).matrix()
+    P = patch_matrix(scale, rotation)
+    W = original.model.layers[block.start - 1].mlp.down_proj.weight.to(torch.float64)
+    stored = SafetensorsCheckpoint(tmp_path / "layerwise").read(f"model.layers.{block.start - 1}.mlp.down_proj.weight")
+    torch.testing.assert_close(stored.to(torch.float64), P.T @ W, rtol=1e-5, atol=1e-6)
+
+
 def test_layerwise_spills_beyond_its_budget(tmp_path):
     """A budget smaller than one batch's hidden states writes them to disk and reads them back unchanged."""
     buffer = TensorBuffer(100, tmp_path)
@@ -333,6 +361,7 @@ def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model
     (["evaluate=false", "save_model=false"], "needs save_model=true"),
     (["evaluate=false", "pruner=sleb"], "pruner=sleb is not supported with model.layerwise=true.*replaceme_ls"),
     (["evaluate=false", "pruner=laco"], "pruner=laco is not supported"),
+    (["evaluate=false", "pruner=linearpatch"], "linearpatch placement='interface'.*allowed placement=mlp_fold"),
     (["evaluate=false", "pruner=llm_drop", "pruner.options.iterative=true"],
      "llm_drop iterative=true re-scores.*allowed: iterative=false"),
     (["evaluate=false", "pruner=llm_streamline", "pruner.options.loss=lm"],
