@@ -14,8 +14,17 @@ What is held between layers, and so bounds memory besides one layer's weights:
 - the carried residual stream of every batch (calibration tokens x hidden x dtype bytes);
 - the captured points until their statistics are fed. A statistic of last tokens only (`PairwiseSimilarity` /
   `LayerSimilarityTable` with ``tokens="last"``: UIDL, ReplaceMe's selection) keeps one row per sequence; one
-  of all tokens keeps whole batches (ReplaceMe-LS's moments: three points; ShortGPT's all-token similarity:
-  every layer's residual stream, L + 1 times the carried state).
+  of all tokens keeps whole batches, so per method, in units of the carried state (calibration tokens x hidden):
+  ReplaceMe-LS's moments and ReplaceMe-cosine's token rows 3 per block (``M_i``, ``h_{i+1}``, ``h_e``; the rows
+  then go to the method's own spill files); LLM-Streamline's training pairs 2 (``h_j*``, ``h_{j*+n+1}``, then
+  its spill files); ShortGPT's all-token similarity and LinearPatch's cosine and channel ratios every layer's
+  residual stream, L + 1 (the statistics share the points); LLM-Drop's sub-block similarity every residual
+  stream and every post-attention stream, 2L + 1 (``drop_norm: false``: each sub-block's normalised input and
+  module output, 4L), because one statistic spans all layers and is fed only after the last.
+
+A method's later passes over the model as pruned so far (ReplaceMe-cosine's blocks after the first:
+`LayerwiseService.current`) run the same way over the skeleton as it is then, the layers it changed staying in
+memory.
 
 Both live in a `TensorBuffer`: in memory up to ``buffer_bytes``, written to files in a scratch directory beyond
 it (read back with plain reads, never mapped), so the pass fits any memory at the cost of disk traffic.

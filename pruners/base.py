@@ -179,9 +179,10 @@ class Pruner(ABC):
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
 
     #: Whether the method runs with ``model.layerwise=true`` (one decoder layer in memory at a time,
-    #: `depthbench.calibration.layerwise`): it needs only statistics of the original model from single passes,
-    #: removes layers, and changes no weight outside `layers_apply_changes`. Methods that re-score or train on
-    #: the model as it is being pruned need the whole model in memory.
+    #: `depthbench.calibration.layerwise`): it needs only statistics from single passes (of the original model,
+    #: or of the model as pruned so far with nothing skipped), removes layers or sub-blocks, and changes or
+    #: replaces no weight outside `layers_apply_changes`. Methods that re-score candidates or train through the
+    #: model need the whole model in memory; options that do are refused by `check_layerwise_options`.
     supports_layerwise: ClassVar[bool] = False
 
     def layers_apply_changes(self, selection: Selection) -> list[int]:
