@@ -332,28 +332,33 @@ def sharded_model_dir(tmp_path):
     return directory
 
 
-def _run_config(model_dir, tmp_path, *extra):
+def _run_config(model_dir, tmp_path, *extra, pruner="replaceme_ls"):
     from tests.unit.test_newcomer_checks import _text_file
 
     return _compose("model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32", "ratio=0.25",
-                    "pruner=replaceme_ls", "calibration=local", f"calibration.path={_text_file(tmp_path, 3000)}",
+                    f"pruner={pruner}", "calibration=local", f"calibration.path={_text_file(tmp_path, 3000)}",
                     "calibration.seq_len=16", "calibration.n_samples=8", "calibration.batch_size=4",
                     "calibration.packing=true", "progress=false", "device=cpu", *extra)
 
 
-def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model_dir, tmp_path):
+@pytest.mark.parametrize("pruner", ["replaceme_ls", "llm_drop"])
+def test_pipeline_layerwise_run_saves_what_the_in_memory_run_saves(sharded_model_dir, tmp_path, pruner):
     from depthbench.experiments.pipeline import run
 
-    memory = run(_run_config(sharded_model_dir, tmp_path, "evaluate=false"), tmp_path / "memory")
+    memory = run(_run_config(sharded_model_dir, tmp_path, "evaluate=false", pruner=pruner), tmp_path / "memory")
     layerwise = run(_run_config(sharded_model_dir, tmp_path, "evaluate=false", "model.layerwise=true",
-                                "model.layerwise_buffer_gb=0.00001"), tmp_path / "layerwise")
+                                "model.layerwise_buffer_gb=0.00001", pruner=pruner), tmp_path / "layerwise")
     assert layerwise["pruning"]["removed_layers"] == memory["pruning"]["removed_layers"]
     assert layerwise["config_hash"] != memory["config_hash"]
     _assert_same_saved_weights(tmp_path / "memory" / "pruned_model", tmp_path / "layerwise" / "pruned_model",
                                rtol=1e-5, atol=1e-6)
     saved = tmp_path / "layerwise" / "pruned_model"
     assert (saved / "tokenizer.json").is_file() and (saved / "pruning.json").is_file()
-    assert json.loads((saved / "pruning.json").read_text())["removed_layers"] == layerwise["pruning"]["removed_layers"]
+    metadata = json.loads((saved / "pruning.json").read_text())
+    assert metadata["removed_layers"] == layerwise["pruning"]["removed_layers"]
+    in_memory = json.loads((tmp_path / "memory" / "pruned_model" / "pruning.json").read_text())
+    assert metadata.get("zeroed_sub_blocks") == in_memory.get("zeroed_sub_blocks")
+    assert bool(metadata.get("zeroed_sub_blocks")) == (pruner == "llm_drop")
 
 
 @pytest.mark.parametrize("overrides, message", [
