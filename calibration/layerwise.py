@@ -14,8 +14,17 @@ What is held between layers, and so bounds memory besides one layer's weights:
 - the carried residual stream of every batch (calibration tokens x hidden x dtype bytes);
 - the captured points until their statistics are fed. A statistic of last tokens only (`PairwiseSimilarity` /
   `LayerSimilarityTable` with ``tokens="last"``: UIDL, ReplaceMe's selection) keeps one row per sequence; one
-  of all tokens keeps whole batches (ReplaceMe-LS's moments: three points; ShortGPT's all-token similarity:
-  every layer's residual stream, L + 1 times the carried state).
+  of all tokens keeps whole batches, so per method, in units of the carried state (calibration tokens x hidden):
+  ReplaceMe-LS's moments and ReplaceMe-cosine's token rows 3 per block (``M_i``, ``h_{i+1}``, ``h_e``; the rows
+  then go to the method's own spill files); LLM-Streamline's training pairs 2 (``h_j*``, ``h_{j*+n+1}``, then
+  its spill files); ShortGPT's all-token similarity and LinearPatch's cosine and channel ratios every layer's
+  residual stream, L + 1 (the statistics share the points); LLM-Drop's sub-block similarity every residual
+  stream and every post-attention stream, 2L + 1 (``drop_norm: false``: each sub-block's normalised input and
+  module output, 4L), because one statistic spans all layers and is fed only after the last.
+
+A method's later passes over the model as pruned so far (ReplaceMe-cosine's blocks after the first:
+`LayerwiseService.current`) run the same way over the skeleton as it is then, the layers it changed staying in
+memory.
 
 Both live in a `TensorBuffer`: in memory up to ``buffer_bytes``, written to files in a scratch directory beyond
 it (read back with plain reads, never mapped), so the pass fits any memory at the cost of disk traffic.
@@ -187,8 +196,8 @@ def layerwise_collect(weights, batches: list[dict[str, torch.Tensor]], statistic
 class LayerwiseService(CalibrationService):
     """The calibration service of a layer-wise prune: statistics of the original model from `layerwise_collect`
     (a fresh pass per request: no statistics cache, no activation store), the layers a method changes read into
-    memory before its ``apply``; everything that needs the whole model (the current model's statistics, NLL
-    re-scoring) is refused."""
+    memory before its ``apply``, statistics of the model as pruned so far by the same kind of pass (`current`);
+    everything that re-scores candidates (units skipped, NLL, divergence) is refused."""
 
     weights: object = None
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -196,6 +205,18 @@ class LayerwiseService(CalibrationService):
 
     def original(self, statistics: Iterable[Statistic], what: str = "calibration") -> list[Statistic]:
         self._check_original()
+        return self._pass(statistics, what)
+
+    def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
+        """Statistics of the model as pruned so far, by a layer-wise pass over the skeleton as it is now: the
+        layers the method changed (read in by `before_apply`) stay in memory, the others are read from the
+        checkpoint, removed ones are gone. Nothing may be skipped (``skip`` would need stand-ins swapped into
+        layers that are not in memory): a method that re-scores candidates this way is refused."""
+        if list(skip):
+            self._refuse("statistics of the model with units skipped")
+        return self._pass(statistics, what)
+
+    def _pass(self, statistics: Iterable[Statistic], what: str) -> list[Statistic]:
         requested = unique(statistics)
         sources, fill = similarity_sources(requested)
         with self.scratch("depthbench-layerwise-", self.scratch_dir) as tmp:
@@ -207,12 +228,14 @@ class LayerwiseService(CalibrationService):
     def before_apply(self, layers: Iterable[int]) -> None:
         self.weights.edit(layers)
 
+    @contextlib.contextmanager
+    def layer_in_memory(self, index: int):
+        with self.weights.layer_weights(index) as layer:
+            yield layer
+
     def _refuse(self, what: str):
         raise ConfigError(f"{self.label or 'this method'} asks for {what}, which needs the whole model in memory; "
                           "not available with model.layerwise=true")
-
-    def current(self, statistics, what: str = "calibration", skip=()):
-        self._refuse("statistics of the model as it is being pruned")
 
     def nll(self, skip=(), what: str = "calibration NLL"):
         self._refuse("the calibration NLL of the model")

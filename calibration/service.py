@@ -19,7 +19,9 @@ A pruner holds no caching or storage state. Its stages receive a `CalibrationSer
   position, the same way (FinerCut);
 - `first_sequences(n)`: the same service on the first n calibration sequences only (a declared subset for
   methods that re-score the model per candidate), without cache or stored activations;
-- `scratch()`: a temporary directory for the method's own spill files, deleted afterwards.
+- `scratch()`: a temporary directory for the method's own spill files, deleted afterwards;
+- `layer_in_memory(k)`: decoder layer k with its weights in memory while a block lasts (a layer-wise prune
+  reads it from the checkpoint).
 
 Caching and storage are wrapped around pruners from outside: `open_service` builds a service with or
 without a statistics cache and decides where stored activations live (the cache's slot, a temporary
@@ -91,6 +93,13 @@ class CalibrationService:
         """Called before a method's ``apply`` with the decoder layers whose weights it changes (original
         numbering, `depthbench.pruners.base.Pruner.layers_apply_changes`): nothing to do where the whole model
         is in memory; a layer-wise prune reads them in (`depthbench.calibration.layerwise.LayerwiseService`)."""
+
+    @contextlib.contextmanager
+    def layer_in_memory(self, index: int) -> Iterator[torch.nn.Module]:
+        """Decoder layer ``index`` (current numbering) with its weights in memory while the block lasts, for a
+        method that reads them before its ``apply`` (LLM-Streamline copies layer j* as its module's start): the
+        layer itself where the whole model is in memory; a layer-wise prune reads it from the checkpoint."""
+        yield self.adapter.layer(index)
 
     def current(self, statistics: Iterable[Statistic], what: str = "calibration", skip=()) -> list[Statistic]:
         """Statistics of the model as it is now (``skip``: units left out of the pass); a fresh pass."""

@@ -41,6 +41,7 @@ def check(cfg: DictConfig, pruner) -> None:
         raise ConfigError(f"{what} is not supported with model.layerwise=true (it re-scores, trains on or changes the "
                           f"model beyond one layer at a time, so it needs the whole model in memory); layer-wise "
                           f"methods: {supported}")
+    pruner.check_layerwise_options()
     for key, allowed, why in (("evaluate", False, "evaluation needs the whole model in memory: the saved "
                                                   "pruned_model/ loads with from_pretrained for lm-eval"),
                               ("save_model", True, "the saved model is what a layer-wise run produces")):

@@ -31,7 +31,8 @@ from depthbench import atomic
 from depthbench.errors import ConfigError
 from depthbench.modeling.adapters import adapter_for
 from depthbench.modeling.safetensors_io import SafetensorsCheckpoint, TensorEntry, write_sharded
-from depthbench.modeling.saving import CUSTOM_MODULES_FILE, METADATA_FILE
+from depthbench.modeling.saving import (CUSTOM_MODULES_FILE, METADATA_FILE, zeroed_metadata,
+                                        zeroed_sub_block_shapes)
 from depthbench.modeling.surgery import ModelSurgery
 
 #: Files besides the weights and config.json that a pruned directory takes over from the input (generation
@@ -76,6 +77,7 @@ class LayerwiseModel:
         self._modules = list(model.modules())  # keeps every module alive: its id stays its own
         self._source = self._checkpoint_keys()
         self._edited: set[tuple[int, str]] = set()
+        self._edited_layers: set[int] = set()  # ids of the decoder layers `edit` read in (may be replaced)
         self._snapshot: dict[tuple[int, str], tuple] | None = None
         self._move_buffers()
         layers = {id(m) for layer in self.adapter.decoder_layers() for m in layer.modules()}
@@ -140,25 +142,20 @@ class LayerwiseModel:
                 else:
                     module._buffers[attr] = tensor
 
-    @staticmethod
-    def _drop(slots: Iterable[Slot]) -> None:
-        for module, attr in slots:
-            if attr in module._parameters:
-                p = module._parameters[attr]
-                module._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                        requires_grad=False)
-
     @contextlib.contextmanager
     def layer_weights(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` (current numbering) with its weights read from the checkpoint; they go back
-        to ``meta`` when the block ends (a layer `edit` read for good stays)."""
+        """Decoder layer ``index`` (current numbering) with its weights read from the checkpoint; when the block
+        ends its parameters are the very ``meta`` placeholders they were before (a layer `edit` read for good
+        stays), so a pass after `edit` (a method's `current` statistics) leaves its snapshot as it was."""
         layer = self.adapter.layer(index)
         slots = [s for s in self._slots(layer) if (id(s[0]), s[1]) not in self._edited]
+        placeholders = [(m, attr, m._parameters[attr]) for m, attr in slots if attr in m._parameters]
         self._load(slots)
         try:
             yield layer
         finally:
-            self._drop(slots)
+            for module, attr, placeholder in placeholders:
+                module._parameters[attr] = placeholder
 
     def embedding_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``h_0`` for a batch: the model's own forward stopped before layer 0 (embeddings, scaling, positions)."""
@@ -170,6 +167,7 @@ class LayerwiseModel:
         """Read decoder layers ``layers`` (current numbering) into memory for good, for a method's ``apply`` to
         change, and snapshot every other parameter so that `save` can tell a change made elsewhere."""
         for index in sorted(set(int(k) for k in layers)):
+            self._edited_layers.add(id(self.adapter.layer(index)))
             slots = self._slots(self.adapter.layer(index))
             self._load([s for s in slots if (id(s[0]), s[1]) not in self._edited])
             self._edited.update((id(m), attr) for m, attr in slots)
@@ -182,12 +180,35 @@ class LayerwiseModel:
         storage = tensor.untyped_storage()
         return tensor, storage, storage._cdata, tensor._version
 
+    def replacement_modules(self) -> set[int]:
+        """Ids of the modules of decoder layers a method put in place of layers `edit` read in (LLM-Streamline's
+        trained layer): saved from memory under their position's name. More new layers than edited layers gone,
+        or a new layer with a parameter not in memory, is refused (its tensors would have no source)."""
+        known = {id(m) for m in self._modules}
+        current = list(self.adapter.decoder_layers())
+        new = [(k, layer) for k, layer in enumerate(current) if id(layer) not in known]
+        gone = self._edited_layers - {id(layer) for layer in current}
+        if len(new) > len(gone):
+            raise RuntimeError(f"decoder layers {[k for k, _ in new]} are new modules but only {len(gone)} layer(s) "
+                               "the method declared (Pruner.layers_apply_changes) were replaced; a layer-wise save "
+                               "has no source for the others")
+        ids = set()
+        for k, layer in new:
+            on_meta = [name for name, p in layer.named_parameters() if p.device.type == "meta"]
+            if on_meta:
+                raise RuntimeError(f"the new decoder layer {k} has parameters without values ({on_meta[:4]})")
+            ids.update(id(m) for m in layer.modules())
+        return ids
+
     def changed_parameters(self) -> list[str]:
-        """Parameters outside the edited layers that differ from the `edit` snapshot (replaced or changed in place)."""
+        """Parameters outside the edited layers that differ from the `edit` snapshot (replaced or changed in place),
+        those of the layers that replaced edited ones (`replacement_modules`) aside."""
         if self._snapshot is None:
             raise RuntimeError("LayerwiseModel.edit was not called before the method's apply")
-        changed = []
+        changed, replacements = [], self.replacement_modules()
         for prefix, module in self.model.named_modules():
+            if id(module) in replacements:
+                continue
             for attr in self._attributes(module):
                 key = (id(module), attr)
                 if key in self._edited:
@@ -208,9 +229,10 @@ class LayerwiseModel:
              max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> Path:
         """Write the pruned model to ``directory`` (atomically: a temporary sibling renamed into place) as a plain
         transformers directory: config.json of the pruned skeleton, the weights shard by shard in the run's dtype
-        (unchanged tensors copied from the input checkpoint one at a time, changed ones from memory), the
-        index json, the tokenizer (``tokenizer`` saved, else the input's tokenizer files copied), and
-        ``pruning.json`` from ``metadata``."""
+        (unchanged tensors copied from the input checkpoint one at a time, changed ones from memory; a removed
+        attention / MLP sub-block as zeros, listed in ``pruning.json`` as `save_pruned` does), the index json,
+        the tokenizer (``tokenizer`` saved, else the input's tokenizer files copied), and ``pruning.json`` from
+        ``metadata``."""
         from tqdm.auto import tqdm
 
         changed = self.changed_parameters()
@@ -218,10 +240,18 @@ class LayerwiseModel:
             raise RuntimeError(f"the method changed {changed[:4]} outside the layers it declared for apply "
                                "(Pruner.layers_apply_changes); a layer-wise save would lose that change")
         custom = ModelSurgery(self.adapter).custom_modules()
+        zeroed = None
+        if set(custom) == {"removed_sub_blocks"}:  # saved as zeros, as save_pruned's default does
+            zeroed = zeroed_sub_block_shapes(self.model)
+            if zeroed is not None:
+                metadata = zeroed_metadata(metadata or {}, custom.pop("removed_sub_blocks"), zeroed[1])
         if custom:
             raise ConfigError(f"the pruned model needs depthbench's custom modules ({custom}); "
                               "model.layerwise=true saves plain transformers checkpoints only")
         entries = self._entries()
+        if zeroed is not None:
+            entries += [TensorEntry(name, self.dtype, shape, lambda shape=shape: torch.zeros(shape, dtype=self.dtype))
+                        for name, shape in zeroed[0].items()]
         directory = Path(directory)
         with atomic.directory(directory) as tmp:
             self.model.config.save_pretrained(tmp)
@@ -241,15 +271,20 @@ class LayerwiseModel:
         """One entry per tensor of the pruned model (its current name; a tied head is not stored, as
         transformers does), produced from memory where it was edited or is resident, else from the checkpoint."""
         entries, seen = [], set()
+        replacements = self.replacement_modules()
         for prefix, module in self.model.named_modules():
             for attr in self._attributes(module):
                 slot = (id(module), attr)
+                name = f"{prefix}.{attr}" if prefix else attr
+                if id(module) in replacements:
+                    entries.append(self._new_entry(name, module, attr))
+                    continue
                 if slot not in self._source:
                     continue  # a tied head: the checkpoint stores it once, as the embedding
                 if slot in seen:
                     continue
                 seen.add(slot)
-                entries.append(self._entry(f"{prefix}.{attr}" if prefix else attr, module, attr))
+                entries.append(self._entry(name, module, attr))
         return entries
 
     def _entry(self, name: str, module: nn.Module, attr: str) -> TensorEntry:
@@ -265,4 +300,10 @@ class LayerwiseModel:
             return value.to(dtype) if value.is_floating_point() else value
 
         return TensorEntry(name, dtype, shape, produce)
+
+    def _new_entry(self, name: str, module: nn.Module, attr: str) -> TensorEntry:
+        """A tensor of a replacement layer (`replacement_modules`): from memory, in the run's dtype."""
+        tensor = module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return TensorEntry(name, dtype, tuple(tensor.shape), lambda t=tensor: t.detach().to(dtype))
 

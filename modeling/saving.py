@@ -75,11 +75,7 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict, sub_blo
         zeroed = _zeroed_state_dict(model)
         if zeroed is not None:
             state_dict, names = zeroed
-            metadata = {**metadata, ZEROED_KEY: changes.pop("removed_sub_blocks"), "zeroed_parameters": names,
-                        "zeroed_note": ("every parameter of these sub-blocks is 0 (output projection included), so "
-                                        "plain from_pretrained computes the pruned function but still runs them: "
-                                        "speed-up and KV-cache saving are measured on the in-memory model; "
-                                        "depthbench.modeling.saving.load_pruned removes them again")}
+            metadata = zeroed_metadata(metadata, changes.pop("removed_sub_blocks"), names)
     with atomic.directory(directory) as tmp:
         if not changes:
             model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
@@ -105,10 +101,39 @@ def save_pruned(model, tokenizer, directory: str | Path, metadata: dict, sub_blo
     return directory
 
 
+def zeroed_metadata(metadata: dict, sub_blocks: list[str], prefixes: list[str]) -> dict:
+    """``metadata`` (``pruning.json``) plus what a directory with zeroed sub-blocks says about them."""
+    return {**metadata, ZEROED_KEY: sub_blocks, "zeroed_parameters": prefixes,
+            "zeroed_note": ("every parameter of these sub-blocks is 0 (output projection included), so "
+                            "plain from_pretrained computes the pruned function but still runs them: "
+                            "speed-up and KV-cache saving are measured on the in-memory model; "
+                            "depthbench.modeling.saving.load_pruned removes them again")}
+
+
 def _zeroed_state_dict(model) -> tuple[dict, list[str]] | None:
     """The model's state dict completed to the full architecture of its config: every parameter of a
     removed sub-block as zeros (model dtype). Also returns the module prefixes zeroed. ``None`` where the
     family does not allow it (`ModelAdapter.sub_blocks_save_zeroed`)."""
+    import torch
+
+    from depthbench.modeling.adapters import adapter_for
+
+    zeroed = zeroed_sub_block_shapes(model)
+    if zeroed is None:
+        return None
+    shapes, prefixes = zeroed
+    state = model.state_dict()
+    dtype = adapter_for(model).embeddings().weight.dtype
+    for key, shape in shapes.items():
+        state[key] = torch.zeros(shape, dtype=dtype)
+    return state, prefixes
+
+
+def zeroed_sub_block_shapes(model) -> tuple[dict, list[str]] | None:
+    """The parameters a removed sub-block lacks in the pruned model but its config's full architecture has
+    (name -> shape, in the architecture's order), and the module prefixes they live under; ``None`` where the
+    family does not allow saving them as zeros (`ModelAdapter.sub_blocks_save_zeroed`). Reads only names and
+    shapes, so it serves a model whose other weights are not in memory (a layer-wise save) as well."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -131,10 +156,7 @@ def _zeroed_state_dict(model) -> tuple[dict, list[str]] | None:
     if stray or set(state) - set(full):
         raise RuntimeError(f"zeroed sub-blocks: keys missing outside the removed sub-blocks {stray[:5]} or unknown "
                            f"to the architecture {sorted(set(state) - set(full))[:5]}")
-    dtype = adapter.embeddings().weight.dtype
-    for key in missing:
-        state[key] = torch.zeros(full[key].shape, dtype=dtype)
-    return state, [p.rstrip(".") for p in prefixes]
+    return {key: tuple(full[key].shape) for key in missing}, [p.rstrip(".") for p in prefixes]
 
 
 def _in_memory_key_names(model) -> dict:

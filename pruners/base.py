@@ -179,15 +179,20 @@ class Pruner(ABC):
         """Raise `ConfigError` if the method cannot prune this architecture (checked before calibration)."""
 
     #: Whether the method runs with ``model.layerwise=true`` (one decoder layer in memory at a time,
-    #: `depthbench.calibration.layerwise`): it needs only statistics of the original model from single passes,
-    #: removes layers, and changes no weight outside `layers_apply_changes`. Methods that re-score or train on
-    #: the model as it is being pruned need the whole model in memory.
+    #: `depthbench.calibration.layerwise`): it needs only statistics from single passes (of the original model,
+    #: or of the model as pruned so far with nothing skipped), removes layers or sub-blocks, and changes or
+    #: replaces no weight outside `layers_apply_changes`. Methods that re-score candidates or train through the
+    #: model need the whole model in memory; options that do are refused by `check_layerwise_options`.
     supports_layerwise: ClassVar[bool] = False
 
     def layers_apply_changes(self, selection: Selection) -> list[int]:
         """The decoder layers (original numbering) whose weights `apply` changes: a layer-wise prune reads them
         into memory before `apply` (and refuses to save a change made anywhere else)."""
         return []
+
+    def check_layerwise_options(self) -> None:
+        """Raise `ConfigError` if this method's options need the whole model with ``model.layerwise=true``
+        (checked from the config, before any weights are read; beyond `supports_layerwise`)."""
 
     def check_layerwise(self, adapter: ModelAdapter) -> None:
         """Raise `ConfigError` if this method cannot run layer-wise on this model (beyond `supports_layerwise`)."""

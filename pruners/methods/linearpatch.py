@@ -111,6 +111,20 @@ class LinearPatchPruner(Pruner):
                                              "folded into layer s-1's MLP down projection (zero parameters, plain "
                                              "from_pretrained, approximate).")
 
+    #: Layer-wise (``model.layerwise=true``): the cosine and every candidate's d come from the one pass over the
+    #: original model; ``placement: mlp_fold`` changes layer s-1's down projection (`layers_apply_changes`).
+    supports_layerwise = True
+
+    def check_layerwise_options(self) -> None:
+        if self.options.placement == "interface":
+            raise ConfigError("linearpatch placement='interface' inserts a ResidualPatch module that only "
+                              "depthbench's own save layout holds; model.layerwise=true saves plain transformers "
+                              "checkpoints: allowed placement=mlp_fold")
+
+    def layers_apply_changes(self, selection: Selection) -> list[int]:
+        """Layer s-1 before each block: P folds into its MLP down projection (``placement: mlp_fold``)."""
+        return [block.start - 1 for block in selection.blocks]
+
     def validate_options(self) -> None:
         for key, allowed in (("cos_axis", COS_AXES), ("insert_type", INSERT_TYPES), ("placement", PLACEMENTS)):
             value = getattr(self.options, key)

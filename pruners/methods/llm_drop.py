@@ -70,8 +70,19 @@ class LLMDropPruner(Pruner):
         n_modules: int = option(0, "With budget=count: the number of modules to drop (0: from the ratio as "
                                    "above; the reference's joint count round(r*2L) can differ from 2R by one).")
 
+    #: Layer-wise (``model.layerwise=true``) in the one-shot mode: the scores come from the one pass over the
+    #: original model and removal only swaps in stand-ins (saved as zeros); ``iterative: true`` re-scores the
+    #: model with the dropped sub-blocks skipped, which needs it whole, and is refused.
+    supports_layerwise = True
+
     def removes_sub_blocks(self) -> bool:
         return True
+
+    def check_layerwise_options(self) -> None:
+        if self.options.iterative:
+            raise ConfigError("llm_drop iterative=true re-scores the model with the dropped sub-blocks skipped after "
+                              "every round, which needs the whole model in memory; with model.layerwise=true "
+                              "allowed: iterative=false (one shot, the reference default)")
 
     def validate_options(self) -> None:
         o = self.options

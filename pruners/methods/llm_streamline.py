@@ -110,6 +110,10 @@ class LLMStreamlinePruner(Pruner):
     name = "llm_streamline"
     paper = "Chen et al. 2024, Streamlining Redundant Layers to Compress Large Language Models (arXiv 2403.19135)"
     fit_reads_activations = True
+    #: Layer-wise (``model.layerwise=true``): the training pairs come from one pass over the original model, the
+    #: module starts as a copy of layer j* (`CalibrationService.layer_in_memory`) and takes its place
+    #: (`layers_apply_changes`); ``loss: lm`` runs the rest of the model, so it is refused.
+    supports_layerwise = True
 
     @dataclass
     class Options:
@@ -183,6 +187,16 @@ class LLMStreamlinePruner(Pruner):
                               f"which {weight.device} does not support ({problem}); use "
                               f"pruner.options.precision=float32")
 
+    def check_layerwise_options(self) -> None:
+        if self.options.loss == "lm":
+            raise ConfigError("llm_streamline loss='lm' trains through every layer after the replaced ones, the "
+                              "final norm and the head, which needs the whole model in memory; with "
+                              "model.layerwise=true allowed: loss=mse")
+
+    def layers_apply_changes(self, selection: Selection) -> list[int]:
+        """Layer j*: the trained module takes its place (`apply` reads its dtype and device there)."""
+        return [self.replaced_range(selection)[0]]
+
     # -- score and select ------------------------------------------------------------------
     def statistics(self, adapter, n_remove):
         return [PairwiseSimilarity(adapter.num_layers, gap=n_remove + 1, tokens="all")]
@@ -200,9 +214,9 @@ class LLMStreamlinePruner(Pruner):
         )
 
     # -- the replacement module ------------------------------------------------------------
-    def initial_module(self, adapter, j: int) -> nn.Module:
-        """A float32 copy of layer j, with only the parts that this replacement trains left trainable."""
-        module = copy.deepcopy(adapter.layer(j)).to(torch.float32)
+    def initial_module(self, adapter, layer: nn.Module) -> nn.Module:
+        """A float32 copy of ``layer`` (j*), with only the parts that this replacement trains left trainable."""
+        module = copy.deepcopy(layer).to(torch.float32)
         for p in module.parameters():
             p.requires_grad_(True)
         if self.options.replacement == "ffn":
@@ -226,7 +240,8 @@ class LLMStreamlinePruner(Pruner):
         device = adapter.embeddings().weight.device
         precision = resolve_precision(o.precision, adapter.embeddings().weight.dtype)
         width = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
-        module = self.initial_module(adapter, j).to(device)
+        with service.layer_in_memory(j) as layer:  # layer-wise: read from the checkpoint for the copy only
+            module = self.initial_module(adapter, layer).to(device)
         trainable = _trainable_parameters(module)
         with service.scratch("depthbench-streamline-", o.spill_dir) as tmp:
             spill = ResidualPairSequences(j, end, adapter.hidden_size, width, tmp)

@@ -166,6 +166,10 @@ class _ReplaceMe(Pruner):
 
     Options = _BlockOptions
     fit_reads_activations = True
+    #: Layer-wise (``model.layerwise=true``): T is fitted on statistics or token rows of single passes and folds
+    #: into the kept layers before the blocks (`layers_apply_changes`); ReplaceMe-cosine's later blocks train on
+    #: a layer-wise pass over the model as pruned so far (`depthbench.calibration.layerwise.LayerwiseService.current`).
+    supports_layerwise = True
 
     def validate_options(self) -> None:
         o = self.options
@@ -239,6 +243,22 @@ class _ReplaceMe(Pruner):
     def check_blocks(self, blocks: list[Block]) -> None:
         """Variant-specific restrictions on the chosen blocks."""
 
+    def layers_apply_changes(self, selection: Selection) -> list[int]:
+        """The kept layer before each block (original numbering): T folds into its MLP output projection. With
+        unmerged touching blocks (ReplaceMe-cosine, ``merge_consecutive: false``) the later block's kept layer is
+        the one before the earlier block, as `ReplaceMeCosinePruner.apply` folds it."""
+        removed: set[int] = set()
+        kept = []
+        for block in sorted(selection.blocks):
+            kept.append(max(k for k in range(block.start) if k not in removed))
+            removed.update(block.layers)
+        return sorted(set(kept))
+
+    def check_layerwise(self, adapter) -> None:
+        if self.norm_route(adapter) is not None:
+            raise ConfigError(f"{self.name} with model.layerwise=true folds T into the MLP output projection only; "
+                              f"{adapter.family} has a norm after the MLP (its routes need the whole model)")
+
     def describe(self, adapter, fold: "_Fold", fits: list[dict], diagonal: bool = False) -> dict:
         """The ``replacement`` entry of pruning.json: how T was applied, per block, and whether the saved
         model needs custom code (only for explicit linear modules after a norm)."""
@@ -275,7 +295,6 @@ class ReplaceMeLSPruner(_ReplaceMe):
     """ReplaceMe with the closed-form least-squares transform (reference: ``lstsq``)."""
 
     name = "replaceme_ls"
-    supports_layerwise = True
 
     @dataclass
     class Options(_BlockOptions):
@@ -295,15 +314,6 @@ class ReplaceMeLSPruner(_ReplaceMe):
                 raise ConfigError(
                     f"replaceme_ls: blocks [{a.start}, {a.end}) and [{b.start}, {b.end}) touch, so the second has "
                     f"no kept layer of the original model before it; set merge_consecutive: true")
-
-    def layers_apply_changes(self, selection: Selection) -> list[int]:
-        """The kept layer before each block: T folds into its MLP output projection."""
-        return [block.start - 1 for block in selection.blocks]
-
-    def check_layerwise(self, adapter) -> None:
-        if self.norm_route(adapter) is not None:
-            raise ConfigError(f"{self.name} with model.layerwise=true folds T into the MLP output projection only; "
-                              f"{adapter.family} has a norm after the MLP (its routes need the whole model)")
 
     def fit(self, adapter, selection, service) -> list[tuple[Block, torch.Tensor, dict]]:
         device = adapter.embeddings().weight.device
