@@ -7,16 +7,19 @@ calibration tokens are random ids, so this runs on a GPU machine without interne
 
     .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
         [--device cuda] [--dtype bfloat16] [--shape llama3_8b | --hidden H --layers L --intermediate I
-        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--activation-strategy auto]
+        --heads A --kv-heads K --vocab V] [--activations-gb 32] [--activations-memory-gb auto]
+        [--activation-strategy auto]
         [--option METHOD.KEY=VALUE ...]
         [--output docs/real_scale.json]
 
 Each method runs on a fresh copy of the weights (the same seed), in this process; CUDA timings are
 synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
 (65 x 128 x 256 x 4096 x 2 B = 17 GB at Llama-3-8B shape): ``--activations-gb`` sets the budget
-(0 = fits run their own partial forward pass); ``--activation-strategy`` (default auto, as a single run of the
-pipeline: calibration/strategy.py) says whether the pass stores them at all, and each row records what ran and
-why (``activations``). Writes one JSON record (atomically, after every method,
+(0 = fits run their own partial forward pass); ``--activations-memory-gb`` (default auto, as a single run of the
+pipeline: half the memory available on the device; 0 = never) keeps the store in device memory where it fits
+(calibration/memory_store.py: no copy, write or read back); ``--activation-strategy`` (default auto, as a single
+run of the pipeline: calibration/strategy.py) says whether the pass stores them at all, and each row records what
+ran and why (``activations``). Writes one JSON record (atomically, after every method,
 so a run stopped at a time limit keeps what it measured) with the environment and every timing, and
 prints a Markdown table; a later run in the same setting with the same ``--output`` re-measures its
 methods and keeps the other rows (each row names its run). ``--option`` sets one method's option and is
@@ -108,7 +111,9 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         f"Measured by `benchmarks/real_scale.py` (the record: `docs/real_scale.json`) on {', '.join(devices)}: a "
         f"randomly initialised Llama model of shape {shape} in {record['dtype']}, {record['samples']} x "
         f"{record['seq_len']} random token ids, ratio {record['ratio']}, stored activations up to "
-        f"{record['activations_gb']:g} GB, activation strategy {record.get('activation_strategy', 'store')} "
+        f"{record['activations_gb']:g} GB on disk"
+        + (f" or {record['activations_memory_gb']} GB of device memory" if "activations_memory_gb" in record else "")
+        + f", activation strategy {record.get('activation_strategy', 'store')} "
         "(each row's `activations` in the record: what ran and why). Timing needs no trained weights (the passes cost "
         "the same), but "
         "data-dependent choices (LaCo's merges, SLEB's order) may differ from a trained model's. Runs:", "",
@@ -181,6 +186,7 @@ def method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
 def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) -> dict:
     """One method on a fresh model (same seed): a bare forward pass over the calibration data, then
     the whole prune (score, select, fit, apply), both timed in this process."""
+    from depthbench.calibration.memory_store import memory_budget
     from depthbench.calibration.strategy import ActivationStrategy
     from depthbench.experiments.pipeline import layers_to_remove
     from depthbench.modeling.adapters import adapter_for
@@ -202,8 +208,9 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
     strategy = ActivationStrategy(args.activation_strategy, fits=1)
 
     def prune():
+        memory = memory_budget(args.activations_memory_gb, adapter.embeddings().weight.device)
         with pruner.service(adapter, data, activation_budget_bytes=int(args.activations_gb * 2**30),
-                            strategy=strategy) as service:
+                            strategy=strategy, memory_budget_bytes=memory) as service:
             result["r"] = pruner.prune(adapter, service, n_remove)
 
     prune_s = synchronised_seconds(prune, args.device)
@@ -231,6 +238,9 @@ def main() -> None:
     for name in ("hidden", "layers", "intermediate", "heads", "kv-heads", "vocab"):
         parser.add_argument(f"--{name}", type=int, help=f"override the shape's {name}")
     parser.add_argument("--activations-gb", type=float, default=32.0)
+    parser.add_argument("--activations-memory-gb", default="auto", type=lambda v: v if v == "auto" else float(v),
+                        help="cache.activations_memory_gb: device memory for the store (auto = half the available; "
+                             "0 = never in memory)")
     parser.add_argument("--activation-strategy", default="auto", choices=["auto", "store", "recompute"],
                         help="cache.activation_strategy: store the activations for the fit, recompute them, or decide "
                              "on the first batch (default, as a single run of the pipeline)")
@@ -264,7 +274,7 @@ def main() -> None:
            "command": " ".join(["python", "benchmarks/real_scale.py", *sys.argv[1:]])}
     setting = {"shape": shape, "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len,
                "ratio": args.ratio, "activations_gb": args.activations_gb,
-               "activation_strategy": args.activation_strategy}
+               "activations_memory_gb": args.activations_memory_gb, "activation_strategy": args.activation_strategy}
     record = merged_record(Path(args.output) if args.output else None, setting, env, list(pruners))
     run = len(record["runs"]) - 1
     rows = record["rows"]
