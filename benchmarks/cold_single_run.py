@@ -73,7 +73,7 @@ def cold_run(work: Path, models: Path, dtype: str, budget: str) -> dict:
             "removed_layers": record["pruning"]["removed_layers"],
             # the store-or-recompute choice (calibration/strategy.py): what ran and why
             "activations": {k: v for k, v in ((record.get("calibration") or {}).get("activations") or {}).items()
-                            if k in ("strategy", "ran", "reason")},
+                            if k in ("strategy", "ran", "reason", "fit_layers", "measured", "estimated_s")},
             "prune_seconds": {k: v["seconds"] for k, v in record["stages"].items() if k.startswith("prune.")}}
 
 

@@ -1,14 +1,18 @@
-"""What ``cache.activation_strategy=auto`` decides on this machine for a model shape: the first calibration batch of
-a single ReplaceMe-LS run's score pass, measured as the pipeline measures it (its forward time, the store's write
-and read throughput probed on its activations), and the decision with the numbers behind it. Only the first
-batch runs (the decision is made there) and no store is kept, so this is cheap even where a whole pass is not.
+"""What ``cache.activation_strategy=auto`` decides on this machine for a model shape: the first two calibration
+batches of a single ReplaceMe-LS run's score pass, measured as the pipeline measures them (the first batch's forward
+time with its warm-up, the second's without; the first batch written to the store, flushed to the disk and read
+back), and the decision with the numbers behind it. Only those batches run (the decision is made on the second)
+and no store is kept, so this is cheap even where a whole pass is not. For comparison it also times what the
+earlier rule priced: an unflushed write of `PROBE_BYTES` of activations (``page_cache_probe``: it lands in the
+page cache, so it measures memory, not the disk a multi-GB store meets).
 
     .venv/bin/python benchmarks/strategy_decision.py [--shape smollm2_135m | llama3_8b] [--dtype float32]
         [--device cpu] [--samples 128 --seq-len 256 --batch-size 8] [--hidden H --layers L ...]
         [--output docs/strategy_decision.json]
 
 Random weights and random token ids (timing needs no trained weights); the store is probed in a temporary
-directory (``TMPDIR``, where a single run's store lives).
+directory (``TMPDIR``, where a single run's store lives). Run it with the thread count of the runs it stands for
+(torch's default: every core; the record states ``torch_threads``).
 """
 
 from __future__ import annotations
@@ -42,14 +46,33 @@ def first_batch_decision(shape: dict, dtype: torch.dtype, device: str, samples: 
     with tempfile.TemporaryDirectory(prefix="depthbench-strategy-") as tmp:
         decider = DecidingWriter(strategy, ActivationSlot(Path(tmp) / "store", 1 << 50), adapter, data.batches)
         score = [LayerSimilarityTable(adapter.num_layers, tokens) for tokens in ("last", "all")]  # LS's score pass
-        decider.start()
         with torch.no_grad():
-            collect(adapter, data.batches[:1], [decider, *score], progress=False)
+            collect(adapter, data.batches[:2], [decider, *score], progress=False)
         decider.abort()
+        probe = page_cache_probe(Path(tmp), shape["hidden"], dtype)
     record = strategy.record()
-    for key in ("forward_passes", "replays"):  # one batch of one pass, not a run's counts
+    for key in ("forward_passes", "replays"):  # two batches of one pass, not a run's counts
         record.pop(key)
-    return record
+    return {**record, "page_cache_probe": probe}
+
+
+def page_cache_probe(directory: Path, hidden: int, dtype: torch.dtype) -> dict:
+    """The earlier rule's write probe: `PROBE_BYTES` of activations written (host copy, CRC, ``write``) and not
+    flushed; bytes, seconds and the rate it would have priced the store's writes at."""
+    import time
+
+    from depthbench.calibration.activations import append_bytes
+    from depthbench.calibration.strategy import PROBE_BYTES
+
+    x = torch.randn(8, 256, hidden).to(dtype)
+    written, crc, started = 0, 0, time.perf_counter()
+    with open(directory / "page-cache-probe.bin", "wb") as f:
+        while written < PROBE_BYTES:
+            crc, n = append_bytes(f, x, crc)
+            written += n
+    seconds = time.perf_counter() - started
+    (directory / "page-cache-probe.bin").unlink()
+    return {"bytes": written, "write_s": round(seconds, 4), "mb_per_s": round(written / seconds / 1e6, 1)}
 
 
 def main() -> None:
@@ -72,7 +95,7 @@ def main() -> None:
             shape[name] = override
     decision = first_batch_decision(shape, getattr(torch, args.dtype), args.device, args.samples, args.seq_len,
                                     args.batch_size)
-    emit({"what": f"cache.activation_strategy=auto on the first batch of a single ReplaceMe-LS run, {args.shape} "
+    emit({"what": f"cache.activation_strategy=auto on the first two batches of a single ReplaceMe-LS run, {args.shape} "
                   f"shape (random weights), {args.dtype} on {args.device}, {args.samples} x {args.seq_len} tokens in "
                   f"batches of {args.batch_size}",
           "command": " ".join(["python", "benchmarks/strategy_decision.py", *sys.argv[1:]]),

@@ -56,7 +56,9 @@ def test_strategy_decision_records_the_first_batch_decision(tmp_path):
     decision = record["decision"]
     assert record["shape"]["layers"] == 8 and decision["strategy"] == "auto" and decision["later_fits"] == 1
     assert decision["ran"] in ("store", "recompute")
-    assert decision["measured"]["first_batch_share"] == 0.5  # 2 batches of 2 x 16 tokens
+    assert decision["measured"]["forward_batch_share"] == 0.5  # 2 batches of 2 x 16 tokens, the second timed
+    assert decision["measured"]["write_bytes"] == 17 * 2 * 16 * 64 * 4  # the first batch: 2L + 1 points, float32
+    assert decision["page_cache_probe"]["bytes"] >= 64 << 20
     estimate = decision["estimated_s"]
     assert (estimate["store"] < estimate["recompute"]) == (decision["ran"] == "store")
     assert not list(tmp_path.glob("*activations*")), "no store kept"
