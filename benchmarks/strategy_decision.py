@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from _record import emit, machine_fields  # sibling modules (the script's folder is on sys.path)
-from real_scale import SHAPES, build_model, random_calibration
+from depthbench.benchmarks._record import emit, machine_fields
+from depthbench.benchmarks.real_scale import SHAPES, build_model, random_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 #: SmolLM2-135M's config.json (the CPU default model of this project)
@@ -73,6 +73,36 @@ def page_cache_probe(directory: Path, hidden: int, dtype: torch.dtype) -> dict:
     seconds = time.perf_counter() - started
     (directory / "page-cache-probe.bin").unlink()
     return {"bytes": written, "write_s": round(seconds, 4), "mb_per_s": round(written / seconds / 1e6, 1)}
+
+
+def render_record(record: dict, verdicts: list) -> list[str]:
+    """The decision's section of docs/PERFORMANCE.md (called by benchmarks/performance.py's render)."""
+    decision = record["decision"]
+    measured, estimate, probe = decision["measured"], decision["estimated_s"], decision["page_cache_probe"]
+    flushed = measured["write_bytes"] / measured["write_s"] / 1e6
+    share = measured["forward_batch_share"]
+    load = ", ".join(f"{x:.1f}" for x in record["load_average_at_end"])
+    return [
+        "## The store-or-recompute decision (`cache.activation_strategy=auto`)", "",
+        f"Measured {record['date']} on {record['cpus']} CPUs, {record['torch_threads']} torch threads (load average "
+        f"at the end {load}) by `{record['command']}`: {record['what']}. What `auto` measures on the first two "
+        "batches of the score pass, and what the earlier rule (first batch's forward, unflushed 64 MiB probe) would "
+        "have priced instead (calibration/strategy.py):", "",
+        "| quantity | value |", "|---|---|",
+        f"| first batch's forward (with warm-up; recorded, not priced) | {measured['cold_forward_s']:.2f} s |",
+        f"| second batch's forward | {measured['second_forward_s']:.2f} s |",
+        f"| forward priced (the cheaper per position) | {measured['forward_s']:.2f} s |",
+        f"| forward pass over the calibration set, priced / from the first batch alone (the earlier rule) | "
+        f"{estimate['forward_pass']:.1f} s / {measured['cold_forward_s'] / share:.1f} s |",
+        f"| store write rate: first batch ({measured['write_bytes'] / 1e6:.0f} MB) flushed to the disk / "
+        f"{probe['bytes'] >> 20} MiB unflushed (page cache) | {flushed:.0f} MB/s / {probe['mb_per_s']:.0f} MB/s |",
+        f"| store write ({decision['store_bytes'] / 1e9:.2f} GB) + one replay | {estimate['store_write']:.1f} s + "
+        f"{estimate['replay_per_fit']:.1f} s |",
+        f"| the fit's pass, priced at {decision['fit_layers']['priced']} of {decision['fit_layers']['of']} layers | "
+        f"{estimate['fit_pass']:.1f} s |",
+        f"| decision | **{decision['ran']}** |", "",
+        "The machine is shared: a forward time measured while other jobs run is inflated, and so is the estimate.",
+    ]
 
 
 def main() -> None:

@@ -15,10 +15,11 @@ training pairs) needs them AFTER selection, when the score pass is over. Two way
 ``auto`` measures instead of guessing the device, on the first two batches of the first pass that could write the
 store (the pass observes every hook point, as a storing pass does, whatever it decides):
 
-- the forward pass: the SECOND batch's forward time (clock read before the batch and after its last hook point,
-  each after a device synchronisation). The first batch's time is recorded (``cold_forward_s``) but not used: it
-  carries one-off work (kernel selection, lazy initialisation, first-touch allocation). With a single batch its
-  time is all there is.
+- the forward pass: the first two batches' forward times (clock read before each batch and after its last hook
+  point, each after a device synchronisation). Each is an upper bound of the steady time per batch: the first
+  carries one-off work (kernel selection, lazy initialisation, first-touch allocation), either may be slowed by
+  other jobs on a shared machine. The cheaper of the two per position is priced (``forward_s``); both are
+  recorded (``cold_forward_s``, ``second_forward_s``). With a single batch its time is all there is.
 - the store's write: the first batch is written into the store itself (the writer's own step: host copy, CRC,
   ``write``), then flushed to the disk (``fsync``) and dropped from the page cache; write + flush is timed. A
   store of many GB overflows the page cache's dirty limits and runs at about this rate, which an unflushed
@@ -83,12 +84,13 @@ REPLAY_POINTS = 3
 
 @dataclass(frozen=True)
 class ProbeCosts:
-    """What the first batches measured (seconds): the first batch's forward pass (``cold_forward_s``, recorded,
-    not priced), the steady forward pass (``forward_s``: the second batch's; the first's if there is one batch);
-    the first batch's ``write_bytes`` written to the store and flushed to the disk in ``write_s``; ``read_bytes``
-    of them read back from the disk and CRC'd in ``read_s``."""
+    """What the first batches measured (seconds): the forward passes of the first batch (``cold_forward_s``, with
+    its warm-up) and of the second (``second_forward_s``; None with one batch), and the one priced (``forward_s``:
+    the cheaper per position); the first batch's ``write_bytes`` written to the store and flushed to the disk in
+    ``write_s``; ``read_bytes`` of them read back from the disk and CRC'd in ``read_s``."""
 
     cold_forward_s: float
+    second_forward_s: float | None
     forward_s: float
     write_bytes: int
     write_s: float
@@ -221,8 +223,8 @@ class DecidingWriter(Statistic):
 
     It observes every hook point. Before each batch's forward pass (`begin_batch`) it reads the clock. On the
     first batch it opens an `ActivationWriter`, writes the batch, flushes it to the disk and reads part of it
-    back, timing each; on the second (steady) batch it asks the strategy (`ActivationStrategy.choose`) and
-    either keeps writing or deletes what it wrote. Put it first in the pass's statistics, so the forward time
+    back, timing each; on the second batch it asks the strategy (`ActivationStrategy.choose`) and either keeps
+    writing or deletes what it wrote. Put it first in the pass's statistics, so the forward time
     excludes the others' updates of the batch.
     """
 
@@ -234,7 +236,7 @@ class DecidingWriter(Statistic):
         self.writer: ActivationWriter | None = None
         self.decided = False
         self.began = 0.0
-        self.cold_forward_s: float | None = None
+        self.first_forward: tuple[float, int] | None = None  # the first batch's forward: seconds, positions
         self.store_probe: tuple[int, float, int, float] | None = None  # write bytes, s; read bytes, s
 
     @property
@@ -256,20 +258,22 @@ class DecidingWriter(Statistic):
             return
         first = batch.points[self.points[0]]
         synchronize(first)
-        forward_s = self.strategy.clock() - self.began
-        if self.cold_forward_s is None:
-            self.cold_forward_s = forward_s
+        timed = (self.strategy.clock() - self.began, int(first.shape[0] * first.shape[1]))  # seconds, positions
+        if self.first_forward is None:
+            self.first_forward = timed
             self._write_first(batch)
             if len(self.batches) > 1:
                 return  # decided on the next batch, whose forward pass carries no warm-up
         self.decided = True
+        second = timed if len(self.batches) > 1 else None
+        priced = min(filter(None, (self.first_forward, second)), key=lambda t: t[0] / t[1])
+        costs = ProbeCosts(self.first_forward[0], second and second[0], priced[0], *self.store_probe)
         positions = sum(int(b["input_ids"].numel()) for b in self.batches)
-        costs = ProbeCosts(self.cold_forward_s, forward_s, *self.store_probe)
         if not self.strategy.choose(costs, self.slot.store_size(self.adapter, self.batches), len(self.points),
-                                    self.adapter.num_layers, scale=positions / int(first.shape[0] * first.shape[1])):
+                                    self.adapter.num_layers, scale=positions / priced[1]):
             self.writer.abort()
             self.writer = None
-        elif len(self.batches) > 1:
+        elif second is not None:
             self.writer.update(batch)
 
     def _write_first(self, batch: BatchActivations) -> None:
