@@ -5,8 +5,8 @@ training pairs) needs them AFTER selection, when the score pass is over. Two way
 
 - ``store``: the score pass writes every layer's activations to disk (`depthbench.calibration.activations`) and
   the fit replays the few files it needs. Costs: the device-to-host copy, CRC and write of (2L + 1) hook points,
-  then reading back the fit's points (CRC check + read). On a CPU the forward pass dominates (SmolLM2 float32,
-  128 x 256 tokens: a 191 s pass against a few seconds of writes, docs/cold_single_run.json): one pass in all.
+  then reading back the fit's points (CRC check + read). On a CPU the forward pass usually costs more than the
+  store's writes (docs/strategy_decision.json, docs/cold_single_run.json): one pass in all.
 - ``recompute``: nothing is stored; the fit's statistics run their own forward pass, on the device and in the
   precision the statistic declares (ReplaceMe-LS's float64 moments), stopping after the last layer the fit
   needs (`depthbench.calibration.statistics.collect`). On a GPU a pass over 32k tokens at 8B costs about a
@@ -23,8 +23,8 @@ store (the pass observes every hook point, as a storing pass does, whatever it d
 - the store's write: the first batch is written into the store itself (the writer's own step: host copy, CRC,
   ``write``), then flushed to the disk (``fsync``) and dropped from the page cache; write + flush is timed. A
   store of many GB overflows the page cache's dirty limits and runs at about this rate, which an unflushed
-  probe of a few MB does not show (it lands in memory: on this 2-core machine 64 MiB unflushed ran at up to
-  2.6 GB/s while the writer's own 4.6 GB store ran at 0.33 GB/s, docs/PERFORMANCE.md). Up to `PROBE_BYTES` of it
+  probe of a few MB does not show (it lands in memory: docs/strategy_decision.json times both on this machine,
+  the unflushed probe about ten times faster than the flushed write). Up to `PROBE_BYTES` of it
   are then read back from the disk (read, CRC) for the replay's rate. A smaller store, which the page cache
   absorbs, writes faster than priced: the error favours ``recompute`` only where the store is small, hence cheap
   either way.
@@ -52,8 +52,8 @@ kernel's write-back of a multi-GB store competes with the forward pass for the C
 cost more in the pass than its flushed rate says (docs/PERFORMANCE.md's cold single run shows the outcome).
 
 On a GPU a pass over 32k tokens at 8B costs about a second while the store's device-to-host copies and disk
-writes cost about twenty: the same rule chooses ``recompute`` for a single run (tests simulate such a device with
-an injected cost model).
+writes cost about twenty: the same rule then chooses ``recompute`` for a single run (tests simulate such a device
+with an injected cost model; not yet measured on a GPU: ``benchmarks/strategy_decision.py --device cuda``).
 
 `ActivationStrategy` carries the choice, an injectable ``clock`` and ``cost_model`` (tests simulate a device
 with a cheap or an expensive forward pass, or a disk slow to flush), and the record of what ran and why

@@ -196,6 +196,11 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+    decision = REPO / "docs" / "strategy_decision.json"
+    if decision.is_file():
+        record = json.loads(decision.read_text())["decision"]
+        assert "## The store-or-recompute decision" in text and f"| decision | **{record['ran']}** |" in text
+        assert f"| second batch's forward | {record['measured']['second_forward_s']:.2f} s |" in text
     taylor = REPO / "docs" / "taylor_memory.json"
     if taylor.is_file():
         record = json.loads(taylor.read_text())
