@@ -89,15 +89,17 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         "batches of the score pass, and what the earlier rule (first batch's forward, unflushed 64 MiB probe) would "
         "have priced instead (calibration/strategy.py):", "",
         "| quantity | value |", "|---|---|",
-        f"| first batch's forward (with warm-up; recorded, not priced) | {measured['cold_forward_s']:.2f} s |",
+        f"| first batch's forward (with its warm-up) | {measured['cold_forward_s']:.2f} s |",
         f"| second batch's forward | {measured['second_forward_s']:.2f} s |",
         f"| forward priced (the cheaper per position) | {measured['forward_s']:.2f} s |",
         f"| forward pass over the calibration set, priced / from the first batch alone (the earlier rule) | "
         f"{estimate['forward_pass']:.1f} s / {measured['cold_forward_s'] / share:.1f} s |",
         f"| store write rate: first batch ({measured['write_bytes'] / 1e6:.0f} MB) flushed to the disk / "
-        f"{probe['bytes'] >> 20} MiB unflushed (page cache) | {flushed:.0f} MB/s / {probe['mb_per_s']:.0f} MB/s |",
+        f"{probe['bytes'] / 1e6:.0f} MB unflushed (page cache) | {flushed:.0f} MB/s / {probe['mb_per_s']:.0f} MB/s |",
         f"| store write ({decision['store_bytes'] / 1e9:.2f} GB) + one replay | {estimate['store_write']:.1f} s + "
         f"{estimate['replay_per_fit']:.1f} s |",
+        f"| store write at the unflushed rate (the earlier rule) | "
+        f"{decision['store_bytes'] / 1e6 / probe['mb_per_s']:.1f} s |",
         f"| the fit's pass, priced at {decision['fit_layers']['priced']} of {decision['fit_layers']['of']} layers | "
         f"{estimate['fit_pass']:.1f} s |",
         f"| decision | **{decision['ran']}** |", "",
