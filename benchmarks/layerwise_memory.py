@@ -140,8 +140,12 @@ def check_output(directory: Path, layers_after: int) -> dict:
 
 def render_record(record: dict, verdicts: list) -> list[str]:
     """The layer-wise section of docs/PERFORMANCE.md (called by benchmarks/performance.py's render)."""
+    from depthbench.pruners import pruner_registry
+
     gb = 1e9
     fraction = record["peak_rss_fraction_of_checkpoint"]
+    others = [name for name in pruner_registry.names()
+              if pruner_registry.get(name).supports_layerwise and name != "replaceme_ls"]
     verdicts.append(("a ~6 GB float32 Llama pruned by ReplaceMe-LS with model.layerwise=true at peak RSS < 1/3 of "
                      "its checkpoint", f"{fraction:.3f} of {record['checkpoint_bytes'] / gb:.2f} GB",
                      record["within_bound"]))
@@ -170,7 +174,12 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         "from its config and shard headers. What stays in memory: the interpreter with torch and transformers (the "
         "import-only column), the input embedding, one decoder layer, the carried calibration activations and "
         "ReplaceMe-LS's float64 moments (2 x hidden^2); the score pass reads every layer once and the moments pass "
-        "the layers up to the block's end again, and the save copies each kept tensor from the input shards.",
+        "the layers up to the block's end again, and the save copies each kept tensor from the input shards.", "",
+        f"Only ReplaceMe-LS was measured here. The other layer-wise methods ({', '.join(others)}; some only with "
+        "certain options, docs/USAGE.md) hold more captured activations between layers (up to 2L + 1 times the "
+        "carried state for LLM-Drop: the per-method list is in `calibration/layerwise.py`'s docstring; beyond "
+        "`model.layerwise_buffer_gb` they go to disk) and, for the trained ones, the layers they train or change; "
+        "their peak RSS has not been measured.",
     ]
 
 

@@ -183,13 +183,13 @@ def _process_alive(pid: int) -> bool:
 
 
 def host_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes on the host, flat (``uint8``): what the store writes, its probe times and a spill file holds."""
+    """A tensor's bytes on the host, flat (``uint8``): what the store writes and a spill file holds."""
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def append_bytes(f, tensor: torch.Tensor, crc: int) -> tuple[int, int]:
     """Append ``tensor``'s host bytes to the open file ``f``: ``(running CRC-32, bytes written)`` (the store
-    writer's step, and the one `depthbench.calibration.strategy.probe_store` times)."""
+    writer's step; `depthbench.calibration.strategy` times it on the first batch)."""
     raw = host_bytes(tensor)
     f.write(raw.data)
     return zlib.crc32(raw, crc), raw.nbytes
@@ -227,6 +227,20 @@ class ActivationWriter(Statistic):
                 raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
                                  f"{self.dtype} and {(*first.shape[:2], self.hidden_size)}")
             self.crc[point], _ = append_bytes(self.files[point], x, self.crc[point])
+
+    def flush_to_disk(self) -> None:
+        """Push what was written so far to the disk (``fsync``) and drop it from the page cache, so that timing
+        this and a read-back measures the disk, as a store of many GB meets it once the page cache's dirty
+        limits are passed (`depthbench.calibration.strategy` times the first batch's write this way)."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the read-back may come from the cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def file_paths(self) -> list[Path]:
+        """The files being written (in the temporary directory until `commit`), one per hook point."""
+        return [self.tmp / _file_name(p) for p in self.points]
 
     def commit(self) -> None:
         """Close the files, write the manifest and move the store into place (atomically)."""

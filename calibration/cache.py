@@ -224,8 +224,7 @@ def compute(adapter, batches: list[dict[str, torch.Tensor]], statistics: list[St
         writer = (activations.writer(adapter, batches) if plan == "store" else
                   DecidingWriter(strategy, activations, adapter, batches) if plan == "probe" else None)
         if writer is not None:
-            if plan == "probe":  # first: the first batch's forward time excludes the other statistics' updates
-                writer.start()
+            if plan == "probe":  # first: a batch's forward time excludes the other statistics' updates
                 fed = [writer, *statistics]
             else:
                 fed = [*statistics, writer]

@@ -80,6 +80,10 @@ class Statistic(ABC):
     def update(self, batch: BatchActivations) -> None:
         ...
 
+    def begin_batch(self) -> None:
+        """Called by `collect` before each batch's forward pass (nothing by default; a statistic that times the
+        forward pass, `depthbench.calibration.strategy.DecidingWriter`, reads its clock here)."""
+
     @property
     def key(self) -> tuple:
         """Identifies the statistic so that equal requests from several methods are computed once."""
@@ -358,6 +362,8 @@ def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterabl
     try:
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
             captured.clear()
+            for stat in statistics:
+                stat.begin_batch()
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             try:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
+import types
+import zlib
 
 import pytest
 import torch
@@ -47,16 +50,41 @@ def data():
 
 @pytest.fixture
 def writers(monkeypatch):
-    """Every `ActivationWriter` opened (a store being written), wherever it is opened from."""
-    opened = []
-    original = ActivationWriter.__init__
+    """Every store committed (an `ActivationWriter` that wrote a whole store), wherever it is written from.
+    ``auto`` opens a writer for the first batch in any case (its write is timed); what counts is what it keeps."""
+    committed = []
+    original = ActivationWriter.commit
 
-    def counted(self, directory, *args, **kwargs):
-        opened.append(directory)
-        original(self, directory, *args, **kwargs)
+    def counted(self):
+        committed.append(self.directory)
+        original(self)
 
-    monkeypatch.setattr(ActivationWriter, "__init__", counted)
-    return opened
+    monkeypatch.setattr(ActivationWriter, "commit", counted)
+    return committed
+
+
+class FakeTime:
+    """A clock that moves only when the simulated device or disk spends time: the model's forward pass (``cold``
+    seconds on its first call, ``steady`` after), ``fsync`` (``flush`` seconds per file: a disk slower than the
+    page cache, where the ``write`` calls themselves cost nothing) and the read-back's CRC (``read`` per file)."""
+
+    def __init__(self, monkeypatch, model, *, cold: float, steady: float, flush: float, read: float = 0.0):
+        self.now, self.calls = 0.0, 0
+        model.register_forward_pre_hook(lambda module, args, kwargs: self._forward(cold, steady), with_kwargs=True)
+        real_fsync, real_crc32 = os.fsync, zlib.crc32
+        monkeypatch.setattr(os, "fsync", lambda fd: (self._spend(flush), real_fsync(fd))[1])
+        slow_crc32 = lambda data, *crc: (self._spend(read), real_crc32(data, *crc))[1]  # noqa: E731
+        monkeypatch.setattr(strategy_module, "zlib", types.SimpleNamespace(crc32=slow_crc32))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def _spend(self, seconds: float) -> None:
+        self.now += seconds
+
+    def _forward(self, cold: float, steady: float) -> None:
+        self._spend(cold if self.calls == 0 else steady)
+        self.calls += 1
 
 
 def model_calls(model) -> list:
@@ -66,10 +94,14 @@ def model_calls(model) -> list:
     return calls
 
 
-def prune(base, data, strategy, *, method="replaceme_ls", options=None, n=2, cache=None, keep=True, budget=1 << 30):
-    """One prune of a copy of ``base``; (pruned model, result, forward calls, the strategy's record)."""
+def prune(base, data, strategy, *, method="replaceme_ls", options=None, n=2, cache=None, keep=True, budget=1 << 30,
+          timed=None):
+    """One prune of a copy of ``base``; (pruned model, result, forward calls, the strategy's record). ``timed``:
+    a function of the copy that returns the strategy's clock (`FakeTime`)."""
     model = copy.deepcopy(base)
     calls = model_calls(model)
+    if timed is not None:
+        strategy.clock = timed(model)
     pruner, adapter = build_pruner(method, options or {}), adapter_for(model)
     with pruner.service(adapter, data, cache=cache, keep_activations=keep, activation_budget_bytes=budget,
                         progress=False, strategy=strategy) as service:
@@ -168,26 +200,82 @@ def test_the_explicit_strategy_and_the_budget_override_auto(base, data, writers)
     assert "cache.activations_gb" in over_budget[3]["reason"]
 
 
-def test_the_record_holds_the_numbers_behind_the_choice(base, data, monkeypatch):
-    """The estimates follow from the measured numbers as the documented rule says: with a clock that advances
-    one second per reading, the first batch's forward pass, the probe's write and its read each take 1 s."""
-    ticks = itertools.count()
-    strategy = ActivationStrategy("auto", fits=1, clock=lambda: float(next(ticks)))
-    monkeypatch.setattr(strategy_module, "PROBE_BYTES", 1)  # the probe writes one hook point of the first batch
-    record = prune(base, data, strategy, keep=False)[3]
-    layers, hidden = 6, 16
-    points = len(all_hook_points(layers))
-    size = store_bytes(layers, hidden, torch.float64, data.batches)
-    first_point = 8 * 16 * hidden * 8  # one hook point of the first batch (8 x 16 positions) in float64
-    assert record["store_bytes"] == size
-    assert record["measured"] == {"forward_s": 1.0, "probe_bytes": first_point, "write_s": 1.0, "read_s": 1.0,
-                                  "first_batch_share": pytest.approx(1 / N_BATCHES)}
+LAYERS, HIDDEN = 6, 16
+POINTS = len(all_hook_points(LAYERS))  # files of the store: one per hook point
+BATCH_BYTES = POINTS * 8 * 16 * HIDDEN * 8  # the first batch (8 x 16 positions, float64) in the store
+
+
+def test_the_record_holds_the_numbers_behind_the_choice(base, data, monkeypatch, tmp_path):
+    """The estimates follow from the simulated costs as the documented rule says: the first batch's forward (with
+    its warm-up) is recorded, not priced; the second's is; the first batch's write is priced with its flush, the
+    read-back per byte read."""
+    strategy = ActivationStrategy("auto", fits=1)
+    timed = lambda model: FakeTime(monkeypatch, model, cold=100.0, steady=1.0, flush=0.001, read=0.002)  # noqa: E731
+    record = prune(base, data, strategy, keep=False, timed=timed)[3]
+    size = store_bytes(LAYERS, HIDDEN, torch.float64, data.batches)
+    assert record["store_bytes"] == size == N_BATCHES * BATCH_BYTES
+    assert record["measured"] == {"cold_forward_s": 100.0, "second_forward_s": pytest.approx(1.0),
+                                  "forward_s": pytest.approx(1.0),
+                                  "write_bytes": BATCH_BYTES,
+                                  "write_s": pytest.approx(POINTS * 0.001), "read_bytes": BATCH_BYTES,
+                                  "read_s": pytest.approx(POINTS * 0.002),
+                                  "forward_batch_share": pytest.approx(1 / N_BATCHES)}
+    assert record["fit_layers"] == {"priced": LAYERS, "of": LAYERS, "known": False}
     estimate = record["estimated_s"]
-    assert estimate["forward_pass"] == pytest.approx(N_BATCHES * 1.0)
-    assert estimate["store_write"] == pytest.approx(size / first_point, rel=1e-6)
-    assert estimate["replay_per_fit"] == pytest.approx(2 * size * REPLAY_POINTS / points / first_point, rel=1e-6)
-    assert estimate["store"] == pytest.approx(estimate["store_write"] + estimate["replay_per_fit"], rel=1e-6)
-    assert record["ran"] == ("store" if estimate["store"] < estimate["recompute"] else "recompute")
+    assert estimate["forward_pass"] == pytest.approx(N_BATCHES * 1.0), "the steady batch, not the cold one"
+    assert estimate["fit_pass"] == estimate["forward_pass"], "unknown depth: the full pass (upper bound)"
+    assert estimate["store_write"] == pytest.approx(N_BATCHES * POINTS * 0.001)
+    assert estimate["replay_per_fit"] == pytest.approx(2 * N_BATCHES * REPLAY_POINTS * 0.002)
+    assert estimate["store"] == pytest.approx(estimate["store_write"] + estimate["replay_per_fit"])
+    assert estimate["recompute"] == estimate["fit_pass"]
+    assert record["ran"] == "store" and record["forward_passes"] == 1
+
+
+def test_a_second_batch_slowed_by_other_jobs_is_not_priced(base, data, monkeypatch):
+    """Both batches' times are upper bounds of the steady one (warm-up, or other jobs on a shared machine): the
+    cheaper is priced. Here the second batch is the slower (3 s against 2 s)."""
+    strategy = ActivationStrategy("auto", fits=1)
+    timed = lambda model: FakeTime(monkeypatch, model, cold=2.0, steady=3.0, flush=0.001)  # noqa: E731
+    record = prune(base, data, strategy, keep=False, timed=timed)[3]
+    measured = record["measured"]
+    assert (measured["cold_forward_s"], measured["second_forward_s"]) == (pytest.approx(2.0), pytest.approx(3.0))
+    assert measured["forward_s"] == pytest.approx(2.0)
+    assert record["estimated_s"]["forward_pass"] == pytest.approx(N_BATCHES * 2.0)
+
+
+@pytest.mark.parametrize("flush, ran", [(1.0, "recompute"), (0.01, "store")])
+def test_a_store_fast_into_the_page_cache_but_slow_to_the_disk_recomputes(base, data, monkeypatch, writers, flush, ran):
+    """The ``write`` calls cost nothing (the page cache takes them); flushing to the disk costs ``flush`` s per
+    file. The decision prices the flush: a slow disk recomputes (nothing kept, the first batch's files deleted),
+    a fast one stores. Forward: 1 s per batch after a 5 s first batch."""
+    strategy = ActivationStrategy("auto", fits=1)
+    timed = lambda model: FakeTime(monkeypatch, model, cold=5.0, steady=1.0, flush=flush)  # noqa: E731
+    _, _, calls, record = prune(base, data, strategy, keep=False, timed=timed)
+    assert record["measured"]["write_s"] == pytest.approx(POINTS * flush), "the flush is timed"
+    assert record["ran"] == ran
+    assert calls == (2 if ran == "recompute" else 1) * N_BATCHES and len(writers) == (ran == "store")
+    assert record["estimated_s"]["store_write"] == pytest.approx(N_BATCHES * POINTS * flush)
+
+
+@pytest.mark.parametrize("fit_layers, ran", [(None, "store"), (LAYERS, "store"), (1, "recompute")])
+def test_a_partial_fit_pass_is_priced_at_its_depth(base, data, monkeypatch, writers, fit_layers, ran):
+    """A fit whose pass runs ``fit_layers`` of the 6 layers is priced at that share of the forward pass (3 s): the
+    store (0.78 s to write) beats the full pass, not a pass of one layer (0.5 s)."""
+    strategy = ActivationStrategy("auto", fits=1, fit_layers=fit_layers)
+    timed = lambda model: FakeTime(monkeypatch, model, cold=1.0, steady=1.0, flush=0.02)  # noqa: E731
+    record = prune(base, data, strategy, keep=False, timed=timed)[3]
+    depth = LAYERS if fit_layers is None else fit_layers
+    assert record["fit_layers"] == {"priced": depth, "of": LAYERS, "known": fit_layers is not None}
+    assert record["estimated_s"]["fit_pass"] == pytest.approx(N_BATCHES * 1.0 * depth / LAYERS)
+    assert record["estimated_s"]["store_write"] == pytest.approx(N_BATCHES * POINTS * 0.02)
+    assert record["ran"] == ran and len(writers) == (ran == "store")
+
+
+def test_the_explicit_options_override_the_measured_decision(base, data, monkeypatch, writers):
+    """Where the simulated disk makes ``auto`` recompute, ``store`` still stores (and times nothing)."""
+    timed = lambda model: FakeTime(monkeypatch, model, cold=1.0, steady=1.0, flush=1.0)  # noqa: E731
+    record = prune(base, data, ActivationStrategy("store"), keep=False, timed=timed)[3]
+    assert record["ran"] == "store" and "measured" not in record and len(writers) == 1
 
 
 def test_no_later_fit_means_no_store(base, data, tmp_path, writers):

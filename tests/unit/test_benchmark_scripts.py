@@ -57,7 +57,9 @@ def test_strategy_decision_records_the_first_batch_decision(tmp_path):
     decision = record["decision"]
     assert record["shape"]["layers"] == 8 and decision["strategy"] == "auto" and decision["later_fits"] == 1
     assert decision["ran"] in ("store", "recompute")
-    assert decision["measured"]["first_batch_share"] == 0.5  # 2 batches of 2 x 16 tokens
+    assert decision["measured"]["forward_batch_share"] == 0.5  # 2 batches of 2 x 16 tokens, the second timed
+    assert decision["measured"]["write_bytes"] == 17 * 2 * 16 * 64 * 4  # the first batch: 2L + 1 points, float32
+    assert decision["page_cache_probe"]["bytes"] >= 64 << 20
     estimate = decision["estimated_s"]
     assert (estimate["store"] < estimate["recompute"]) == (decision["ran"] == "store")
     assert not list(tmp_path.glob("*activations*")), "no store kept"
@@ -195,6 +197,11 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         assert "## Every method at real scale" in text
         for row in record["rows"]:  # each measured method's row, its time read from the record
             assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+    decision = REPO / "docs" / "strategy_decision.json"
+    if decision.is_file():
+        record = json.loads(decision.read_text())["decision"]
+        assert "## The store-or-recompute decision" in text and f"| decision | **{record['ran']}** |" in text
+        assert f"| second batch's forward | {record['measured']['second_forward_s']:.2f} s |" in text
     taylor = REPO / "docs" / "taylor_memory.json"
     if taylor.is_file():
         record = json.loads(taylor.read_text())
