@@ -190,7 +190,7 @@ def test_performance_page_renders_every_committed_record(tmp_path):
     cold = REPO / "docs" / "cold_single_run.json"
     if cold.is_file():
         record = json.loads(cold.read_text())
-        assert f"**{record['auto_over_fixed_4gib']:.2f}x**" in text
+        assert f"**{record['default_over_recompute']:.2f}x**" in text
     real = REPO / "docs" / "real_scale.json"
     if real.is_file():
         record = json.loads(real.read_text())
