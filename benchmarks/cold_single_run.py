@@ -3,7 +3,7 @@ how many calibration forward passes it makes and its whole-process time, in thre
 bare forward pass of the same model over the same calibration batches:
 
 - ``default``: the store kept in memory where it fits ``cache.activations_memory_gb`` (auto: half the available
-  memory; calibration/memory_store.py): one pass, nothing copied or written;
+  memory; calibration/memory_store.py): one pass, nothing written;
 - ``disk``: ``cache.activations_memory_gb=0``: the store on disk where ``auto`` (calibration/strategy.py) finds
   that writing it costs less than the fit's own pass, else recomputed;
 - ``recompute``: ``cache.activation_strategy=recompute``: nothing stored, the fit runs its own pass up to the
@@ -113,8 +113,9 @@ def render_record(record: dict, verdicts: list) -> list[str]:
           f"| {' '.join(map(str, r['removed_layers']))} |" for name, r in runs.items()), "",
         f"One bare forward pass over the same batches (no hooks, no statistics): {bare} s. The default run takes "
         f"**{record['default_over_recompute']:.2f}x** the recompute run and {record['default_over_disk']:.2f}x the "
-        f"run whose store may only go to disk: its score pass keeps the pass's own tensors (4.6 GB, within half the "
-        "available memory) and the fit replays them with no copy, write or read back. `disk` shows what `auto` "
+        f"run whose store may only go to disk: its score pass copies each batch's activations into buffers kept in "
+        "memory (4.6 GB, within half the available memory) and the fit replays them with no write or read back. "
+        "`disk` shows what `auto` "
         f"decides where the store does not fit in memory: **{disk['activations'].get('ran')}** "
         f"({disk['activations'].get('reason')}). The public reference code cannot be run here, so the issue's "
         "target (<= 0.5x the reference's whole-process time) is not measured directly.",

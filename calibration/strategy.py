@@ -156,10 +156,10 @@ class ActivationStrategy:
                                             f"({slot.budget_bytes / 1e9:.2f} GB)", store_bytes=size)
         if self.later_fits() == 0 and self.mode != "store":
             return self.decide("recompute", "no later pass of this run reads a store", store_bytes=size)
-        if slot.where == "memory":  # nothing to weigh: the pass's own tensors are kept, nothing copied or written
+        if slot.where == "memory":  # nothing to weigh: kept on the device, nothing copied out or written
             return self.decide("store", f"kept in memory on the model's device ({size / 1e9:.2f} GB within "
-                                        f"cache.activations_memory_gb, {slot.budget_bytes / 1e9:.2f} GB): no copy, "
-                                        "write or read back", store_bytes=size, where="memory")
+                                        f"cache.activations_memory_gb, {slot.budget_bytes / 1e9:.2f} GB): no copy to "
+                                        "the host, write or read back", store_bytes=size, where="memory")
         if self.mode == "store":
             return self.decide("store", "cache.activation_strategy=store", store_bytes=size)
         return "probe"
