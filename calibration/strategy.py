@@ -55,6 +55,10 @@ On a GPU a pass over 32k tokens at 8B costs about a second while the store's dev
 writes cost about twenty: the same rule then chooses ``recompute`` for a single run (tests simulate such a device
 with an injected cost model; not yet measured on a GPU: ``benchmarks/strategy_decision.py --device cuda``).
 
+A single run's store that fits ``cache.activations_memory_gb`` is kept in memory on the model's device
+(`depthbench.calibration.memory_store`): no host copy, write or read back to price, so it is kept without a
+measurement (``where: memory`` in the record); everything above is for a store that goes to disk.
+
 `ActivationStrategy` carries the choice, an injectable ``clock`` and ``cost_model`` (tests simulate a device
 with a cheap or an expensive forward pass, or a disk slow to flush), and the record of what ran and why
 (``result.json``'s ``calibration.activations``).
