@@ -362,8 +362,10 @@ def collect(adapter, batches: list[dict[str, torch.Tensor]], statistics: Iterabl
     try:
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
             captured.clear()
-            for stat in statistics:
-                stat.begin_batch()
+            for stat in statistics:  # optional hook: a duck-typed statistic (a plugin's, a test's) may lack it
+                begin = getattr(stat, "begin_batch", None)
+                if begin is not None:
+                    begin()
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             try:
