@@ -366,6 +366,33 @@ def field_names(schema) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
+def check_declared_keys(cfg) -> None:
+    """Refuse a key that no typed setting declares. Hydra refuses ``evaluation.bogus=1`` when it composes, but an
+    append (``+evaluation.bogus=1``) reaches the config, where nothing would read it: a typo that silently changes
+    nothing. Walks every node typed by a schema (the run level, the groups, their nested settings); the pruner's
+    options are checked by its own `Options` when it is built. `ConfigError` naming the key and what is allowed."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from depthbench.errors import ConfigError
+
+    def walk(node: DictConfig, path: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if schema is None or not dataclasses.is_dataclass(schema):
+            return
+        declared = field_names(schema)
+        for key in node.keys():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in declared and not (not path and key == "hydra"):
+                allowed = ", ".join(d for d in declared if d not in ("hydra",))
+                raise ConfigError(f"{where}: {path or 'the run'} has no setting {key!r}; allowed keys of "
+                                  f"{path or 'the run'}: {allowed}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, where)
+
+    walk(cfg, "")
+
+
 
 def declared_defaults(schema) -> dict[str, Any]:
     """The fields of ``schema`` that have a default (not ``MISSING``), with it: what a Python caller's plain dict

@@ -27,7 +27,7 @@ from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
 from depthbench.paths import RunPaths, run_paths
 from depthbench.provenance import provenance
-from depthbench.settings import without_added_defaults
+from depthbench.settings import check_declared_keys, without_added_defaults
 from depthbench.evaluation.result_cache import base_evaluation_material, cached_result
 from depthbench.evaluation.perplexity import heldout_windows
 from depthbench.evaluation.retention import retention_report
@@ -78,6 +78,7 @@ def validate_ratio(ratio) -> float:
 def validate(cfg: DictConfig, output_dir: Path):
     """Every check that needs no model weights. Returns the pruner, built from its options."""
     ratio = validate_ratio(cfg.ratio)
+    check_declared_keys(cfg)
     if cfg.pruner.get("name") is None:
         raise ConfigError("pruner.name is not set")
     options = cfg.pruner.get("options")

@@ -54,6 +54,7 @@ BAD_INPUT = [
     (["evaluation.bogus=1"], "evaluation.bogus: evaluation has no setting 'bogus'; allowed keys of evaluation: "
                              "perplexity, fidelity"),
     (["ratio"], "Error parsing override 'ratio'; overrides are KEY=VALUE"),
+    (["+evaluation.bogus=1"], "evaluation.bogus: evaluation has no setting 'bogus'"),  # an append: the run's check
     (["ratio=0"], "ratio=0 is out of range; allowed: 0 < ratio < 1"),
     (["ratio=1"], "ratio=1 is out of range"),
     (["ratio=-0.1"], "ratio=-0.1 is out of range"),

@@ -184,3 +184,21 @@ def test_code_reads_the_schema_defaults_not_fallbacks_of_its_own():
 
     with pytest.raises(ConfigError, match="description"):
         benchmark_values({"name": "x", "tasks": ["piqa"], "description": "d"})
+
+
+def test_an_appended_key_no_setting_declares_is_refused_and_every_group_entry_passes():
+    """``+evaluation.bogus=1`` reaches the config past Hydra's typed check (an append); the run's check names it and
+    the allowed keys, at any depth and at the run level. Every group entry as shipped passes."""
+    from depthbench.errors import ConfigError
+    from depthbench.settings import check_declared_keys
+    from tests.helpers import compose
+
+    for override, message in (("+evaluation.bogus=1", "evaluation.bogus: evaluation has no setting 'bogus'; "
+                                                       "allowed keys of evaluation: perplexity, fidelity"),
+                              ("+evaluation.perplexity.zz=2", "evaluation.perplexity has no setting 'zz'"),
+                              ("+foo=3", "foo: the run has no setting 'foo'; allowed keys of the run: ratio, seed"),
+                              ("+healing.q=1", "healing.q: healing has no setting 'q'")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            check_declared_keys(compose(override))
+    for cell in [[]] + group_cells():
+        check_declared_keys(compose(*cell))
