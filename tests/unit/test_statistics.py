@@ -55,6 +55,27 @@ def test_early_stop_captures_same_points(tiny_llama64):
     torch.testing.assert_close(rec.seen[0][(MLP_OUT, 1)], ms[1], **TOL)
 
 
+def test_a_pass_that_needs_the_last_layer_runs_no_final_norm_or_head(tiny_llama64):
+    """h_L is the last decoder layer's output: the pass ends there (no statistic reads the final norm or the LM
+    head), and h_L is still the manual forward's."""
+    adapter = adapter_for(tiny_llama64)
+    L = adapter.num_layers
+    batch = random_batches(n_batches=1, ragged=False)[0]
+    calls = []
+    handles = [m.register_forward_hook(lambda *a, name=name: calls.append(name))
+               for name, m in (("norm", tiny_llama64.model.norm), ("head", tiny_llama64.lm_head))]
+    try:
+        rec = collect(adapter, [batch], [_Recorder([(RESIDUAL, L)])], progress=False)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    hs, _ = manual_llama_forward(tiny_llama64, batch["input_ids"])
+    torch.testing.assert_close(rec.seen[0][(RESIDUAL, L)], hs[L], **TOL)
+    out = tiny_llama64(**batch)  # the stop is removed with the pass: the model runs whole again
+    assert out.logits.shape[-1] == tiny_llama64.config.vocab_size
+
+
 def _stats(adapter, batches):
     L = adapter.num_layers
     stats = [PairwiseSimilarity(L, 2, "last"), PairwiseSimilarity(L, 1, "all"),
