@@ -195,6 +195,25 @@ def append_bytes(f, tensor: torch.Tensor, crc: int) -> tuple[int, int]:
     return zlib.crc32(raw, crc), raw.nbytes
 
 
+def batch_shape(batch: BatchActivations, points: list[HookPoint]) -> tuple[int, int]:
+    """``(B, T)`` of a batch, from the first of the stored points."""
+    first = batch.points[points[0]]
+    return int(first.shape[0]), int(first.shape[1])
+
+
+def checked_points(batch: BatchActivations, points: list[HookPoint], dtype: torch.dtype,
+                   hidden_size: int) -> Iterable[tuple[HookPoint, torch.Tensor]]:
+    """``(point, activation)`` for every point of a store, each checked to be ``[B, T, hidden]`` in the store's
+    dtype (what a store on disk or in memory keeps); `ValueError` naming the point otherwise."""
+    b, t = batch_shape(batch, points)
+    for point in points:
+        x = batch.points[point]
+        if x.dtype != dtype or tuple(x.shape) != (b, t, hidden_size):
+            raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
+                             f"{dtype} and {(b, t, hidden_size)}")
+        yield point, x
+
+
 class ActivationWriter(Statistic):
     """Appends every hook point of every batch to its file; `commit` makes the store visible."""
 
@@ -219,13 +238,9 @@ class ActivationWriter(Statistic):
         return set(self.points)
 
     def update(self, batch: BatchActivations) -> None:
-        first = batch.points[self.points[0]]
-        self.shapes.append([int(first.shape[0]), int(first.shape[1])])
-        for point in self.points:
-            x = batch.points[point]
-            if x.dtype != self.dtype or tuple(x.shape) != (*first.shape[:2], self.hidden_size):
-                raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
-                                 f"{self.dtype} and {(*first.shape[:2], self.hidden_size)}")
+        b, t = batch_shape(batch, self.points)
+        self.shapes.append([b, t])
+        for point, x in checked_points(batch, self.points, self.dtype, self.hidden_size):
             self.crc[point], _ = append_bytes(self.files[point], x, self.crc[point])
 
     def flush_to_disk(self) -> None:

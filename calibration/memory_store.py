@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from depthbench.calibration.activations import StoredActivations, all_hook_points, store_bytes
+from depthbench.calibration.activations import (StoredActivations, all_hook_points, batch_shape, checked_points,
+                                               store_bytes)
 from depthbench.calibration.statistics import BatchActivations, HookPoint, Statistic
 
 #: ``cache.activations_memory_gb: auto``: at most this share of the memory available on the model's device.
@@ -97,16 +98,11 @@ class MemoryWriter(Statistic):
         return set(self.points)
 
     def update(self, batch: BatchActivations) -> None:
-        first = batch.points[self.points[0]]
-        b, t = int(first.shape[0]), int(first.shape[1])
+        b, t = batch_shape(batch, self.points)
         if self.offset + b * t > self.positions:
             raise ValueError(f"more calibration positions than the {self.positions} the store was sized for")
         self.shapes.append((b, t))
-        for point in self.points:
-            x = batch.points[point]
-            if x.dtype != self.dtype or tuple(x.shape) != (b, t, self.hidden_size):
-                raise ValueError(f"activation {point} has dtype {x.dtype} and shape {tuple(x.shape)}; expected "
-                                 f"{self.dtype} and {(b, t, self.hidden_size)}")
+        for point, x in checked_points(batch, self.points, self.dtype, self.hidden_size):
             if point not in self.buffers:
                 self.buffers[point] = torch.empty(self.positions, self.hidden_size, dtype=self.dtype, device=x.device)
             rows = self.buffers[point][self.offset:self.offset + b * t]

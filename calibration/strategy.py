@@ -39,10 +39,10 @@ number of passes over the original model still to come in this run (1 for a sing
 0 when the fit's pass is the one running: nothing later could read a store). The fit's own pass stops after the
 last layer it needs (`depthbench.calibration.statistics.collect`), so it runs ``fit_layers`` of the L decoder
 layers. Where that depth is known when the pass runs it is used; where it is not (ReplaceMe's block is chosen
-after the scores the deciding pass computes) the bound used is L: the deepest block ends at the last layer,
-and its pass then also runs the model's head, so the full pass is exactly what the worst case costs and never
-less than the fit's pass. That bound favours ``store``; how far is in the record (``fit_layers``). A pro-rated
-partial pass includes a share of the head, which a partial pass does not run: again an upper bound.
+after the scores the deciding pass computes) the bound used is L: the deepest block ends at the last layer, and
+a pass over all L layers (which, like every statistics pass, stops before the final norm and head) is exactly what
+that worst case costs and never less than the fit's pass. That bound favours ``store``; how far is in the record
+(``fit_layers``).
 
 A store shared by the cells of a sweep (or an explicit ``cache.dir``) serves any number of later cells, so its
 write is amortised: it is kept when one replay is cheaper than the fit's pass it replaces. If the choice is

@@ -382,10 +382,9 @@ def check_declared_keys(cfg) -> None:
         declared = field_names(schema)
         for key in node.keys():
             where = f"{path}.{key}" if path else str(key)
-            if key not in declared and not (not path and key == "hydra"):
-                allowed = ", ".join(d for d in declared if d not in ("hydra",))
+            if key not in declared and where != "hydra":  # Hydra's own node, where the caller composed it
                 raise ConfigError(f"{where}: {path or 'the run'} has no setting {key!r}; allowed keys of "
-                                  f"{path or 'the run'}: {allowed}")
+                                  f"{path or 'the run'}: {', '.join(declared)}")
             child = node._get_node(key)
             if isinstance(child, DictConfig):
                 walk(child, where)
