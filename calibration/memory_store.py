@@ -73,10 +73,11 @@ class MemoryWriter(Statistic):
     set on the point's device; `commit` completes the store.
 
     Why copies into preallocated buffers and not references to the pass's own tensors: thousands of kept tensors
-    interleaved with the pass's temporaries fragment the host allocator's heap (measured on the CPU: peak RSS
-    10.2 GB for a 4.6 GB store, and a score pass 30 s slower than with no store at all,
-    docs/cold_single_run.json's earlier record); one allocation per point leaves the temporaries' reuse as it is
-    without a store, for one copy per batch (device memory bandwidth)."""
+    interleaved with the pass's temporaries fragment the host allocator's heap (measured on this 2-core CPU by
+    `benchmarks/cold_single_run.py` at commit ce02597, which kept references; that record was not committed:
+    peak RSS 10.2 GB for a 4.6 GB store, and a score pass 30 s slower than with no store at all); one allocation
+    per point leaves the temporaries' reuse as it is without a store, for one copy per batch (device memory
+    bandwidth)."""
 
     cacheable = False
 
