@@ -1,9 +1,11 @@
 """ReplaceMe-LS (and the other methods) at real scale on a randomly initialised model of Llama-3-8B's
-shape: prune time against one bare forward pass over the same calibration data. The 689 s the ReplaceMe
-paper reports for LS (its Figure 1) is quoted beside the record only with both calibration volumes (the
-reference's, ``scale=paper`` in conf/budget/pruner/paper_replaceme_ls.yaml, against the run's), and called
-comparable only when they are equal (``--samples 8000 --seq-len 1024``). Timing needs no trained weights, and the
-calibration tokens are random ids, so this runs on a GPU machine without internet.
+shape: prune time against one bare forward pass over the same calibration data, and for the methods that train
+(ReplaceMe-cosine, LLM-Streamline) the same without their training time (issue 29's targets, judged in the
+rendered section). The 689 s the ReplaceMe paper reports for LS (its Figure 1) is quoted beside the record only
+when the record used the reference's calibration volume (``scale=paper`` in
+conf/budget/pruner/paper_replaceme_ls.yaml: ``--samples 8000 --seq-len 1024``); otherwise the section says why it
+is not quoted. Timing needs no trained weights, and the calibration tokens are random ids, so this runs on a GPU
+machine without internet.
 
     .venv/bin/python benchmarks/real_scale.py [--methods replaceme_ls | all] [--samples 128 --seq-len 256]
         [--device cuda] [--dtype bfloat16] [--shape llama3_8b | --hidden H --layers L --intermediate I
@@ -120,10 +122,13 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         *(f"- run {i}: {env['date']}, commit {env.get('commit', 'unknown')}, torch {env['torch']}, "
           f"`{env['command']}`{' (' + env['note'] + ')' if env.get('note') else ''}" for i, env in enumerate(runs)),
         "",
-        "| method | layers | prune s | prune / bare forward | peak GPU GiB | stages s | run |",
-        "|---|---|---|---|---|---|---|",
+        "| method | layers | prune s | prune / bare forward | training s | (prune - training) / bare forward | "
+        "peak GPU GiB | stages s | run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        training = (f"{r['training_s']:.1f} | {r['untrained_over_forward']:.1f}x" if "training_s" in r
+                    else "not recorded | " if r["method"] in TRAINED else " | ")
         peak = "not recorded" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.1f}"
         stages = ", ".join(f"{k} {v:g}" for k, v in r["stages_s"].items() if v)
         name = r["method"] + (f" ({', '.join(f'{k}={v}' for k, v in r['options'].items())})"
@@ -131,14 +136,63 @@ def render_record(record: dict, verdicts: list) -> list[str]:
         if r.get("evaluations"):
             name += f", {r['evaluations']} evaluations ({r['prune_s'] / r['evaluations']:.2f} s each)"
         lines.append(f"| {name} | {r['layers_removed']} | {r['prune_s']:.1f} | {r['prune_over_forward']:.1f}x | "
-                     f"{peak} | {stages} | {r['run']} |")
+                     f"{training} | {peak} | {stages} | {r['run']} |")
     missing = sorted(set(pruner_registry.names()) - {r["method"] for r in rows})
     ls = [r for r in rows if r["method"] == "replaceme_ls"]
     if ls and shape == SHAPES["llama3_8b"]:
         lines += ["", *paper_comparison(record, ls[0])]
     if missing:
         lines += ["", f"Not measured at this shape: {', '.join(missing)}."]
+    verdicts.extend(issue_29_verdicts(record))
     return lines
+
+
+#: Issue 29's methods that must prune in at most `TARGET_RATIO` bare forward passes at Llama-3-8B shape on a GPU,
+#: and those allowed their training time on top.
+SINGLE_PASS = ("replaceme_ls", "uidl", "shortgpt", "llm_drop", "linearpatch")
+TRAINED = ("replaceme_cosine", "llm_streamline")
+TARGET_RATIO = 1.5
+GPU_MEMORY_LIMIT = 80 * 2**30
+
+
+def issue_29_verdicts(record: dict) -> list[tuple[str, str, bool]]:
+    """Issue 29's GPU targets, judged on the rows of a GPU record at Llama-3-8B shape measured with the
+    activation store in device memory (a record in that setting names ``activations_memory_gb``); a target with
+    no such row is reported as not measured, and so not met."""
+    where = "at Llama-3-8B shape on a GPU"
+    on_gpu = [r for r in record["rows"] if record["runs"][r["run"]]["device"] != "cpu" and
+              not record["runs"][r["run"]]["device"].startswith("cpu")]
+    current = record["shape"] == SHAPES["llama3_8b"] and "activations_memory_gb" in record
+    rows = {r["method"]: r for r in on_gpu} if current else {}
+    why_missing = ("not measured" if current else "not measured since the store moved to device memory (this record "
+                   "predates it)")
+
+    def judged(target: str, methods, value) -> tuple[str, str, bool]:
+        missing = [m for m in methods if m not in rows or value(rows[m]) is None]
+        measured = ", ".join(f"{m} {value(rows[m]):.2f}x" for m in methods if m not in missing)
+        if missing:
+            measured = "; ".join(filter(None, [measured, f"{why_missing}: {', '.join(missing)}"]))
+        ok = not missing and all(value(rows[m]) <= TARGET_RATIO for m in methods)
+        return target, measured, ok
+
+    verdicts = [
+        judged(f"{', '.join(SINGLE_PASS)} prune in <= {TARGET_RATIO}x a bare forward pass {where}", SINGLE_PASS,
+               lambda r: r["prune_over_forward"]),
+        judged(f"{', '.join(TRAINED)} prune in <= {TARGET_RATIO}x a bare forward pass plus their training {where}",
+               TRAINED, lambda r: r.get("untrained_over_forward")),
+    ]
+    from depthbench.pruners import pruner_registry
+
+    peaks = {m: r["peak_gpu_bytes"] for m, r in rows.items() if r.get("peak_gpu_bytes") is not None}
+    missing = sorted(set(pruner_registry.names()) - set(peaks))
+    over = sorted(m for m, b in peaks.items() if b >= GPU_MEMORY_LIMIT)
+    largest = max(peaks, key=peaks.get) if peaks else None
+    measured = "; ".join(filter(None, [
+        f"largest {largest} {peaks[largest] / 2**30:.1f} GiB" if largest else "",
+        f"at or over 80 GiB: {', '.join(over)}" if over else "",
+        f"{why_missing}: {', '.join(missing)}" if missing else ""]))
+    verdicts.append((f"every method's peak GPU memory < 80 GiB {where}", measured, not missing and not over))
+    return verdicts
 
 
 def paper_comparison(record: dict, ls_row: dict) -> list[str]:
@@ -146,16 +200,28 @@ def paper_comparison(record: dict, ls_row: dict) -> list[str]:
     only when the volumes are equal (the hardware and the data still differ)."""
     n, seq = paper_ls_tokens()
     ours = record["samples"] * record["seq_len"]
-    text = (f"The ReplaceMe paper reports {record['paper_ls_seconds']} s for ReplaceMe-LS on Llama-3-8B-Instruct "
-            f"at 25% (its Figure 1, its own hardware and data); the reference's calibration volume, as `scale=paper` "
-            f"sets it, is {n:,} x {seq:,} = {n * seq:,} tokens; this record's {ls_row['prune_s']:.1f} s used "
-            f"{record['samples']} x {record['seq_len']} = {ours:,} tokens")
     if ours == n * seq:
-        return [text + ": the same volume (the hardware and the text still differ)."]
-    return [text + f", {n * seq / ours:.0f}x {'fewer' if ours < n * seq else 'more'}. The two times are not "
-                   "comparable: the calibration pass and the fit grow with the tokens. A like-for-like figure "
-                   f"needs `benchmarks/real_scale.py --methods replaceme_ls --samples {n} --seq-len {seq}` (not "
-                   "run yet)."]
+        return [f"The ReplaceMe paper reports {record['paper_ls_seconds']} s for ReplaceMe-LS on Llama-3-8B-Instruct "
+                f"at 25% (its Figure 1, its own hardware and data) with the reference's calibration volume, "
+                f"{n:,} x {seq:,} = {n * seq:,} tokens (`scale=paper`); this record's {ls_row['prune_s']:.1f} s used "
+                "the same volume (the hardware and the text still differ)."]
+    return [f"The ReplaceMe paper's time for ReplaceMe-LS (its Figure 1) is not quoted beside this record: it used "
+            f"the reference's calibration volume, {n:,} x {seq:,} = {n * seq:,} tokens (`scale=paper`), "
+            f"{n * seq / ours:.0f}x {'more' if ours < n * seq else 'fewer'} than this record's {ours:,}, and the "
+            "calibration pass and the fit grow with the tokens. A like-for-like figure needs "
+            f"`benchmarks/real_scale.py --methods replaceme_ls --samples {n} --seq-len {seq}` (not run yet)."]
+
+
+def training_seconds(replacement) -> float:
+    """The seconds a prune spent training its replacement: every ``training_seconds`` its record holds (one per
+    trained block: ReplaceMe-cosine's fits, LLM-Streamline's module), from the rows being ready to the trained
+    result, synchronised with the device; 0 where nothing trains."""
+    if isinstance(replacement, dict):
+        return float(replacement.get("training_seconds", 0.0)) + sum(
+            training_seconds(v) for k, v in replacement.items() if k != "training_seconds")
+    if isinstance(replacement, list):
+        return sum(training_seconds(v) for v in replacement)
+    return 0.0
 
 
 def synchronised_seconds(fn, device: str) -> float:
@@ -216,8 +282,11 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
     prune_s = synchronised_seconds(prune, args.device)
     scores = result["r"].selection.scores or {}
     search = {"evaluations": scores["evaluations"]} if "evaluations" in scores else {}
+    training_s = training_seconds(result["r"].replacement)
+    trained = ({"training_s": training_s, "untrained_over_forward": (prune_s - training_s) / bare_s}
+               if training_s else {})
     return {"method": method, **search, "layers_removed": n_remove, "prune_s": prune_s, "bare_forward_s": bare_s,
-            "prune_over_forward": prune_s / bare_s, "activations": strategy.record(),
+            "prune_over_forward": prune_s / bare_s, **trained, "activations": strategy.record(),
             "stages_s": {k: round(v["seconds"], 2) for k, v in result["r"].stages.items()},
             # each stage resets the peak counter as it starts (depthbench.measure), so the prune's peak is the
             # largest of its stages' peaks

@@ -20,6 +20,8 @@ A pruner holds no caching or storage state. Its stages receive a `CalibrationSer
 - `first_sequences(n)`: the same service on the first n calibration sequences only (a declared subset for
   methods that re-score the model per candidate), without cache or stored activations;
 - `scratch()`: a temporary directory for the method's own spill files, deleted afterwards;
+- `rows_storage(nbytes)`: where a method's training rows go (`depthbench.calibration.spill`): on the model's
+  device where they fit what is left of the run's memory budget, else files in a scratch directory;
 - `layer_in_memory(k)`: decoder layer k with its weights in memory while a block lasts (a layer-wise prune
   reads it from the checkpoint).
 
@@ -42,6 +44,7 @@ from depthbench.calibration.activations import ActivationSlot
 from depthbench.calibration.batches import CalibrationData, first_sequences
 from depthbench.calibration.cache import StatisticsCache, data_fingerprint, gather
 from depthbench.calibration.memory_store import MemorySlot
+from depthbench.calibration.spill import DeviceRows, DiskRows, RowStorage
 from depthbench.calibration.masked_nll import (DivergenceScorer, checked_mean, masked_nlls, masked_scores,
                                                runs_single_layers, token_nll_sum, whole_pass_scores)
 from depthbench.calibration.statistics import Statistic, collect
@@ -62,6 +65,9 @@ class CalibrationService:
     progress: bool = True
     label: str = ""
     strategy: ActivationStrategy | None = None
+    #: Bytes a method may keep on the model's device for its training rows (`rows_storage`): what the activation
+    #: store left of ``cache.activations_memory_gb``; 0 = always files.
+    memory_budget_bytes: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "_original_depth", self.adapter.num_layers)
@@ -171,6 +177,18 @@ class CalibrationService:
         with tempfile.TemporaryDirectory(prefix=prefix, dir=directory) as tmp:
             yield Path(tmp)
 
+    @contextlib.contextmanager
+    def rows_storage(self, nbytes: int, prefix: str = "depthbench-", directory: str | None = None
+                     ) -> Iterator[RowStorage]:
+        """Where a method's ``nbytes`` of training rows go while the block lasts: `DeviceRows` on the model's
+        device where they fit ``memory_budget_bytes`` (no copy to the host, no file), else `DiskRows` in a
+        `scratch` directory (under ``directory`` when given). The storage's ``where`` says which."""
+        if 0 < nbytes <= self.memory_budget_bytes:
+            yield DeviceRows(self.adapter.embeddings().weight.device)
+            return
+        with self.scratch(prefix, directory) as tmp:
+            yield DiskRows(tmp)
+
 
 @contextlib.contextmanager
 def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCache | None = None,
@@ -182,7 +200,8 @@ def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCach
     ``cache`` and ``keep_activations`` they live in the cache's slot on disk (shared with later runs);
     otherwise they serve this prune only: held in memory on the model's device when the store fits
     ``memory_budget_bytes`` (`depthbench.calibration.memory_store`: no copy, write or read back), else in a
-    temporary directory deleted when the block ends. ``activation_budget_bytes`` caps the disk store (0:
+    temporary directory deleted when the block ends. What the store leaves of ``memory_budget_bytes`` is the
+    methods' training rows' (`CalibrationService.rows_storage`). ``activation_budget_bytes`` caps the disk store (0:
     never stored, fits then run their own pass). ``strategy`` (`depthbench.calibration.strategy`) says
     whether the pass stores them at all (``recompute``: no slot) and records what ran; None = ``store``
     with no record (the pipeline passes the config's, ``auto`` by default)."""
@@ -190,6 +209,7 @@ def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCach
         strategy.decide("none", "the method's fit reads no activations of the original model")
     elif strategy is not None and strategy.mode == "recompute":
         strategy.decide("recompute", "cache.activation_strategy=recompute")
+    in_memory = 0  # bytes of the store held in memory
     with tempfile.TemporaryDirectory(prefix="depthbench-activations-") as tmp:
         if not store_activations or (strategy is not None and strategy.mode == "recompute"):
             slot = None
@@ -197,11 +217,13 @@ def open_service(adapter, calibration: CalibrationData, *, cache: StatisticsCach
             slot = cache.activation_slot(data_fingerprint(calibration.batches), activation_budget_bytes)
         else:
             memory = MemorySlot(memory_budget_bytes)
-            slot = (memory if memory.admits(memory.store_size(adapter, calibration.batches))
-                    else ActivationSlot(Path(tmp) / "store", activation_budget_bytes))
+            size = memory.store_size(adapter, calibration.batches)
+            slot = memory if memory.admits(size) else ActivationSlot(Path(tmp) / "store", activation_budget_bytes)
+            in_memory = size if slot is memory else 0
         try:
             yield CalibrationService(adapter, calibration, cache=cache, activations=slot, progress=progress,
-                                     label=label, strategy=strategy)
+                                     label=label, strategy=strategy,
+                                     memory_budget_bytes=max(memory_budget_bytes - in_memory, 0))
         finally:
             if slot is not None and slot.where == "memory":
                 slot.discard()  # the tensors go with the prune, not with the service object

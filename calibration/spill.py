@@ -1,12 +1,19 @@
-"""Calibration statistics that spill activations to disk instead of reducing them.
+"""Calibration statistics that keep activations as training rows instead of reducing them.
 
 Methods that train something (ReplaceMe-cosine's transform, LLM-Streamline's replacement layer)
-need the activations themselves, not a fixed-size sum. Holding them in RAM does not scale
-(LLM-Streamline's reference needs more than 1 TB at paper scale), so these statistics append each
-batch to a float32 file in a caller-owned directory (usually a ``tempfile.TemporaryDirectory``)
-and hand back read-only arrays on those files (`SpillArray`) once the pass is over. Padding positions are never
-written as token rows; sequence spills keep them (zero-filled) together with the mask because a
-layer needs whole sequences.
+need the activations themselves, not a fixed-size sum. These statistics append each batch's rows to a
+`RowStorage` chosen by the caller (`depthbench.calibration.service.CalibrationService.rows_storage`):
+
+- `DeviceRows`: tensors on the model's device, allocated once for the calibration set and filled in place
+  (no copy to the host, no file: on a GPU the training then reads its mini-batches without host traffic).
+  Used where the rows fit what is left of the run's ``cache.activations_memory_gb``;
+- `DiskRows`: float32 files in a caller-owned scratch directory, read back as `SpillArray` (read-only arrays
+  whose reads do not stay resident). Holding the rows in memory does not scale (LLM-Streamline's reference
+  needs more than 1 TB at paper scale), so this is the path beyond the budget.
+
+Both hold the same float32 values, so a method trains bit for bit the same on either. Padding positions are
+never written as token rows; sequence rows keep them (zero-filled) together with the mask because a layer
+needs whole sequences.
 """
 
 from __future__ import annotations
@@ -75,6 +82,68 @@ class SpillArray:
         return out
 
 
+class DeviceRowFile:
+    """`SpillFile`'s interface on a tensor of ``capacity`` rows allocated once on ``device``: `append` copies
+    rows into it in place, `open` returns the filled rows (a view, no copy)."""
+
+    def __init__(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, device, capacity: int):
+        self.name, self.row_shape, self.dtype = name, tuple(row_shape), dtype
+        self._buffer = torch.empty((int(capacity), *self.row_shape), dtype=dtype, device=device)
+        self.rows = 0
+
+    def append(self, rows: torch.Tensor | np.ndarray) -> None:
+        rows = torch.as_tensor(rows)
+        if tuple(rows.shape[1:]) != self.row_shape:
+            raise ValueError(f"{self.name}: rows of shape {tuple(rows.shape[1:])}, expected {self.row_shape}")
+        end = self.rows + rows.shape[0]
+        if end > self._buffer.shape[0]:
+            raise ValueError(f"{self.name}: {end} rows exceed the {self._buffer.shape[0]} allocated for the "
+                             "calibration set")
+        self._buffer[self.rows:end].copy_(rows)
+        self.rows = end
+
+    def open(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise ValueError(f"{self.name}: no rows were kept (no real tokens in the calibration data?)")
+        return self._buffer[:self.rows]
+
+
+class DiskRows:
+    """Training rows as files in ``directory`` (`SpillFile`), read back as `SpillArray`."""
+
+    where = "disk"
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    #: The file dtype and name suffix of each row dtype.
+    FORMATS = {torch.float32: (np.float32, "f32"), torch.uint8: (np.uint8, "u8")}
+
+    def file(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, capacity: int) -> SpillFile:
+        file_dtype, suffix = self.FORMATS[dtype]
+        return SpillFile(self.directory / f"{name}.{suffix}", row_shape, file_dtype)
+
+
+class DeviceRows:
+    """Training rows as tensors on ``device`` (`DeviceRowFile`), ``capacity`` rows allocated per file."""
+
+    where = "memory"
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def file(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, capacity: int) -> DeviceRowFile:
+        return DeviceRowFile(name, row_shape, dtype, self.device, capacity)
+
+
+RowStorage = DiskRows | DeviceRows
+
+
+def row_storage(where: "str | Path | RowStorage") -> RowStorage:
+    """``where`` as a `RowStorage`: a directory means files in it."""
+    return where if isinstance(where, (DiskRows, DeviceRows)) else DiskRows(where)
+
+
 class LinearMapRows(Statistic):
     """The ReplaceMe token rows of block [s, e) with kept layer i = s - 1, spilled to disk.
 
@@ -87,12 +156,19 @@ class LinearMapRows(Statistic):
     #: Spilled rows live in a temporary directory: nothing to keep in a statistics cache.
     cacheable = False
 
-    def __init__(self, kept_layer: int, block_end: int, hidden_size: int, directory: str | Path):
+    def __init__(self, kept_layer: int, block_end: int, hidden_size: int, storage: "str | Path | RowStorage",
+                 capacity: int = 0):
+        """``capacity``: rows to allocate where ``storage`` is `DeviceRows` (the calibration set's real tokens)."""
         self.i, self.e = kept_layer, block_end
         self._id = next(_instance_counter)
-        directory = Path(directory)
-        self.files = {name: SpillFile(directory / f"rows_{self._id}_{name}.f32", (hidden_size,))
+        storage = row_storage(storage)
+        self.files = {name: storage.file(f"rows_{self._id}_{name}", (hidden_size,), torch.float32, capacity)
                       for name in self.COLUMNS}
+
+    @classmethod
+    def storage_bytes(cls, tokens: int, hidden_size: int) -> int:
+        """Bytes of the rows of ``tokens`` real tokens."""
+        return len(cls.COLUMNS) * int(tokens) * int(hidden_size) * 4
 
     @property
     def key(self) -> tuple:
@@ -112,7 +188,7 @@ class LinearMapRows(Statistic):
         for name, rows in zip(self.COLUMNS, (m, y, h)):
             self.files[name].append(rows.to(torch.float32))
 
-    def open(self) -> dict[str, SpillArray]:
+    def open(self) -> dict[str, "SpillArray | torch.Tensor"]:
         return {name: f.open() for name, f in self.files.items()}
 
 
@@ -126,13 +202,20 @@ class ResidualPairSequences(Statistic):
 
     cacheable = False
 
-    def __init__(self, input_point: int, target_point: int, hidden_size: int, width: int, directory: str | Path):
+    def __init__(self, input_point: int, target_point: int, hidden_size: int, width: int,
+                 storage: "str | Path | RowStorage", capacity: int = 0):
+        """``capacity``: sequences to allocate where ``storage`` is `DeviceRows` (the calibration set's)."""
         self.j, self.k, self.width = input_point, target_point, width
         self._id = next(_instance_counter)
-        directory = Path(directory)
-        self.inputs = SpillFile(directory / f"seq_{self._id}_input.f32", (width, hidden_size))
-        self.targets = SpillFile(directory / f"seq_{self._id}_target.f32", (width, hidden_size))
-        self.mask = SpillFile(directory / f"seq_{self._id}_mask.u8", (width,), dtype=np.uint8)
+        storage = row_storage(storage)
+        self.inputs = storage.file(f"seq_{self._id}_input", (width, hidden_size), torch.float32, capacity)
+        self.targets = storage.file(f"seq_{self._id}_target", (width, hidden_size), torch.float32, capacity)
+        self.mask = storage.file(f"seq_{self._id}_mask", (width,), torch.uint8, capacity)
+
+    @staticmethod
+    def storage_bytes(sequences: int, width: int, hidden_size: int) -> int:
+        """Bytes of ``sequences`` padded to ``width``: inputs and targets in float32, the mask in bytes."""
+        return int(sequences) * int(width) * (2 * int(hidden_size) * 4 + 1)
 
     @property
     def key(self) -> tuple:
@@ -146,18 +229,18 @@ class ResidualPairSequences(Statistic):
         return {(RESIDUAL, self.j), (RESIDUAL, self.k)}
 
     def update(self, batch: BatchActivations) -> None:
-        mask = batch.mask.to("cpu")
+        mask = batch.mask
         b, t = mask.shape
         if t > self.width:
             raise ValueError(f"batch of {t} positions is wider than the spill width {self.width}")
         for point, spill in ((self.j, self.inputs), (self.k, self.targets)):
-            x = batch.residual(point).detach().to("cpu", torch.float32)
-            padded = torch.zeros(b, self.width, x.shape[-1], dtype=torch.float32)
-            padded[:, :t] = x * mask[..., None]
+            x = batch.residual(point).detach().to(torch.float32)
+            padded = torch.zeros(b, self.width, x.shape[-1], dtype=torch.float32, device=x.device)
+            padded[:, :t] = x * mask.to(x.device)[..., None]
             spill.append(padded)
-        m = torch.zeros(b, self.width, dtype=torch.uint8)
+        m = torch.zeros(b, self.width, dtype=torch.uint8, device=mask.device)
         m[:, :t] = mask.to(torch.uint8)
         self.mask.append(m)
 
-    def open(self) -> dict[str, SpillArray]:
+    def open(self) -> dict[str, "SpillArray | torch.Tensor"]:
         return {"input": self.inputs.open(), "target": self.targets.open(), "mask": self.mask.open()}

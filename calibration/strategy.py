@@ -73,10 +73,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from depthbench.calibration.activations import ActivationSlot, ActivationWriter, all_hook_points
 from depthbench.calibration.statistics import BatchActivations, HookPoint, Statistic
+from depthbench.measure import synchronize
 
 #: The strategies (``cache.activation_strategy``); ``auto`` decides per run from measured costs.
 STRATEGIES = ("auto", "store", "recompute")
@@ -105,14 +105,6 @@ class ProbeCosts:
 #: Maps the measured costs to those the decision sees: None (the measurement itself) on real hardware; tests
 #: simulate a device whose forward pass is cheap or expensive.
 CostModel = Callable[[ProbeCosts], ProbeCosts]
-
-
-def synchronize(tensor: torch.Tensor) -> None:
-    """Wait for the tensor's device (a GPU runs asynchronously: a clock read before this times the launch)."""
-    backend = getattr(torch, tensor.device.type, None)
-    sync = getattr(backend, "synchronize", None)
-    if tensor.device.type != "cpu" and sync is not None:
-        sync()
 
 
 def check_strategy(value) -> str:
@@ -256,7 +248,7 @@ class DecidingWriter(Statistic):
 
     def begin_batch(self) -> None:
         if not self.decided:
-            synchronize(self.adapter.embeddings().weight)  # the previous batch's work is not this one's
+            synchronize(self.adapter.embeddings().weight.device)  # the previous batch's work is not this one's
             self.began = self.strategy.clock()
 
     def update(self, batch: BatchActivations) -> None:
@@ -265,7 +257,7 @@ class DecidingWriter(Statistic):
                 self.writer.update(batch)
             return
         first = batch.points[self.points[0]]
-        synchronize(first)
+        synchronize(first.device)
         timed = (self.strategy.clock() - self.began, int(first.shape[0] * first.shape[1]))  # seconds, positions
         if self.first_forward is None:
             self.first_forward = timed

@@ -40,6 +40,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously: a clock read before this times the
+    launch, not the work)."""
+    device = torch.device(device)
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if device.type != "cpu" and sync is not None:
+        sync()
+
+
+def device_clock(device: torch.device | str) -> float:
+    """`time.perf_counter` once the work queued on ``device`` has finished: differences of two readings time the
+    work between them."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class StageMeasurement:
     seconds: float

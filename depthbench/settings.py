@@ -241,8 +241,10 @@ class CacheSettings:
                 "their own pass.")
     activations_memory_gb: Union[int, float, str] = setting(
         "auto", "Memory (GiB) on the model's device for a single run's activations (not a sweep's: its store is "
-                "shared on disk): a store that fits is kept in memory, with no copy, write or read back; auto = half "
-                "the memory available on the device when the prune starts; a number = GiB; 0 = never in memory.")
+                "shared on disk): a store that fits is kept in memory, with no copy, write or read back; what it "
+                "leaves holds a method's training rows (ReplaceMe-cosine, LLM-Streamline; a sweep's too), else they "
+                "go to files; auto = half the memory available on the device when the prune starts; a number = GiB; "
+                "0 = never in memory.")
     lock_stale_s: Number = setting(300, "Cells running at once share the caches through lock directories with a "
                                         "heartbeat; a lock silent this many seconds (a killed job) is taken over. "
                                         "Must exceed the hosts' clock skew and the NFS attribute cache time.")

@@ -391,7 +391,8 @@ def prune(ctx: RunContext, checked: CheckedRun, inputs: RunInputs, model: Loaded
     sweep's directory or an explicit ``cache.dir``); a single run's in memory where they fit
     ``cache.activations_memory_gb``, else in a temporary directory; whether
     they are stored at all is ``cache.activation_strategy`` (a kept store serves any number of later
-    runs, a temporary one this run's fit only), recorded in ``calibration.activations``."""
+    runs, a temporary one this run's fit only), recorded in ``calibration.activations``. What a store in memory
+    leaves of ``cache.activations_memory_gb`` holds the methods' training rows (a sweep's cells too)."""
     pruner, calibration = checked.pruner, inputs.calibration
     if model.layerwise is not None:  # one layer at a time from the checkpoint: no cache, no activation store
         from depthbench.calibration.layerwise import open_layerwise_service
@@ -408,7 +409,7 @@ def prune(ctx: RunContext, checked: CheckedRun, inputs: RunInputs, model: Loaded
     keep = ctx.sweep_dir is not None or bool(settings.dir)
     store_dir = statistics if keep and stats_cache is not None else None
     strategy = ActivationStrategy(settings.activation_strategy, fits=None if store_dir is not None else 1)
-    memory = 0 if keep else memory_budget(settings.activations_memory_gb, model.adapter.embeddings().weight.device)
+    memory = memory_budget(settings.activations_memory_gb, model.adapter.embeddings().weight.device)
     with pruner.service(model.adapter, calibration, cache=stats_cache, keep_activations=keep,
                         progress=ctx.progress, activation_budget_bytes=settings.activation_budget(store_dir),
                         strategy=strategy, memory_budget_bytes=memory) as service:

@@ -24,7 +24,8 @@ sets the arithmetic: ``float32``, or ``bf16-mixed`` (matmuls in bfloat16 under `
 float32 master weights, loss and updates: the usual mixed-precision training, faster on a CPU with
 bfloat16 instructions or a GPU; docs/PERFORMANCE.md times both), ``auto`` (default) = ``bf16-mixed``
 for a bfloat16 model (its activations, the training pairs, are bfloat16 already, and the module
-runs in bfloat16 once placed) and ``float32`` otherwise. Training pairs are spilled to a memory-mapped file.
+runs in bfloat16 once placed) and ``float32`` otherwise. Training pairs stay on the model's device
+where they fit ``cache.activations_memory_gb``, else they are spilled to a file (`depthbench.calibration.spill`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from depthbench.calibration.spill import ResidualPairSequences
 from depthbench.calibration.statistics import PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.measure import device_clock
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
 from depthbench.pruners.convergence import ConvergenceLog, check_holdout, holdout_split, training_budget
@@ -146,8 +148,9 @@ class LLMStreamlinePruner(Pruner):
         precision: str = option("auto", "Arithmetic of the training: float32; bf16-mixed (bfloat16 autocast, "
                                         "float32 master weights, loss and AdamW state); auto = bf16-mixed for a "
                                         "bfloat16 model, float32 otherwise.")
-        spill_dir: str | None = option(None, "Directory for the temporary spill files of training pairs; null = the "
-                                             "system temp dir.")
+        spill_dir: str | None = option(None, "Directory for the temporary spill files of training pairs where they "
+                                             "do not fit cache.activations_memory_gb (then they stay on the "
+                                             "model's device); null = the system temp dir.")
 
     def validate_options(self) -> None:
         o = self.options
@@ -243,10 +246,13 @@ class LLMStreamlinePruner(Pruner):
         with service.layer_in_memory(j) as layer:  # layer-wise: read from the checkpoint for the copy only
             module = self.initial_module(adapter, layer).to(device)
         trainable = _trainable_parameters(module)
-        with service.scratch("depthbench-streamline-", o.spill_dir) as tmp:
-            spill = ResidualPairSequences(j, end, adapter.hidden_size, width, tmp)
+        sequences = calibration.n_samples
+        with service.rows_storage(ResidualPairSequences.storage_bytes(sequences, width, adapter.hidden_size),
+                                  "depthbench-streamline-", o.spill_dir) as storage:
+            spill = ResidualPairSequences(j, end, adapter.hidden_size, width, storage, capacity=sequences)
             service.original([spill], "training pairs")
             data = spill.open()
+            started = device_clock(device)
             input_ids = _padded_ids(calibration.batches, width) if o.loss == "lm" else None
             loss_fn = self._mse_loss if o.loss == "mse" else self._lm_loss(adapter, end, input_ids)
             frozen = [p for p in adapter.model.parameters() if p.requires_grad]
@@ -260,6 +266,7 @@ class LLMStreamlinePruner(Pruner):
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
+            history.update(training_rows=storage.where, training_seconds=device_clock(device) - started)
             del data
         for p in module.parameters():
             if not torch.isfinite(p).all():
@@ -370,7 +377,7 @@ class LLMStreamlinePruner(Pruner):
         if o.keep_best:
             module.load_state_dict(curve.best_state)
         module.eval()
-        held_out_tokens = int(np.asarray(data["mask"][held_rows]).sum()) if len(held_rows) else 0
+        held_out_tokens = int(torch.as_tensor(data["mask"][held_rows]).sum()) if len(held_rows) else 0
         return {"mse_initial": mse_initial, "steps": step, "sequences": n_seq, "held_out_sequences": len(held_rows),
                 "loss_first_step": losses[0], "loss_last_step": losses[-1], "convergence": convergence,
                 "budget": training_budget(calibration_tokens, training_tokens, step, step / steps_per_epoch,
@@ -411,6 +418,8 @@ class LLMStreamlinePruner(Pruner):
             "loss_first_step": replacement["loss_first_step"],
             "loss_last_step": replacement["loss_last_step"],
             "held_out_sequences": replacement["held_out_sequences"],
+            "training_rows": replacement["training_rows"],
+            "training_seconds": replacement["training_seconds"],
             "convergence": replacement["convergence"],
             "budget": replacement["budget"],
         }
@@ -418,10 +427,10 @@ class LLMStreamlinePruner(Pruner):
 
 def _load(data, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One mini-batch of sequences, cut to its longest real sequence (right padding)."""
-    mask = torch.from_numpy(np.asarray(data["mask"][index]))
+    mask = torch.as_tensor(data["mask"][index])
     width = max(int(mask.sum(1).max()), 1)
-    x = torch.from_numpy(np.asarray(data["input"][index, :width])).to(device)
-    target = torch.from_numpy(np.asarray(data["target"][index, :width])).to(device)
+    x = torch.as_tensor(data["input"][index, :width]).to(device)
+    target = torch.as_tensor(data["target"][index, :width]).to(device)
     return x, target, mask[:, :width].to(device=device, dtype=torch.long)
 
 

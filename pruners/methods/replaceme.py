@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from depthbench.calibration.spill import LinearMapRows
 from depthbench.calibration.statistics import LinearMapMoments, PairwiseSimilarity
 from depthbench.errors import ConfigError, NumericalError
+from depthbench.measure import device_clock
 from depthbench.modeling.saving import LOAD_INSTRUCTIONS
 from depthbench.modeling.surgery import ModelSurgery
 from depthbench.pruners.base import Pruner, Selection, pruner_registry
@@ -358,9 +359,10 @@ def transform_objective(m: torch.Tensor, y: torch.Tensor, h: torch.Tensor, T: to
     return 1 - F.cosine_similarity(mt, h - y, dim=-1, eps=1e-8)
 
 
-def _rows(arrays: dict[str, np.ndarray], index: np.ndarray, device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(np.asarray(arrays[name][index])).to(device)
-                 for name in LinearMapRows.COLUMNS)
+def _rows(arrays: dict, index: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+    """The rows ``index`` of every column on ``device``: gathered from files (`SpillArray`) or from tensors
+    already on the device (`DeviceRows`)."""
+    return tuple(torch.as_tensor(arrays[name][index]).to(device) for name in LinearMapRows.COLUMNS)
 
 
 @torch.no_grad()
@@ -548,7 +550,9 @@ class ReplaceMeCosinePruner(_ReplaceMe):
                                            "T = L^-T U, L L^T = M^T M / n of the training rows, which makes the mse "
                                            "objective's Hessian the identity (beyond the reference).")
         spill_dir: str | None = option(None, "Directory for the temporary spill files of token rows (3 x tokens x "
-                                             "hidden x 4 bytes, deleted afterwards); null = the system temp dir.")
+                                             "hidden x 4 bytes, deleted afterwards) where they do not fit "
+                                             "cache.activations_memory_gb (then they stay on the model's device); "
+                                             "null = the system temp dir.")
 
     def validate_options(self) -> None:
         super().validate_options()
@@ -577,15 +581,20 @@ class ReplaceMeCosinePruner(_ReplaceMe):
         """T for the block ending at ``end`` (current numbering) after the kept layer ``kept``, trained on
         token rows from ``rows_from`` (``service.original`` or ``service.current``)."""
         o = self.options
-        with service.scratch("depthbench-replaceme-", o.spill_dir) as tmp:
-            spill = LinearMapRows(kept, end, adapter.hidden_size, tmp)
+        device = adapter.embeddings().weight.device
+        tokens = service.calibration.n_tokens
+        with service.rows_storage(LinearMapRows.storage_bytes(tokens, adapter.hidden_size), "depthbench-replaceme-",
+                                  o.spill_dir) as storage:
+            spill = LinearMapRows(kept, end, adapter.hidden_size, storage, capacity=tokens)
             rows_from([spill], f"{what}: rows")
             arrays = spill.open()
+            started = device_clock(device)
             T, diagnostics = train_transform(arrays, o.loss, o.accurate, float(o.lr), o.epochs, o.batch_size,
-                                             o.seed, adapter.embeddings().weight.device, service.progress, what,
+                                             o.seed, device, service.progress, what,
                                              holdout=float(o.holdout), eval_every=o.eval_every,
                                              keep_best=o.keep_best, init=o.init, schedule=o.schedule,
                                              precondition=o.precondition)
+            diagnostics.update(training_rows=storage.where, training_seconds=device_clock(device) - started)
             del arrays
         return T, diagnostics
 

@@ -49,6 +49,31 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
     assert rows["shortgpt"]["run"] == 1 and rows["shortgpt"]["prune_s"] != first["shortgpt"]["prune_s"]
 
 
+def test_the_prepared_gpu_run_measures_every_method_at_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_issue29.sh, both phases, on this CPU at a tiny shape: one record with a row for every
+    registered method, the trained ones with their training time, and auto's decision."""
+    import os
+
+    from depthbench.pruners import pruner_registry
+
+    env = {**os.environ, "RECORDS": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "SHAPE": " ".join(TINY_SHAPE[:-6] + ("--samples", "64", "--seq-len", "16", "--batch-size", "8"))}
+    for phase in ("targets", "search"):
+        proc = subprocess.run(["bash", "benchmarks/gpu_issue29.sh", phase], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "real_scale.json").read_text())
+    rows = {r["method"]: r for r in record["rows"]}
+    assert sorted(rows) == sorted(pruner_registry.names()) and len(record["runs"]) == 2
+    for method in ("replaceme_cosine", "llm_streamline"):
+        assert 0 < rows[method]["training_s"] < rows[method]["prune_s"]
+    assert "training_s" not in rows["replaceme_ls"]
+    assert json.loads((tmp_path / "strategy_decision.json").read_text())["decision"]["strategy"] == "auto"
+    proc = subprocess.run(["bash", "benchmarks/gpu_issue29.sh", "everything"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "unknown phase 'everything'; allowed: targets, search" in proc.stderr
+
+
 def test_strategy_decision_records_the_first_batch_decision(tmp_path):
     out = tmp_path / "decision.json"
     proc = run("benchmarks/strategy_decision.py", *TINY_SHAPE, "--output", str(out))
@@ -102,16 +127,42 @@ def test_real_scale_refuses_a_bad_method_option_before_building_anything(option,
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_real_scale_quotes_the_paper_time_with_both_calibration_volumes():
+def test_real_scale_quotes_the_paper_time_only_beside_the_same_calibration_volume():
     from depthbench.benchmarks import real_scale
 
     ls = {"prune_s": 26.9}
     small = " ".join(real_scale.paper_comparison({"paper_ls_seconds": 689, "samples": 128, "seq_len": 256}, ls))
     # conf/scale/paper.yaml's ReplaceMe-LS volume, 8000 x 1024, against 128 x 256 = 32768 tokens: 250x
-    assert "8,000 x 1,024 = 8,192,000 tokens" in small and "128 x 256 = 32,768 tokens, 250x fewer" in small
-    assert "not comparable" in small
+    assert "8,000 x 1,024 = 8,192,000 tokens" in small and "250x more than this record's 32,768" in small
+    assert "689" not in small and "not quoted" in small
     same = " ".join(real_scale.paper_comparison({"paper_ls_seconds": 689, "samples": 8000, "seq_len": 1024}, ls))
-    assert "the same volume" in same and "not comparable" not in same
+    assert "689 s" in same and "the same volume" in same and "not quoted" not in same
+
+
+def test_real_scale_subtracts_each_trained_block_and_judges_issue_29_on_gpu_rows_only():
+    from depthbench.benchmarks import real_scale
+
+    # ReplaceMe-cosine with two blocks: one training time per fit, both subtracted
+    assert real_scale.training_seconds({"blocks": [{"training_seconds": 1.5}, {"training_seconds": 2.0}]}) == 3.5
+    assert real_scale.training_seconds({"training_seconds": 4.0, "convergence": {}}) == 4.0
+    assert real_scale.training_seconds(None) == 0.0
+    shape = real_scale.SHAPES["llama3_8b"]
+
+    def row(method, ratio, untrained=None, peak=10):
+        return {"method": method, "prune_over_forward": ratio, "peak_gpu_bytes": peak * 2**30, "run": 0,
+                **({"untrained_over_forward": untrained} if untrained is not None else {})}
+
+    gpu = {"runs": [{"device": "NVIDIA H100 80GB HBM3"}], "shape": shape, "activations_memory_gb": "auto",
+           "rows": [row(m, 1.2) for m in real_scale.SINGLE_PASS] + [row("replaceme_cosine", 9.0, 1.4),
+                                                                     row("llm_streamline", 3.0, 1.6)]}
+    single, trained, memory = real_scale.issue_29_verdicts(gpu)
+    assert single[2] and "replaceme_ls 1.20x" in single[1]
+    assert not trained[2] and "llm_streamline 1.60x" in trained[1] and "replaceme_cosine 1.40x" in trained[1]
+    assert not memory[2] and "not measured: " in memory[1] and "sleb" in memory[1]  # methods without a row
+    # the same rows measured on a CPU, or before the store moved to device memory, judge nothing
+    for record in ({**gpu, "runs": [{"device": "cpu (2 threads)"}]},
+                   {k: v for k, v in gpu.items() if k != "activations_memory_gb"}):
+        assert not any(ok for _, _, ok in real_scale.issue_29_verdicts(record))
 
 
 def test_real_scale_names_an_unknown_method_before_building_anything():
