@@ -259,6 +259,12 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         # the 8B bound: the GPU peak of the float64 path less the buffer's shrink, 8 - 4 bytes a decoder parameter
         bound = (record["old_gpu_peak"]["bytes"] - 4 * record["llama3_8b"]["float32"]["decoder_parameters"]) / 2**30
         assert f"**at most {bound:.1f} GiB**" in text and "**Not re-measured on a GPU**" in text
+    layerwise = REPO / "docs" / "layerwise_memory.json"
+    if layerwise.is_file():
+        record = json.loads(layerwise.read_text())
+        for method, row in record["methods"].items():  # each method's peak, read from the record
+            assert f" | **{row['peak_rss_fraction_of_checkpoint']:.3f}** | {row['prune_seconds']:.1f} s |" in text
+            assert f"| {method}" in text
 
 
 def test_text_page_is_the_render_of_its_committed_record(tmp_path):
