@@ -2,9 +2,10 @@
 
     python benchmarks/_cell.py OVERRIDE [OVERRIDE ...]
 
-Loads the model and calibration data as the pipeline does, times one bare forward pass over the same
-calibration batches (no hooks), then prunes and prints one JSON line: the bare-forward seconds, each
-pruning stage's seconds and peak RSS, and the calibration size.
+Runs the pipeline's own steps (config checks, calibration data, weights), times one bare forward pass over the
+same calibration batches (no hooks), then prunes with the pipeline's prune step (its caches, activation store and
+store-or-recompute decision) and prints one JSON line: the bare-forward seconds, each pruning stage's seconds and
+peak RSS, what the activation strategy ran, where a trained replacement's rows were, and the calibration size.
 """
 
 from __future__ import annotations
@@ -17,44 +18,46 @@ import torch
 
 
 def main(overrides: list[str]) -> None:
-    from depthbench.benchmarks._config import compose
-    from depthbench.calibration.batches import load_calibration
-    from depthbench.calibration.cache import StatisticsCache
+    import tempfile
     from pathlib import Path
 
-    from depthbench.calibration.activations import ActivationSlot
-    from depthbench.settings import CacheSettings
-    from depthbench.experiments.pipeline import layers_to_remove
-    from depthbench.modeling.adapters import adapter_for
-    from depthbench.modeling.loading import load_model, model_fingerprint
-    from depthbench.pruners import build_pruner
-    from omegaconf import OmegaConf
+    from depthbench.benchmarks._config import compose
+    from depthbench.experiments.pipeline import (RunContext, check_config, load_calibration_data, load_weights,
+                                                 prune)
 
     cfg = compose(*overrides)
-    loaded = load_model(cfg.model)
-    adapter = adapter_for(loaded.model)
-    data = load_calibration(cfg.calibration, loaded.tokenizer)
-    with torch.no_grad():
-        loaded.model(**data.batches[0], use_cache=False)  # warm-up
-        start = time.perf_counter()
-        for batch in data.batches:
-            loaded.model(**batch, use_cache=False)
-        bare = time.perf_counter() - start
-    options = cfg.pruner.get("options")
-    pruner = build_pruner(cfg.pruner.name, OmegaConf.to_container(options, resolve=True) if options else {})
-    cache = StatisticsCache(cfg.cache.dir, model_fingerprint(loaded, cfg.model)) if cfg.cache.get("dir") else None
-    budget = CacheSettings.from_config(cfg.cache).activation_budget()
-    with pruner.service(adapter, data, cache=cache, activation_budget_bytes=budget, progress=False) as service:
-        result = pruner.prune(adapter, service, layers_to_remove(cfg.ratio, adapter.num_layers))
-    slot = ActivationSlot(Path("unused"), budget)  # the writer's own size and budget decision
-    size = slot.store_size(adapter, data.batches)
-    print(json.dumps({"method": pruner.name, "ratio": cfg.ratio, "bare_forward_s": bare,
-                      "activations_stored": bool(pruner.fit_reads_activations and slot.admits(size)),
-                      "activation_store_bytes": size,
+    with tempfile.TemporaryDirectory(prefix="depthbench-cell-") as tmp:
+        # the pipeline's own steps: the same config checks, caches, activation store (in memory where it fits
+        # cache.activations_memory_gb) and store-or-recompute decision as a run of the depthbench command
+        ctx = RunContext(cfg, Path(tmp))
+        checked = check_config(ctx)
+        inputs = load_calibration_data(ctx)
+        loaded = load_weights(ctx, checked, inputs)
+        model, data = loaded.loaded.model, inputs.calibration
+        with torch.no_grad():
+            model(**data.batches[0], use_cache=False)  # warm-up
+            start = time.perf_counter()
+            for batch in data.batches:
+                model(**batch, use_cache=False)
+            bare = time.perf_counter() - start
+        outcome = prune(ctx, checked, inputs, loaded)
+    result, activations = outcome.result, outcome.activations
+    print(json.dumps({"method": result.method, "ratio": cfg.ratio, "bare_forward_s": bare,
+                      "activations": activations,
+                      "activations_stored": activations.get("ran") == "store",
+                      "activation_store_bytes": activations.get("store_bytes", 0),
                       "prune_s": sum(s["seconds"] for s in result.stages.values()),
                       "peak_rss_bytes": max(s["peak_rss_bytes"] for s in result.stages.values()),
                       "stages": result.stages, "n_samples": data.n_samples, "n_tokens": data.n_tokens,
-                      "training_precision": (result.replacement or {}).get("precision")}))
+                      "training_precision": (result.replacement or {}).get("precision"),
+                      "training_rows": training_rows(result.replacement)}))
+
+
+def training_rows(replacement) -> str | None:
+    """Where a trained replacement's rows were (``memory`` / ``disk``), None where nothing trained."""
+    fits = (replacement or {}).get("blocks") or [replacement or {}]
+    where = sorted({f["training_rows"] for f in fits if "training_rows" in f})
+    return ", ".join(where) or None
 
 
 if __name__ == "__main__":

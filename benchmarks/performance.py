@@ -39,8 +39,11 @@ STORE_BUDGET_GB = 16
 
 
 def cell(*overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_cell.py"), *overrides, "progress=false",
-                           "logger=none"], cwd=ROOT, capture_output=True, text=True,
+    """One cell in its own process (benchmarks/_cell.py: the pipeline's steps), without the statistics cache: each
+    cell makes its own calibration pass, as the first run on a model does."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_cell.py"), *overrides,
+                           "cache.statistics=false", "progress=false", "logger=none"], cwd=ROOT, capture_output=True,
+                          text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"cell {overrides} failed:\n{proc.stderr[-3000:]}")
@@ -71,8 +74,10 @@ def sweep_in_one_process(samples: int, directory: str) -> tuple[dict, float, int
 # -- measurements (each returns the JSON-able record of its part) -------------------------------
 # Each method with its defaults, then LLM-Streamline trained in float32 (its default on this bfloat16
 # model is bfloat16 mixed precision), to show what that default buys.
+# The trained methods again with the store and the training rows on disk: what the defaults' memory saves here.
 METHOD_CELLS = [(m, [f"pruner={m}"]) for m in METHODS] + [
-    ("llm_streamline, precision=float32", ["pruner=llm_streamline", "pruner.options.precision=float32"])]
+    (f"{m}, cache.activations_memory_gb=0", [f"pruner={m}", "cache.activations_memory_gb=0"])
+    for m in ("replaceme_cosine", "llm_streamline")]
 
 
 def measure_methods(args) -> dict:
@@ -82,7 +87,8 @@ def measure_methods(args) -> dict:
         rows.append({"method": label, "prune_s": r["prune_s"], "score_s": r["stages"]["score"]["seconds"],
                      "fit_s": r["stages"]["fit"]["seconds"], "bare_forward_s": r["bare_forward_s"],
                      "peak_rss_bytes": r["peak_rss_bytes"], "activations_stored": r["activations_stored"],
-                     "training_precision": r.get("training_precision")})
+                     "activations": r["activations"], "training_precision": r.get("training_precision"),
+                     "training_rows": r.get("training_rows")})
         print(rows[-1], flush=True)
     return {"samples": args.samples, "rows": rows}
 
@@ -107,7 +113,8 @@ def measure_memory(args) -> dict:
         rows = []
         for factor in (1, 2, 4):
             r = cell("pruner=replaceme_cosine", "ratio=0.25", f"calibration.n_samples={args.memory_samples * factor}",
-                     "pruner.options.epochs=1", f"cache.activations_gb={budget}", "cache.activations_memory_gb=0")
+                     "pruner.options.epochs=1", f"cache.activations_gb={budget}", "cache.activations_memory_gb=0",
+                     "cache.activation_strategy=store")
             if r["activations_stored"] != (budget > 0):
                 raise RuntimeError(f"{path} at {factor}x: the store was{'' if r['activations_stored'] else ' not'} "
                                    f"used ({r['activation_store_bytes'] / 1e9:.1f} GB, budget {budget} GiB)")
@@ -139,18 +146,24 @@ def render_methods(part: dict, verdicts: list) -> list[str]:
              "", provenance(part), "",
              "`bare forward` is one forward pass over the same calibration batches (no hooks), timed in the same",
              "process just before pruning. `score` is the method's one calibration pass (for ReplaceMe and",
-             "Streamline it also stores every layer's activations, in a temporary directory here); `fit` reads",
-             "what it needs back from them (and trains, for cosine and Streamline). `training` is the arithmetic",
-             "of Streamline's training (`pruner.options.precision`; default auto = bf16-mixed on this bfloat16 model).",
+             "Streamline it also stores every layer's activations, where the `activations` column says: with the",
+             "pipeline's defaults since 2026-12-08, in memory where they fit `cache.activations_memory_gb`; in a",
+             "temporary directory before); `fit` reads what it needs back from them (and trains, for cosine and",
+             "Streamline, on rows kept where `training rows` says). `training` is the arithmetic of Streamline's",
+             "training (`pruner.options.precision`; default auto = bf16-mixed on a bfloat16 model, float32 on a",
+             "float32 one). Each cell runs the pipeline's own steps in its own process, without the statistics cache.",
              "",
-             "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations stored "
-             "| training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations "
+             "| training rows | training |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in part["rows"]:
         ratio = r["prune_s"] / r["bare_forward_s"]
+        stored = "stored" if r["activations_stored"] else "none"
+        where = (r.get("activations") or {}).get("where", "disk") if r["activations_stored"] else ""
         lines.append(f"| {r['method']} | {r['prune_s']:.1f} | {r['score_s']:.1f} | {r['fit_s']:.1f} | "
                      f"{r['bare_forward_s']:.1f} | {ratio:.2f}x | {mib(r['peak_rss_bytes'])} | "
-                     f"{'yes' if r['activations_stored'] else 'no'} | {r.get('training_precision') or ''} |")
+                     f"{stored}{f' ({where})' if where else ''} | {r.get('training_rows') or ''} | "
+                     f"{r.get('training_precision') or ''} |")
         if r["method"] == "replaceme_ls":
             verdicts.append(("ReplaceMe-LS prune <= 1.2x a bare forward pass", f"{ratio:.2f}x", ratio <= 1.2))
     return lines
