@@ -42,7 +42,8 @@ def main(overrides: list[str]) -> None:
             bare = time.perf_counter() - start
         outcome = prune(ctx, checked, inputs, loaded)
     result, activations = outcome.result, outcome.activations
-    print(json.dumps({"method": result.method, "ratio": cfg.ratio, "bare_forward_s": bare,
+    print(json.dumps({"method": result.method, "ratio": cfg.ratio, "dtype": str(cfg.model.dtype),
+                      "bare_forward_s": bare,
                       "activations": activations,
                       "activations_stored": activations.get("ran") == "store",
                       "activation_store_bytes": activations.get("store_bytes", 0),

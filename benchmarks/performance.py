@@ -84,7 +84,8 @@ def measure_methods(args) -> dict:
     rows = []
     for label, overrides in METHOD_CELLS:
         r = cell(*overrides, "ratio=0.25", f"calibration.n_samples={args.samples}")
-        rows.append({"method": label, "prune_s": r["prune_s"], "score_s": r["stages"]["score"]["seconds"],
+        rows.append({"method": label, "dtype": r["dtype"], "prune_s": r["prune_s"],
+                     "score_s": r["stages"]["score"]["seconds"],
                      "fit_s": r["stages"]["fit"]["seconds"], "bare_forward_s": r["bare_forward_s"],
                      "peak_rss_bytes": r["peak_rss_bytes"], "activations_stored": r["activations_stored"],
                      "activations": r["activations"], "training_precision": r.get("training_precision"),
@@ -136,9 +137,10 @@ def mib(n: int) -> str:
 
 def provenance(part: dict) -> str:
     e = part["environment"]
-    return (f"Measured {e['date']} at commit {e.get('commit', 'unknown')} on {e['machine']}, {e['cpus']} CPUs, "
-            f"Python {e['python']}, "
-            f"torch {e['torch']}, by `{e['command']}`.")
+    kernels = ("" if "cpu_bfloat16_kernels" not in e else
+               f" ({'with' if e['cpu_bfloat16_kernels'] else 'without'} bfloat16 kernels)")
+    return (f"Measured {e['date']} at commit {e.get('commit', 'unknown')} on {e['machine']}, {e['cpus']} CPUs"
+            f"{kernels}, Python {e['python']}, torch {e['torch']}, by `{e['command']}`.")
 
 
 def render_methods(part: dict, verdicts: list) -> list[str]:
@@ -152,6 +154,8 @@ def render_methods(part: dict, verdicts: list) -> list[str]:
              "Streamline, on rows kept where `training rows` says). `training` is the arithmetic of Streamline's",
              "training (`pruner.options.precision`; default auto = bf16-mixed on a bfloat16 model, float32 on a",
              "float32 one). Each cell runs the pipeline's own steps in its own process, without the statistics cache.",
+             *([f"Model dtype: {', '.join(sorted({r['dtype'] for r in part['rows']}))} (`model.dtype=auto` on this "
+                "machine)."] if all("dtype" in r for r in part["rows"]) else []),
              "",
              "| method | prune s | score s | fit s | bare forward s | prune / forward | peak RSS | activations "
              "| training rows | training |",
@@ -258,9 +262,11 @@ def render(results: dict) -> str:
             "says when, where and with which command it was measured). Model: SmolLM2-135M-Instruct,",
             "calibration: the default text of the part's commit, 256 tokens per sequence (BIG-bench Wikipedia",
             "articles up to commit 88297cb, the reading passages of docs/TEXT.md after it: the costs depend on the",
-            "number of tokens, the same 128 x 256 for both, not on the text); `model.dtype=auto`, which is float32",
-            "on this CPU (no bfloat16 kernels) since 2026-11-30: parts dated earlier ran bfloat16. The machine is",
-            "shared: read the ratios, not the seconds.", "",
+            "number of tokens, the same 128 x 256 for both, not on the text); `model.dtype=auto`, which resolves per",
+            "machine: bfloat16 where the CPU has bfloat16 kernels (AVX512-BF16 / AMX), float32 elsewhere. Parts",
+            "dated before 2026-11-30 ran bfloat16, those from then to 2026-12-07 float32 (a CPU without those",
+            "kernels), and on 2026-12-08 the machine had them again: each part names the dtype it ran where its",
+            "record holds it. The machine is shared: read the ratios, not the seconds.", "",
             "## Against the issues' targets", "", "| target | measured | met |", "|---|---|---|",
             *(f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in verdicts)]
     return "\n".join(head + sections) + "\n"
@@ -269,12 +275,14 @@ def render(results: dict) -> str:
 def environment(argv: list[str]) -> dict:
     import torch
 
+    from depthbench.modeling.loading import cpu_has_bfloat16_kernels
+
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return {"date": time.strftime("%Y-%m-%d"), "commit": f"{sha}{'+changes' if dirty else ''}" or "unknown",
-            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "cpu_bfloat16_kernels": cpu_has_bfloat16_kernels(),
             "python": platform.python_version(), "torch": torch.__version__,
             "command": "python benchmarks/performance.py " + " ".join(shlex.quote(a) for a in argv)}
 
