@@ -72,8 +72,7 @@ def sweep_in_one_process(samples: int, directory: str) -> tuple[dict, float, int
 
 
 # -- measurements (each returns the JSON-able record of its part) -------------------------------
-# Each method with its defaults, then LLM-Streamline trained in float32 (its default on this bfloat16
-# model is bfloat16 mixed precision), to show what that default buys.
+# Each method with its defaults (the pipeline's), then the trained ones as described below.
 # The trained methods again with the store and the training rows on disk: what the defaults' memory saves here.
 METHOD_CELLS = [(m, [f"pruner={m}"]) for m in METHODS] + [
     (f"{m}, cache.activations_memory_gb=0", [f"pruner={m}", "cache.activations_memory_gb=0"])
