@@ -56,9 +56,9 @@ def main(overrides: list[str]) -> None:
 
 def training_rows(replacement) -> str | None:
     """Where a trained replacement's rows were (``memory`` / ``disk``), None where nothing trained."""
-    fits = (replacement or {}).get("blocks") or [replacement or {}]
-    where = sorted({f["training_rows"] for f in fits if "training_rows" in f})
-    return ", ".join(where) or None
+    from depthbench.benchmarks._record import values_of
+
+    return ", ".join(sorted(set(values_of(replacement, "training_rows")))) or None
 
 
 if __name__ == "__main__":

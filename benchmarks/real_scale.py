@@ -160,8 +160,7 @@ def issue_29_verdicts(record: dict) -> list[tuple[str, str, bool]]:
     activation store in device memory (a record in that setting names ``activations_memory_gb``); a target with
     no such row is reported as not measured, and so not met."""
     where = "at Llama-3-8B shape on a GPU"
-    on_gpu = [r for r in record["rows"] if record["runs"][r["run"]]["device"] != "cpu" and
-              not record["runs"][r["run"]]["device"].startswith("cpu")]
+    on_gpu = [r for r in record["rows"] if not record["runs"][r["run"]]["device"].startswith("cpu")]
     current = record["shape"] == SHAPES["llama3_8b"] and "activations_memory_gb" in record
     rows = {r["method"]: r for r in on_gpu} if current else {}
     why_missing = ("not measured" if current else "not measured since the store moved to device memory (this record "
@@ -216,22 +215,18 @@ def training_seconds(replacement) -> float:
     """The seconds a prune spent training its replacement: every ``training_seconds`` its record holds (one per
     trained block: ReplaceMe-cosine's fits, LLM-Streamline's module), from the rows being ready to the trained
     result, synchronised with the device; 0 where nothing trains."""
-    if isinstance(replacement, dict):
-        return float(replacement.get("training_seconds", 0.0)) + sum(
-            training_seconds(v) for k, v in replacement.items() if k != "training_seconds")
-    if isinstance(replacement, list):
-        return sum(training_seconds(v) for v in replacement)
-    return 0.0
+    from depthbench.benchmarks._record import values_of
+
+    return float(sum(values_of(replacement, "training_seconds")))
 
 
 def synchronised_seconds(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """Wall seconds of ``fn()``, the device's queued work finished before and after (`depthbench.measure`)."""
+    from depthbench.measure import device_clock
+
+    start = device_clock(device)
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return device_clock(device) - start
 
 
 def method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
