@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def record_row(record: dict) -> dict:
         row[f"speedup_{kind}"] = metric(m, "speedup", kind)
         row[f"speedup_{kind}_lo"], row[f"speedup_{kind}_hi"] = metric(m, "speedup", f"{kind}_interval") or (None, None)
         row[f"speedup_{kind}_analytic"] = metric(m, "speedup", f"{kind}_analytic")
+        row[f"speedup_{kind}_limit"] = metric(m, "speedup", f"{kind}_limit")
         row[f"speedup_{kind}_consistent"] = metric(m, "speedup", f"{kind}_consistent")
     row["prune_seconds"] = round(sum(s["seconds"] for k, s in record["stages"].items() if k.startswith("prune.")), 2)
     budget = p.get("budget") or {}  # absent in records written before issue 15
@@ -173,6 +175,22 @@ def _shared_rank(ranks: pd.Series) -> str | None:
 
 def _seed_list(values: pd.Series) -> str:
     return ",".join(str(int(v)) if float(v).is_integer() else str(v) for v in values)
+
+
+def pooled_speedup_consistency(group: pd.DataFrame, mean_row: dict, kind: str) -> bool | None:
+    """Whether a seed group's mean ``kind`` speed-up can be taken at face value: False where a seed's own
+    measurement is inconsistent (its interval lies outside [1, limit], `depthbench.evaluation.efficiency`), or
+    where the mean over the seeds lies outside [1, the largest seed's limit] (seeds measured under a noisy load
+    can each have an interval wide enough to meet the limit while their mean is beyond what the pruned model
+    can run at); None where no seed recorded the check."""
+    flags = [bool(v) for v in group.get(f"speedup_{kind}_consistent", pd.Series(dtype=object)) if v is not None
+             and not (isinstance(v, float) and math.isnan(v))]
+    if not flags:
+        return None
+    limits = pd.to_numeric(group.get(f"speedup_{kind}_limit", pd.Series(dtype=float)), errors="coerce").dropna()
+    mean = mean_row.get(f"speedup_{kind}")
+    within = limits.empty or mean is None or math.isnan(mean) or 1.0 <= mean <= float(limits.max())
+    return all(flags) and within
 
 
 def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
@@ -204,6 +222,8 @@ def seed_aggregates(frame: pd.DataFrame) -> pd.DataFrame:
             seeds.append(f"pruner.options.seed={_seed_list(group['pruner_seed'])}")
         if group["seed"].nunique(dropna=False) > 1:
             seeds.append(f"seed={_seed_list(group['seed'])}")
+        for kind in ("prefill", "decode"):
+            row[f"speedup_{kind}_consistent"] = pooled_speedup_consistency(group, row, kind)
         row.update({"n_seeds": len(group), "seeds": "; ".join(seeds), "rank": _shared_rank(group["rank"]),
                     "row_kind": SEED_MEAN, "config_hash": f"seeds-{group_key}", "run_dir": None})
         rows.append(row)
@@ -278,7 +298,7 @@ def _speedup_text(row, kind: str) -> str:
     else:
         text = _interval_text(row[col], row.get(f"{col}_lo"), row.get(f"{col}_hi"), ".2f")
     consistent = row.get(f"{col}_consistent")
-    return text + (" (!)" if consistent is False or (isinstance(consistent, float) and consistent == 0.0) else "")
+    return text + (" (!)" if consistent is not None and not pd.isna(consistent) and not bool(consistent) else "")
 
 
 def _rank_number(rank) -> float:
@@ -304,10 +324,10 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The compact Markdown view (`leaderboard.md`; everything else is in leaderboard.csv): method, rank, what it
     removed, perplexity, KL to the dense model ± its standard error over windows and its top-k error bound, top-1
     agreement, task average with its 95% interval, decode speed-up with its interval (``(!)``: outside the limit
-    `depthbench.evaluation.efficiency` states), prune time, optimizer steps where some method trained (its
-    budget); model / ratio / healing columns only where they vary; a seed group as its mean row (``± std`` over
-    seeds, ``seeds`` = how many). Rows in rank order within each model, healing and comparison group, the dense
-    model first."""
+    `depthbench.evaluation.efficiency` states; for a seed mean `pooled_speedup_consistency`), prune time, optimizer
+    steps where some method trained (its budget); model / ratio / healing columns only where they vary; a seed
+    group as its mean row (``± std`` over seeds, ``seeds`` = how many). Rows in rank order within each model,
+    healing and comparison group, the dense model first."""
     frame = _in_rank_order(table_rows(frame))
     rows = [row for _, row in frame.iterrows()]
     out = pd.DataFrame(index=frame.index)
@@ -359,6 +379,18 @@ def seeds_note(frame: pd.DataFrame) -> str:
             "(`row_kind` = seed).\n")
 
 
+def speedup_note(shown: pd.DataFrame) -> str:
+    """The sentence under the table that says what ``(!)`` after a speed-up means (empty when no row has it)."""
+    column = "decode speed-up [95% CI]"
+    if column not in shown or not shown[column].str.endswith("(!)").any():
+        return ""
+    return ("\n(!) after a speed-up: the measurement is inconsistent with what the pruned model can run at: its 95% "
+            "interval lies outside [1, limit], limit = max(FLOPs ratio, ratio of sub-blocks that run) "
+            "(leaderboard.csv: `speedup_decode_limit`); for a seed mean, a seed's interval does, or the mean over the "
+            "seeds lies outside [1, limit]. Usually a machine whose load changed while it measured: measure again on "
+            "a quiet one.\n")
+
+
 def ranking_note(frame: pd.DataFrame) -> str:
     """How the table was ranked (the sentence above it)."""
     ranking = frame.attrs.get("ranking")
@@ -391,7 +423,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     atomic.write_text(paths["csv"], frame.to_csv(index=False))
     shown = display_frame(frame)
     atomic.write_text(paths["md"], ranking_note(frame) + shown.to_markdown(index=False) + "\n" + seeds_note(frame)
-                      + pairwise_markdown(frame.attrs.get("pairs", [])))
+                      + speedup_note(shown) + pairwise_markdown(frame.attrs.get("pairs", [])))
     from depthbench.experiments.plots import write_plots
 
     paths.update(write_plots(frame, out_dir / "plots"))

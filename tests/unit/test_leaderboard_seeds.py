@@ -106,6 +106,38 @@ def test_the_seeds_of_a_group_share_one_rank_with_their_mean_row():
     assert len(seeds) == 1 and mean_rank == seeds.pop()
 
 
+def _speed(record, decode, interval, limit, consistent):
+    """The record with a decode speed-up measured as given (its interval, its limit, its own consistency flag)."""
+    record["metrics"]["speedup"].update(decode=decode, decode_interval=list(interval), decode_limit=limit,
+                                        decode_consistent=consistent)
+    return record
+
+
+@pytest.mark.parametrize("speeds, flagged", [
+    # every seed's interval meets [1, 1.36] and the mean (1.30) lies inside: taken at face value
+    ([(1.25, (1.2, 1.3), True), (1.30, (1.2, 1.4), True), (1.35, (1.1, 1.6), True)], False),
+    # every seed's interval meets [1, 1.36] (wide: a loaded machine), but the mean (1.90) lies above the limit
+    ([(1.30, (1.2, 1.4), True), (1.40, (0.9, 2.2), True), (3.00, (0.5, 18.0), True)], True),
+    # one seed's own interval lies outside [1, limit]
+    ([(1.30, (1.2, 1.4), True), (1.25, (1.2, 1.3), True), (1.35, (1.31, 1.4), False)], True),
+])
+def test_a_seed_mean_speedup_beyond_what_the_model_can_run_at_is_flagged(tmp_path, speeds, flagged):
+    records = [_speed(_record(f"q{i}", pruner_seed=i), d, interval, 1.36, ok)
+               for i, (d, interval, ok) in enumerate(speeds)]
+    frame = leaderboard.build_frame(records)
+    mean = frame[frame["row_kind"] == "seed mean"].iloc[0]
+    assert mean["speedup_decode"] == pytest.approx(sum(d for d, _, _ in speeds) / 3)
+    assert mean["speedup_decode_limit"] == pytest.approx(1.36)
+    assert bool(mean["speedup_decode_consistent"]) is not flagged
+    paths = leaderboard.write_leaderboard(frame, tmp_path)
+    md = paths["md"].read_text()
+    shown = [line for line in md.splitlines() if line.startswith("| random_layers")]
+    assert len(shown) == 1 and shown[0].count("(!)") == int(flagged)
+    assert ("(!) after a speed-up" in md) is flagged
+    csv = pd.read_csv(paths["csv"]).set_index("config_hash")
+    assert list(csv.loc[["q0", "q1", "q2"], "speedup_decode_limit"]) == [1.36] * 3
+
+
 def test_a_single_seed_is_not_aggregated():
     frame = leaderboard.build_frame(_records()[3:4])
     assert list(frame["row_kind"]) == ["base", "run"] or set(frame["row_kind"]) == {"base", "run"}
