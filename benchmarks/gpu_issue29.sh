@@ -39,12 +39,16 @@ fi
 case "$phase" in
 targets)
     # the single-pass methods, then the trained ones, then Shortened-Taylor's memory, then the rest that
-    # costs a few passes; each row is written as soon as it is measured
+    # costs a few passes; each row is written as soon as it is measured. A method that fails (out of memory, say)
+    # is a row naming its error and the run goes on; so does the strategy decision after a failed method.
+    status=0
     # shellcheck disable=SC2086
     "$python" benchmarks/real_scale.py $shape --output "$records/real_scale.json" --methods \
-        replaceme_ls,uidl,shortgpt,llm_drop,linearpatch,replaceme_cosine,llm_streamline,shortened_taylor,last_layers,random_layers,laco,shortened_ppl
+        replaceme_ls,uidl,shortgpt,llm_drop,linearpatch,replaceme_cosine,llm_streamline,shortened_taylor,last_layers,random_layers,laco,shortened_ppl \
+        || status=$?
     # shellcheck disable=SC2086
-    "$python" benchmarks/strategy_decision.py $shape --output "$records/strategy_decision.json"
+    "$python" benchmarks/strategy_decision.py $shape --output "$records/strategy_decision.json" || status=$?
+    exit "$status"
     ;;
 search)
     # greedy searches bounded to fit one command: BlockPruner 4 removal steps; FinerCut and SLEB at their

@@ -15,7 +15,9 @@ machine without internet.
         [--output docs/real_scale.json]
 
 Each method runs on a fresh copy of the weights (the same seed), in this process; CUDA timings are
-synchronised. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
+synchronised. A method that fails (CUDA out of memory, say) gets a row naming the error and the peak it held before
+(rendered as failed, and failing issue 29's targets), the run goes on with the next method, and the script exits
+non-zero at the end. The stored-activations path needs (2L+1) x positions x hidden x 2 bytes of disk
 (65 x 128 x 256 x 4096 x 2 B = 17 GB at Llama-3-8B shape): ``--activations-gb`` sets the budget
 (0 = fits run their own partial forward pass); ``--activations-memory-gb`` (default auto, as a single run of the
 pipeline: half the memory available on the device; 0 = never) keeps the store in device memory where it fits
@@ -36,10 +38,12 @@ into docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -105,9 +109,10 @@ def render_record(record: dict, verdicts: list) -> list[str]:
     measured method's prune time against one bare forward pass, its peak GPU memory and its stages."""
     from depthbench.pruners import pruner_registry
 
-    shape, rows = record["shape"], sorted(record["rows"], key=lambda r: r["prune_s"])
-    runs = record["runs"]
-    devices = sorted({runs[r["run"]]["device"] for r in rows})
+    shape, runs = record["shape"], record["runs"]
+    rows = sorted((r for r in record["rows"] if "error" not in r), key=lambda r: r["prune_s"])
+    failed = [r for r in record["rows"] if "error" in r]
+    devices = sorted({runs[r["run"]]["device"] for r in record["rows"]})
     lines = [
         f"## Every method at real scale: {shape['layers']} layers x {shape['hidden']} hidden, randomly initialised", "",
         f"Measured by `benchmarks/real_scale.py` (the record: `docs/real_scale.json`) on {', '.join(devices)}: a "
@@ -137,7 +142,11 @@ def render_record(record: dict, verdicts: list) -> list[str]:
             name += f", {r['evaluations']} evaluations ({r['prune_s'] / r['evaluations']:.2f} s each)"
         lines.append(f"| {name} | {r['layers_removed']} | {r['prune_s']:.1f} | {r['prune_over_forward']:.1f}x | "
                      f"{training} | {peak} | {stages} | {r['run']} |")
-    missing = sorted(set(pruner_registry.names()) - {r["method"] for r in rows})
+    for r in failed:
+        peak = "" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.1f} before it failed"
+        error = r["error"].replace("|", "\\|")  # a table cell
+        lines.append(f"| {r['method']} | | **failed** | | | | {peak} | {error} | {r['run']} |")
+    missing = sorted(set(pruner_registry.names()) - {r["method"] for r in record["rows"]})
     ls = [r for r in rows if r["method"] == "replaceme_ls"]
     if ls and shape == SHAPES["llama3_8b"]:
         lines += ["", *paper_comparison(record, ls[0])]
@@ -166,31 +175,39 @@ def issue_29_verdicts(record: dict) -> list[tuple[str, str, bool]]:
     why_missing = ("not measured" if current else "not measured since the store moved to device memory (this record "
                    "predates it)")
 
+    failed = sorted(m for m, r in rows.items() if "error" in r)
+
+    def failures(methods) -> str:
+        named = [f"{m} ({rows[m]['error'][:100]})" for m in methods if m in failed]
+        return f"failed: {', '.join(named)}" if named else ""
+
     def judged(target: str, methods, value) -> tuple[str, str, bool]:
-        missing = [m for m in methods if m not in rows or value(rows[m]) is None]
-        measured = ", ".join(f"{m} {value(rows[m]):.2f}x" for m in methods if m not in missing)
-        if missing:
-            measured = "; ".join(filter(None, [measured, f"{why_missing}: {', '.join(missing)}"]))
-        ok = not missing and all(value(rows[m]) <= TARGET_RATIO for m in methods)
-        return target, measured, ok
+        missing = [m for m in methods if m not in failed and (m not in rows or value(rows[m]) is None)]
+        measured = ", ".join(f"{m} {value(rows[m]):.2f}x" for m in methods if m not in missing and m not in failed)
+        text = "; ".join(filter(None, [measured, failures(methods),
+                                       f"{why_missing}: {', '.join(missing)}" if missing else ""]))
+        ok = not missing and not set(methods) & set(failed) and all(value(rows[m]) <= TARGET_RATIO for m in methods)
+        return target, text, ok
 
     verdicts = [
         judged(f"{', '.join(SINGLE_PASS)} prune in <= {TARGET_RATIO}x a bare forward pass {where}", SINGLE_PASS,
-               lambda r: r["prune_over_forward"]),
+               lambda r: r.get("prune_over_forward")),
         judged(f"{', '.join(TRAINED)} prune in <= {TARGET_RATIO}x a bare forward pass plus their training {where}",
                TRAINED, lambda r: r.get("untrained_over_forward")),
     ]
     from depthbench.pruners import pruner_registry
 
-    peaks = {m: r["peak_gpu_bytes"] for m, r in rows.items() if r.get("peak_gpu_bytes") is not None}
-    missing = sorted(set(pruner_registry.names()) - set(peaks))
+    # a failed method's peak is only what it held before failing (out of memory: less than it needed)
+    peaks = {m: r["peak_gpu_bytes"] for m, r in rows.items() if r.get("peak_gpu_bytes") is not None and m not in failed}
+    missing = sorted(set(pruner_registry.names()) - set(peaks) - set(failed))
     over = sorted(m for m, b in peaks.items() if b >= GPU_MEMORY_LIMIT)
     largest = max(peaks, key=peaks.get) if peaks else None
     measured = "; ".join(filter(None, [
         f"largest {largest} {peaks[largest] / 2**30:.1f} GiB" if largest else "",
-        f"at or over 80 GiB: {', '.join(over)}" if over else "",
+        f"at or over 80 GiB: {', '.join(over)}" if over else "", failures(failed),
         f"{why_missing}: {', '.join(missing)}" if missing else ""]))
-    verdicts.append((f"every method's peak GPU memory < 80 GiB {where}", measured, not missing and not over))
+    verdicts.append((f"every method's peak GPU memory < 80 GiB {where}", measured,
+                     not missing and not over and not failed))
     return verdicts
 
 
@@ -289,6 +306,25 @@ def measure(method: str, pruner, shape: dict, dtype: torch.dtype, data, args) ->
             if args.device.startswith("cuda") else None}
 
 
+def failed_row(method: str, err: BaseException, device: str) -> dict:
+    """The row of a method whose prune raised: the error's type and first line (CUDA's out-of-memory message
+    names the allocation it could not make) and, on a GPU, the peak allocated before it (the stage that failed
+    reset the counter as it started)."""
+    message = (str(err).strip().splitlines() or [""])[0]
+    return {"method": method, "error": f"{type(err).__name__}: {message}"[:500],
+            "out_of_memory": isinstance(err, torch.cuda.OutOfMemoryError),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None}
+
+
+def release_device(device: str) -> None:
+    """After a method, measured or failed: its model and tensors freed, the allocator's cache emptied and the
+    peak counter reset, so that the next method starts from an empty device."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", default="replaceme_ls", help="comma-separated registered pruners, or 'all'")
@@ -342,21 +378,27 @@ def main() -> None:
     record = merged_record(Path(args.output) if args.output else None, setting, env, list(pruners))
     run = len(record["runs"]) - 1
     rows = record["rows"]
+    failed = []
     for method, pruner in pruners.items():
-        row = measure(method, pruner, shape, dtype, data, args)
+        try:
+            row = measure(method, pruner, shape, dtype, data, args)
+        except Exception as err:  # noqa: BLE001 -- one method's failure (out of memory, say) is its row; go on
+            traceback.print_exc()
+            row = failed_row(method, err, args.device)
+            failed.append(method)
+        release_device(args.device)
         rows.append({**row, **({"options": options[method]} if method in options else {}), "run": run})
         print(json.dumps(rows[-1]), flush=True)
         if args.output:  # after every method: a run stopped at a time limit keeps what it measured
             from depthbench import atomic
 
             atomic.write_text(Path(args.output), json.dumps(record, indent=1) + "\n")
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
 
     print("\n".join(["", *render_record(record, [])]))
     if args.output:
         print(f"wrote {args.output}")
+    if failed:
+        sys.exit(f"real_scale.py: {len(failed)} method(s) failed (their rows say why): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
