@@ -60,11 +60,17 @@ class SpillFile:
 class SpillArray:
     """A read-only array on a spill file whose reads do not accumulate in resident memory.
 
-    Indexing returns a copy, as a memmap's fancy indexing does; then the pages that were read are
-    dropped from the process's resident set (``madvise(MADV_DONTNEED)``; they stay in the kernel's
-    page cache, so re-reading them is still fast). A plain memmap keeps every page it ever touched
-    resident, so an epoch over the rows would grow the process by the size of the file.
+    Indexing returns a copy, as a memmap's fancy indexing does, gathered `ROWS_PER_DROP` rows at a time; after
+    each piece the pages that were read are dropped from the process's resident set
+    (``madvise(MADV_DONTNEED)``; they stay in the kernel's page cache, so re-reading them is still fast).
+    A plain memmap keeps every page it ever touched resident, so an epoch over the rows would grow the process by
+    the size of the file. The pieces matter too: a page fault maps the cached pages around it as well (the
+    kernel's fault-around and read-around, 64-128 KB), so one gather of 1024 scattered rows of 2.3 KB mapped
+    nearly all of a 144 MB file at once (benchmarks/spill_reads.py measures it).
     """
+
+    #: Rows gathered between two drops of the pages read: a read maps at most about this many rows' surroundings.
+    ROWS_PER_DROP = 64
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
         with open(path, "rb") as f:
@@ -76,10 +82,35 @@ class SpillArray:
         return self.shape[0]
 
     def __getitem__(self, key) -> np.ndarray:
-        out = np.array(self._array[key])
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, slice):
+            rows = range(*rows.indices(self.shape[0]))
+        elif isinstance(rows, (list, np.ndarray)):
+            rows = np.asarray(rows)
+            rows = np.flatnonzero(rows) if rows.dtype == bool and rows.shape == self.shape[:1] else rows
+        gathered = (isinstance(rows, range) or (isinstance(rows, np.ndarray) and rows.ndim == 1
+                                                and rows.dtype != bool)) and \
+            not any(isinstance(k, (list, np.ndarray)) for k in rest)
+        if not gathered:
+            out = np.array(self._array[key])  # one row, or indices paired across axes: read at once
+            self._drop()
+            return out
+        out = None
+        for start in range(0, len(rows), self.ROWS_PER_DROP):
+            piece = rows[start:start + self.ROWS_PER_DROP]
+            if isinstance(piece, range):
+                piece = slice(piece.start, piece.stop) if piece.step == 1 else np.asarray(piece)
+            values = self._array[(piece, *rest)]
+            if out is None:
+                out = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
+            out[start:start + len(values)] = values
+            self._drop()
+        return out if out is not None else np.array(self._array[key])
+
+    def _drop(self) -> None:
+        """The pages read so far out of the resident set (they stay in the page cache)."""
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
-        return out
 
 
 class DeviceRowFile:

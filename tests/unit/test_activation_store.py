@@ -156,6 +156,31 @@ def test_spill_array_reads_equal_the_file(tmp_path):
     assert array.shape == (37, 5) and len(array) == 37
 
 
+def test_spill_array_reads_in_pieces_equal_numpy_indexing(tmp_path, monkeypatch):
+    """Reads gathered a few rows at a time (`SpillArray.ROWS_PER_DROP`, set to 7 here so that every read spans
+    several pieces, a short last one included) return what numpy's own indexing of the same array returns, for
+    every kind of key the methods use and a few more."""
+    from depthbench.calibration.spill import SpillArray
+
+    monkeypatch.setattr(SpillArray, "ROWS_PER_DROP", 7)
+    rows = np.random.default_rng(0).standard_normal((60, 4, 3)).astype(np.float32)
+    spill = SpillFile(tmp_path / "rows.f32", (4, 3))
+    spill.append(rows)
+    array = spill.open()
+    index = np.sort(np.random.default_rng(1).choice(60, 25, replace=False))
+    mask = np.zeros(60, dtype=bool)
+    mask[index] = True
+    keys = [7, -1, slice(None), slice(10, 51), slice(50, 3, -4), slice(5, 5), index, index[::-1].copy(),
+            list(index), mask, np.array([], dtype=int), (index, slice(0, 2)), (slice(3, 40, 2), 1),
+            (index, slice(None), 2), (7, 2), np.array([[1, 2], [3, 4]]), (index[:5], np.arange(5) % 4)]
+    for key in keys:
+        got, expected = array[key], rows[key]
+        assert got.shape == expected.shape, key
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(IndexError):  # a mask of another length is refused as numpy refuses it
+        array[mask[:-1]]
+
+
 def test_gather_uses_a_store_in_the_cache(tiny_llama64, tmp_path, counting_collect):
     adapter = adapter_for(tiny_llama64)
     batches = random_batches(n_batches=2)
