@@ -25,6 +25,9 @@ def main(overrides: list[str]) -> None:
     from depthbench.experiments.pipeline import (RunContext, check_config, load_calibration_data, load_weights,
                                                  prune)
 
+    from depthbench.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the pipeline's run does
     cfg = compose(*overrides)
     with tempfile.TemporaryDirectory(prefix="depthbench-cell-") as tmp:
         # the pipeline's own steps: the same config checks, caches, activation store (in memory where it fits

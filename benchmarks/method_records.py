@@ -77,20 +77,23 @@ def tiny_model(family: str):
     return AutoModelForCausalLM.from_config(tiny_config(family)).to(torch.float32).eval()
 
 
-def batches(seed: int, n_batches: int = 3, batch_size: int = 4, seq_len: int = 16) -> list[dict]:
-    """Token batches with right padding of varying length (pad id 0), drawn from ``seed``."""
+def batches(seed: int, n_batches: int = 3, batch_size: int = 4, seq_len: int = 16, vocab: int = 101,
+            ragged: bool = True) -> list[dict]:
+    """Token batches drawn from ``seed``, ids in [3, vocab); ``ragged``: right padding of varying length (pad id 0,
+    mask 0; the first row of each batch full). Also the unit tests' batches (tests/helpers.py)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):
-        ids = torch.randint(3, 101, (batch_size, seq_len), generator=g)
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
         mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-        lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,), generator=g)
-        lengths[0] = seq_len
-        for row, n in enumerate(lengths.tolist()):
-            mask[row, n:] = 0
-            ids[row, n:] = 0
+        if ragged:
+            lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,), generator=g)
+            lengths[0] = seq_len
+            for row, n in enumerate(lengths.tolist()):
+                mask[row, n:] = 0
+                ids[row, n:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 

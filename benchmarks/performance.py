@@ -235,7 +235,8 @@ OTHER_PARTS = {"eval_throughput": "eval_throughput"}
 RECORD_SECTIONS = {"sleb_cost.json": "sleb_cost", "cold_single_run.json": "cold_single_run",
                    "parallel_sweep.json": "parallel_sweep", "real_scale.json": "real_scale",
                    "finercut_cost.json": "finercut_cost", "taylor_memory.json": "taylor_memory",
-                   "layerwise_memory.json": "layerwise_memory", "strategy_decision.json": "strategy_decision"}
+                   "layerwise_memory.json": "layerwise_memory", "strategy_decision.json": "strategy_decision",
+                   "spill_reads.json": "spill_reads", "chunk_faults.json": "chunk_faults"}
 
 
 def render(results: dict) -> str:

@@ -8,8 +8,9 @@
   ``F.kl_div(log P, M)`` computes KL(M || P)): symmetric and zero only when P = Q, but not Jensen-Shannon.
 
 Terms with a zero weight count 0 (``0 log 0 = 0``). Distributions are computed from the logits by a float64
-log-softmax, a chunk of positions at a time, so a [positions x vocabulary] float64 array is never held for a
-whole batch (SmolLM2's 49,152-token vocabulary: 393 kB per position).
+log-softmax, a chunk of positions at a time (`depthbench.chunks.chunk_rows`: 4 MiB per float64 temporary on a CPU,
+64 MiB on a GPU), so a [positions x vocabulary] float64 array is never held for a whole batch (SmolLM2's
+49,152-token vocabulary: 393 kB per position).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import math
 
 import torch
 
+from depthbench.chunks import chunk_rows
+
 DIVERGENCES = ("js_ref", "js", "kl")
-#: Float64 elements of one chunk of log-probabilities (8 M: 64 MiB per array).
-CHUNK_ELEMENTS = 1 << 23
 
 
 def _weighted(weight_log: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,16 @@ def divergence_sum(reference_logits: torch.Tensor, logits: torch.Tensor, attenti
                    divergence: str) -> tuple[float, int]:
     """Sum (float64) and count of the divergences of ``softmax(logits)`` from ``softmax(reference_logits)``
     at every real position (``attention_mask`` 1; no label shift: position t's own next-token distribution)."""
-    keep = attention_mask.to(logits.device).bool()
-    ref, cand = reference_logits.to(logits.device)[keep], logits[keep]
-    rows = max(1, CHUNK_ELEMENTS // max(1, int(cand.shape[-1])))
-    total = 0.0
+    vocabulary = int(logits.shape[-1])
+    keep = attention_mask.to(logits.device).bool().reshape(-1)
+    ref = reference_logits.to(logits.device).reshape(-1, vocabulary)
+    cand = logits.reshape(-1, vocabulary)
+    rows = chunk_rows(vocabulary, logits.device)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for start in range(0, int(cand.shape[0]), rows):
         log_p = torch.log_softmax(ref[start:start + rows].to(torch.float64), dim=-1)
         log_q = torch.log_softmax(cand[start:start + rows].to(torch.float64), dim=-1)
-        total += float(divergence_rows(log_p, log_q, divergence).sum())
-    return total, int(keep.sum())
+        per_row = divergence_rows(log_p, log_q, divergence)
+        # padding rows are computed and dropped (a where, not a gather: no copy of the batch's logits)
+        total += torch.where(keep[start:start + rows], per_row, torch.zeros_like(per_row)).sum()
+    return float(total), int(keep.sum())

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from depthbench.calibration.divergence import DIVERGENCES, divergence_sum
+from depthbench.chunks import chunk_rows
 from depthbench.modeling.units import Unit, UnitLike, as_unit
 
 
@@ -41,9 +42,15 @@ def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask:
     """Sum (float64) and count of the next-token NLLs whose target and context token are both real:
     the log-softmax in float32 at least (float64 logits stay float64)."""
     keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    scores = logits[:, :-1][keep].to(torch.promote_types(logits.dtype, torch.float32))
-    nll = F.cross_entropy(scores, input_ids[:, 1:][keep], reduction="none")
-    return float(nll.to(torch.float64).sum()), int(keep.sum())
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = chunk_rows(int(logits.shape[-1]), logits.device, torch.finfo(dtype).bits // 8)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b in range(logits.shape[0]):  # a sequence's positions are contiguous: chunks are views, not copies
+        for start in range(0, logits.shape[1] - 1, rows):
+            end = min(start + rows, logits.shape[1] - 1)
+            nll = F.cross_entropy(logits[b, start:end].to(dtype), input_ids[b, start + 1:end + 1], reduction="none")
+            total += torch.where(keep[b, start:end], nll, torch.zeros_like(nll)).to(torch.float64).sum()
+    return float(total), int(keep.sum())
 
 
 def checked_mean(total: float, count: int, skip, what: str = "calibration NLL") -> float:

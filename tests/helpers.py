@@ -51,20 +51,11 @@ def build_tiny_llama64(seed: int = 0, **config):
 
 def random_batches(vocab: int = 101, n_batches: int = 3, batch_size: int = 4, seq_len: int = 16, seed: int = 0,
                    ragged: bool = True):
-    """Token batches with right padding of varying length (pad id 0, mask 0)."""
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
-        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-        if ragged:
-            lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,), generator=g)
-            lengths[0] = seq_len
-            for row, n in enumerate(lengths.tolist()):
-                mask[row, n:] = 0
-                ids[row, n:] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
+    """Token batches with right padding of varying length (pad id 0, mask 0): the bit-exact method records' own
+    (`depthbench.benchmarks.method_records.batches`)."""
+    from depthbench.benchmarks.method_records import batches
+
+    return batches(seed, n_batches, batch_size, seq_len, vocab=vocab, ragged=ragged)
 
 
 @torch.no_grad()

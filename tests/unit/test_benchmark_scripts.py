@@ -49,6 +49,43 @@ def test_real_scale_records_each_method_at_a_tiny_shape(tmp_path):
     assert rows["shortgpt"]["run"] == 1 and rows["shortgpt"]["prune_s"] != first["shortgpt"]["prune_s"]
 
 
+def test_real_scale_records_a_failed_method_and_goes_on_with_the_next(tmp_path):
+    """A method that raises mid-prune (here MKA, which needs 51 sequences, given 4: raised in its select, after the
+    model was built) is a row naming the error; the methods after it are still measured; the exit status says
+    that something failed, and the rendered table and issue 29's verdicts name the failure."""
+    from depthbench.benchmarks import real_scale
+
+    out = tmp_path / "record.json"
+    proc = run("benchmarks/real_scale.py", *TINY_SHAPE, "--methods", "shortgpt,mka,uidl", "--output", str(out))
+    assert proc.returncode == 1 and "1 method(s) failed (their rows say why): mka" in proc.stderr
+    assert "Traceback" in proc.stderr  # the cause, printed where it happened
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["shortgpt", "mka", "uidl"]
+    assert rows["mka"]["error"].startswith("ConfigError: mka: calibration.n_samples=4; allowed: at least 51")
+    assert rows["mka"]["out_of_memory"] is False and "prune_s" not in rows["mka"]
+    assert rows["uidl"]["prune_s"] > 0 and rows["uidl"]["layers_removed"] == 2  # measured after the failure
+    assert "| mka | | **failed** |" in proc.stdout and "| uidl | 2 |" in proc.stdout
+
+    # on a GPU record at 8B shape, a failed method fails the targets it belongs to, and says why
+    def row(method, **values):
+        return {"method": method, "run": 0, "prune_over_forward": 1.1, "untrained_over_forward": 1.1,
+                "peak_gpu_bytes": 20 * 2**30, **values}
+
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 28.00 GiB"
+    from depthbench.pruners import pruner_registry
+
+    record = {"runs": [{"device": "NVIDIA H100 80GB HBM3"}], "shape": real_scale.SHAPES["llama3_8b"],
+              "activations_memory_gb": "auto",
+              "rows": [row(m) for m in pruner_registry.names() if m not in ("uidl", "shortened_taylor")]
+              + [{"method": m, "run": 0, "error": oom, "out_of_memory": True, "peak_gpu_bytes": 60 * 2**30}
+                 for m in ("uidl", "shortened_taylor")]}
+    single, trained, memory = real_scale.issue_29_verdicts(record)
+    assert not single[2] and "failed: uidl (OutOfMemoryError" in single[1] and "replaceme_ls 1.10x" in single[1]
+    assert trained[2]  # neither trained method failed
+    assert not memory[2] and "shortened_taylor (OutOfMemoryError" in memory[1] and "not measured" not in memory[1]
+    assert "largest" in memory[1] and "20.0 GiB" in memory[1]  # the failed methods' partial peaks are not counted
+
+
 def test_the_prepared_gpu_run_measures_every_method_at_a_tiny_shape(tmp_path):
     """benchmarks/gpu_issue29.sh, both phases, on this CPU at a tiny shape: one record with a row for every
     registered method, the trained ones with their training time, and auto's decision."""
@@ -171,6 +208,42 @@ def test_real_scale_names_an_unknown_method_before_building_anything():
     assert "unknown pruner 'replaceme_lsq'; available: " in proc.stderr and "replaceme_ls," in proc.stderr
 
 
+def test_spill_reads_measures_both_ways_of_reading_at_a_small_size(tmp_path):
+    """benchmarks/spill_reads.py at 2% of its rows: every shape and mode gets a cell, each in its own process (the
+    two reads are compared there), and the ratios are those of the cells."""
+    from depthbench.benchmarks import spill_reads
+
+    out = tmp_path / "spill_reads.json"
+    proc = run("benchmarks/spill_reads.py", "--reads", "2", "--rows-factor", "0.02", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    cells = {(c["shape"], c["mode"]): c for c in record["cells"]}
+    assert set(cells) == {(s, m) for s in spill_reads.SHAPES for m in spill_reads.MODES}
+    for shape, ratios in record["ratios"].items():
+        whole, pieces = cells[shape, "whole"], cells[shape, "pieces"]
+        assert whole["rows"] == round(spill_reads.SHAPES[shape][0] * 0.02)
+        assert ratios["time_pieces_over_whole"] == pieces["ms_per_read"] / whole["ms_per_read"]
+    assert "## Reading spilled training rows" in "\n".join(spill_reads.render_record(record, []))
+
+
+def test_chunk_faults_times_each_configuration_in_its_own_process(tmp_path):
+    """benchmarks/chunk_faults.py's kernels part at a small vocabulary: each configuration's cell ran (in its own
+    process) with the chunk size and allocator settings it names, and the ratios are those of the cells."""
+    from depthbench.benchmarks import chunk_faults
+
+    out = tmp_path / "chunk_faults.json"
+    proc = run("benchmarks/chunk_faults.py", "--skip-prune", "--vocabulary", "512", "--repeats", "1", "--output",
+               str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    kernels = record["results"]["kernels"]
+    assert set(kernels) == set(chunk_faults.CONFIGS) and record["same_selection"] is None
+    for kernel, cell in kernels["now"].items():
+        assert cell["ms"] > 0 and record["ratios"][f"{kernel}_before_over_now"] == kernels["before"][kernel]["ms"] / \
+            cell["ms"]
+    assert "## Page faults in candidate scoring" in "\n".join(chunk_faults.render_record(record, []))
+
+
 def test_load_pruned_benchmark_compares_two_loads_of_the_same_weights():
     """The script itself stops if the two ways load different parameters."""
     proc = run("benchmarks/load_pruned.py", "--hidden", "128", "--layers", "2", "--repeats", "1")
@@ -246,8 +319,9 @@ def test_performance_page_renders_every_committed_record(tmp_path):
     if real.is_file():
         record = json.loads(real.read_text())
         assert "## Every method at real scale" in text
-        for row in record["rows"]:  # each measured method's row, its time read from the record
-            assert f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |" in text
+        for row in record["rows"]:  # each measured method's row, its time read from the record; a failed one's error
+            assert (f"| {row['method']} | | **failed** |" if "error" in row else
+                    f"| {row['method']} | {row['layers_removed']} | {row['prune_s']:.1f} |") in text
     decision = REPO / "docs" / "strategy_decision.json"
     if decision.is_file():
         record = json.loads(decision.read_text())["decision"]
@@ -259,6 +333,16 @@ def test_performance_page_renders_every_committed_record(tmp_path):
         # the 8B bound: the GPU peak of the float64 path less the buffer's shrink, 8 - 4 bytes a decoder parameter
         bound = (record["old_gpu_peak"]["bytes"] - 4 * record["llama3_8b"]["float32"]["decoder_parameters"]) / 2**30
         assert f"**at most {bound:.1f} GiB**" in text and "**Not re-measured on a GPU**" in text
+    faults = REPO / "docs" / "chunk_faults.json"
+    if faults.is_file():
+        record = json.loads(faults.read_text())
+        for kernel in record["results"]["kernels"]["now"]:
+            assert f"**{record['ratios'][f'{kernel}_before_over_now']:.2f}x** |" in text
+    spill = REPO / "docs" / "spill_reads.json"
+    if spill.is_file():
+        record = json.loads(spill.read_text())
+        for shape, ratios in record["ratios"].items():
+            assert f"({ratios['peak_growth_pieces_over_file']:.2f}x) |" in text and f"| {shape} |" in text
     layerwise = REPO / "docs" / "layerwise_memory.json"
     if layerwise.is_file():
         record = json.loads(layerwise.read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import depthbench.calibration.divergence as divergence_module
+from depthbench import chunks
 from depthbench.calibration.batches import CalibrationData
 from depthbench.calibration.divergence import divergence_rows, divergence_sum
 from depthbench.calibration.masked_nll import masked_logits
@@ -107,7 +107,8 @@ def test_mean_divergence_over_real_positions_matches_float64_formula(monkeypatch
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:] = 0
     mask[2, 3:] = 0
-    monkeypatch.setattr(divergence_module, "CHUNK_ELEMENTS", 11 * 4)  # chunks of 4 positions
+    pruned[2, 5] = math.nan  # a padding position's logits count for nothing, whatever they are
+    monkeypatch.setattr(chunks, "CPU_CHUNK_BYTES", 11 * 8 * 4)  # chunks of 4 positions (float64 rows of 11)
     total, count = divergence_sum(dense, pruned.float(), mask, kind)
     want = np_mean_divergence([dense.double().numpy()], [pruned.float().double().numpy()], [mask.numpy()], kind)
     assert count == int(mask.sum()) == 15

@@ -123,3 +123,35 @@ def test_an_adapter_without_single_layer_forward_falls_back_to_whole_passes():
     plain = CalibrationService(NoSingleLayers(model), service.calibration, progress=False)
     got = plain.masked_nll([1, "2.mlp"], skip=[4])
     assert got == {1: service.nll(skip=[4, 1]), "2.mlp": service.nll(skip=[4, "2.mlp"])}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_token_nll_sum_in_chunks_equals_a_float64_loop_over_real_tokens(monkeypatch, dtype):
+    """`token_nll_sum` a few positions at a time (chunks of 2 here, and one short last chunk) against an explicit
+    float64 loop over the predicted tokens whose context and target are both real; a padding position's logits,
+    even NaN, count for nothing."""
+    import math
+
+    from depthbench import chunks
+    from depthbench.calibration.masked_nll import token_nll_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 9, 13, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, 13, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    logits[1, 7] = math.nan
+    width = torch.finfo(torch.promote_types(dtype, torch.float32)).bits // 8
+    monkeypatch.setattr(chunks, "CPU_CHUNK_BYTES", 13 * width * 2)
+    expected, count = 0.0, 0
+    for b in range(3):
+        for t in range(8):
+            if mask[b, t] and mask[b, t + 1]:
+                row = logits[b, t].to(torch.float64)
+                expected -= float(row[ids[b, t + 1]] - torch.logsumexp(row, 0))
+                count += 1
+    total, n = token_nll_sum(logits, ids, mask)
+    assert n == count == 8 + 5 + 1
+    # float32 log-softmax for the lower precisions (the function's documented precision), float64 for float64
+    assert total == pytest.approx(expected, rel=1e-12 if dtype == torch.float64 else 1e-6)
